@@ -1,0 +1,51 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TOOLS := .tools
+AZURITE := $(TOOLS)/node_modules/.bin/azurite-blob
+
+.PHONY: install tools demo test test-fast bench lint typecheck clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Azurite (Azure Blob emulator) from npm, into a project-local folder.
+$(AZURITE):
+	mkdir -p $(TOOLS)
+	cd $(TOOLS) && npm install --silent --no-audit --no-fund --prefix . azurite@3 >/dev/null
+
+tools: $(AZURITE)
+
+demo: install
+	$(VENV)/bin/datasync --version >/dev/null
+	bash scripts/demo.sh
+
+# Every test, real emulators and PostgreSQL included. Under CI=true a skip is a failure.
+test: install tools
+	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/bench
+
+test-fast: install
+	$(PY) -m pytest -q -x tests/unit
+
+# Long benchmarks against real peers (xxh128sum, rclone, cp). Results go to docs/benchmarks.md.
+bench: install tools
+	@command -v xxh128sum >/dev/null && command -v rclone >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xxhash rclone >/dev/null)
+	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(PY) -m pytest -q -s -p no:cacheprovider tests/bench
+
+lint: install
+	$(VENV)/bin/ruff check datasync tests
+	$(VENV)/bin/ruff format --check datasync tests
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) $(TOOLS) demo-data .bench

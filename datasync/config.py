@@ -1,0 +1,112 @@
+"""Typed settings, parsed once by ``load_settings`` in the composition root.
+
+Sources, later ones winning: built-in defaults, the TOML file (``DATASYNC_CONFIG`` or
+``$DATASYNC_HOME/datasync.toml`` or ``./datasync.toml``), then ``DATASYNC_*`` variables
+(``DATASYNC_HOME``, ``DATASYNC_DATABASE_URL``). Nothing reads the environment at import time.
+
+Example::
+
+    database_url = "postgresql+psycopg://datasync@db/datasync"   # default: SQLite in home
+
+    [sites.gaggle]
+    url = "/lustre/datasets"
+    concurrency = 16
+    bandwidth_mbps = 20000
+    quota_bytes = 900_000_000_000_000
+    cost_per_gb = { aws = 0.0, azure = 0.0 }
+    options = { stripe_small = 1, stripe_large = -1, large_threshold = 1073741824 }
+
+    [sites.aws]
+    url = "s3://drive-datasets/prod"
+    options = { endpoint_url = "https://s3.us-west-2.amazonaws.com", region_name = "us-west-2" }
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from datasync.errors import ConfigError
+from datasync.models import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+__all__ = ["Settings", "SiteConfig", "load_settings"]
+
+
+class SiteConfig(BaseModel):
+    """One ``[sites.NAME]`` table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    # Backend-specific options (endpoint_url, connection_string, region_name, ...).
+    # They may hold secrets: never log or print them.
+    options: dict[str, Any] = Field(default_factory=dict)
+    concurrency: int = Field(default=8, ge=1, le=1024)
+    bandwidth_mbps: float | None = Field(default=None, gt=0)
+    quota_bytes: int | None = Field(default=None, ge=0)
+    cost_per_gb: dict[str, float] = Field(default_factory=dict)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    home: Path
+    database_url: str
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
+    hash_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    sites: dict[str, SiteConfig] = Field(default_factory=dict)
+
+    @field_validator("sites")
+    @classmethod
+    def _site_names(cls, v: dict[str, SiteConfig]) -> dict[str, SiteConfig]:
+        for name in v:
+            if not name or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"site name {name!r} must be letters, digits, '-' or '_'")
+        return v
+
+    @property
+    def stat_cache_path(self) -> Path:
+        return self.home / "statcache.sqlite"
+
+
+def _config_file(env: Mapping[str, str], home: Path) -> Path | None:
+    explicit = env.get("DATASYNC_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"DATASYNC_CONFIG={explicit} does not exist")
+        return path
+    for candidate in (home / "datasync.toml", Path.cwd() / "datasync.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Read the config file and environment once. Raises ``ConfigError`` with the reason."""
+    env = os.environ if env is None else env
+    home = Path(env.get("DATASYNC_HOME") or "~/.datasync").expanduser()
+    data: dict[str, Any] = {}
+    path = _config_file(env, home)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    data.setdefault("home", str(home))
+    if env.get("DATASYNC_DATABASE_URL"):
+        data["database_url"] = env["DATASYNC_DATABASE_URL"]
+    data.setdefault("database_url", f"sqlite:///{Path(data['home']).expanduser() / 'datasync.db'}")
+    data.update(overrides or {})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}: {exc}") from exc

@@ -1,0 +1,84 @@
+"""Pure domain values. No I/O, no database, no SDKs.
+
+A ``FileEntry`` is one line of a manifest; a ``Digest`` is ``xxh3-128:<32 lowercase hex>``.
+Paths are already normalized (see ``datasync.manifest.paths``) when they reach these types.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from datasync.errors import InvalidManifest
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DIGEST_ALGORITHM",
+    "MAX_CHUNK_SIZE",
+    "MAX_FILE_SIZE",
+    "MIN_CHUNK_SIZE",
+    "FileEntry",
+    "ManifestHeader",
+    "VersionSummary",
+    "check_digest",
+    "chunk_count",
+]
+
+DIGEST_ALGORITHM = "xxh3-128"
+DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
+MIN_CHUNK_SIZE = 1024 * 1024
+MAX_CHUNK_SIZE = 4 * 1024 * 1024 * 1024
+# 5 TiB: the largest object S3, Azure block blobs and GCS all accept. Larger is "absurd".
+MAX_FILE_SIZE = 5 * 1024**4
+
+_DIGEST_RE = re.compile(r"^xxh3-128:[0-9a-f]{32}$")
+
+
+def check_digest(value: str) -> str:
+    """Return ``value`` if it is a well-formed digest, else raise ``InvalidManifest``."""
+    if not isinstance(value, str) or not _DIGEST_RE.match(value):
+        raise InvalidManifest(
+            f"bad digest {value!r}: expected '{DIGEST_ALGORITHM}:' followed by 32 lowercase hex digits"
+        )
+    return value
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """Number of chunks a file of ``size`` bytes has; files <= chunk_size have no chunk list."""
+    return 0 if size <= chunk_size else -(-size // chunk_size)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of a version: normalized relative path, size, digest, per-chunk digests.
+
+    ``chunks`` is empty unless ``size > chunk_size``; then it has ``chunk_count`` digests,
+    chunk i covering bytes ``[i*chunk_size, min(size, (i+1)*chunk_size))``.
+    """
+
+    path: str
+    size: int
+    digest: str
+    chunks: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHeader:
+    """Version-wide facts that are part of the canonical bytes."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    format: str = "datasync-manifest/1"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionSummary:
+    """What callers see of a sealed version."""
+
+    dataset: str
+    version_id: str
+    files: int
+    bytes: int
+    chunk_size: int
+    created_at: str
+    labels: tuple[str, ...] = ()
+    verified: bool = True

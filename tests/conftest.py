@@ -1,0 +1,30 @@
+"""Root test configuration.
+
+Fixture modules live in ``tests/fixtures/`` (one per area) and are loaded here, so
+each area owns its own file. Under ``CI=true`` a skipped test is reported as a failure:
+a missing emulator or database must never pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+
+import pytest
+
+pytest_plugins = [
+    "tests.fixtures.databases",
+]
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, None, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true (skips are failures in CI): {report.longrepr}"
