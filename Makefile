@@ -39,6 +39,7 @@ bench: install tools
 	@command -v xxh128sum >/dev/null && command -v rclone >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xxhash rclone >/dev/null)
 	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(PY) -m pytest -q -s -p no:cacheprovider tests/bench
+	$(PY) scripts/collect_bench.py
 
 lint: install
 	$(VENV)/bin/ruff check datasync tests

@@ -36,7 +36,8 @@ _DIGEST_RE = re.compile(r"^xxh3-128:[0-9a-f]{32}$")
 
 def check_digest(value: str) -> str:
     """Return ``value`` if it is a well-formed digest, else raise ``InvalidManifest``."""
-    if not isinstance(value, str) or not _DIGEST_RE.match(value):
+    # fullmatch: with match(), "$" also accepts a trailing "\n".
+    if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
         raise InvalidManifest(
             f"bad digest {value!r}: expected '{DIGEST_ALGORITHM}:' followed by 32 lowercase hex digits"
         )

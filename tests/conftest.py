@@ -14,6 +14,8 @@ import pytest
 
 pytest_plugins = [
     "tests.fixtures.databases",
+    "tests.fixtures.emulators",
+    "tests.fixtures.transfer",
 ]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}

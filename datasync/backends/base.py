@@ -4,33 +4,64 @@ Contract (pinned by ``tests/conformance``):
 
 * Keys are ``/``-separated, relative to the backend's root (the URL's path/prefix), never
   start with ``/`` and are passed through unchanged: spaces, ``%``, ``+`` and non-ASCII
-  characters are ordinary characters.
+  characters are ordinary characters. Empty keys, ``.``/``..`` segments, empty segments,
+  backslashes and control characters are rejected with ``InvalidPath`` (``check_key``), so
+  no key can escape the root on any backend.
 * ``stat(key)`` returns ``ObjectInfo`` or raises ``NotFound``.
-* ``list(prefix)`` streams every object whose key starts with ``prefix`` (recursively),
-  paginating internally, in ascending key order where the store guarantees it (all ours do).
-  Nothing is buffered beyond one page.
+* ``list(prefix)`` streams every object whose key starts with ``prefix`` (plain string
+  prefix, recursively), paginating internally, in ascending key order (code-point order,
+  which equals UTF-8 byte order). Nothing is buffered beyond one page. A missing root
+  (bucket, container, POSIX root directory) raises ``NotFound``; it is never "empty".
 * ``read_range(key, offset, length, etag=)`` returns exactly ``min(length, size - offset)``
-  bytes. ``offset == size`` returns ``b""``. With ``etag`` set, a changed object raises
-  ``SourceChanged`` where ``capabilities.conditional_read`` is true.
+  bytes. ``offset == size`` (including any read of a zero-byte object) returns ``b""``.
+  With ``etag`` set, a changed object raises ``SourceChanged`` where
+  ``capabilities.conditional_read`` is true. ``read_range_into`` (below) is the optional
+  zero-copy variant; call the free function, which falls back to ``read_range``.
 * ``begin(key, size, part_size, token=)`` starts a chunked write. Parts are numbered
-  ``0..ceil(size/part_size)-1``, may be written in any order and from many threads; every
-  part but the last is exactly ``part_size`` bytes. Nothing is visible at ``key`` before
-  ``commit()``; ``commit()`` replaces any existing object atomically; ``abort()`` leaves
-  nothing behind. Passing a previous writer's ``token`` resumes it: ``durable_parts()`` then
-  names the parts the store already holds.
+  ``0..ceil(size/part_size)-1`` (a zero-byte object has no parts), may be written in any
+  order and from many threads; every part but the last is exactly ``part_size`` bytes
+  (``PartLayout`` checks this; violations are caller bugs and raise ``ValueError``).
+  Nothing is visible at ``key`` before ``commit()``; ``commit()`` replaces any existing
+  object atomically and returns what ``stat`` would; ``abort()`` leaves nothing behind and
+  may be called twice.
+* Passing a previous writer's ``token`` resumes it. When ``capabilities.lists_parts`` is
+  true, ``durable_parts()`` names the parts the store already holds and the caller rewrites
+  the rest. When false (POSIX), ``durable_parts()`` is empty, the caller's own record of
+  written parts is authoritative, and resuming an upload that no longer exists (aborted,
+  committed, reaped) raises ``NotFound`` rather than silently starting over.
 * ``delete(key)`` is idempotent: deleting a missing key is not an error.
-* ``copy(src, dst)`` is a server-side copy; only called when ``capabilities.server_side_copy``.
+* ``copy(src, dst)`` is a server-side copy producing an independent object; a backend
+  without ``capabilities.server_side_copy`` raises ``Unsupported``.
+* Optional extras, declared by capabilities: ``rename`` (``atomic_rename``) and ``link``
+  (``hard_links``), see ``SupportsRename`` / ``SupportsLink``.
 
-Every method raises only ``datasync.errors.StorageError`` subclasses.
+Every method raises only ``datasync.errors.StorageError`` subclasses, plus ``InvalidPath``
+for bad keys and ``ValueError`` for caller bugs (bad part index or length). Error messages
+carry the object's URL, never credentials.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Backend", "Capabilities", "ObjectInfo", "Writer"]
+from datasync.errors import InvalidPath
+
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "ObjectInfo",
+    "PartLayout",
+    "SupportsLink",
+    "SupportsReadInto",
+    "SupportsRename",
+    "Writer",
+    "check_key",
+    "join_url",
+    "read_range_into",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +70,10 @@ class Capabilities:
 
     server_side_copy: bool = False
     native_checksums: tuple[str, ...] = ()  # e.g. ("crc32c", "md5")
-    atomic_rename: bool = False
-    hard_links: bool = False
+    atomic_rename: bool = False  # has rename(src_key, dst_key)
+    hard_links: bool = False  # has link(src_key, dst_key)
     conditional_read: bool = False  # read_range(etag=...) is enforced by the server
+    lists_parts: bool = False  # durable_parts() reports what the store holds
     min_part_size: int = 1
     max_part_size: int = 2**63 - 1
     max_parts: int = 2**31 - 1
@@ -51,12 +83,65 @@ class Capabilities:
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     """One stored object. ``etag`` is the version token used to pin reads (ETag,
-    generation, or ``mtime_ns-ino`` on POSIX)."""
+    generation, or ``mtime_ns-ino-size`` on POSIX)."""
 
     key: str
     size: int
     etag: str | None = None
     mtime: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PartLayout:
+    """How an object of ``size`` bytes splits into parts of ``part_size``."""
+
+    size: int
+    part_size: int
+
+    def __post_init__(self) -> None:
+        if self.size < 0 or self.part_size < 1:
+            raise ValueError(f"bad layout: size={self.size} part_size={self.part_size}")
+
+    @property
+    def count(self) -> int:
+        return -(-self.size // self.part_size)
+
+    def offset(self, index: int) -> int:
+        return index * self.part_size
+
+    def length(self, index: int) -> int:
+        if not 0 <= index < self.count:
+            raise ValueError(f"part {index} out of range 0..{self.count - 1}")
+        return min(self.part_size, self.size - index * self.part_size)
+
+    def check(self, index: int, nbytes: int) -> None:
+        """Raise ``ValueError`` unless part ``index`` may hold exactly ``nbytes``."""
+        expected = self.length(index)
+        if nbytes != expected:
+            raise ValueError(f"part {index} must be {expected} bytes, got {nbytes}")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key, else raise ``InvalidPath``.
+
+    Object stores would accept ``a/../b``; we refuse it everywhere because keys become
+    POSIX paths in views and must never climb out of the root.
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidPath(f"empty object key {key!r}")
+    if key.startswith("/") or "\\" in key:
+        raise InvalidPath(f"object key {key!r} must be relative and use '/' separators")
+    if any(unicodedata.category(ch) == "Cc" for ch in key):
+        raise InvalidPath(f"object key {key!r} contains control characters")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidPath(f"object key {key!r} has an empty, '.' or '..' segment")
+    return key
+
+
+def join_url(root: str, key: str) -> str:
+    """The URL of ``key`` under ``root`` (for error messages; roots hold no credentials)."""
+    return f"{root.rstrip('/')}/{key}" if key else root
 
 
 @runtime_checkable
@@ -93,12 +178,55 @@ class Backend(Protocol):
         self, key: str, offset: int, length: int, *, etag: str | None = None
     ) -> bytes: ...
 
-    def begin(
-        self, key: str, size: int, part_size: int, *, token: str | None = None
-    ) -> Writer: ...
+    def begin(self, key: str, size: int, part_size: int, *, token: str | None = None) -> Writer: ...
 
     def delete(self, key: str) -> None: ...
 
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsReadInto(Protocol):
+    """Optional: read straight into a caller's reusable buffer (1 MiB+ buffers, no copy)."""
+
+    def read_range_into(
+        self, key: str, offset: int, buf: bytearray | memoryview, *, etag: str | None = None
+    ) -> int: ...
+
+
+@runtime_checkable
+class SupportsRename(Protocol):
+    """Optional (``capabilities.atomic_rename``): atomically move ``src`` over ``dst``."""
+
+    def rename(self, src_key: str, dst_key: str) -> ObjectInfo: ...
+
+
+@runtime_checkable
+class SupportsLink(Protocol):
+    """Optional (``capabilities.hard_links``): make ``dst`` name the same bytes as ``src``
+    (a hard link, or an independent copy where linking is impossible)."""
+
+    def link(self, src_key: str, dst_key: str) -> ObjectInfo: ...
+
+
+def read_range_into(
+    backend: Backend,
+    key: str,
+    offset: int,
+    buf: bytearray | memoryview,
+    *,
+    etag: str | None = None,
+) -> int:
+    """Fill ``buf`` from ``key`` at ``offset``; return the byte count (short only at EOF).
+
+    Uses the backend's own ``read_range_into`` when it has one, else ``read_range`` plus one
+    copy, so callers can always hand out pooled buffers.
+    """
+    if isinstance(backend, SupportsReadInto):
+        return backend.read_range_into(key, offset, buf, etag=etag)
+    view = memoryview(buf).cast("B")
+    data = backend.read_range(key, offset, len(view), etag=etag)
+    view[: len(data)] = data
+    return len(data)

@@ -1,0 +1,544 @@
+"""Azure Blob Storage (block blobs) through azure-storage-blob.
+
+URL ``az://account/container/prefix``. Options: ``connection_string`` (wins; Azurite uses
+it), else ``account_url`` (default ``https://ACCOUNT.blob.core.windows.net``) with one of
+``account_key``, ``sas_token`` or, when neither is given, ``DefaultAzureCredential``
+(environment, workload identity, managed identity, Azure CLI ...); ``anonymous = true`` for
+public containers. Also ``page_size`` (list page, default 5000), ``checksum`` (``none`` or
+``md5``: Content-MD5 on every block, checked by the service), ``max_pool_connections``,
+``connect_timeout``/``read_timeout`` and ``copy_timeout`` (seconds).
+
+Invariants:
+
+* No I/O at construction; the service client is built on first use. The SDK's retries are
+  off (``retry_total=0``): ``datasync.backends.retry`` decides, seeing every ``ServerBusy``.
+* Chunked writes stage one block per part and commit the block list. Block ids are
+  ``f"{token}-{index:08d}"`` (the SDK base64-encodes them); ``token`` is 16 random hex
+  characters per writer, so every id has the same length, ids are deterministic per part
+  within an attempt, and two attempts never collide. ``durable_parts`` reads the
+  uncommitted block list and keeps this token's blocks of the right size.
+* ``abort`` commits nothing, so nothing becomes visible, and stages a one-byte tombstone
+  block ``f"{token}-aborted."`` (same id length): resuming that token raises ``NotFound``.
+  Staged blocks cannot be deleted on their own: the service drops uncommitted blocks after
+  a week, or at the next commit of the blob. (Deleting a never-committed blob would race a
+  concurrent commit, and re-committing the old list would change a live blob's ETag.)
+* Objects that fit in one part are buffered and uploaded with one Put Blob at commit.
+* Listing: Azurite orders names by UTF-16 code units; ``codepoint_order`` restores the
+  protocol's code-point order.
+* Errors go through ``azure_errors`` (one place); messages never carry keys or SAS tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Self
+from urllib.parse import SplitResult
+
+from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
+from datasync.backends.cloudcommon import (
+    SmallObjectBuffer,
+    check_options,
+    codepoint_order,
+    join_key,
+    new_token,
+    opt_bool,
+    opt_int,
+    opt_str,
+    parse_retry_after,
+    relative_key,
+    root_prefix,
+)
+from datasync.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    NotFound,
+    PermissionDenied,
+    SourceChanged,
+    StorageError,
+    Throttled,
+    TransientError,
+)
+
+__all__ = ["AzureBackend", "azure_errors", "translate"]
+
+MiB = 1024 * 1024
+_SINGLE_PUT_PREFIX = "put:"
+_OPTIONS = frozenset(
+    {
+        "connection_string",
+        "account_url",
+        "account_key",
+        "sas_token",
+        "anonymous",
+        "page_size",
+        "checksum",
+        "max_pool_connections",
+        "connect_timeout",
+        "read_timeout",
+        "copy_timeout",
+    }
+)
+_DENIED = {
+    "AuthenticationFailed",
+    "AuthorizationFailure",
+    "AuthorizationPermissionMismatch",
+    "AuthorizationResourceTypeMismatch",
+    "InsufficientAccountPermissions",
+    "AccountIsDisabled",
+}
+_THROTTLED = {"ServerBusy", "OperationTimedOut", "TooManyRequests"}
+_CHECKSUM = {"Md5Mismatch", "Crc64Mismatch", "InvalidMd5", "InvalidCrc64"}
+
+
+def _code(exc: BaseException) -> str:
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code) or "")
+
+
+def translate(exc: BaseException, url: str) -> StorageError | None:
+    """The ``StorageError`` for an azure-core/azure-identity exception, or None."""
+    from azure.core import exceptions as aex
+
+    if isinstance(exc, aex.ServiceRequestError | aex.ServiceResponseError):
+        return TransientError(f"network error: {type(exc).__name__}", url=url)
+    if not isinstance(exc, aex.AzureError):
+        return None
+    code = _code(exc)
+    response = getattr(exc, "response", None)
+    status = int(getattr(exc, "status_code", None) or getattr(response, "status_code", 0) or 0)
+    text = f"{code or status or type(exc).__name__}"
+    if code == "ContainerNotFound":
+        return NotFound("container missing", url=url)
+    if isinstance(exc, aex.ResourceNotFoundError) or status == 404:
+        return NotFound(f"object not found ({text})", url=url)
+    if code == "ConditionNotMet" or isinstance(exc, aex.ResourceModifiedError) or status == 412:
+        return SourceChanged(f"object changed since it was pinned ({text})", url=url)
+    if code in _DENIED or isinstance(exc, aex.ClientAuthenticationError) or status in (401, 403):
+        return PermissionDenied(f"access denied ({text})", url=url)
+    if code in _THROTTLED or status in (429, 503):
+        headers = getattr(response, "headers", None) or {}
+        return Throttled(
+            f"throttled ({text})",
+            url=url,
+            retry_after=parse_retry_after(headers.get("Retry-After")),
+        )
+    if code in _CHECKSUM:
+        return ChecksumMismatch(f"the service rejected the block checksum ({text})", url=url)
+    if status >= 500 or isinstance(exc, aex.IncompleteReadError | aex.ServiceResponseTimeoutError):
+        return TransientError(f"server error ({text})", url=url)
+    return StorageError(f"Azure request failed ({text})", url=url)
+
+
+@contextmanager
+def azure_errors(url: str) -> Iterator[None]:
+    """The one place Azure SDK errors become ``StorageError``s (chained with ``from``)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        mapped = translate(exc, url)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+def block_id(token: str, index: int) -> str:
+    """Deterministic, fixed-length block id of part ``index`` in attempt ``token``."""
+    return f"{token}-{index:08d}"
+
+
+def tombstone_id(token: str) -> str:
+    """The block id ``abort`` stages to mark ``token`` dead (same length as part ids)."""
+    return f"{token}-aborted."
+
+
+class AzureBackend:
+    """A container (and optional prefix) in an Azure storage account."""
+
+    def __init__(
+        self,
+        account: str,
+        container: str,
+        prefix: str = "",
+        *,
+        connection_string: str | None = None,
+        account_url: str | None = None,
+        account_key: str | None = None,
+        sas_token: str | None = None,
+        anonymous: bool = False,
+        page_size: int = 5000,
+        checksum: str = "none",
+        max_pool_connections: int = 64,
+        connect_timeout: int = 10,
+        read_timeout: int = 120,
+        copy_timeout: int = 3600,
+    ) -> None:
+        if len(container) < 3:
+            raise ConfigError(f"Azure container name {container!r} is too short (3 minimum)")
+        if checksum not in ("none", "md5"):
+            raise ConfigError(f"checksum must be none or md5, not {checksum!r}")
+        self.account = account
+        self.container = container
+        self.prefix = root_prefix(prefix)
+        self.page_size = page_size
+        self.checksum = checksum
+        self.copy_timeout = copy_timeout
+        self._connection_string = connection_string
+        self._account_url = account_url or f"https://{account}.blob.core.windows.net"
+        self._account_key = account_key
+        self._sas_token = sas_token
+        self._anonymous = anonymous
+        self._pool = max_pool_connections
+        self._timeouts = (connect_timeout, read_timeout)
+        self._container_client: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, parsed: SplitResult, options: Mapping[str, Any]) -> Self:
+        url = f"az://{parsed.netloc}{parsed.path}"
+        check_options(options, _OPTIONS, url)
+        container, _, prefix = parsed.path.lstrip("/").partition("/")
+        if not parsed.netloc or not container:
+            raise ConfigError(f"{url}: expected az://account/container/prefix")
+        return cls(
+            parsed.netloc,
+            container,
+            prefix,
+            connection_string=opt_str(options, "connection_string"),
+            account_url=opt_str(options, "account_url"),
+            account_key=opt_str(options, "account_key"),
+            sas_token=opt_str(options, "sas_token"),
+            anonymous=opt_bool(options, "anonymous", False),
+            page_size=opt_int(options, "page_size", 5000),
+            checksum=opt_str(options, "checksum") or "none",
+            max_pool_connections=opt_int(options, "max_pool_connections", 64),
+            connect_timeout=opt_int(options, "connect_timeout", 10),
+            read_timeout=opt_int(options, "read_timeout", 120),
+            copy_timeout=opt_int(options, "copy_timeout", 3600),
+        )
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        root = f"az://{self.account}/{self.container}"
+        return f"{root}/{self.prefix}" if self.prefix else root
+
+    def _url(self, key: str) -> str:
+        return join_url(self.url, key)
+
+    def _name(self, key: str) -> str:
+        return join_key(self.prefix, check_key(key))
+
+    @property
+    def container_client(self) -> Any:
+        """The SDK's ContainerClient, built on first use (no network I/O)."""
+        if self._container_client is None:
+            with self._lock, azure_errors(self.url):
+                if self._container_client is None:
+                    self._container_client = self._build()
+        return self._container_client
+
+    def _build(self) -> Any:
+        import requests
+        from azure.core.pipeline.transport import RequestsTransport
+        from azure.storage.blob import BlobServiceClient
+
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=4, pool_maxsize=self._pool, max_retries=0
+        )
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        kwargs: dict[str, Any] = {
+            "retry_total": 0,
+            "transport": RequestsTransport(session=session, session_owner=True),
+            "connection_timeout": self._timeouts[0],
+            "read_timeout": self._timeouts[1],
+            # One GET per read_range (the SDK would otherwise split ranges above 32 MiB).
+            "max_single_get_size": 4096 * MiB,
+            "max_chunk_get_size": 4096 * MiB,
+        }
+        if self._connection_string:
+            service = BlobServiceClient.from_connection_string(self._connection_string, **kwargs)
+        else:
+            credential: Any
+            if self._anonymous:
+                credential = None
+            elif self._account_key:
+                credential = {"account_name": self.account, "account_key": self._account_key}
+            elif self._sas_token:
+                credential = self._sas_token
+            else:
+                from azure.identity import DefaultAzureCredential
+
+                credential = DefaultAzureCredential()
+            service = BlobServiceClient(self._account_url, credential=credential, **kwargs)
+        return service.get_container_client(self.container)
+
+    def _blob(self, key: str) -> Any:
+        return self.container_client.get_blob_client(self._name(key))
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            server_side_copy=True,
+            native_checksums=("md5",) if self.checksum == "md5" else (),
+            conditional_read=True,
+            lists_parts=True,
+            min_part_size=1,
+            max_part_size=4000 * MiB,
+            max_parts=50_000,
+        )
+
+    # -- reading ----------------------------------------------------------------------
+
+    def stat(self, key: str) -> ObjectInfo:
+        with azure_errors(self._url(key)):
+            props = self._blob(key).get_blob_properties()
+        return ObjectInfo(
+            key=key,
+            size=int(props.size),
+            etag=props.etag,
+            mtime=props.last_modified.timestamp() if props.last_modified else None,
+        )
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        def listing() -> Iterator[ObjectInfo]:
+            with azure_errors(self._url(prefix)):
+                blobs = self.container_client.list_blobs(
+                    name_starts_with=join_key(self.prefix, prefix),
+                    results_per_page=self.page_size,
+                )
+                for blob in blobs:
+                    yield ObjectInfo(
+                        key=relative_key(self.prefix, blob.name),
+                        size=int(blob.size),
+                        etag=blob.etag,
+                        mtime=blob.last_modified.timestamp() if blob.last_modified else None,
+                    )
+
+        return codepoint_order(listing(), key=lambda info: info.key)
+
+    def read_range(self, key: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range offset={offset} length={length}")
+        url = self._url(key)
+        if length == 0:
+            self._check_pin(key, etag)
+            return b""
+        kwargs: dict[str, Any] = {"offset": offset, "length": length, "max_concurrency": 1}
+        if etag:
+            from azure.core import MatchConditions
+
+            kwargs.update(etag=etag, match_condition=MatchConditions.IfNotModified)
+        if self.checksum == "md5" and length <= 4 * MiB:
+            kwargs["validate_content"] = "md5"  # the service hashes ranges up to 4 MiB only
+        with azure_errors(url):
+            try:
+                data: bytes = self._blob(key).download_blob(**kwargs).readall()
+            except Exception as exc:
+                if getattr(exc, "status_code", None) != 416:
+                    raise
+                info = self._check_pin(key, etag)  # offset at or past the end
+                if offset >= info.size:
+                    return b""
+                raise
+        return data
+
+    def _check_pin(self, key: str, etag: str | None) -> ObjectInfo:
+        info = self.stat(key)
+        if etag and info.etag != etag:
+            raise SourceChanged(
+                f"object changed since it was pinned (etag {etag} -> {info.etag})",
+                url=self._url(key),
+            )
+        return info
+
+    # -- writing ----------------------------------------------------------------------
+
+    def begin(
+        self, key: str, size: int, part_size: int, *, token: str | None = None
+    ) -> _AzureSingleWriter | _AzureBlockWriter:
+        check_key(key)
+        layout = PartLayout(size, part_size)
+        single = token.startswith(_SINGLE_PUT_PREFIX) if token is not None else layout.count <= 1
+        if single:
+            if layout.count > 1:
+                raise ValueError(f"token {token} is for a single-part object, size is {size}")
+            return _AzureSingleWriter(self, key, layout, token or _SINGLE_PUT_PREFIX + new_token())
+        caps = self.capabilities
+        if layout.count > caps.max_parts or part_size > caps.max_part_size:
+            raise ValueError(
+                f"Azure block blobs allow 50,000 blocks of <= 4000 MiB "
+                f"(size {size}, part_size {part_size})"
+            )
+        if token is None:
+            return _AzureBlockWriter(self, key, layout, new_token())
+        if len(token) != 16 or not token.isalnum():
+            raise ValueError(f"not an Azure writer token: {token!r}")
+        writer = _AzureBlockWriter(self, key, layout, token)
+        if writer.aborted():
+            raise NotFound(f"upload {token} was aborted", url=self._url(key))
+        return writer
+
+    def upload(self, key: str, data: bytes) -> ObjectInfo:
+        """One Put Blob (small objects), replacing any existing blob."""
+        kwargs: dict[str, Any] = {"overwrite": True}
+        if self.checksum == "md5":
+            kwargs["validate_content"] = "md5"
+        with azure_errors(self._url(key)):
+            self._blob(key).upload_blob(data, length=len(data), **kwargs)
+        return self.stat(key)
+
+    def delete(self, key: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with azure_errors(self._url(key)):
+            try:
+                self._blob(key).delete_blob(delete_snapshots="include")
+            except ResourceNotFoundError as exc:
+                if _code(exc) == "ContainerNotFound":
+                    raise  # a missing container is an error; a missing blob is not
+
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        """Server-side Copy Blob from URL, pinned to the source's ETag, waited for."""
+        from azure.core import MatchConditions
+
+        src = self.stat(src_key)
+        url = self._url(dst_key)
+        dst = self._blob(dst_key)
+        with azure_errors(url):
+            result = dst.start_copy_from_url(
+                self._blob(src_key).url,
+                source_etag=src.etag,
+                source_match_condition=MatchConditions.IfNotModified,
+            )
+            status = result.get("copy_status")
+            deadline = time.monotonic() + self.copy_timeout
+            delay = 0.05
+            while status == "pending":
+                if time.monotonic() > deadline:
+                    dst.abort_copy(result["copy_id"])
+                    raise TransientError(f"copy not done after {self.copy_timeout}s", url=url)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                status = dst.get_blob_properties().copy.status
+            if status != "success":
+                raise TransientError(f"server-side copy ended with status {status}", url=url)
+        return self.stat(dst_key)
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._container_client = self._container_client, None
+        if client is not None:
+            client.close()
+
+
+class _AzureSingleWriter:
+    """Objects of at most one part: buffered, one Put Blob at commit."""
+
+    def __init__(self, backend: AzureBackend, key: str, layout: PartLayout, token: str):
+        self._backend = backend
+        self._key = key
+        self._token = token
+        self._buffer = SmallObjectBuffer(layout)
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    def put_part(self, index: int, data: bytes | memoryview) -> None:
+        self._buffer.put(index, data)
+
+    def durable_parts(self) -> set[int]:
+        return set()
+
+    def commit(self) -> ObjectInfo:
+        return self._backend.upload(self._key, self._buffer.take())
+
+    def abort(self) -> None:
+        pass
+
+
+class _AzureBlockWriter:
+    """Stage Block per part, Put Block List at commit; the token names this attempt."""
+
+    def __init__(self, backend: AzureBackend, key: str, layout: PartLayout, token: str):
+        self._b = backend
+        self._key = key
+        self._url = backend._url(key)
+        self._layout = layout
+        self._token = token
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    def put_part(self, index: int, data: bytes | memoryview) -> None:
+        self._layout.check(index, len(data))
+        kwargs: dict[str, Any] = {}
+        if self._b.checksum == "md5":
+            kwargs["validate_content"] = "md5"
+        with azure_errors(self._url):
+            self._b._blob(self._key).stage_block(
+                block_id(self._token, index), bytes(data), length=len(data), **kwargs
+            )
+
+    def _staged(self) -> list[Any]:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with azure_errors(self._url):
+            try:
+                _, uncommitted = self._b._blob(self._key).get_block_list("uncommitted")
+            except ResourceNotFoundError as exc:
+                if _code(exc) == "ContainerNotFound":
+                    raise
+                return []  # no blob and no staged blocks yet
+        return list(uncommitted)
+
+    def aborted(self) -> bool:
+        dead = tombstone_id(self._token)
+        return any(str(block.id) == dead for block in self._staged())
+
+    def durable_parts(self) -> set[int]:
+        head = f"{self._token}-"
+        found: set[int] = set()
+        uncommitted = self._staged()
+        if any(str(block.id) == tombstone_id(self._token) for block in uncommitted):
+            return found
+        for block in uncommitted:
+            name = str(block.id)
+            if not name.startswith(head) or not name[len(head) :].isdigit():
+                continue
+            index = int(name[len(head) :])
+            if index < self._layout.count and block.size == self._layout.length(index):
+                found.add(index)
+        return found
+
+    def commit(self) -> ObjectInfo:
+        from azure.storage.blob import BlobBlock
+
+        blocks = [BlobBlock(block_id=block_id(self._token, i)) for i in range(self._layout.count)]
+        with azure_errors(self._url):
+            try:
+                self._b._blob(self._key).commit_block_list(blocks)
+            except Exception as exc:
+                if _code(exc) == "InvalidBlockList":
+                    missing = sorted(set(range(self._layout.count)) - self.durable_parts())
+                    raise StorageError(
+                        f"cannot commit: {len(missing)} of {self._layout.count} parts missing"
+                        + (f" (first: {missing[0]})" if missing else ""),
+                        url=self._url,
+                    ) from exc
+                raise
+        return self._b.stat(self._key)
+
+    def abort(self) -> None:
+        """Mark the attempt dead; its blocks stay invisible until the service reaps them."""
+        with azure_errors(self._url):
+            self._b._blob(self._key).stage_block(tombstone_id(self._token), b"\0", length=1)

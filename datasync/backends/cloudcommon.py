@@ -1,0 +1,158 @@
+"""Small pieces the object-store backends (s3, azure, gcs) share.
+
+* Key layout: a backend's root is ``bucket`` plus an optional ``prefix``; user keys are
+  joined below it with ``/`` and handed back relative to it, unchanged otherwise.
+* ``Retry-After`` parsing (seconds or an HTTP date) for ``Throttled.retry_after``.
+* ``SmallObjectBuffer``: objects that fit in one part are sent with one request at commit.
+  The buffer copies the caller's bytes, because callers reuse their buffers.
+* ``codepoint_order``: Azurite lists in UTF-16 order; the protocol promises code points.
+* Option checking, so a typo in ``[sites.NAME] options`` fails loudly instead of silently.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import heapq
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+from datasync.backends.base import PartLayout
+from datasync.errors import ConfigError
+
+T = TypeVar("T")
+
+__all__ = [
+    "SmallObjectBuffer",
+    "check_options",
+    "codepoint_order",
+    "join_key",
+    "new_token",
+    "opt_bool",
+    "opt_int",
+    "opt_str",
+    "parse_retry_after",
+    "relative_key",
+    "root_prefix",
+]
+
+
+def root_prefix(path: str) -> str:
+    """The prefix part of a URL path, without leading or trailing ``/``."""
+    return path.strip("/")
+
+
+def join_key(root: str, key: str) -> str:
+    """The store's name for ``key`` below ``root`` (``root`` may be empty)."""
+    return f"{root}/{key}" if root else key
+
+
+def relative_key(root: str, name: str) -> str:
+    """Inverse of ``join_key`` for names the store listed under ``root + '/'``."""
+    return name[len(root) + 1 :] if root else name
+
+
+def new_token() -> str:
+    """A random per-attempt id: 16 lowercase hex characters, always the same length."""
+    return secrets.token_hex(8)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header value (delta-seconds or HTTP-date)."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class SmallObjectBuffer:
+    """Holds part 0 of an object that fits in a single part until commit.
+
+    Nothing is durable before commit, so ``durable_parts`` is empty: a crashed small
+    upload is simply redone, which costs one request.
+    """
+
+    def __init__(self, layout: PartLayout) -> None:
+        self.layout = layout
+        self._data: bytes | None = b"" if layout.size == 0 else None
+        self._lock = threading.Lock()
+
+    def put(self, index: int, data: bytes | memoryview) -> None:
+        self.layout.check(index, len(data))
+        with self._lock:
+            self._data = bytes(data)
+
+    def take(self) -> bytes:
+        with self._lock:
+            if self._data is None:
+                raise ValueError("commit before part 0 was written")
+            return self._data
+
+
+def check_options(options: Mapping[str, Any], allowed: frozenset[str], url: str) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} for {url}; known: {', '.join(sorted(allowed))}"
+        )
+
+
+def opt_str(options: Mapping[str, Any], name: str) -> str | None:
+    value = options.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"option {name} must be a string")
+    return value
+
+
+def opt_int(options: Mapping[str, Any], name: str, default: int, *, minimum: int = 1) -> int:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"option {name} must be an integer >= {minimum}")
+    return value
+
+
+def opt_bool(options: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = options.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"option {name} must be true or false")
+    return value
+
+
+def codepoint_order(items: Iterator[T], key: Callable[[T], str]) -> Iterator[T]:
+    """Re-emit a listing sorted by UTF-16 code units (Azurite) in code-point order.
+
+    The two orders differ only where one key has an astral character (>= U+10000, a
+    surrogate pair in UTF-16) at the position where another has U+E000..U+FFFF. A key
+    whose first astral character is at position ``j`` can therefore still be followed by
+    keys as small as ``key[:j] + "\\ue000"``; anything below that bound is final. A listing
+    already in code-point order passes through, holding back only keys with astral
+    characters until the listing moves past their prefix.
+    """
+    pending: list[tuple[str, int, T]] = []
+    seq = 0
+    for item in items:
+        name = key(item)
+        heapq.heappush(pending, (name, seq, item))
+        seq += 1
+        astral = next((i for i, ch in enumerate(name) if ord(ch) >= 0x10000), None)
+        if astral is None:
+            while pending and pending[0][0] <= name:
+                yield heapq.heappop(pending)[2]
+        else:
+            bound = name[:astral] + "\ue000"
+            while pending and pending[0][0] < bound:
+                yield heapq.heappop(pending)[2]
+    while pending:
+        yield heapq.heappop(pending)[2]

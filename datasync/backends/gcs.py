@@ -1,0 +1,572 @@
+"""Google Cloud Storage through google-cloud-storage.
+
+URL ``gs://bucket/prefix``. Options: ``project``, ``endpoint`` (an emulator or private
+endpoint; ``STORAGE_EMULATOR_HOST`` is honoured too), ``anonymous`` (default true when an
+emulator endpoint is used), ``credentials_file`` (service-account JSON), else Application
+Default Credentials; ``page_size`` (default 1000), ``max_pool_connections``, ``timeout``
+(seconds), and ``conditional_read`` to override the per-endpoint default (below).
+
+Invariants:
+
+* No I/O at construction; the client is built on first use. Library retries are off
+  (``retry=None``): ``datasync.backends.retry`` decides.
+* Chunked writes are parallel composite uploads: part ``i`` is written as the temporary
+  object ``<prefix>/.datasync-parts/<token>/<i:08d>`` (CRC32C checked by the library against
+  the server's value), ``durable_parts`` lists those objects (the resume story), ``commit``
+  composes them into the key in a tree of at most 32 sources per call and deletes the
+  temporaries, ``abort`` deletes them. ``.datasync-parts/`` is reserved and never listed.
+  The final object has a CRC32C but no MD5 (GCS never gives composites an MD5).
+* Objects that fit in one part are buffered and uploaded with one request at commit.
+* Reads are pinned with ``if_generation_match``; ``ObjectInfo.etag`` is the generation.
+  ``gcp-storage-emulator`` ignores that precondition, so ``capabilities.conditional_read``
+  is False for emulator endpoints (set the option to force either way).
+* Errors go through ``gcs_errors`` (one place).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Self
+from urllib.parse import SplitResult
+
+from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
+from datasync.backends.cloudcommon import (
+    SmallObjectBuffer,
+    check_options,
+    join_key,
+    new_token,
+    opt_bool,
+    opt_int,
+    opt_str,
+    parse_retry_after,
+    relative_key,
+    root_prefix,
+)
+from datasync.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    NotFound,
+    PermissionDenied,
+    SourceChanged,
+    StorageError,
+    Throttled,
+    TransientError,
+)
+
+__all__ = ["PARTS_DIR", "GCSBackend", "gcs_errors", "translate"]
+
+_log = logging.getLogger(__name__)
+MiB = 1024 * 1024
+PARTS_DIR = ".datasync-parts"
+COMPOSE_FANIN = 32  # GCS accepts at most 32 sources per compose call
+_SINGLE_PUT_PREFIX = "put:"
+_OPTIONS = frozenset(
+    {
+        "project",
+        "endpoint",
+        "anonymous",
+        "credentials_file",
+        "page_size",
+        "max_pool_connections",
+        "timeout",
+        "conditional_read",
+    }
+)
+
+
+def translate(exc: BaseException, url: str) -> StorageError | None:
+    """The ``StorageError`` for a google-cloud-storage / google-auth / requests error."""
+    import requests
+    from google.api_core import exceptions as gex
+    from google.auth import exceptions as auth_ex
+    from google.cloud.storage import exceptions as sex
+
+    if isinstance(exc, gex.GoogleAPICallError):
+        status = int(exc.code or 0)
+        text = f"{status} {type(exc).__name__}"
+        if isinstance(exc, gex.NotFound):
+            return NotFound(f"not found ({text})", url=url)
+        if isinstance(exc, gex.PreconditionFailed):
+            return SourceChanged(f"object changed since it was pinned ({text})", url=url)
+        if isinstance(exc, gex.Forbidden | gex.Unauthorized):
+            return PermissionDenied(f"access denied ({text})", url=url)
+        if isinstance(exc, gex.TooManyRequests | gex.ServiceUnavailable):
+            response = getattr(exc, "response", None)
+            headers = getattr(response, "headers", None) or {}
+            return Throttled(
+                f"throttled ({text})",
+                url=url,
+                retry_after=parse_retry_after(headers.get("Retry-After")),
+            )
+        if status >= 500 or isinstance(exc, gex.RequestRangeNotSatisfiable):
+            return TransientError(f"server error ({text})", url=url)
+        return StorageError(f"GCS request failed ({text}: {exc.message})", url=url)
+    if isinstance(exc, sex.DataCorruption):
+        return ChecksumMismatch(f"CRC32C mismatch between client and server: {exc}", url=url)
+    if isinstance(exc, sex.InvalidResponse):
+        status = int(getattr(exc.response, "status_code", 0) or 0)
+        return _by_status(status, url)
+    if isinstance(exc, auth_ex.RefreshError):
+        if getattr(exc, "retryable", False):
+            return TransientError("token refresh failed (retryable)", url=url)
+        return PermissionDenied("credentials rejected by the token endpoint", url=url)
+    if isinstance(exc, auth_ex.DefaultCredentialsError):
+        return PermissionDenied("no Google credentials found (set credentials_file)", url=url)
+    if isinstance(exc, auth_ex.TransportError | requests.ConnectionError | requests.Timeout):
+        return TransientError(f"network error: {type(exc).__name__}", url=url)
+    if isinstance(exc, requests.RequestException | ConnectionError | TimeoutError):
+        return TransientError(f"network error: {type(exc).__name__}", url=url)
+    return None
+
+
+def _by_status(status: int, url: str) -> StorageError:
+    if status == 404:
+        return NotFound(f"not found ({status})", url=url)
+    if status == 412:
+        return SourceChanged(f"object changed since it was pinned ({status})", url=url)
+    if status in (401, 403):
+        return PermissionDenied(f"access denied ({status})", url=url)
+    if status in (429, 503):
+        return Throttled(f"throttled ({status})", url=url)
+    if status >= 500:
+        return TransientError(f"server error ({status})", url=url)
+    return StorageError(f"GCS request failed ({status})", url=url)
+
+
+@contextmanager
+def gcs_errors(url: str) -> Iterator[None]:
+    """The one place GCS SDK errors become ``StorageError``s (chained with ``from``)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        mapped = translate(exc, url)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+class GCSBackend:
+    """A bucket (and optional prefix) on Google Cloud Storage or an emulator."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        project: str | None = None,
+        endpoint: str | None = None,
+        anonymous: bool | None = None,
+        credentials_file: str | None = None,
+        page_size: int = 1000,
+        max_pool_connections: int = 64,
+        timeout: int = 120,
+        conditional_read: bool | None = None,
+    ) -> None:
+        if len(bucket) < 3:
+            raise ConfigError(f"GCS bucket name {bucket!r} is too short (3 characters minimum)")
+        self.bucket_name = bucket
+        self.prefix = root_prefix(prefix)
+        self.project = project
+        self.endpoint = endpoint
+        self.page_size = page_size
+        self.timeout = timeout
+        self._anonymous = anonymous
+        self._credentials_file = credentials_file
+        self._pool = max_pool_connections
+        self._conditional_read = conditional_read
+        self._client: Any = None
+        self._bucket: Any = None
+        self._lock = threading.Lock()
+        self._bucket_seen = False
+
+    @classmethod
+    def from_url(cls, parsed: SplitResult, options: Mapping[str, Any]) -> Self:
+        url = f"gs://{parsed.netloc}{parsed.path}"
+        check_options(options, _OPTIONS, url)
+        if not parsed.netloc:
+            raise ConfigError(f"{url}: missing bucket name (gs://bucket/prefix)")
+        anonymous = options.get("anonymous")
+        conditional = options.get("conditional_read")
+        return cls(
+            parsed.netloc,
+            parsed.path,
+            project=opt_str(options, "project"),
+            endpoint=opt_str(options, "endpoint"),
+            anonymous=None if anonymous is None else opt_bool(options, "anonymous", False),
+            credentials_file=opt_str(options, "credentials_file"),
+            page_size=opt_int(options, "page_size", 1000),
+            max_pool_connections=opt_int(options, "max_pool_connections", 64),
+            timeout=opt_int(options, "timeout", 120),
+            conditional_read=None
+            if conditional is None
+            else opt_bool(options, "conditional_read", True),
+        )
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        root = f"gs://{self.bucket_name}"
+        return f"{root}/{self.prefix}" if self.prefix else root
+
+    def _url(self, key: str) -> str:
+        return join_url(self.url, key)
+
+    def _name(self, key: str) -> str:
+        return join_key(self.prefix, check_key(key))
+
+    def _emulator(self) -> str | None:
+        """The emulator/custom endpoint in use (option, else ``STORAGE_EMULATOR_HOST``)."""
+        return self.endpoint or os.environ.get("STORAGE_EMULATOR_HOST") or None
+
+    @property
+    def client(self) -> Any:
+        """The storage Client, built on first use (reads credentials; no network I/O)."""
+        if self._client is None:
+            with self._lock, gcs_errors(self.url):
+                if self._client is None:
+                    self._client = self._build()
+                    self._bucket = self._client.bucket(self.bucket_name)
+        return self._client
+
+    @property
+    def bucket(self) -> Any:
+        _ = self.client
+        return self._bucket
+
+    def _build(self) -> Any:
+        import requests
+        from google.cloud import storage
+
+        endpoint = self._emulator()
+        anonymous = self._anonymous if self._anonymous is not None else endpoint is not None
+        credentials: Any = None
+        session: Any
+        if self._credentials_file:
+            from google.auth.transport.requests import AuthorizedSession
+            from google.oauth2 import service_account
+
+            credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+                self._credentials_file,
+                scopes=["https://www.googleapis.com/auth/devstorage.read_write"],
+            )
+            session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
+        elif anonymous:
+            from google.auth.credentials import AnonymousCredentials
+
+            credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
+            session = requests.Session()
+        else:
+            import google.auth
+            from google.auth.transport.requests import AuthorizedSession
+
+            credentials, _ = google.auth.default(
+                scopes=["https://www.googleapis.com/auth/devstorage.read_write"]
+            )
+            session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=4, pool_maxsize=self._pool, max_retries=0
+        )
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        options = {"api_endpoint": endpoint} if endpoint else None
+        return storage.Client(
+            project=self.project or ("test" if anonymous else None),
+            credentials=credentials,
+            _http=session,
+            client_options=options,
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        conditional = self._conditional_read
+        if conditional is None:
+            conditional = self._emulator() is None
+        return Capabilities(
+            server_side_copy=True,
+            native_checksums=("crc32c",),
+            conditional_read=conditional,
+            lists_parts=True,
+            min_part_size=1,
+            max_part_size=5 * 1024**4,
+            max_parts=10_000,
+        )
+
+    def _missing(self, exc: NotFound, url: str) -> StorageError:
+        """A 404 does not say whether the bucket or the object is missing: ask once."""
+        if not self._bucket_seen:
+            with gcs_errors(url):
+                exists = self.bucket.exists(retry=None, timeout=self.timeout)
+            if not exists:
+                return NotFound(f"bucket missing: gs://{self.bucket_name} does not exist", url=url)
+            self._bucket_seen = True
+        return exc
+
+    # -- reading ----------------------------------------------------------------------
+
+    def stat(self, key: str) -> ObjectInfo:
+        url = self._url(key)
+        blob = self.bucket.blob(self._name(key))
+        try:
+            with gcs_errors(url):
+                blob.reload(retry=None, timeout=self.timeout)
+        except NotFound as exc:
+            raise self._missing(exc, url) from exc
+        return self._info(key, blob)
+
+    @staticmethod
+    def _info(key: str, blob: Any) -> ObjectInfo:
+        return ObjectInfo(
+            key=key,
+            size=int(blob.size or 0),
+            etag=str(blob.generation) if blob.generation is not None else None,
+            mtime=blob.updated.timestamp() if blob.updated else None,
+        )
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        url = self._url(prefix)
+        hidden = join_key(self.prefix, PARTS_DIR + "/")
+        try:
+            with gcs_errors(url):
+                blobs = self.client.list_blobs(
+                    self.bucket_name,
+                    prefix=join_key(self.prefix, prefix),
+                    page_size=self.page_size,
+                    retry=None,
+                    timeout=self.timeout,
+                )
+                for blob in blobs:
+                    if blob.name.startswith(hidden):
+                        continue
+                    yield self._info(relative_key(self.prefix, blob.name), blob)
+        except NotFound as exc:
+            raise self._missing(exc, url) from exc
+
+    def read_range(self, key: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range offset={offset} length={length}")
+        url = self._url(key)
+        blob = self.bucket.blob(self._name(key))
+        if length == 0:
+            self._check_pin(key, etag)
+            return b""
+        kwargs: dict[str, Any] = {}
+        if etag:
+            kwargs["if_generation_match"] = int(etag)
+        try:
+            with gcs_errors(url):
+                try:
+                    data: bytes = blob.download_as_bytes(
+                        start=offset,
+                        end=offset + length - 1,
+                        checksum=None,  # a range has no server checksum to compare with
+                        raw_download=True,
+                        retry=None,
+                        timeout=self.timeout,
+                        **kwargs,
+                    )
+                except Exception as exc:
+                    if getattr(exc, "code", None) != 416:
+                        raise
+                    info = self._check_pin(key, etag)  # offset at or past the end
+                    if offset >= info.size:
+                        return b""
+                    raise
+        except NotFound as exc:
+            raise self._missing(exc, url) from exc
+        # Real GCS reports the generation it served; refuse a different one.
+        served = blob.generation
+        if etag and served is not None and str(served) != etag:
+            raise SourceChanged(f"generation {etag} was pinned, {served} was served", url=url)
+        return data
+
+    def _check_pin(self, key: str, etag: str | None) -> ObjectInfo:
+        info = self.stat(key)
+        if etag and info.etag != etag:
+            raise SourceChanged(
+                f"object changed since it was pinned (generation {etag} -> {info.etag})",
+                url=self._url(key),
+            )
+        return info
+
+    # -- writing ----------------------------------------------------------------------
+
+    def begin(
+        self, key: str, size: int, part_size: int, *, token: str | None = None
+    ) -> _GCSSingleWriter | _GCSComposeWriter:
+        check_key(key)
+        layout = PartLayout(size, part_size)
+        single = token.startswith(_SINGLE_PUT_PREFIX) if token is not None else layout.count <= 1
+        if single:
+            if layout.count > 1:
+                raise ValueError(f"token {token} is for a single-part object, size is {size}")
+            return _GCSSingleWriter(self, key, layout, token or _SINGLE_PUT_PREFIX + new_token())
+        if token is not None and (len(token) != 16 or not token.isalnum()):
+            raise ValueError(f"not a GCS writer token: {token!r}")
+        return _GCSComposeWriter(self, key, layout, token or new_token())
+
+    def upload(self, name: str, data: bytes | memoryview, url: str) -> Any:
+        """Upload one object (CRC32C compared with the server's); returns the Blob."""
+        import io
+
+        blob = self.bucket.blob(name)
+        with gcs_errors(url):
+            blob.upload_from_file(
+                io.BytesIO(data),
+                size=len(data),
+                checksum="crc32c",
+                retry=None,
+                timeout=self.timeout,
+            )
+        return blob
+
+    def delete(self, key: str) -> None:
+        url = self._url(key)
+        try:
+            with gcs_errors(url):
+                self.bucket.blob(self._name(key)).delete(retry=None, timeout=self.timeout)
+        except NotFound as exc:
+            missing = self._missing(exc, url)
+            if missing is not exc:
+                raise missing from exc  # the bucket is gone: that is an error
+
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        """Server-side rewrite (works for any size), pinned to the source generation."""
+        src = self.stat(src_key)
+        source = self.bucket.blob(self._name(src_key))
+        dest = self.bucket.blob(self._name(dst_key))
+        with gcs_errors(self._url(dst_key)):
+            token: str | None = None
+            while True:
+                token, _, _ = dest.rewrite(
+                    source,
+                    token=token,
+                    if_source_generation_match=int(src.etag) if src.etag else None,
+                    retry=None,
+                    timeout=self.timeout,
+                )
+                if token is None:
+                    break
+        return self.stat(dst_key)
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+class _GCSSingleWriter:
+    """Objects of at most one part: buffered, one upload at commit."""
+
+    def __init__(self, backend: GCSBackend, key: str, layout: PartLayout, token: str):
+        self._backend = backend
+        self._key = key
+        self._token = token
+        self._buffer = SmallObjectBuffer(layout)
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    def put_part(self, index: int, data: bytes | memoryview) -> None:
+        self._buffer.put(index, data)
+
+    def durable_parts(self) -> set[int]:
+        return set()
+
+    def commit(self) -> ObjectInfo:
+        b = self._backend
+        blob = b.upload(b._name(self._key), self._buffer.take(), b._url(self._key))
+        return b._info(self._key, blob)
+
+    def abort(self) -> None:
+        pass
+
+
+class _GCSComposeWriter:
+    """Parts as temporary objects, composed into the key at commit."""
+
+    def __init__(self, backend: GCSBackend, key: str, layout: PartLayout, token: str):
+        self._b = backend
+        self._key = key
+        self._url = backend._url(key)
+        self._layout = layout
+        self._token = token
+        self._dir = join_key(backend.prefix, f"{PARTS_DIR}/{token}/")
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    def _part_name(self, index: int) -> str:
+        return f"{self._dir}{index:08d}"
+
+    def put_part(self, index: int, data: bytes | memoryview) -> None:
+        self._layout.check(index, len(data))
+        self._b.upload(self._part_name(index), data, self._url)
+
+    def _temporaries(self) -> list[Any]:
+        with gcs_errors(self._url):
+            return list(
+                self._b.client.list_blobs(
+                    self._b.bucket_name, prefix=self._dir, retry=None, timeout=self._b.timeout
+                )
+            )
+
+    def durable_parts(self) -> set[int]:
+        found: set[int] = set()
+        for blob in self._temporaries():
+            tail = blob.name[len(self._dir) :]
+            if not tail.isdigit():
+                continue  # intermediate compose results
+            index = int(tail)
+            if index < self._layout.count and blob.size == self._layout.length(index):
+                found.add(index)
+        return found
+
+    def commit(self) -> ObjectInfo:
+        n = self._layout.count
+        missing = sorted(set(range(n)) - self.durable_parts())
+        if missing:
+            raise StorageError(
+                f"cannot commit: {len(missing)} of {n} parts missing (first: {missing[0]})",
+                url=self._url,
+            )
+        bucket = self._b.bucket
+        level = [bucket.blob(self._part_name(i)) for i in range(n)]
+        depth = 0
+        with gcs_errors(self._url):
+            while len(level) > COMPOSE_FANIN:
+                upper = []
+                for start in range(0, len(level), COMPOSE_FANIN):
+                    node = bucket.blob(f"{self._dir}c{depth:02d}-{start // COMPOSE_FANIN:06d}")
+                    node.compose(
+                        level[start : start + COMPOSE_FANIN], retry=None, timeout=self._b.timeout
+                    )
+                    upper.append(node)
+                level, depth = upper, depth + 1
+            final = bucket.blob(self._b._name(self._key))
+            final.compose(level, retry=None, timeout=self._b.timeout)
+        try:
+            self._cleanup()
+        except StorageError as exc:  # committed already; leftovers are hidden and reported
+            _log.warning("could not delete temporary parts under %s: %s", self._dir, exc)
+        return self._b._info(self._key, final)
+
+    def _cleanup(self) -> None:
+        for blob in self._temporaries():
+            try:
+                with gcs_errors(self._url):
+                    blob.delete(retry=None, timeout=self._b.timeout)
+            except NotFound:
+                pass
+
+    def abort(self) -> None:
+        self._cleanup()

@@ -1,0 +1,684 @@
+"""POSIX backend: local disks, NFS and Lustre, rooted at an existing directory.
+
+Invariants:
+
+* Nothing appears at a key before ``commit``. A writer fills a hidden temp file in the
+  target directory, ``.<name>.datasync-<token>.part`` (deterministic from the token, so a
+  resumed writer reopens it), preallocated to the final size; parts are ``pwrite`` at
+  ``index * part_size`` from any thread; ``commit`` fsyncs the file, renames it over the
+  key and fsyncs the directory. ``abort`` unlinks the temp. ``list`` never shows temps.
+* ``durable_parts()`` is always empty (``capabilities.lists_parts`` is false): a
+  preallocated file cannot tell written ranges from zeros, so the engine's chunk map in the
+  database is authoritative. Resuming a token whose temp file is gone raises ``NotFound``,
+  so stale zeros are never published.
+* The root is never created: a missing root (an unmounted file system) is ``NotFound``,
+  not an empty tree. Directories below it are created on demand and left in place on
+  delete (removing them would race with concurrent writers).
+* Keys cannot leave the root (``check_key``); symlinks already inside the tree are trusted.
+* OS errors are translated in one place, ``translate_os_errors``.
+
+Lustre: when ``lfs`` is on PATH and the root is on Lustre (``/proc/self/mountinfo`` type
+``lustre``; the statfs magic 0x0BD00BD0 is the same fact), each new temp file gets its
+layout from ``lfs setstripe`` before any byte is written: ``-c stripe_small_count`` below
+``large_threshold_bytes``, else ``large_layout`` (a PFL by default). A failed
+``setstripe`` keeps the directory's default layout and is logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import ctypes
+import errno
+import functools
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import stat as statmod
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+from urllib.parse import SplitResult
+
+from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
+from datasync.errors import (
+    ConfigError,
+    InvalidPath,
+    NoSpace,
+    NotFound,
+    PermissionDenied,
+    SourceChanged,
+    StorageError,
+    TransientError,
+)
+
+__all__ = [
+    "DEFAULT_LARGE_LAYOUT",
+    "PosixBackend",
+    "PosixWriter",
+    "detect_lustre",
+    "is_temp_name",
+    "os_error_to_storage",
+    "temp_name",
+    "translate_os_errors",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LARGE_LAYOUT = "-E 1G -c 1 -E 16G -c 4 -E -1 -c -1"
+_TEMP_RE = re.compile(r"^\..+\.datasync-[0-9a-f]{16,64}\.part$", re.DOTALL)
+_TOKEN_RE = re.compile(r"^[0-9a-f]{16,64}$")
+_NAME_MAX = 255
+
+_NOT_FOUND = {errno.ENOENT, errno.ENOTDIR}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+# Network and cluster file systems report failover and lost connections with these.
+_TRANSIENT = {
+    errno.EIO,
+    errno.ETIMEDOUT,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.EINTR,
+    errno.ESTALE,
+    errno.ENOLCK,
+    errno.ENOTCONN,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.ENETDOWN,
+    errno.ENETUNREACH,
+    errno.EHOSTDOWN,
+    errno.EHOSTUNREACH,
+    errno.EREMOTEIO,
+    errno.ECOMM,
+}
+# copy_file_range cannot do this pair of files: fall back to sendfile.
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ETXTBSY}
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def os_error_to_storage(exc: OSError, url: str) -> StorageError:
+    """The ``StorageError`` for ``exc`` (caller chains it with ``from``)."""
+    code = exc.errno
+    reason = exc.strerror or str(exc)
+    if code in _NOT_FOUND:
+        return NotFound(reason, url=url)
+    if code in _DENIED:
+        return PermissionDenied(reason, url=url)
+    if code in _NO_SPACE:
+        return NoSpace(reason, url=url)
+    if code in _TRANSIENT:
+        return TransientError(reason, url=url)
+    return StorageError(reason, url=url)
+
+
+@contextlib.contextmanager
+def translate_os_errors(url: str) -> Iterator[None]:
+    """The one place where ``OSError`` becomes a ``StorageError``."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error_to_storage(exc, url) from exc
+
+
+def temp_name(name: str, token: str) -> str:
+    """Hidden temp file name for writing ``name`` under ``token``; fits NAME_MAX."""
+    candidate = f".{name}.datasync-{token}.part"
+    if len(os.fsencode(candidate)) <= _NAME_MAX:
+        return candidate
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
+    return f".{digest}.datasync-{token}.part"
+
+
+def is_temp_name(name: str) -> bool:
+    return _TEMP_RE.match(name) is not None
+
+
+def _fs_type(path: str, mountinfo: str) -> str | None:
+    """File-system type of the mount holding ``path``, or None if mountinfo is unreadable."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, best_type = "", None
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right:
+            continue
+        # mountinfo escapes space, tab, newline and backslash as octal.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, right.split()[0]
+    return best_type
+
+
+def detect_lustre(root: str, lfs: str | None, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """True when ``lfs`` exists and ``root`` sits on a Lustre mount."""
+    if lfs is None:
+        return False
+    fstype = _fs_type(root, mountinfo)
+    if fstype is not None:
+        return fstype == "lustre"
+    try:  # no mountinfo (containers, other kernels): ask lfs itself
+        done = subprocess.run(
+            [lfs, "getstripe", "-d", root], capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes so ENOSPC shows up now, not mid-transfer.
+
+    glibc's ``posix_fallocate`` emulates missing support by writing every block, which is
+    slow on NFS; calling ``fallocate(2)`` directly lets us fall back to a sparse file.
+    """
+    if size > 0 and _fallocate()(fd, 0, 0, size) != 0:
+        code = ctypes.get_errno()
+        if code not in _NO_FALLOCATE:
+            raise OSError(code, os.strerror(code))
+    os.ftruncate(fd, size)
+
+
+@functools.cache
+def _fallocate() -> Any:
+    """libc's fallocate(2), looked up once (at first use, not at import)."""
+    fn = ctypes.CDLL(None, use_errno=True).fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some network file systems refuse fsync on directories
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _copy_fd(src: int, dst: int, size: int) -> None:
+    """Copy ``size`` bytes in the kernel: copy_file_range (reflink-capable), else sendfile."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src, dst, size - done, done, done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        if exc.errno not in _NO_COPY_RANGE:
+            raise
+    while done < size:
+        os.lseek(dst, done, os.SEEK_SET)
+        n = os.sendfile(dst, src, done, size - done)
+        if n == 0:
+            break
+        done += n
+    if done != size:
+        raise StorageError(f"source shrank during copy ({done} of {size} bytes)")
+
+
+def _option_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"posix option {name} must be true or false, got {value!r}")
+
+
+class PosixBackend:
+    """Files under ``root``. Thread-safe: it holds no per-call state."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        lustre: bool | str = "auto",
+        stripe_small_count: int = 1,
+        large_threshold_bytes: int = 1024**3,
+        large_layout: str | Sequence[str] = DEFAULT_LARGE_LAYOUT,
+        preallocate: bool = True,
+        lfs_command: str | None = None,
+        mountinfo: str = "/proc/self/mountinfo",
+    ) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.preallocate = preallocate
+        self.stripe_small_count = int(stripe_small_count)
+        self.large_threshold_bytes = int(large_threshold_bytes)
+        self.large_layout = (
+            shlex.split(large_layout) if isinstance(large_layout, str) else list(large_layout)
+        )
+        self._lfs = shutil.which(lfs_command or "lfs")
+        if isinstance(lustre, str) and lustre.lower() == "auto":
+            self._striping = detect_lustre(self.root, self._lfs, mountinfo)
+        else:
+            self._striping = _option_bool(lustre, "lustre")
+            if self._striping and self._lfs is None:
+                raise ConfigError(f"lustre=true for {self.root} but no `lfs` command on PATH")
+
+    @classmethod
+    def from_url(cls, url: SplitResult, options: Mapping[str, Any]) -> PosixBackend:
+        known = {
+            "lustre",
+            "stripe_small_count",
+            "large_threshold_bytes",
+            "large_layout",
+            "preallocate",
+            "lfs_command",
+        }
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(f"unknown posix backend option(s): {', '.join(sorted(unknown))}")
+        kwargs = dict(options)
+        if "preallocate" in kwargs:
+            kwargs["preallocate"] = _option_bool(kwargs["preallocate"], "preallocate")
+        if not url.path:
+            raise ConfigError("posix URL needs a path")
+        return cls(url.path, **kwargs)
+
+    # -- protocol ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self.root
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            server_side_copy=True,
+            atomic_rename=True,
+            hard_links=True,
+            conditional_read=True,
+            lists_parts=False,
+            lustre_striping=self._striping,
+        )
+
+    def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        with translate_os_errors(self._key_url(key)):
+            st = os.stat(path)
+        if not statmod.S_ISREG(st.st_mode):
+            raise NotFound("not a regular file", url=self._key_url(key))
+        return self._info(key, st)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        head, _, _ = prefix.rpartition("/")
+        with translate_os_errors(self._key_url(prefix)):
+            if not os.path.isdir(self.root):
+                raise NotFound("root directory does not exist (not mounted?)", url=self.root)
+            if head:
+                check_key(head)
+                yield from self._walk(os.path.join(self.root, head), head + "/", prefix)
+            else:
+                yield from self._walk(self.root, "", prefix)
+
+    def read_range(self, key: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
+        _check_range(offset, length)
+        chunks: list[bytes] = []
+        with self._open_for_read(key, etag) as (fd, size):
+            pos, end = offset, min(size, offset + length)
+            while pos < end:
+                chunk = os.pread(fd, end - pos, pos)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                pos += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def read_range_into(
+        self, key: str, offset: int, buf: bytearray | memoryview, *, etag: str | None = None
+    ) -> int:
+        _check_range(offset, 0)
+        view = memoryview(buf).cast("B")
+        with self._open_for_read(key, etag) as (fd, size):
+            want = max(0, min(len(view), size - offset))
+            done = 0
+            while done < want:
+                n = os.preadv(fd, [view[done:want]], offset + done)
+                if n == 0:
+                    break
+                done += n
+        return done
+
+    def begin(
+        self, key: str, size: int, part_size: int, *, token: str | None = None
+    ) -> PosixWriter:
+        layout = PartLayout(size, part_size)
+        path = self._path(key)
+        url = self._key_url(key)
+        dirpath, name = os.path.split(path)
+        if token is None:
+            token = secrets.token_hex(8)
+            tmp = os.path.join(dirpath, temp_name(name, token))
+            fd = self._create_temp(dirpath, tmp, size, url)
+        else:
+            if not _TOKEN_RE.match(token):
+                raise ValueError(f"not a posix upload token: {token!r}")
+            tmp = os.path.join(dirpath, temp_name(name, token))
+            with translate_os_errors(url):
+                try:
+                    fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise NotFound(f"upload {token} no longer exists", url=url) from None
+                found = os.fstat(fd).st_size
+            if found != size:
+                os.close(fd)
+                raise ValueError(f"upload {token} holds {found} bytes, not {size}")
+        return PosixWriter(self, key, path, tmp, fd, layout, token)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with translate_os_errors(self._key_url(key)):
+            try:
+                os.unlink(path)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return
+            _fsync_dir(os.path.dirname(path))
+
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        """An independent copy (copy_file_range: a reflink on file systems that have them,
+        never a hard link), published atomically like a commit."""
+        src, dst = self._path(src_key), self._path(dst_key)
+        url = self._key_url(dst_key)
+        with translate_os_errors(self._key_url(src_key)):
+            sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with translate_os_errors(self._key_url(src_key)):
+                st = os.fstat(sfd)
+            if not statmod.S_ISREG(st.st_mode):
+                raise NotFound("not a regular file", url=self._key_url(src_key))
+            dirpath, name = os.path.split(dst)
+            tmp = os.path.join(dirpath, temp_name(name, secrets.token_hex(8)))
+            dfd = self._create_temp(dirpath, tmp, st.st_size, url)
+            try:
+                with translate_os_errors(url):
+                    _copy_fd(sfd, dfd, st.st_size)
+                    os.fsync(dfd)
+            except BaseException:
+                os.close(dfd)
+                _unlink_quietly(tmp)
+                raise
+            os.close(dfd)
+            return self._publish(dst_key, tmp, dst)
+        finally:
+            os.close(sfd)
+
+    def rename(self, src_key: str, dst_key: str) -> ObjectInfo:
+        src, dst = self._path(src_key), self._path(dst_key)
+        self._ensure_dir(os.path.dirname(dst), self._key_url(dst_key))
+        with translate_os_errors(self._key_url(src_key)):
+            os.rename(src, dst)
+            _fsync_dir(os.path.dirname(dst))
+            if os.path.dirname(src) != os.path.dirname(dst):
+                _fsync_dir(os.path.dirname(src))
+        return self.stat(dst_key)
+
+    def link(self, src_key: str, dst_key: str) -> ObjectInfo:
+        """Hard-link ``dst`` to ``src`` (atomically replacing ``dst``); copy instead across
+        devices, at the link limit, or where the file system has no hard links."""
+        src, dst = self._path(src_key), self._path(dst_key)
+        dirpath, name = os.path.split(dst)
+        self._ensure_dir(dirpath, self._key_url(dst_key))
+        tmp = os.path.join(dirpath, temp_name(name, secrets.token_hex(8)))
+        with translate_os_errors(self._key_url(src_key)):
+            try:
+                os.link(src, tmp, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.EOPNOTSUPP):
+                    log.info("hard link %s -> %s impossible (%s); copying", src, dst, exc)
+                    return self.copy(src_key, dst_key)
+                raise
+        return self._publish(dst_key, tmp, dst)
+
+    def close(self) -> None:
+        pass
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        check_key(key)
+        if is_temp_name(key.rpartition("/")[2]):
+            raise InvalidPath(f"object key {key!r} uses the datasync temp-file pattern")
+        return f"{self.root}/{key}"
+
+    def _key_url(self, key: str) -> str:
+        return join_url(self.root, key)
+
+    @staticmethod
+    def _info(key: str, st: os.stat_result) -> ObjectInfo:
+        etag = f"{st.st_mtime_ns}-{st.st_ino}-{st.st_size}"
+        return ObjectInfo(key, st.st_size, etag, st.st_mtime)
+
+    @contextlib.contextmanager
+    def _open_for_read(self, key: str, etag: str | None) -> Iterator[tuple[int, int]]:
+        """An open fd and its size; checks ``etag`` before and after the caller reads."""
+        path = self._path(key)
+        url = self._key_url(key)
+        with translate_os_errors(url):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if not statmod.S_ISREG(st.st_mode):
+                    raise NotFound("not a regular file", url=url)
+                self._check_etag(key, st, etag)
+                yield fd, st.st_size
+                # A write while we read moves mtime: catch it rather than return a mix.
+                self._check_etag(key, os.fstat(fd), etag)
+            finally:
+                os.close(fd)
+
+    def _check_etag(self, key: str, st: os.stat_result, etag: str | None) -> None:
+        current = self._info(key, st).etag
+        if etag is not None and current != etag:
+            raise SourceChanged(
+                f"file changed (etag {current}, expected {etag})", url=self._key_url(key)
+            )
+
+    def _walk(self, dirpath: str, base: str, prefix: str) -> Iterator[ObjectInfo]:
+        """Files below ``dirpath`` in ascending key order.
+
+        A directory sorts as ``name/``: every key inside it starts with that string, so
+        visiting it at that position keeps the whole stream in code-point order (``a-b``
+        before ``a/x`` before ``ab``).
+        """
+        try:
+            with os.scandir(dirpath) as it:
+                entries = []
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        entries.append((entry.name + "/", entry.path, True))
+                    elif entry.is_file(follow_symlinks=False) and not is_temp_name(entry.name):
+                        entries.append((entry.name, entry.path, False))
+        except (FileNotFoundError, NotADirectoryError):
+            return  # the prefix's directory does not exist (or vanished): nothing there
+        entries.sort()
+        for name, path, is_dir in entries:
+            key = base + name
+            if is_dir:
+                if key.startswith(prefix) or prefix.startswith(key):
+                    yield from self._walk(path, key, prefix)
+            elif key.startswith(prefix):
+                try:
+                    st = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted while we listed
+                yield self._info(key, st)
+
+    def _ensure_dir(self, dirpath: str, url: str) -> None:
+        """Create the directories between the root and ``dirpath``; never the root itself."""
+        if not os.path.isdir(self.root):
+            raise NotFound("root directory does not exist (not mounted?)", url=self.root)
+        rel = os.path.relpath(dirpath, self.root)
+        if rel == ".":
+            return
+        current = self.root
+        created: list[str] = []
+        with translate_os_errors(url):
+            for part in rel.split(os.sep):
+                current = os.path.join(current, part)
+                try:
+                    os.mkdir(current)
+                    created.append(os.path.dirname(current))
+                except FileExistsError:
+                    if not os.path.isdir(current):
+                        raise StorageError(
+                            f"{current} is a file, so it cannot hold other keys", url=url
+                        ) from None
+                except NotADirectoryError:
+                    raise StorageError(
+                        f"a parent of {current} is a file, so it cannot hold other keys", url=url
+                    ) from None
+            for parent in created:
+                _fsync_dir(parent)
+
+    def _create_temp(self, dirpath: str, tmp: str, size: int, url: str) -> int:
+        """Create and size a temp file (with its Lustre layout); return an fd open for writing."""
+        self._ensure_dir(dirpath, url)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        if not (self._striping and self._setstripe(tmp, size)):
+            flags |= os.O_EXCL
+        with translate_os_errors(url):
+            fd = os.open(tmp, flags, 0o666)
+            try:
+                if self.preallocate:
+                    _preallocate(fd, size)
+                else:
+                    os.ftruncate(fd, size)
+            except BaseException:
+                os.close(fd)
+                _unlink_quietly(tmp)
+                raise
+        return fd
+
+    def layout_args(self, size: int) -> builtins.list[str]:
+        """``lfs setstripe`` arguments for a new file of ``size`` bytes."""
+        if size >= self.large_threshold_bytes:
+            return list(self.large_layout)
+        return ["-c", str(self.stripe_small_count)]
+
+    def _setstripe(self, tmp: str, size: int) -> bool:
+        """Create ``tmp`` with its layout. False (and a log line) when lfs refuses."""
+        assert self._lfs is not None
+        argv = [self._lfs, "setstripe", *self.layout_args(size), tmp]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("lfs setstripe failed for %s: %s; using the default layout", tmp, exc)
+            return False
+        if done.returncode != 0:
+            log.warning(
+                "lfs setstripe failed for %s (exit %d: %s); using the default layout",
+                tmp,
+                done.returncode,
+                done.stderr.strip(),
+            )
+            _unlink_quietly(tmp)
+            return False
+        return True
+
+    def _publish(self, key: str, tmp: str, dst: str) -> ObjectInfo:
+        """Rename a finished temp over ``dst`` and make the rename durable."""
+        url = self._key_url(key)
+        try:
+            with translate_os_errors(url):
+                os.rename(tmp, dst)
+                # rename() between two links of one inode succeeds and does nothing.
+                _unlink_quietly(tmp)
+                _fsync_dir(os.path.dirname(dst))
+                st = os.stat(dst)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return self._info(key, st)
+
+
+class PosixWriter:
+    """One upload into a temp file. ``put_part`` may be called from many threads."""
+
+    def __init__(
+        self,
+        backend: PosixBackend,
+        key: str,
+        path: str,
+        tmp: str,
+        fd: int,
+        layout: PartLayout,
+        token: str,
+    ) -> None:
+        self._backend = backend
+        self._key = key
+        self._path = path
+        self._tmp = tmp
+        self._fd: int | None = fd
+        self._layout = layout
+        self._token = token
+        self._url = backend._key_url(key)
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    def put_part(self, index: int, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self._layout.check(index, len(view))
+        fd = self._open_fd()
+        offset = self._layout.offset(index)
+        done = 0
+        with translate_os_errors(self._url):
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+
+    def durable_parts(self) -> set[int]:
+        # See the module docstring: the engine's chunk map is authoritative on POSIX.
+        return set()
+
+    def commit(self) -> ObjectInfo:
+        fd = self._open_fd()
+        self._fd = None
+        try:
+            with translate_os_errors(self._url):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        # On failure the temp stays, so the same token can be resumed and committed again.
+        with translate_os_errors(self._url):
+            os.rename(self._tmp, self._path)
+            _fsync_dir(os.path.dirname(self._path))
+            st = os.stat(self._path)
+        return self._backend._info(self._key, st)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with translate_os_errors(self._url):
+            _unlink_quietly(self._tmp)
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"writer for {self._key} is already committed or aborted")
+        return self._fd
+
+
+def _check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"bad range offset={offset} length={length}")
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

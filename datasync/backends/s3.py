@@ -1,0 +1,720 @@
+"""S3 and S3-compatible object stores through boto3.
+
+URL ``s3://bucket/prefix``. Options (``[sites.NAME] options``): ``endpoint_url``,
+``region_name``, ``profile``, ``aws_access_key_id`` / ``aws_secret_access_key`` /
+``aws_session_token`` (else boto3's credential chain, incl. ``AWS_ENDPOINT_URL_S3``),
+``addressing_style`` (``auto``/``path``/``virtual``), ``page_size`` (list page, default 1000),
+``checksum`` (``auto``/``crc32c``/``none``), ``max_pool_connections`` (default 64),
+``connect_timeout``/``read_timeout`` (seconds), ``multipart_copy_threshold`` and
+``copy_part_size`` (bytes; server-side copy switches to UploadPartCopy above the threshold,
+5 GiB by default: the CopyObject limit).
+
+Invariants:
+
+* No I/O at construction: the client is created on first use, once, under a lock. boto3
+  clients are thread-safe; the connection pool is sized for the worker's thread count.
+* botocore's own retries are off (one attempt): ``datasync.backends.retry`` owns retrying,
+  so it must see every ``SlowDown`` to pace the site.
+* Writer: an object that fits in one part is buffered and sent as one ``PutObject`` at
+  commit (one request; nothing durable before). Larger ones are a multipart upload whose
+  upload id is the resume token; part ``i`` is ``PartNumber i+1``; ``ListParts`` answers
+  ``durable_parts`` and supplies the ETags for ``CompleteMultipartUpload``.
+* Per-part CRC32C (``x-amz-checksum-crc32c``) is sent and verified by the server. With
+  ``checksum="auto"`` an endpoint that rejects checksum headers (older S3-compatible
+  stores) is remembered for the process and served without them; ``"crc32c"`` makes that
+  an ``Unsupported`` error instead.
+* Every SDK error passes through ``s3_errors``/``translate`` (one place); messages name the
+  object URL, never credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Self
+from urllib.parse import SplitResult
+
+from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
+from datasync.backends.cloudcommon import (
+    SmallObjectBuffer,
+    check_options,
+    join_key,
+    new_token,
+    opt_int,
+    opt_str,
+    parse_retry_after,
+    relative_key,
+    root_prefix,
+)
+from datasync.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    NotFound,
+    PermissionDenied,
+    SourceChanged,
+    StorageError,
+    Throttled,
+    TransientError,
+    Unsupported,
+)
+
+__all__ = ["S3Backend", "s3_errors", "translate"]
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+_SINGLE_PUT_PREFIX = "put:"
+
+_OPTIONS = frozenset(
+    {
+        "endpoint_url",
+        "region_name",
+        "profile",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "addressing_style",
+        "page_size",
+        "checksum",
+        "max_pool_connections",
+        "connect_timeout",
+        "read_timeout",
+        "multipart_copy_threshold",
+        "copy_part_size",
+    }
+)
+
+# Endpoints (None = AWS) known to reject checksum headers, learned at run time.
+_NO_CHECKSUM_ENDPOINTS: set[str | None] = set()
+_NO_CHECKSUM_LOCK = threading.Lock()
+
+_NOT_FOUND = {"NoSuchKey", "NoSuchUpload", "NotFound", "404", "NoSuchVersion"}
+_DENIED = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "403",
+    "401",
+}
+_THROTTLED = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "RequestThrottled",
+    "ServiceUnavailable",
+    "503",
+    "429",
+}
+_CHECKSUM_BAD = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"}
+_TRANSIENT = {"InternalError", "RequestTimeout", "RequestTimeTooSkewed", "OperationAborted"}
+_PRECONDITION = {"PreconditionFailed", "412"}
+# What S3-compatible stores answer when they do not understand x-amz-checksum-* headers.
+_CHECKSUM_UNSUPPORTED_CODES = {
+    "NotImplemented",
+    "InvalidArgument",
+    "InvalidRequest",
+    "XAmzContentSHA256Mismatch",
+    "MissingContentLength",
+    "BadRequest",
+}
+
+
+def translate(exc: BaseException, url: str) -> StorageError | None:
+    """The ``StorageError`` for a boto3/botocore exception, or None if it is not one."""
+    from botocore import exceptions as bex
+
+    if isinstance(exc, bex.ClientError):
+        err = exc.response.get("Error", {}) or {}
+        meta = exc.response.get("ResponseMetadata", {}) or {}
+        code = str(err.get("Code", "") or "")
+        status = int(meta.get("HTTPStatusCode", 0) or 0)
+        text = f"{code or status}: {err.get('Message') or 'no message'}"
+        op = getattr(exc, "operation_name", "request")
+        if code == "NoSuchBucket":
+            return NotFound(f"bucket missing: {op} failed with {text}", url=url)
+        if code in _NOT_FOUND or status == 404:
+            return NotFound(f"{op}: object not found ({text})", url=url)
+        if code in _PRECONDITION or status == 412:
+            return SourceChanged(f"{op}: object changed since it was pinned ({text})", url=url)
+        if code in _DENIED or status in (401, 403):
+            return PermissionDenied(f"{op}: access denied ({text})", url=url)
+        if code in _THROTTLED or status in (429, 503):
+            headers = meta.get("HTTPHeaders", {}) or {}
+            return Throttled(
+                f"{op}: throttled ({text})",
+                url=url,
+                retry_after=parse_retry_after(headers.get("retry-after")),
+            )
+        if code in _CHECKSUM_BAD or "checksum" in code.lower():
+            return ChecksumMismatch(f"{op}: the store rejected the data checksum ({text})", url=url)
+        if code in _TRANSIENT or status >= 500:
+            return TransientError(f"{op}: server error ({text})", url=url)
+        return StorageError(f"{op} failed: {text}", url=url)
+    if isinstance(exc, bex.FlexibleChecksumError):
+        return ChecksumMismatch(f"response checksum mismatch: {exc}", url=url)
+    if isinstance(exc, bex.ConnectionError | bex.HTTPClientError):
+        return TransientError(f"network error: {type(exc).__name__}", url=url)
+    if isinstance(
+        exc,
+        bex.NoCredentialsError
+        | bex.PartialCredentialsError
+        | bex.ProfileNotFound
+        | bex.CredentialRetrievalError,
+    ):
+        return PermissionDenied(f"no usable AWS credentials: {type(exc).__name__}", url=url)
+    if isinstance(exc, bex.MissingDependencyException):
+        return Unsupported(f"missing SDK dependency: {exc}", url=url)
+    if isinstance(exc, bex.BotoCoreError):
+        return StorageError(f"S3 client error: {type(exc).__name__}: {exc}", url=url)
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return TransientError(f"network error: {type(exc).__name__}", url=url)
+    try:
+        from urllib3.exceptions import HTTPError as Urllib3Error
+    except ImportError:  # pragma: no cover - urllib3 ships with botocore
+        return None
+    if isinstance(exc, Urllib3Error):
+        return TransientError(f"network error: {type(exc).__name__}", url=url)
+    return None
+
+
+@contextmanager
+def s3_errors(url: str) -> Iterator[None]:
+    """The one place boto3/botocore errors become ``StorageError``s (chained with ``from``)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        mapped = translate(exc, url)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+def _error_code(exc: BaseException) -> tuple[str, int]:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return "", 0
+    code = str((response.get("Error") or {}).get("Code", "") or "")
+    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def _rejects_checksum(exc: BaseException) -> bool:
+    """True when an S3-compatible store refused our checksum headers (not a bad digest)."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    code, status = _error_code(exc)
+    return code in _CHECKSUM_UNSUPPORTED_CODES or status == 501
+
+
+def _crc32c_b64(data: bytes | memoryview) -> str:
+    from awscrt import checksums  # type: ignore[import-untyped]  # releases the GIL, takes views
+
+    return base64.b64encode(checksums.crc32c(data).to_bytes(4, "big")).decode("ascii")
+
+
+def _strip_etag(etag: str | None) -> str | None:
+    return etag.strip('"') if etag else etag
+
+
+def _quote_etag(etag: str) -> str:
+    return etag if etag.startswith('"') or etag == "*" else f'"{etag}"'
+
+
+class S3Backend:
+    """A bucket (and optional prefix) on S3 or an S3-compatible endpoint."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        profile: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        aws_session_token: str | None = None,
+        addressing_style: str | None = None,
+        page_size: int = 1000,
+        checksum: str = "auto",
+        max_pool_connections: int = 64,
+        connect_timeout: int = 10,
+        read_timeout: int = 120,
+        multipart_copy_threshold: int = 5 * GiB,
+        copy_part_size: int = 512 * MiB,
+    ) -> None:
+        if len(bucket) < 3:
+            raise ConfigError(f"S3 bucket name {bucket!r} is too short (3 characters minimum)")
+        if checksum not in ("auto", "crc32c", "none"):
+            raise ConfigError(f"checksum must be auto, crc32c or none, not {checksum!r}")
+        if addressing_style not in (None, "auto", "path", "virtual"):
+            raise ConfigError(f"addressing_style must be auto, path or virtual: {addressing_style}")
+        self.bucket = bucket
+        self.prefix = root_prefix(prefix)
+        self.endpoint_url = endpoint_url
+        self.page_size = page_size
+        self.checksum = checksum
+        self.multipart_copy_threshold = multipart_copy_threshold
+        self.copy_part_size = copy_part_size
+        self._session_args = {
+            "profile_name": profile,
+            "aws_access_key_id": aws_access_key_id,
+            "aws_secret_access_key": aws_secret_access_key,
+            "aws_session_token": aws_session_token,
+            "region_name": region_name,
+        }
+        self._config_args: dict[str, Any] = {
+            "max_pool_connections": max_pool_connections,
+            "connect_timeout": connect_timeout,
+            "read_timeout": read_timeout,
+            "retries": {"mode": "standard", "total_max_attempts": 1},
+            # We send checksums ourselves; SDK-default trailers break S3-compatible stores.
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+            "s3": {"addressing_style": addressing_style or "auto"},
+        }
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._bucket_seen = False
+
+    @classmethod
+    def from_url(cls, parsed: SplitResult, options: Mapping[str, Any]) -> Self:
+        url = f"s3://{parsed.netloc}{parsed.path}"
+        check_options(options, _OPTIONS, url)
+        if not parsed.netloc:
+            raise ConfigError(f"{url}: missing bucket name (s3://bucket/prefix)")
+        strs = {
+            name: opt_str(options, name)
+            for name in (
+                "endpoint_url",
+                "region_name",
+                "profile",
+                "aws_access_key_id",
+                "aws_secret_access_key",
+                "aws_session_token",
+                "addressing_style",
+            )
+        }
+        return cls(
+            parsed.netloc,
+            parsed.path,
+            **strs,
+            page_size=opt_int(options, "page_size", 1000),
+            checksum=opt_str(options, "checksum") or "auto",
+            max_pool_connections=opt_int(options, "max_pool_connections", 64),
+            connect_timeout=opt_int(options, "connect_timeout", 10),
+            read_timeout=opt_int(options, "read_timeout", 120),
+            multipart_copy_threshold=opt_int(options, "multipart_copy_threshold", 5 * GiB),
+            copy_part_size=opt_int(options, "copy_part_size", 512 * MiB, minimum=5 * MiB),
+        )
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def _url(self, key: str) -> str:
+        return join_url(self.url, key)
+
+    def _name(self, key: str) -> str:
+        return join_key(self.prefix, check_key(key))
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client, created on first use (reads credentials, no network I/O)."""
+        if self._client is None:
+            with self._client_lock, s3_errors(self.url):
+                if self._client is None:
+                    import boto3
+                    from botocore.config import Config
+
+                    session = boto3.session.Session(**self._session_args)
+                    self._client = session.client(
+                        "s3", endpoint_url=self.endpoint_url, config=Config(**self._config_args)
+                    )
+        return self._client
+
+    def use_checksums(self) -> bool:
+        """Whether parts are sent with CRC32C for this endpoint (may turn False at run time)."""
+        if self.checksum == "none":
+            return False
+        with _NO_CHECKSUM_LOCK:
+            return self.endpoint_url not in _NO_CHECKSUM_ENDPOINTS
+
+    def _checksum_rejected(self, exc: BaseException, url: str) -> None:
+        """Remember that this endpoint refuses checksums, or fail if they are required."""
+        if self.checksum == "crc32c":
+            raise Unsupported(
+                "endpoint rejects x-amz-checksum-crc32c (set checksum='auto' or 'none')", url=url
+            ) from exc
+        with _NO_CHECKSUM_LOCK:
+            _NO_CHECKSUM_ENDPOINTS.add(self.endpoint_url)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            server_side_copy=True,
+            native_checksums=("crc32c",) if self.use_checksums() else (),
+            conditional_read=True,
+            lists_parts=True,
+            min_part_size=5 * MiB,
+            max_part_size=5 * GiB,
+            max_parts=10_000,
+        )
+
+    def _missing(self, exc: NotFound, url: str) -> StorageError:
+        """A 404 on HEAD has no body: say whether it is the bucket that is missing."""
+        if not self._bucket_seen:
+            try:
+                with s3_errors(url):
+                    self.client.head_bucket(Bucket=self.bucket)
+                self._bucket_seen = True
+            except NotFound:
+                return NotFound(f"bucket missing: s3://{self.bucket} does not exist", url=url)
+        return exc
+
+    # -- reading ----------------------------------------------------------------------
+
+    def stat(self, key: str) -> ObjectInfo:
+        url = self._url(key)
+        try:
+            with s3_errors(url):
+                head = self.client.head_object(Bucket=self.bucket, Key=self._name(key))
+        except NotFound as exc:
+            raise self._missing(exc, url) from exc
+        return ObjectInfo(
+            key=key,
+            size=int(head["ContentLength"]),
+            etag=_strip_etag(head.get("ETag")),
+            mtime=head["LastModified"].timestamp() if head.get("LastModified") else None,
+        )
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        with s3_errors(self._url(prefix)):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket,
+                Prefix=join_key(self.prefix, prefix),
+                PaginationConfig={"PageSize": self.page_size},
+            )
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    yield ObjectInfo(
+                        key=relative_key(self.prefix, obj["Key"]),
+                        size=int(obj["Size"]),
+                        etag=_strip_etag(obj.get("ETag")),
+                        mtime=obj["LastModified"].timestamp() if obj.get("LastModified") else None,
+                    )
+
+    def read_range(self, key: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range offset={offset} length={length}")
+        url = self._url(key)
+        if length == 0:
+            self._check_pin(key, etag)
+            return b""
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._name(key),
+            "Range": f"bytes={offset}-{offset + length - 1}",
+        }
+        if etag:
+            args["IfMatch"] = _quote_etag(etag)
+        try:
+            with s3_errors(url):
+                try:
+                    response = self.client.get_object(**args)
+                except Exception as exc:
+                    if _error_code(exc)[0] == "InvalidRange":  # offset >= size
+                        info = self._check_pin(key, etag)
+                        if offset >= info.size:
+                            return b""
+                    raise
+                data: bytes = response["Body"].read()
+        except NotFound as exc:
+            raise self._missing(exc, url) from exc
+        return data
+
+    def _check_pin(self, key: str, etag: str | None) -> ObjectInfo:
+        info = self.stat(key)
+        if etag and info.etag != _strip_etag(etag):
+            raise SourceChanged(
+                f"object changed since it was pinned (etag {etag} -> {info.etag})",
+                url=self._url(key),
+            )
+        return info
+
+    # -- writing ----------------------------------------------------------------------
+
+    def begin(
+        self, key: str, size: int, part_size: int, *, token: str | None = None
+    ) -> _S3SingleWriter | _S3MultipartWriter:
+        check_key(key)
+        layout = PartLayout(size, part_size)
+        n = layout.count
+        single = token.startswith(_SINGLE_PUT_PREFIX) if token is not None else n <= 1
+        if single:
+            if n > 1:
+                raise ValueError(f"token {token} is for a single-part object, size is {size}")
+            return _S3SingleWriter(self, key, layout, token or _SINGLE_PUT_PREFIX + new_token())
+        caps = self.capabilities
+        if n > caps.max_parts or part_size > caps.max_part_size or part_size < caps.min_part_size:
+            raise Unsupported(
+                f"S3 multipart needs 5 MiB <= part_size <= 5 GiB and <= 10,000 parts "
+                f"(size {size}, part_size {part_size})",
+                url=self._url(key),
+            )
+        if token is not None:
+            writer = _S3MultipartWriter(self, key, layout, token, checksum=None)
+            writer.uses_checksum()  # NotFound now if the upload was aborted or completed
+            return writer
+        return self._create_multipart(key, layout)
+
+    def _create_multipart(self, key: str, layout: PartLayout) -> _S3MultipartWriter:
+        url = self._url(key)
+        with s3_errors(url):
+            if self.use_checksums():
+                try:
+                    upload = self.client.create_multipart_upload(
+                        Bucket=self.bucket, Key=self._name(key), ChecksumAlgorithm="CRC32C"
+                    )
+                    return _S3MultipartWriter(self, key, layout, upload["UploadId"], checksum=True)
+                except Exception as exc:
+                    if not _rejects_checksum(exc):
+                        raise
+                    self._checksum_rejected(exc, url)
+            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._name(key))
+            return _S3MultipartWriter(self, key, layout, upload["UploadId"], checksum=False)
+
+    def put_object(self, key: str, data: bytes) -> ObjectInfo:
+        """One-request upload (used by small writers), with CRC32C where accepted."""
+        url = self._url(key)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._name(key), "Body": data}
+        with s3_errors(url):
+            response = None
+            if self.use_checksums():
+                try:
+                    response = self.client.put_object(**args, ChecksumCRC32C=_crc32c_b64(data))
+                except Exception as exc:
+                    if not _rejects_checksum(exc):
+                        raise
+                    self._checksum_rejected(exc, url)
+            if response is None:
+                self.client.put_object(**args)
+        return self.stat(key)
+
+    def delete(self, key: str) -> None:
+        with s3_errors(self._url(key)):
+            self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
+
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        src = self.stat(src_key)
+        url = self._url(dst_key)
+        source = {"Bucket": self.bucket, "Key": self._name(src_key)}
+        pin = _quote_etag(src.etag) if src.etag else None
+        pin_args = {"CopySourceIfMatch": pin} if pin else {}
+        if src.size <= self.multipart_copy_threshold:
+            with s3_errors(url):
+                self.client.copy_object(
+                    Bucket=self.bucket, Key=self._name(dst_key), CopySource=source, **pin_args
+                )
+            return self.stat(dst_key)
+        return self._copy_multipart(source, src, dst_key, pin_args)
+
+    def _copy_multipart(
+        self, source: dict[str, str], src: ObjectInfo, dst_key: str, pin_args: dict[str, str]
+    ) -> ObjectInfo:
+        """UploadPartCopy for objects above the CopyObject limit (5 GiB on AWS)."""
+        url = self._url(dst_key)
+        layout = PartLayout(src.size, max(self.copy_part_size, -(-src.size // 10_000)))
+        with s3_errors(url):
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=self._name(dst_key)
+            )["UploadId"]
+            try:
+                parts = []
+                for index in range(layout.count):
+                    start = layout.offset(index)
+                    end = start + layout.length(index) - 1
+                    result = self.client.upload_part_copy(
+                        Bucket=self.bucket,
+                        Key=self._name(dst_key),
+                        UploadId=upload_id,
+                        PartNumber=index + 1,
+                        CopySource=source,
+                        CopySourceRange=f"bytes={start}-{end}",
+                        **pin_args,
+                    )
+                    parts.append(
+                        {"PartNumber": index + 1, "ETag": result["CopyPartResult"]["ETag"]}
+                    )
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=self._name(dst_key),
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            except BaseException:
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self._name(dst_key), UploadId=upload_id
+                )
+                raise
+        return self.stat(dst_key)
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+class _S3SingleWriter:
+    """Objects of at most one part: buffered, one PutObject at commit."""
+
+    def __init__(self, backend: S3Backend, key: str, layout: PartLayout, token: str):
+        self._backend = backend
+        self._key = key
+        self._token = token
+        self._buffer = SmallObjectBuffer(layout)
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    def put_part(self, index: int, data: bytes | memoryview) -> None:
+        self._buffer.put(index, data)
+
+    def durable_parts(self) -> set[int]:
+        return set()
+
+    def commit(self) -> ObjectInfo:
+        return self._backend.put_object(self._key, self._buffer.take())
+
+    def abort(self) -> None:
+        pass
+
+
+class _S3MultipartWriter:
+    """A multipart upload; the upload id is the resume token."""
+
+    def __init__(
+        self,
+        backend: S3Backend,
+        key: str,
+        layout: PartLayout,
+        upload_id: str,
+        *,
+        checksum: bool | None,
+    ) -> None:
+        self._b = backend
+        self._key = key
+        self._name = backend._name(key)
+        self._url = backend._url(key)
+        self._layout = layout
+        self._upload_id = upload_id
+        # None: resumed upload, learn from ListParts whether it was created with CRC32C.
+        self._checksum = checksum
+        self._lock = threading.Lock()
+
+    @property
+    def token(self) -> str:
+        return self._upload_id
+
+    def uses_checksum(self) -> bool:
+        with self._lock:
+            if self._checksum is not None:
+                return self._checksum
+        with s3_errors(self._url):
+            page = self._b.client.list_parts(
+                Bucket=self._b.bucket, Key=self._name, UploadId=self._upload_id, MaxParts=1
+            )
+        with self._lock:
+            self._checksum = bool(page.get("ChecksumAlgorithm")) and self._b.use_checksums()
+            return self._checksum
+
+    def put_part(self, index: int, data: bytes | memoryview) -> None:
+        self._layout.check(index, len(data))
+        body = bytes(data) if isinstance(data, memoryview) else data  # botocore wants bytes
+        args: dict[str, Any] = {
+            "Bucket": self._b.bucket,
+            "Key": self._name,
+            "UploadId": self._upload_id,
+            "PartNumber": index + 1,
+            "Body": body,
+            "ContentLength": len(body),
+        }
+        with s3_errors(self._url):
+            if self.uses_checksum():
+                try:
+                    self._b.client.upload_part(**args, ChecksumCRC32C=_crc32c_b64(body))
+                    return
+                except Exception as exc:
+                    if not _rejects_checksum(exc):
+                        raise
+                    self._b._checksum_rejected(exc, self._url)
+                    with self._lock:
+                        self._checksum = False
+            self._b.client.upload_part(**args)
+
+    def _parts(self) -> dict[int, dict[str, Any]]:
+        """Parts the store holds with the expected length, by 0-based index."""
+        found: dict[int, dict[str, Any]] = {}
+        n = self._layout.count
+        with s3_errors(self._url):
+            pages = self._b.client.get_paginator("list_parts").paginate(
+                Bucket=self._b.bucket, Key=self._name, UploadId=self._upload_id
+            )
+            for page in pages:
+                for part in page.get("Parts", ()):
+                    index = int(part["PartNumber"]) - 1
+                    if 0 <= index < n and part["Size"] == self._layout.length(index):
+                        found[index] = part
+        return found
+
+    def durable_parts(self) -> set[int]:
+        return set(self._parts())
+
+    def commit(self) -> ObjectInfo:
+        parts = self._parts()
+        n = self._layout.count
+        missing = sorted(set(range(n)) - set(parts))
+        if missing:
+            raise StorageError(
+                f"cannot commit: {len(missing)} of {n} parts missing (first: {missing[0]})",
+                url=self._url,
+            )
+        listed = []
+        for index in range(n):
+            entry = {"PartNumber": index + 1, "ETag": parts[index]["ETag"]}
+            if parts[index].get("ChecksumCRC32C"):
+                entry["ChecksumCRC32C"] = parts[index]["ChecksumCRC32C"]
+            listed.append(entry)
+        with s3_errors(self._url):
+            self._b.client.complete_multipart_upload(
+                Bucket=self._b.bucket,
+                Key=self._name,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": listed},
+            )
+        return self._b.stat(self._key)
+
+    def abort(self) -> None:
+        try:
+            with s3_errors(self._url):
+                self._b.client.abort_multipart_upload(
+                    Bucket=self._b.bucket, Key=self._name, UploadId=self._upload_id
+                )
+        except NotFound:
+            pass  # already aborted or completed: abort is idempotent

@@ -1,0 +1,356 @@
+"""The ``datasync`` command line: thin typer commands over ``DatasyncService``.
+
+Every command takes ``--json`` and then prints exactly one JSON document on stdout.
+Errors never show a traceback: a ``DatasyncError`` prints ``datasync: error: <message>``
+on stderr and exits 2 for bad input (``UserError``) or 1 for anything else.
+The progress bar appears only when stdout is a terminal and ``--json`` is off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from datasync import __version__
+from datasync.bootstrap import App, bootstrap
+from datasync.errors import DatasyncError, UserError
+from datasync.service import DiffResult, RegisterResult, VersionInfo
+
+__all__ = ["app", "main", "parse_size"]
+
+app = typer.Typer(
+    name="datasync",
+    help="Verified, content-addressed dataset versions and replication.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str) -> int:
+    """``64MiB``, ``64M`` and ``64mib`` are 64 * 2**20; ``64MB`` is 64 * 10**6; plain bytes."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise UserError(f"bad size {text!r}: use bytes or a unit like 64MiB, 1GiB, 512KiB")
+    number, unit, suffix = match.groups()
+    power = _POWERS[unit.lower()]
+    decimal = suffix.lower() == "b" and unit != ""
+    return int(number) * (1000 if decimal else 1024) ** power
+
+
+# ----------------------------------------------------------------- plumbing
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"datasync: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn every datasync error into one line on stderr and an exit code."""
+    try:
+        yield
+    except UserError as exc:
+        raise _fail(exc.message, 2) from None
+    except DatasyncError as exc:
+        raise _fail(exc.message, 1) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; nothing was registered", 130) from None
+
+
+@contextmanager
+def _application() -> Iterator[App]:
+    with _errors(), bootstrap() as application:
+        yield application
+
+
+def _print_json(value: BaseModel | list[Any] | dict[str, Any]) -> None:
+    data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _describe(v: VersionInfo) -> str:
+    labels = f"  [{', '.join(v.labels)}]" if v.labels else ""
+    unverified = "  (unverified)" if not v.verified else ""
+    return (
+        f"{v.dataset}@{v.version_id}\n"
+        f"  files {v.files:,}  bytes {v.bytes:,} ({_human_bytes(v.bytes)})  "
+        f"chunk size {_human_bytes(v.chunk_size)}  created {v.created_at}{labels}{unverified}"
+    )
+
+
+class _RichProgress:
+    """The ``Progress`` protocol drawn as one rich bar: files, bytes/s and ETA."""
+
+    def __init__(self, console: Console) -> None:
+        self._bar = Progress(
+            TextColumn("[bold]hashing"),
+            BarColumn(),
+            TextColumn("{task.fields[files]:,}/{task.fields[total_files]:,} files"),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self._task: Any = None
+        self._files = 0
+
+    def start(self, files: int, nbytes: int) -> None:
+        self._bar.start()
+        self._task = self._bar.add_task("scan", total=nbytes, files=0, total_files=files)
+
+    def advance(self, files: int, nbytes: int) -> None:
+        self._files += files
+        self._bar.update(self._task, advance=nbytes, files=self._files)
+
+    def finish(self) -> None:
+        self._bar.stop()
+
+
+# ----------------------------------------------------------------- commands
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"datasync {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Register dataset versions and inspect them. Config: $DATASYNC_HOME/datasync.toml."""
+
+
+@app.command()
+def register(
+    dataset: Annotated[str, typer.Argument(help="Dataset name, e.g. drive/tokyo-urban.")],
+    source: Annotated[
+        str | None,
+        typer.Argument(help="A local directory, or a producer manifest (.jsonl)."),
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option("--manifest", help="Register this producer manifest (JSON Lines)."),
+    ] = None,
+    label: Annotated[str | None, typer.Option("--label", "-l", help="Also set this label.")] = None,
+    chunk_size: Annotated[
+        str | None, typer.Option("--chunk-size", help="Chunk size, e.g. 64MiB (default 64MiB).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a new version of DATASET from a directory or a producer manifest."""
+    with _errors():
+        if (source is None) == (manifest is None):
+            raise UserError("give exactly one SOURCE: a directory, or --manifest FILE.jsonl")
+        chunk = parse_size(chunk_size) if chunk_size is not None else None
+    with _application() as application:
+        console = Console()
+        progress = _RichProgress(console) if console.is_terminal and not as_json else None
+        service = application.service
+        if manifest is not None:
+            if chunk is not None:
+                raise UserError("--chunk-size does not apply to a producer manifest")
+            result: RegisterResult = service.register_manifest(dataset, manifest, label=label)
+        else:
+            assert source is not None
+            result = service.register(
+                dataset, source, label=label, chunk_size=chunk, progress=progress
+            )
+    if as_json:
+        _print_json(result)
+        return
+    verb = "registered" if result.created else "unchanged, already registered as"
+    typer.echo(f"{verb} {_describe(result)}")
+
+
+@app.command()
+def datasets(as_json: JsonOpt = False) -> None:
+    """List datasets."""
+    with _application() as application:
+        names = application.service.list_datasets()
+    if as_json:
+        _print_json(names)
+        return
+    for name in names:
+        typer.echo(name)
+
+
+@app.command()
+def versions(
+    dataset: Annotated[str, typer.Argument(help="Dataset name.")], as_json: JsonOpt = False
+) -> None:
+    """List the versions of DATASET, newest first."""
+    with _application() as application:
+        found = application.service.list_versions(dataset)
+    if as_json:
+        _print_json([v.model_dump(mode="json") for v in found])
+        return
+    table = Table("version id", "created", "files", "bytes", "labels", "verified")
+    for v in found:
+        table.add_row(
+            v.version_id[:16],
+            v.created_at,
+            f"{v.files:,}",
+            _human_bytes(v.bytes),
+            ", ".join(v.labels),
+            "yes" if v.verified else "no",
+        )
+    Console(width=max(120, Console().width)).print(table)
+
+
+@app.command()
+def show(
+    ref: Annotated[str, typer.Argument(help="DATASET@REF: a label, a version id or id prefix.")],
+    files: Annotated[bool, typer.Option("--files", help="Also list every file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a version (and, with --files, its files in canonical order)."""
+    with _application() as application:
+        info = application.service.show(ref)
+        listing = application.service.iter_files(ref) if files else None
+        if as_json:
+            # Stream the file list: a million entries must not be held in memory.
+            head = json.dumps(info.model_dump(mode="json"), ensure_ascii=False)
+            if listing is None:
+                sys.stdout.write(head + "\n")
+                return
+            sys.stdout.write(head[:-1] + ', "files": [')
+            for i, f in enumerate(listing):
+                sys.stdout.write(("," if i else "") + f.model_dump_json())
+            sys.stdout.write("]}\n")
+            return
+        typer.echo(_describe(info))
+        for f in listing or ():
+            typer.echo(f"{f.size:>14,}  {f.digest}  {f.path}")
+
+
+@app.command()
+def diff(
+    ref_a: Annotated[str, typer.Argument(help="The older version, DATASET@REF.")],
+    ref_b: Annotated[str, typer.Argument(help="The newer version, DATASET@REF.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show files added, removed and changed from REF_A to REF_B."""
+    with _application() as application:
+        result: DiffResult = application.service.diff(ref_a, ref_b)
+    if as_json:
+        _print_json(result)
+        return
+    typer.echo(f"--- {result.old.ref}\n+++ {result.new.ref}")
+    for c in result.added:
+        typer.echo(f"A {c.path}  ({c.new_size:,} bytes)")
+    for c in result.removed:
+        typer.echo(f"D {c.path}  ({c.old_size:,} bytes)")
+    for c in result.changed:
+        typer.echo(f"M {c.path}  ({c.old_size:,} -> {c.new_size:,} bytes)")
+    typer.echo(
+        f"{len(result.added)} added, {len(result.removed)} removed, "
+        f"{len(result.changed)} changed"
+    )
+
+
+@app.command()
+def label(
+    ref: Annotated[str, typer.Argument(help="DATASET@REF to point the label at.")],
+    name: Annotated[str, typer.Argument(help="The label, e.g. v3 or 2026-11-20.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Point label NAME of the dataset at the version REF resolves to (moves it if set)."""
+    with _application() as application:
+        info = application.service.set_label(ref, name)
+    if as_json:
+        _print_json(info)
+        return
+    typer.echo(f"{info.dataset}@{name} -> {info.version_id}")
+
+
+@app.command()
+def export(
+    ref: Annotated[str, typer.Argument(help="DATASET@REF to export.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the canonical manifest (JSON Lines) of a version; its sha256 is the id."""
+    with _application() as application:
+        if output is None:
+            if as_json:
+                raise UserError("--json needs --output FILE (stdout carries the manifest)")
+            application.service.export(ref, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+        try:
+            with tmp.open("wb") as out:
+                result = application.service.export(ref, out)
+            tmp.replace(output)  # readers never see a half-written manifest
+        except OSError as exc:
+            raise UserError(f"cannot write {output}: {exc.strerror}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+    if as_json:
+        _print_json({**result.model_dump(mode="json"), "output": str(output)})
+        return
+    typer.echo(f"wrote {result.bytes_written:,} bytes to {output} ({result.version.ref})")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8750,
+) -> None:
+    """Serve the HTTP API (/api/v1, OpenAPI at /docs) until interrupted."""
+    import uvicorn  # deferred: only this command needs the web server
+
+    from datasync.api.app import create_app
+
+    with _application() as application:
+        uvicorn.run(create_app(application), host=host, port=port, log_level="info")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,84 @@
+"""Names and references: dataset names, label names and ``DATASET@REF`` parsing.
+
+* A dataset name is 1 to 3 ``/``-separated segments of ``[a-z0-9._-]``, each starting with
+  a letter or digit (``drive/tokyo-urban``). The first segment is the namespace.
+* A label is 1 to 128 characters of ``[A-Za-z0-9._-]`` starting with a letter or digit, and
+  is not a full 64-hex id (a label must never shadow a version id).
+* ``DATASET@REF``: REF is tried as a label first, then as a full id, then as a unique id
+  prefix of at least ``MIN_PREFIX`` hex digits. ``DATASET`` alone means ``DATASET@latest``.
+
+Pure functions; resolution against the database lives in ``datasync.manifest.store``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from datasync.errors import UnknownReference, UserError
+
+__all__ = [
+    "LATEST",
+    "MIN_PREFIX",
+    "Ref",
+    "check_dataset_name",
+    "check_label",
+    "is_id_prefix",
+    "parse_ref",
+]
+
+LATEST = "latest"
+MIN_PREFIX = 4
+MAX_DATASET_SEGMENTS = 3
+
+_SEGMENT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    dataset: str
+    ref: str
+
+    def __str__(self) -> str:
+        return f"{self.dataset}@{self.ref}"
+
+
+def check_dataset_name(name: str) -> str:
+    """Return ``name`` if valid, else raise ``UserError`` saying what is wrong."""
+    segments = name.split("/")
+    if not name or len(segments) > MAX_DATASET_SEGMENTS or not all(
+        _SEGMENT_RE.match(s) for s in segments
+    ):
+        raise UserError(
+            f"invalid dataset name {name!r}: use 1-{MAX_DATASET_SEGMENTS} '/'-separated "
+            "segments of lowercase letters, digits, '.', '_' or '-', each starting with a "
+            "letter or digit (e.g. drive/tokyo-urban)"
+        )
+    return name
+
+
+def check_label(label: str) -> str:
+    if not _LABEL_RE.match(label) or (len(label) == 64 and _HEX_RE.match(label)):
+        raise UserError(
+            f"invalid label {label!r}: use up to 128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, and not a 64-hex version id"
+        )
+    return label
+
+
+def is_id_prefix(ref: str) -> bool:
+    return MIN_PREFIX <= len(ref) <= 64 and bool(_HEX_RE.match(ref))
+
+
+def parse_ref(text: str) -> Ref:
+    """Split ``DATASET@REF`` (``DATASET`` alone means ``@latest``) and validate both parts."""
+    dataset, sep, ref = text.partition("@")
+    if sep and not ref:
+        raise UnknownReference(f"empty reference in {text!r}: expected DATASET@LABEL or @ID")
+    check_dataset_name(dataset)
+    ref = ref or LATEST
+    if not (_LABEL_RE.match(ref) or is_id_prefix(ref)):
+        raise UnknownReference(f"{text!r}: {ref!r} is neither a label nor a version id")
+    return Ref(dataset, ref)

@@ -1,0 +1,377 @@
+"""Scan a local directory tree into manifest entries, in canonical order, with bounded memory.
+
+Order: each directory's children are sorted by the UTF-8 bytes of their NFC name, with
+``/`` appended to directory names, and visited depth-first. That is exactly ascending
+bytewise order of the full paths (``a.txt`` < ``a/x`` because ``.`` < ``/``), so the
+stream can go straight into ``VersionIdBuilder`` without a global sort. Only one
+directory listing per level of depth is held in memory, plus a bounded window of files
+being hashed.
+
+Policy (see ``docs/manifest-format.md``):
+
+* Regular files are recorded; empty directories are not (a manifest lists files).
+* A symlink whose target resolves to a regular file inside the root is recorded as a
+  file with the target's bytes, under the link's own path. Symlinks to directories are
+  rejected (cycles, and the same subtree under two names), as are links that escape the
+  root, dangling or looping links, and links to special files.
+* Sockets, FIFOs and devices are rejected (``UnsupportedFileType``).
+* Names that are not valid UTF-8, hold control characters, or are NFC twins of a sibling
+  are rejected (``InvalidPath``), naming the directory and both spellings.
+* A file that changes while it is hashed (size, mtime or ctime moved) raises
+  ``SourceChanged``: the digest would describe no real state of the file.
+
+Hashing runs on a bounded thread pool; entries are yielded in walk order regardless of
+which finishes first. Files are opened with ``O_NOFOLLOW`` (a file swapped for a
+symlink after listing fails) and ``O_NONBLOCK`` (a file swapped for a FIFO cannot hang
+the scan), and checked with ``fstat`` before reading.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from datasync.errors import (
+    DatasyncError,
+    InvalidManifest,
+    InvalidPath,
+    NotFound,
+    PermissionDenied,
+    SourceChanged,
+    StorageError,
+    UnsupportedFileType,
+)
+from datasync.manifest.canonical import check_chunk_size
+from datasync.manifest.hashing import DEFAULT_BUFFER_SIZE, hash_fd
+from datasync.manifest.paths import normalize_name, normalize_path
+from datasync.manifest.statcache import StatCache
+from datasync.models import MAX_FILE_SIZE, FileEntry
+
+__all__ = ["ProgressCallback", "scan_directory", "scan_total"]
+
+ProgressCallback = Callable[[int, int], None]
+
+_PROGRESS_INTERVAL_S: Final = 0.1
+_WINDOW_PER_WORKER: Final = 8
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    rel: str  # normalized manifest path
+    path: str  # where it was found (the link itself for symlinks)
+    open_path: str  # what to open: path, or the resolved target of a symlink
+    follow: bool  # True for a symlink to a file
+    ident: tuple[int, int] | None  # (dev, ino) of a symlink's target at walk time
+
+
+def _describe_mode(mode: int) -> str:
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return f"an unsupported file type (mode {mode:o})"
+
+
+def _os_error(exc: OSError, path: str) -> DatasyncError:
+    """Translate an OSError met while scanning into the project's tree."""
+    if isinstance(exc, PermissionError):
+        return PermissionDenied(f"cannot read {path}: permission denied")
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(f"{path} disappeared while the tree was being scanned")
+    if exc.errno == errno.ELOOP:
+        return SourceChanged(f"{path} was replaced by a symlink while the tree was being scanned")
+    return StorageError(f"cannot read {path}: {exc.strerror or exc}")
+
+
+class _Walker:
+    """Depth-first walk in canonical order; yields files, raises on anything rejected."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.root_prefix = root.rstrip(os.sep) + os.sep
+
+    def _inside(self, target: str) -> bool:
+        return target == self.root or target.startswith(self.root_prefix)
+
+    def _symlink(self, entry: os.DirEntry[str], rel: str) -> _Item:
+        try:
+            link = os.readlink(entry.path)
+        except OSError as exc:
+            raise _os_error(exc, entry.path) from exc
+        target = os.path.realpath(entry.path)
+        if not self._inside(target):
+            raise UnsupportedFileType(
+                f"symlink {rel!r} -> {link!r} points outside the root {self.root}; "
+                "copy the file into the tree or remove the link"
+            )
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            raise UnsupportedFileType(f"symlink {rel!r} -> {link!r} is dangling") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsupportedFileType(f"symlink {rel!r} -> {link!r} is a loop") from None
+            raise _os_error(exc, entry.path) from exc
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsupportedFileType(
+                f"symlink {rel!r} -> {link!r} points to a directory; directory links are "
+                "not followed (they allow cycles and duplicate subtrees)"
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsupportedFileType(
+                f"symlink {rel!r} -> {link!r} points to {_describe_mode(st.st_mode)}"
+            )
+        return _Item(rel, entry.path, target, True, (st.st_dev, st.st_ino))
+
+    def _children(self, directory: str, prefix: str) -> list[tuple[bytes, str, os.DirEntry[str]]]:
+        """One directory's entries as (sort key, normalized rel path, entry), sorted."""
+        where = prefix.rstrip("/") or "."
+        seen: dict[str, str] = {}
+        out: list[tuple[bytes, str, os.DirEntry[str]]] = []
+        try:
+            with os.scandir(directory) as it:
+                for entry in it:
+                    try:
+                        name = normalize_name(entry.name)
+                        rel = normalize_path(prefix + name)
+                    except InvalidPath as exc:
+                        raise InvalidPath(f"in directory {where!r}: {exc}") from None
+                    twin = seen.get(name)
+                    if twin is not None:
+                        raise InvalidPath(
+                            f"in directory {where!r}: {twin!r} and {entry.name!r} are the same "
+                            "name after Unicode NFC normalization; rename one of them"
+                        )
+                    seen[name] = entry.name
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    key = (name + "/" if is_dir else name).encode("utf-8")
+                    out.append((key, rel, entry))
+        except OSError as exc:
+            raise _os_error(exc, directory) from exc
+        out.sort(key=lambda t: t[0])
+        return out
+
+    def __iter__(self) -> Iterator[_Item]:
+        stack = [iter(self._children(self.root, ""))]
+        while stack:
+            child = next(stack[-1], None)
+            if child is None:
+                stack.pop()
+                continue
+            _, rel, entry = child
+            try:
+                if entry.is_symlink():
+                    yield self._symlink(entry, rel)
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(iter(self._children(entry.path, rel + "/")))
+                elif entry.is_file(follow_symlinks=False):
+                    yield _Item(rel, entry.path, entry.path, False, None)
+                else:
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                    raise UnsupportedFileType(
+                        f"{rel!r} is {_describe_mode(mode)}; only regular files can be registered"
+                    )
+            except OSError as exc:
+                raise _os_error(exc, entry.path) from exc
+
+
+class _Progress:
+    """Byte counter shared by hashing threads; files are counted by the consumer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
+
+
+def _hash_item(
+    item: _Item,
+    chunk_size: int,
+    cache: StatCache | None,
+    hash_threads: int,
+    buffer_size: int,
+    progress: _Progress,
+) -> FileEntry:
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if item.follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(item.open_path, flags)
+    except OSError as exc:
+        raise _os_error(exc, item.path) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsupportedFileType(
+                f"{item.rel!r} is {_describe_mode(st.st_mode)}; only regular files can be "
+                "registered"
+            )
+        if item.ident is not None and (st.st_dev, st.st_ino) != item.ident:
+            raise SourceChanged(f"symlink {item.rel!r} was retargeted while it was being scanned")
+        if st.st_size > MAX_FILE_SIZE:
+            raise InvalidManifest(
+                f"{item.rel!r} is {st.st_size} bytes, more than the {MAX_FILE_SIZE}-byte limit"
+            )
+        if cache is not None:
+            hit = cache.lookup(item.path, st, chunk_size)
+            if hit is not None:
+                progress.add(st.st_size)
+                return FileEntry(item.rel, st.st_size, hit[0], hit[1])
+        started = time.time_ns()
+        if st.st_size > buffer_size and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        result = hash_fd(
+            fd,
+            chunk_size,
+            buffer_size=buffer_size,
+            threads=hash_threads,
+            size_hint=st.st_size,
+            on_bytes=progress.add,
+        )
+        after = os.fstat(fd)
+    except OSError as exc:
+        raise _os_error(exc, item.path) from exc
+    finally:
+        os.close(fd)
+    if (
+        result.size != st.st_size
+        or after.st_size != st.st_size
+        or after.st_mtime_ns != st.st_mtime_ns
+        or after.st_ctime_ns != st.st_ctime_ns
+    ):
+        raise SourceChanged(
+            f"{item.rel!r} changed while it was being hashed ({st.st_size} bytes before, "
+            f"{result.size} read); register again once it is stable"
+        )
+    if cache is not None:
+        cache.store(item.path, st, chunk_size, result.digest, result.chunks, hashed_at_ns=started)
+    return FileEntry(item.rel, result.size, result.digest, result.chunks)
+
+
+def _resolve_root(root: Path) -> str:
+    real = os.path.realpath(root)
+    if not os.path.isdir(real):
+        raise InvalidPath(f"{root} is not a directory")
+    return real
+
+
+def scan_directory(
+    root: Path,
+    *,
+    chunk_size: int,
+    workers: int,
+    stat_cache: StatCache | None = None,
+    on_progress: ProgressCallback | None = None,
+    hash_threads: int = 2,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+) -> Iterator[FileEntry]:
+    """Stream ``root``'s files as ``FileEntry`` in canonical order, hashing in parallel.
+
+    ``workers`` files are hashed at once; a file spanning several buffers also gets a
+    reader thread when ``hash_threads >= 2``. ``on_progress(files_done, bytes_done)`` is
+    called from the iterating thread at most every 0.1 s (while waiting on a large file
+    too) and once at the end. Root and chunk size are checked before this returns;
+    everything else raises from the iterator. Closing the iterator early stops the pool.
+    """
+    check_chunk_size(chunk_size)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    real_root = _resolve_root(root)
+    return _scan(real_root, chunk_size, workers, stat_cache, on_progress, hash_threads, buffer_size)
+
+
+def _scan(
+    root: str,
+    chunk_size: int,
+    workers: int,
+    cache: StatCache | None,
+    on_progress: ProgressCallback | None,
+    hash_threads: int,
+    buffer_size: int,
+) -> Iterator[FileEntry]:
+    progress = _Progress()
+    files_done = 0
+    last_report = time.monotonic()
+    window: deque[Future[FileEntry]] = deque()
+    max_in_flight = workers * _WINDOW_PER_WORKER
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datasync-hash")
+
+    def take() -> FileEntry:
+        nonlocal files_done, last_report
+        fut = window.popleft()
+        while True:
+            try:
+                entry = fut.result(timeout=_PROGRESS_INTERVAL_S)
+                break
+            except TimeoutError:
+                if on_progress is not None:
+                    on_progress(files_done, progress.bytes)
+                    last_report = time.monotonic()
+        files_done += 1
+        if on_progress is not None:
+            now = time.monotonic()
+            if now - last_report >= _PROGRESS_INTERVAL_S:
+                on_progress(files_done, progress.bytes)
+                last_report = now
+        return entry
+
+    try:
+        for item in _Walker(root):
+            window.append(
+                pool.submit(
+                    _hash_item, item, chunk_size, cache, hash_threads, buffer_size, progress
+                )
+            )
+            if len(window) >= max_in_flight:
+                yield take()
+        while window:
+            yield take()
+        if on_progress is not None:
+            on_progress(files_done, progress.bytes)
+    finally:
+        for fut in window:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if cache is not None:
+            cache.flush()
+
+
+def scan_total(root: Path) -> tuple[int, int]:
+    """``(files, bytes)`` from a stat-only walk, for a progress bar's totals.
+
+    Best effort: it follows the same rules loosely (file symlinks counted, everything
+    unreadable or unsupported skipped); ``scan_directory`` is the one that validates.
+    """
+    files = total = 0
+    stack = [_resolve_root(root)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=True):
+                            files += 1
+                            total += entry.stat(follow_symlinks=True).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return files, total

@@ -1,0 +1,361 @@
+"""The service layer: the one set of operations the CLI, the HTTP API and the tests call.
+
+Each method validates its input before touching anything, delegates to the manifest
+core (scan, producer manifests) and the store, and returns pydantic models that serialise
+to the JSON both interfaces print. Raises only ``DatasyncError`` subclasses.
+
+Registration from a directory first *spools* the scan to a temporary file and only then
+opens the database transaction: hashing a large tree can take hours, and an SQLite write
+lock must not be held that long. A scan error therefore changes nothing at all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from pydantic import BaseModel
+
+from datasync.config import Settings
+from datasync.errors import InvalidManifest, UserError
+from datasync.manifest.canonical import encode_entry, entry_from_dict
+from datasync.manifest.diff import Change
+from datasync.manifest.producer import read_producer_manifest
+from datasync.manifest.refs import check_dataset_name, check_label
+from datasync.manifest.scan import scan_directory, scan_total
+from datasync.manifest.statcache import StatCache
+from datasync.manifest.store import ManifestStore, Registration
+from datasync.models import (
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    FileEntry,
+    ManifestHeader,
+    VersionSummary,
+)
+
+__all__ = [
+    "ChangeInfo",
+    "DatasyncService",
+    "DiffResult",
+    "ExportResult",
+    "FileInfo",
+    "Progress",
+    "RegisterResult",
+    "VersionInfo",
+    "is_remote_source",
+]
+
+_URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_SITE_RE = re.compile(r"^([A-Za-z0-9_-]+):(.*)$")
+
+
+class VersionInfo(BaseModel):
+    dataset: str
+    version_id: str
+    files: int
+    bytes: int
+    chunk_size: int
+    created_at: str
+    labels: list[str]
+    verified: bool
+
+    @classmethod
+    def of(cls, summary: VersionSummary) -> VersionInfo:
+        return cls(
+            dataset=summary.dataset,
+            version_id=summary.version_id,
+            files=summary.files,
+            bytes=summary.bytes,
+            chunk_size=summary.chunk_size,
+            created_at=summary.created_at,
+            labels=list(summary.labels),
+            verified=summary.verified,
+        )
+
+    @property
+    def ref(self) -> str:
+        return f"{self.dataset}@{self.version_id}"
+
+
+class RegisterResult(VersionInfo):
+    created: bool
+
+    @classmethod
+    def of_registration(cls, reg: Registration) -> RegisterResult:
+        return cls(**VersionInfo.of(reg.summary).model_dump(), created=reg.created)
+
+
+class FileInfo(BaseModel):
+    path: str
+    size: int
+    digest: str
+    chunks: list[str] = []
+
+
+class ChangeInfo(BaseModel):
+    path: str
+    old_size: int | None = None
+    old_digest: str | None = None
+    new_size: int | None = None
+    new_digest: str | None = None
+
+
+class DiffResult(BaseModel):
+    old: VersionInfo
+    new: VersionInfo
+    added: list[ChangeInfo]
+    removed: list[ChangeInfo]
+    changed: list[ChangeInfo]
+
+
+class ExportResult(BaseModel):
+    version: VersionInfo
+    bytes_written: int
+
+
+class Progress(Protocol):
+    """What a progress display needs; the CLI implements it with rich."""
+
+    def start(self, files: int, nbytes: int) -> None: ...
+
+    def advance(self, files: int, nbytes: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def is_remote_source(source: str, site_names: frozenset[str] = frozenset()) -> bool:
+    """``s3://...``, ``az://...``, ``gs://...`` or ``SITE:path`` for a configured site."""
+    if _URL_RE.match(source):
+        return True
+    match = _SITE_RE.match(source)
+    return bool(match and match.group(1) in site_names)
+
+
+# A scanner for remote sources: (source, chunk_size, progress) -> (header, entries).
+RemoteScanner = Callable[[str, int, Progress | None], tuple[ManifestHeader, Iterator[FileEntry]]]
+
+
+class DatasyncService:
+    """Operations on datasets and versions. Built once by ``datasync.bootstrap``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ManifestStore,
+        stat_cache: StatCache | None = None,
+        remote_scanner: RemoteScanner | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.stat_cache = stat_cache
+        # The hook the cloud-scanner work plugs into (bootstrap passes it in).
+        self.remote_scanner = remote_scanner
+
+    # ------------------------------------------------------------ registration
+
+    def register(
+        self,
+        dataset: str,
+        source: str,
+        *,
+        label: str | None = None,
+        chunk_size: int | None = None,
+        manifest: bool | None = None,
+        progress: Progress | None = None,
+    ) -> RegisterResult:
+        """Route ``source`` to the right registration: remote URL, manifest file, directory.
+
+        ``manifest=None`` detects a producer manifest by its ``.jsonl`` suffix.
+        """
+        check_dataset_name(dataset)
+        if label is not None:
+            check_label(label)
+        if is_remote_source(source, frozenset(self.settings.sites)):
+            return self._register_remote(dataset, source, label, chunk_size, progress)
+        path = Path(source).expanduser()
+        if manifest is None:
+            manifest = path.suffix.lower() in {".jsonl", ".ndjson"} and not path.is_dir()
+        if manifest:
+            if chunk_size is not None:
+                raise UserError("--chunk-size does not apply to a producer manifest")
+            return self.register_manifest(dataset, path, label=label)
+        return self.register_directory(
+            dataset, path, label=label, chunk_size=chunk_size, progress=progress
+        )
+
+    def register_directory(
+        self,
+        dataset: str,
+        path: Path | str,
+        *,
+        label: str | None = None,
+        chunk_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> RegisterResult:
+        """Scan and hash the local directory ``path`` and register it as a verified version."""
+        check_dataset_name(dataset)
+        labels = [check_label(label)] if label is not None else []
+        chunk = self._chunk_size(chunk_size)
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise UserError(f"{path}: not a directory (or does not exist)")
+        root = root.resolve()
+        header = ManifestHeader(chunk_size=chunk)
+        with self._spool() as spool:
+            if progress is not None:
+                files, nbytes = scan_total(root)
+                progress.start(files, nbytes)
+            on_progress = progress.advance if progress is not None else None
+            for entry in scan_directory(
+                root,
+                chunk_size=chunk,
+                workers=self.settings.hash_workers,
+                stat_cache=self.stat_cache,
+                on_progress=on_progress,
+            ):
+                spool.write(encode_entry(entry))
+            if progress is not None:
+                progress.finish()
+            spool.flush()
+            spool.seek(0)
+            reg = self.store.register(
+                dataset,
+                header,
+                _read_spool(spool, chunk),
+                labels=labels,
+                verified=True,
+                source=f"directory:{root}",
+            )
+        return RegisterResult.of_registration(reg)
+
+    def register_manifest(
+        self, dataset: str, jsonl_path: Path | str, *, label: str | None = None
+    ) -> RegisterResult:
+        """Register a producer-supplied JSON Lines manifest without re-hashing.
+
+        The version is stored unverified until a transfer hashes its bytes.
+        """
+        check_dataset_name(dataset)
+        labels = [check_label(label)] if label is not None else []
+        path = Path(jsonl_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"{jsonl_path}: no such manifest file")
+        with path.open("rb") as stream:
+            header, entries = read_producer_manifest(stream)
+            reg = self.store.register(
+                dataset, header, entries, labels=labels, verified=False, source=f"manifest:{path}"
+            )
+        return RegisterResult.of_registration(reg)
+
+    def _register_remote(
+        self,
+        dataset: str,
+        source: str,
+        label: str | None,
+        chunk_size: int | None,
+        progress: Progress | None,
+    ) -> RegisterResult:
+        if self.remote_scanner is None:
+            raise UserError(
+                f"{source}: registering from cloud storage or a site (s3://, az://, gs://, "
+                "SITE:path) is not supported yet; register a local directory or a .jsonl "
+                "producer manifest"
+            )
+        header, entries = self.remote_scanner(source, self._chunk_size(chunk_size), progress)
+        reg = self.store.register(
+            dataset,
+            header,
+            entries,
+            labels=[label] if label else [],
+            verified=True,
+            source=source,
+        )
+        return RegisterResult.of_registration(reg)
+
+    # ------------------------------------------------------------------ reading
+
+    def list_datasets(self) -> list[str]:
+        return self.store.list_datasets()
+
+    def list_versions(self, dataset: str) -> list[VersionInfo]:
+        return [VersionInfo.of(s) for s in self.store.list_versions(dataset)]
+
+    def show(self, ref: str) -> VersionInfo:
+        return VersionInfo.of(self.store.resolve(ref))
+
+    def iter_files(self, ref: str) -> Iterator[FileInfo]:
+        """Stream the files of ``ref`` in canonical order (resolution errors raise first)."""
+        summary = self.store.resolve(ref)
+        return (
+            FileInfo(path=e.path, size=e.size, digest=e.digest, chunks=list(e.chunks))
+            for e in self.store.iter_entries(summary)
+        )
+
+    def diff(self, ref_a: str, ref_b: str) -> DiffResult:
+        """Changes from ``ref_a`` to ``ref_b`` (any two versions, even of two datasets).
+
+        Memory grows with the number of changes only, never with the manifest sizes.
+        """
+        old, new = self.store.resolve(ref_a), self.store.resolve(ref_b)
+        buckets: dict[str, list[ChangeInfo]] = {"added": [], "removed": [], "changed": []}
+        for change in self.store.diff(old, new):
+            buckets[change.kind].append(_change_info(change))
+        return DiffResult(
+            old=VersionInfo.of(old),
+            new=VersionInfo.of(new),
+            added=buckets["added"],
+            removed=buckets["removed"],
+            changed=buckets["changed"],
+        )
+
+    def set_label(self, ref: str, label: str) -> VersionInfo:
+        return VersionInfo.of(self.store.set_label(ref, label))
+
+    def export(self, ref: str, out: BinaryIO) -> ExportResult:
+        summary = self.store.resolve(ref)
+        written = self.store.export(summary, out)
+        return ExportResult(version=VersionInfo.of(summary), bytes_written=written)
+
+    def export_stream(self, ref: str) -> tuple[VersionInfo, Iterator[bytes]]:
+        """Resolve now (so errors surface before streaming) and return the lines lazily."""
+        summary = self.store.resolve(ref)
+        return VersionInfo.of(summary), self.store.iter_manifest(summary)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _chunk_size(self, chunk_size: int | None) -> int:
+        chunk = self.settings.chunk_size if chunk_size is None else chunk_size
+        if not MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE:
+            raise UserError(
+                f"chunk size {chunk} out of range: {MIN_CHUNK_SIZE} (1 MiB) to "
+                f"{MAX_CHUNK_SIZE} (4 GiB)"
+            )
+        return chunk
+
+    def _spool(self) -> tempfile._TemporaryFileWrapper[bytes]:
+        spool_dir = self.settings.home / "tmp"
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        return tempfile.NamedTemporaryFile(dir=spool_dir, prefix="scan-", suffix=".jsonl")
+
+
+def _read_spool(spool: BinaryIO, chunk_size: int) -> Iterator[FileEntry]:
+    for line in spool:
+        try:
+            yield entry_from_dict(json.loads(line), chunk_size)
+        except ValueError as exc:  # pragma: no cover - we wrote the file ourselves
+            raise InvalidManifest(f"corrupt scan spool: {exc}") from exc
+
+
+def _change_info(change: Change) -> ChangeInfo:
+    return ChangeInfo(
+        path=change.path,
+        old_size=change.old_size,
+        old_digest=change.old_digest,
+        new_size=change.new_size,
+        new_digest=change.new_digest,
+    )
+

@@ -1,0 +1,407 @@
+"""Worker processes: claim tasks, execute them, complete or fail them, under leases.
+
+``run_worker(settings, processes=N)`` spawns N OS processes (``multiprocessing`` "spawn":
+nothing inherited but the settings; each builds its own engine, backends and pools through
+``bootstrap``). Each process runs one ``WorkerLoop``:
+
+* claim up to ``task_slots`` free slots' worth of tasks -> run each in the task pool (the
+  executor fans its parts out to the bounded I/O pool, sharing one ``BufferPool``) ->
+  ``complete`` with the bytes moved, or ``fail`` with the error (the queue decides between
+  retry and permanent failure);
+* a heartbeat thread extends the leases of running tasks every ``lease_seconds / 3``; a
+  lease found lost (taken over after a stall) cancels the task, so it stops writing;
+* SIGTERM (or ``stop_event``): stop claiming, let running tasks finish for ``grace``
+  seconds, then cancel the rest and hand them back (a retryable failure);
+* SIGKILL at any instant is safe by design: leases expire, the next claim takes the task
+  over, and chunk tasks resume from the parts recorded in the chunk map (invariant 4).
+
+``once=True`` returns when nothing is left to do: no task queued or leased (of the given
+placements, or at all) and nothing running. A lease held by a dead worker counts as "left
+to do", so the loop waits for it to expire and takes it over.
+
+``run_until_idle`` is the test and demo entry: the same loop, in this process
+(``processes=0``) or in N spawned processes, until the placements have no pending task.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from datasync.config import Settings
+from datasync.db.transfer_tables import Task
+from datasync.errors import DatasyncError
+from datasync.transfer.buffers import BufferPool
+from datasync.transfer.executor import Executor, SiteBackends
+from datasync.transfer.limits import limits_from_settings
+from datasync.transfer.taskqueue import ClaimedTask, TaskQueue
+
+__all__ = ["WorkerOptions", "WorkerStats", "run_until_idle", "run_worker"]
+
+log = logging.getLogger(__name__)
+_T: sa.Table = Task.__table__  # type: ignore[attr-defined]
+MIB = 1024 * 1024
+
+
+class _Event(Protocol):
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """Knobs of one worker process."""
+
+    task_slots: int = 4  # tasks in flight per process
+    io_threads: int = 8  # bounded I/O pool shared by the process's tasks
+    buffer_budget: int = 512 * MIB  # at least 2 chunks; raised to that when smaller
+    lease_seconds: float = 60.0
+    idle_sleep: float = 0.5  # longest pause between empty claims
+    grace: float = 30.0  # seconds running tasks get to finish on SIGTERM
+    queue_backoff_base: float = 2.0  # TaskQueue retry backoff (tests use 0)
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    completed: int = 0
+    failed: int = 0
+    bytes_moved: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _pending(engine: Engine, placements: Sequence[int] | None) -> int:
+    """Tasks still queued or leased (of ``placements``, or all)."""
+    query = sa.select(sa.func.count()).where(_T.c.state.in_(("queued", "leased")))
+    if placements is not None:
+        query = query.where(_T.c.placement_id.in_(list(placements)))
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+class WorkerLoop:
+    """One process's claim -> execute -> complete loop (thread-safe parts inside)."""
+
+    def __init__(self, settings: Settings, engine: Engine, options: WorkerOptions) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.options = options
+        self.owner = _owner()
+        self.queue = TaskQueue(engine, backoff_base=options.queue_backoff_base)
+        chunk = max(settings.chunk_size, MIB)
+        self.buffers = BufferPool(max(options.buffer_budget, 2 * chunk))
+        self.limits = limits_from_settings(settings.home, settings.sites)
+        self.backends = SiteBackends(settings.sites)
+        self.io = cf.ThreadPoolExecutor(options.io_threads, thread_name_prefix="datasync-io")
+        self.tasks = cf.ThreadPoolExecutor(options.task_slots, thread_name_prefix="datasync-task")
+        self.executor = Executor(
+            engine=engine,
+            backends=self.backends,
+            limits=self.limits,
+            buffers=self.buffers,
+            io=self.io,
+        )
+        self.stats = WorkerStats()
+        self._running: dict[int, tuple[cf.Future[int], threading.Event, ClaimedTask]] = {}
+        self._lock = threading.Lock()
+        self._beat_stop = threading.Event()
+
+    # -- heartbeat ----------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        period = max(0.2, self.options.lease_seconds / 3)
+        while not self._beat_stop.wait(period):
+            with self._lock:
+                ids = list(self._running)
+            if not ids:
+                continue
+            try:
+                owned = self.queue.heartbeat(self.owner, ids, self.options.lease_seconds)
+            except Exception:  # the database blipped: try again next period
+                log.warning("heartbeat failed", exc_info=True)
+                continue
+            with self._lock:
+                for task_id in set(ids) - owned:
+                    entry = self._running.get(task_id)
+                    if entry is not None:
+                        log.warning("lease of task %s lost; cancelling it", task_id)
+                        entry[1].set()
+
+    # -- finishing tasks ----------------------------------------------------------------------
+
+    def _finish(self, task_id: int) -> None:
+        with self._lock:
+            fut, cancel, task = self._running.pop(task_id)
+        try:
+            moved = fut.result()
+        except Exception as exc:
+            if isinstance(exc, DatasyncError):
+                log.info("task %s (%s) failed: %s: %s", task.id, task.kind, type(exc).__name__, exc)
+            else:  # a bug or an untranslated error: keep the traceback
+                log.warning("task %s (%s) failed", task.id, task.kind, exc_info=exc)
+            self.queue.fail(self.owner, task.id, exc)
+            self.stats.failed += 1
+            return
+        if cancel.is_set():
+            return  # lease lost: the new owner completes it
+        if self.queue.complete(self.owner, task.id, moved):
+            self.stats.completed += 1
+            self.stats.bytes_moved += moved
+            self.stats.by_kind[task.kind] = self.stats.by_kind.get(task.kind, 0) + 1
+
+    def _reap(self, timeout: float) -> None:
+        with self._lock:
+            futures = {entry[0]: tid for tid, entry in self._running.items()}
+        if not futures:
+            return
+        done, _ = cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        for fut in done:
+            self._finish(futures[fut])
+
+    # -- main loop ----------------------------------------------------------------------------
+
+    def run(
+        self,
+        stop: _Event,
+        *,
+        once: bool = False,
+        placements: Sequence[int] | None = None,
+    ) -> WorkerStats:
+        beat = threading.Thread(target=self._heartbeat, name="datasync-heartbeat", daemon=True)
+        beat.start()
+        idle = 0.01
+        try:
+            while not stop.is_set():
+                with self._lock:
+                    free = self.options.task_slots - len(self._running)
+                claimed = self.queue.claim(self.owner, free, self.options.lease_seconds)
+                for task in claimed:
+                    cancel = threading.Event()
+                    fut = self.tasks.submit(self.executor.execute, task, cancel)
+                    with self._lock:
+                        self._running[task.id] = (fut, cancel, task)
+                with self._lock:
+                    running = len(self._running)
+                if claimed:
+                    idle = 0.01
+                    self._reap(0)
+                    continue
+                if running:
+                    self._reap(self.options.idle_sleep)
+                    continue
+                if once and _pending(self.engine, placements) == 0:
+                    break
+                stop.wait(idle)
+                idle = min(self.options.idle_sleep, idle * 2)
+            self._drain()
+        finally:
+            self._beat_stop.set()
+            beat.join(5)
+        return self.stats
+
+    def _drain(self) -> None:
+        """Stop: let running tasks finish for ``grace`` seconds, then cancel the rest."""
+        deadline = time.monotonic() + self.options.grace
+        while True:
+            with self._lock:
+                if not self._running:
+                    return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._reap(min(remaining, 1.0))
+        with self._lock:
+            for _fut, cancel, _task in self._running.values():
+                cancel.set()  # parts stop at their next boundary; _finish hands them back
+        while True:
+            with self._lock:
+                if not self._running:
+                    return
+            self._reap(1.0)
+
+    def close(self) -> None:
+        self.tasks.shutdown(wait=True)
+        self.io.shutdown(wait=True)
+        self.backends.close()
+        self.limits.close()
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def _process_main(
+    settings_json: str,
+    options: WorkerOptions,
+    once: bool,
+    placements: Sequence[int] | None,
+    stop: Any,
+) -> None:
+    """Entry point of a spawned worker process."""
+    from datasync.bootstrap import bootstrap
+
+    settings = Settings.model_validate_json(settings_json)
+    local_stop = threading.Event()
+
+    def on_term(_sig: int, _frame: object) -> None:
+        local_stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+
+    class _Either:
+        def is_set(self) -> bool:
+            return local_stop.is_set() or (stop is not None and stop.is_set())
+
+        def wait(self, timeout: float | None = None) -> bool:
+            return local_stop.wait(timeout) or self.is_set()
+
+    app = bootstrap(settings)
+    loop = WorkerLoop(settings, app.engine, options)
+    try:
+        loop.run(_Either(), once=once, placements=placements)
+    finally:
+        loop.close()
+        app.close()
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    processes: int = 1,
+    once: bool = False,
+    stop_event: _Event | None = None,
+    options: WorkerOptions | None = None,
+    placements: Sequence[int] | None = None,
+) -> WorkerStats:
+    """Run worker processes until ``stop_event``/SIGTERM (or, with ``once``, until idle).
+
+    ``processes=0`` runs the loop in this process (tests, ``datasync up`` on small hosts).
+    Returns this process's stats (``processes=0``) or empty stats (children report nothing).
+    """
+    options = options or WorkerOptions()
+    from datasync.bootstrap import bootstrap
+
+    app = bootstrap(settings)  # migrate once here, so children never race the migration
+    if processes <= 0:
+        stop = stop_event or threading.Event()
+        loop = WorkerLoop(settings, app.engine, options)
+        try:
+            return loop.run(stop, once=once, placements=placements)
+        finally:
+            loop.close()
+            app.close()
+    app.close()
+    ctx = multiprocessing.get_context("spawn")
+    mp_stop = ctx.Event()
+    children = [
+        ctx.Process(
+            target=_process_main,
+            args=(settings.model_dump_json(), options, once, placements, mp_stop),
+            name=f"datasync-worker-{i}",
+        )
+        for i in range(processes)
+    ]
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+
+    def on_term(_sig: int, _frame: object) -> None:
+        mp_stop.set()
+
+    if in_main:
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        for child in children:
+            child.start()
+        while any(c.is_alive() for c in children):
+            if stop_event is not None and stop_event.is_set():
+                mp_stop.set()
+            for child in children:
+                child.join(0.2)
+    finally:
+        mp_stop.set()
+        for child in children:
+            if child.pid is not None:
+                child.join()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    return WorkerStats()
+
+
+def run_until_idle(
+    settings: Settings,
+    placements: Iterable[int] | None = None,
+    *,
+    processes: int = 0,
+    options: WorkerOptions | None = None,
+    timeout: float = 300.0,
+) -> WorkerStats:
+    """Run workers until the placements have no queued or leased task left.
+
+    Raises ``TimeoutError`` if tasks are still pending after ``timeout`` seconds."""
+    stop = threading.Event()
+    timer = threading.Timer(timeout, stop.set)
+    timer.daemon = True
+    timer.start()
+    try:
+        ids = None if placements is None else list(placements)
+        stats = run_worker(
+            settings,
+            processes=processes,
+            once=True,
+            stop_event=stop,
+            options=options,
+            placements=ids,
+        )
+    finally:
+        timer.cancel()
+    if stop.is_set():
+        from datasync.db.engine import create_engine
+
+        engine = create_engine(settings.database_url)
+        try:
+            left = _pending(engine, ids)
+        finally:
+            engine.dispose()
+        if left:
+            raise TimeoutError(f"{left} task(s) still pending after {timeout}s")
+    return stats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m datasync.transfer.worker [--processes N] [--once]`` (settings from the
+    environment and config file, as ``datasync worker``)."""
+    import argparse
+
+    from datasync.config import load_settings
+
+    parser = argparse.ArgumentParser(prog="datasync-worker")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--once", action="store_true")
+    parser.add_argument("--lease-seconds", type=float, default=WorkerOptions().lease_seconds)
+    parser.add_argument("--backoff", type=float, default=WorkerOptions().queue_backoff_base)
+    args = parser.parse_args(argv)
+    opts = WorkerOptions(lease_seconds=args.lease_seconds, queue_backoff_base=args.backoff)
+    logging.basicConfig(level=os.environ.get("DATASYNC_LOG", "WARNING"))
+    run_worker(load_settings(), processes=args.processes, once=args.once, options=opts)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Collect the per-benchmark result tables (docs/bench-results/*.md) into docs/benchmarks.md.
+
+Each benchmark writes its own table with the command that reproduces it; this script only
+concatenates them under a fixed preamble, so the document always shows the last real run.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+ORDER = ["hashing", "scale", "cloud-download", "fsspec", "replication"]
+
+PREAMBLE = """# Benchmarks
+
+All figures come from `make bench` (pytest `tests/bench/`) on the project's reference
+machine: 2 cores, 24 GiB RAM, local disk, emulators on loopback. Peers (xxh128sum, rclone, cp)
+run in the same benchmark, on the same data, in the same run; ratios compare the two.
+Targets come from the issues; a missed target is reported as missed, with what limits it.
+Each section below was written by the benchmark itself and names the command that reproduces it.
+"""
+
+
+def main(root: Path) -> int:
+    results = root / "docs" / "bench-results"
+    parts = [PREAMBLE, f"Python {platform.python_version()} on {platform.machine()}.\n"]
+    names = sorted(p.stem for p in results.glob("*.md"))
+    for name in sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else 99, n)):
+        parts.append((results / f"{name}.md").read_text(encoding="utf-8").strip() + "\n")
+    (root / "docs" / "benchmarks.md").write_text("\n".join(parts), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(__file__).resolve().parent.parent))

@@ -1,0 +1,1 @@
+"""One backend contract suite, run against every backend (see ``conftest.py``)."""

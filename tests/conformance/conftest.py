@@ -1,0 +1,77 @@
+"""The ``backend`` fixture: one fresh, empty backend per test, for every kind.
+
+* ``memory``: a fresh process-global store, dropped after the test.
+* ``posix``: an existing empty directory under ``tmp_path``.
+* ``s3`` / ``azure`` / ``gcs``: a fresh bucket or container on an emulator started once per
+  session, from ``tests/fixtures/emulators.py`` (imported lazily, so the memory and posix
+  runs need no cloud SDK and no emulator).
+
+``make_backend(missing_bucket=..., bad_credentials=...)`` builds variants for the error
+translation tests. Cloud kinds carry the ``emulator`` marker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datasync.backends.base import Backend
+from datasync.backends.memory import MemoryBackend, drop_store
+from datasync.backends.posix import PosixBackend
+
+KINDS = [
+    "memory",
+    "posix",
+    pytest.param("s3", marks=pytest.mark.emulator),
+    pytest.param("azure", marks=pytest.mark.emulator),
+    pytest.param("gcs", marks=pytest.mark.emulator),
+]
+
+MakeBackend = Callable[..., Backend]
+
+
+@pytest.fixture(params=KINDS)
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_backend(
+    request: pytest.FixtureRequest, backend_kind: str, tmp_path: Path
+) -> Iterator[MakeBackend]:
+    """A factory for backends of this test's kind; everything it made is cleaned up."""
+    stores: list[str] = []
+
+    def make(*, missing_bucket: bool = False, bad_credentials: bool = False) -> Backend:
+        if backend_kind == "memory":
+            name = f"conformance-{uuid.uuid4().hex}"
+            if not missing_bucket:
+                stores.append(name)
+            return MemoryBackend(name, "root", create=not missing_bucket)
+        if backend_kind == "posix":
+            root = tmp_path / f"root-{uuid.uuid4().hex[:8]}"
+            if not missing_bucket:
+                root.mkdir()
+            return PosixBackend(root)
+        emulators = importlib.import_module("tests.fixtures.emulators")
+        factory: Callable[..., Backend] = getattr(emulators, f"make_{backend_kind}_backend")
+        kwargs: dict[str, Any] = {}
+        if missing_bucket:
+            kwargs["missing_bucket"] = True
+        if bad_credentials:
+            kwargs["bad_credentials"] = True
+        return factory(request, **kwargs)
+
+    yield make
+    for name in stores:
+        drop_store(name)
+
+
+@pytest.fixture
+def backend(make_backend: MakeBackend) -> Backend:
+    return make_backend()

@@ -1,0 +1,269 @@
+"""The database task queue on SQLite and PostgreSQL: atomic claims, leases, heartbeats,
+retries with backoff, permanent failures, claim order and the task dependency tree."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from datasync.errors import NotFound, Throttled, TransientError
+from datasync.transfer.taskqueue import TaskQueue
+from tests.fixtures.transfer import (
+    add_placement,
+    add_task,
+    claim_until_empty,
+    fake_entry,
+    placement_row,
+    register,
+    task_row,
+    tasks_of,
+)
+
+
+@pytest.fixture
+def placement(engine: Engine) -> int:
+    version = register(engine, "test/queue", [fake_entry("a", "a", 10)])
+    return add_placement(engine, version)
+
+
+def test_claim_order_is_priority_then_deadline_then_age(engine: Engine, placement: int) -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    old_low = add_task(engine, placement, priority=0, created_at=t0)
+    new_high = add_task(engine, placement, priority=5, created_at=t0 + timedelta(hours=2))
+    high_late = add_task(
+        engine, placement, priority=5, deadline=t0 + timedelta(days=2), created_at=t0
+    )
+    high_soon = add_task(
+        engine,
+        placement,
+        priority=5,
+        deadline=t0 + timedelta(days=1),
+        created_at=t0 + timedelta(hours=1),
+    )
+    old_high = add_task(engine, placement, priority=5, created_at=t0 + timedelta(hours=1))
+    queue = TaskQueue(engine)
+    claimed = [t.id for t in queue.claim("w", 10, 60)]
+    assert claimed == [high_soon, high_late, old_high, new_high, old_low]
+    # One at a time gives the same order (the database orders, not Python).
+    for task_id in claimed:
+        queue.fail("w", task_id, NotFound("x"))
+    fresh = [
+        add_task(engine, placement, priority=1, created_at=t0 + timedelta(minutes=3)),
+        add_task(engine, placement, priority=1, created_at=t0 + timedelta(minutes=1)),
+        add_task(engine, placement, priority=2, created_at=t0 + timedelta(minutes=9)),
+    ]
+    one_by_one = [queue.claim("w", 1, 60)[0].id for _ in range(3)]
+    assert one_by_one == [fresh[2], fresh[1], fresh[0]]
+
+
+def test_concurrent_processes_never_claim_the_same_task(
+    engine: Engine, placement: int, db_url: str
+) -> None:
+    ids = {add_task(engine, placement) for _ in range(600)}
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(5), ctx.Queue()  # 4 claimers + this test
+    procs = [
+        ctx.Process(target=claim_until_empty, args=(db_url, f"proc{i}", 3, start, out))
+        for i in range(4)
+    ]
+    for proc in procs:
+        proc.start()
+    start.wait(120)  # every process has connected: now they race
+    results = [out.get(timeout=120)[1] for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    claimed = [task_id for ids_of_one in results for task_id in ids_of_one]
+    duplicates = [task_id for task_id, n in Counter(claimed).items() if n > 1]
+    assert duplicates == []
+    assert set(claimed) == ids
+    # Every process got work: the claims really raced.
+    assert all(results), [len(r) for r in results]
+    assert {row.state for row in tasks_of(engine, placement)} == {"done"}
+
+
+def test_expired_lease_is_taken_over_and_the_old_owner_is_fenced(
+    engine: Engine, placement: int
+) -> None:
+    task_id = add_task(engine, placement)
+    queue = TaskQueue(engine)
+    (first,) = queue.claim("dead-worker", 5, lease_seconds=-1)  # already expired
+    assert first.attempts == 1
+    (second,) = queue.claim("live-worker", 5, lease_seconds=60)
+    assert second.id == task_id and second.attempts == 2
+    row = task_row(engine, task_id)
+    assert row.lease_owner == "live-worker"
+    assert [e["class"] for e in row.errors] == ["LeaseExpired"]
+    assert "dead-worker" in row.errors[0]["message"]
+    # The dead worker wakes up: every call tells it the task is no longer its own.
+    assert queue.heartbeat("dead-worker", [task_id], 60) == set()
+    assert queue.complete("dead-worker", task_id, 10) is False
+    assert queue.fail("dead-worker", task_id, TransientError("late")) is None
+    assert task_row(engine, task_id).state == "leased"
+    assert queue.complete("live-worker", task_id, 10) is True
+    assert task_row(engine, task_id).state == "done"
+
+
+def test_heartbeat_extends_only_the_owners_leases(engine: Engine, placement: int) -> None:
+    a, b = add_task(engine, placement), add_task(engine, placement)
+    queue = TaskQueue(engine)
+    claimed = queue.claim("w1", 1, lease_seconds=30)
+    assert [t.id for t in claimed] == [a]
+    before = task_row(engine, a).lease_expires_at
+    assert queue.heartbeat("w1", [a, b], lease_seconds=3600) == {a}
+    after = task_row(engine, a).lease_expires_at
+    assert after - before > timedelta(minutes=50)
+    assert queue.heartbeat("w2", [a], lease_seconds=3600) == set()
+    # A lease that expired but was not taken over yet can still be renewed by its owner.
+    queue.heartbeat("w1", [a], lease_seconds=-1)
+    assert queue.heartbeat("w1", [a], lease_seconds=60) == {a}
+    assert [t.id for t in queue.claim("w2", 5, 60)] == [b]
+
+
+def test_retryable_failure_requeues_with_backoff(engine: Engine, placement: int) -> None:
+    task_id = add_task(engine, placement, max_attempts=3)
+    slow = TaskQueue(engine, backoff_base=3600)
+    (task,) = slow.claim("w", 1, 60)
+    assert slow.fail("w", task.id, TransientError("connection reset")) == "queued"
+    row = task_row(engine, task_id)
+    assert row.state == "queued" and row.lease_owner is None
+    assert row.errors[0]["class"] == "TransientError"
+    assert row.errors[0]["message"] == "connection reset"
+    assert slow.claim("w", 1, 60) == []  # not due before its backoff ends
+    # A zero backoff (the tests' switch) makes it due at once; attempts keep counting.
+    fast = TaskQueue(engine, backoff_base=0)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE tasks SET not_before = created_at WHERE id = %d" % task_id
+        )
+    (again,) = fast.claim("w", 1, 60)
+    assert again.attempts == 2
+    assert fast.fail("w", task_id, TransientError("timeout")) == "queued"
+    (last,) = fast.claim("w", 1, 60)
+    assert last.attempts == 3
+    # The last attempt fails for good even though the error is retryable.
+    assert fast.fail("w", task_id, TransientError("timeout again")) == "failed"
+    row = task_row(engine, task_id)
+    assert row.state == "failed"
+    assert [e["message"] for e in row.errors] == [
+        "connection reset",
+        "timeout",
+        "timeout again",
+    ]
+    prow = placement_row(engine, placement)
+    assert prow.state == "FAILED"
+    assert "3 attempts" in prow.error and "timeout again" in prow.error
+
+
+def test_throttled_retry_after_is_honoured(engine: Engine, placement: int) -> None:
+    task_id = add_task(engine, placement)
+    queue = TaskQueue(engine, backoff_base=0)
+    queue.claim("w", 1, 60)
+    before = datetime.now(UTC)
+    assert queue.fail("w", task_id, Throttled("SlowDown", retry_after=120)) == "queued"
+    not_before = task_row(engine, task_id).not_before
+    not_before = not_before if not_before.tzinfo else not_before.replace(tzinfo=UTC)
+    assert not_before >= before + timedelta(seconds=119)
+    assert queue.claim("w", 1, 60) == []
+
+
+def test_backoff_grows_and_is_jittered(engine: Engine) -> None:
+    queue = TaskQueue(engine, backoff_base=2, backoff_cap=60)
+    delays = [queue.backoff(n, TransientError("x")) for n in (1, 2, 3, 4, 10)]
+    assert 1 <= delays[0] <= 3
+    assert 2 <= delays[1] <= 6
+    assert 8 <= delays[3] <= 24
+    assert 30 <= delays[4] <= 90  # capped at 60, then jittered
+    assert len({queue.backoff(3, TransientError("x")) for _ in range(20)}) > 1
+
+
+def test_permanent_failure_fails_placement_and_cancels_queued_tasks(
+    engine: Engine, placement: int
+) -> None:
+    bad = add_task(engine, placement, priority=9)
+    others = [add_task(engine, placement) for _ in range(3)]
+    queue = TaskQueue(engine)
+    (task,) = queue.claim("w", 1, 60)
+    assert task.id == bad
+    error = NotFound("no such object", url="memory://src/a.bin")
+    assert queue.fail("w", bad, error) == "failed"
+    prow = placement_row(engine, placement)
+    assert prow.state == "FAILED"
+    assert "permanent" in prow.error and "NotFound" in prow.error
+    assert "memory://src/a.bin" in prow.error
+    for task_id in others:
+        row = task_row(engine, task_id)
+        assert row.state == "failed"
+        assert row.errors[-1]["class"] == "Cancelled"
+    assert queue.claim("w", 10, 60) == []
+
+
+def test_reap_fails_tasks_whose_workers_died_on_every_attempt(
+    engine: Engine, placement: int
+) -> None:
+    task_id = add_task(engine, placement, max_attempts=1)
+    queue = TaskQueue(engine)
+    queue.claim("w", 1, lease_seconds=-1)
+    assert queue.claim("w2", 1, 60) == []  # no attempts left: not taken over
+    assert queue.reap() == 1
+    row = task_row(engine, task_id)
+    assert row.state == "failed" and row.errors[-1]["class"] == "LeaseExpired"
+    assert placement_row(engine, placement).state == "FAILED"
+    assert queue.reap() == 0
+
+
+def test_dependencies_gate_finalize_and_publish(engine: Engine, placement: int) -> None:
+    publish = add_task(engine, placement, "publish", blocked_by=2)
+    finalize = add_task(
+        engine, placement, "finalize", parent_id=publish, blocked_by=2, files=1
+    )
+    chunks = [
+        add_task(engine, placement, "chunks", parent_id=finalize, priority=1, nbytes=100)
+        for _ in range(2)
+    ]
+    blobs = add_task(engine, placement, "blobs", parent_id=publish, files=3, nbytes=30)
+    queue = TaskQueue(engine)
+    first = queue.claim("w", 10, 60)
+    assert sorted(t.id for t in first) == sorted([*chunks, blobs])
+    assert queue.complete("w", chunks[0], 100)
+    assert queue.claim("w", 10, 60) == []  # finalize still waits for chunk 2
+    assert queue.complete("w", chunks[1], 100)
+    assert queue.complete("w", blobs, 30)
+    (fin,) = queue.claim("w", 10, 60)
+    assert fin.id == finalize and fin.kind == "finalize"
+    assert queue.claim("w", 10, 60) == []  # publish waits for finalize
+    assert queue.complete("w", finalize, 0)
+    (pub,) = queue.claim("w", 10, 60)
+    assert pub.id == publish
+    assert placement_row(engine, placement).state == "PUBLISHING"
+    assert queue.complete("w", publish, 0)
+    prow = placement_row(engine, placement)
+    assert prow.state == "READY" and prow.error is None
+    assert (prow.files_done, prow.bytes_done) == (4, 230)
+    assert queue.counts(placement) == {"done": 5}
+
+
+def test_completing_twice_or_without_the_lease_changes_nothing(
+    engine: Engine, placement: int
+) -> None:
+    publish = add_task(engine, placement, "publish", blocked_by=1)
+    child = add_task(engine, placement, parent_id=publish, files=1, nbytes=5)
+    queue = TaskQueue(engine)
+    assert queue.complete("w", child, 5) is False  # never claimed
+    queue.claim("w", 1, 60)
+    assert queue.complete("other", child, 5) is False
+    assert queue.complete("w", child, 5) is True
+    assert queue.complete("w", child, 5) is False
+    assert task_row(engine, publish).blocked_by == 0
+    assert placement_row(engine, placement).files_done == 1
+
+
+def test_claim_of_zero_and_empty_queue(engine: Engine, placement: int) -> None:
+    queue = TaskQueue(engine)
+    assert queue.claim("w", 0, 60) == []
+    assert queue.claim("w", 5, 60) == []
+    assert queue.heartbeat("w", [], 60) == set()

@@ -1,0 +1,188 @@
+"""Host-wide limits: slots shared across instances and processes, AIMD throttling, token
+bucket. Time is a fake clock; ``sleep`` advances it, so nothing here really waits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from datasync.config import SiteConfig
+from datasync.transfer.limits import Limits, LimitSpec, limits_from_settings
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+        self.on_sleep: list[object] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(s)
+        self.now += s
+        for hook in list(self.on_sleep):
+            hook()  # type: ignore[operator]
+
+
+def make(tmp_path: Path, t: FakeTime, **sites: LimitSpec) -> Limits:
+    return Limits(tmp_path / "locks", sites, clock=t.clock, sleep=t.sleep, poll_interval=0.01)
+
+
+def test_slots_are_shared_between_instances(tmp_path: Path) -> None:
+    t = FakeTime()
+    a = make(tmp_path, t, s3=LimitSpec(concurrency=2))
+    b = make(tmp_path, t, s3=LimitSpec(concurrency=2))
+    done = threading.Event()
+
+    def third() -> None:
+        with b.slot("s3"):
+            done.set()
+
+    with a.slot("s3"):
+        th = threading.Thread(target=third)
+        with b.slot("s3"):
+            th.start()
+            assert not done.wait(0.2), "a third slot must not be granted while two are held"
+    th.join(5)
+    assert done.is_set(), "releasing a slot lets the waiter in"
+
+
+def test_slot_held_by_another_process_counts(tmp_path: Path) -> None:
+    lock_dir = tmp_path / "locks"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from datasync.transfer.limits import Limits, LimitSpec
+        lim = Limits(Path({str(lock_dir)!r}), {{"gcs": LimitSpec(concurrency=1)}})
+        with lim.slot("gcs"):
+            print("held", flush=True)
+            sys.stdin.readline()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        t = FakeTime()
+        lim = make(tmp_path, t, gcs=LimitSpec(concurrency=1))
+        released = False
+
+        def release_after_some_polls() -> None:
+            nonlocal released
+            if len(t.slept) == 5 and not released:
+                released = True
+                proc.kill()  # SIGKILL: the kernel drops its flock
+                proc.wait()
+
+        t.on_sleep.append(release_after_some_polls)
+        with lim.slot("gcs"):
+            pass
+        assert released and len(t.slept) >= 5, "the slot was taken only after the holder died"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_throttle_halves_then_probes_back_up(tmp_path: Path) -> None:
+    t = FakeTime()
+    lim = make(tmp_path, t, az=LimitSpec(concurrency=16))
+    assert lim.current_limit("az") == 16
+    lim.on_throttled("az", retry_after=2.0)
+    assert lim.current_limit("az") == 8
+    lim.on_throttled("az", retry_after=2.0)  # same burst (within the window): counts once
+    assert lim.current_limit("az") == 8
+    t.now += 1.5
+    lim.on_throttled("az")
+    assert lim.current_limit("az") == 4
+    for _ in range(4):
+        lim.on_success("az")
+    assert lim.current_limit("az") == 5, "one slot back after `limit` successes"
+    for _ in range(200):
+        lim.on_success("az")
+    assert lim.current_limit("az") == 16, "never above the configured ceiling"
+
+
+def test_throttle_never_below_one_and_state_is_shared(tmp_path: Path) -> None:
+    t = FakeTime()
+    a = make(tmp_path, t, az=LimitSpec(concurrency=3))
+    b = make(tmp_path, t, az=LimitSpec(concurrency=3))
+    for _ in range(5):
+        a.on_throttled("az", retry_after=0)
+        t.now += 2
+    assert b.current_limit("az") == 1
+
+
+def test_retry_after_blocks_new_slots(tmp_path: Path) -> None:
+    t = FakeTime()
+    lim = make(tmp_path, t, s3=LimitSpec(concurrency=4))
+    lim.on_throttled("s3", retry_after=3.0)
+    start = t.now
+    with lim.slot("s3"):
+        pass
+    assert t.now - start >= 3.0, "no new operation before retry_after has passed"
+
+
+def test_unlimited_site_needs_no_slot(tmp_path: Path) -> None:
+    t = FakeTime()
+    lim = make(tmp_path, t)
+    with lim.slot("anything", src="other"), lim.slot("anything", src="other"):
+        pass
+    assert t.slept == []
+
+
+def test_link_limit_applies_to_that_pair_only(tmp_path: Path) -> None:
+    t = FakeTime()
+    lim = Limits(
+        tmp_path / "locks",
+        {},
+        {("aws", "lustre"): LimitSpec(concurrency=1)},
+        clock=t.clock,
+        sleep=t.sleep,
+    )
+    with lim.slot("lustre", src="aws"):
+        with lim.slot("lustre", src="gcp"):
+            pass  # other link: free
+        assert t.slept == []
+        t.on_sleep.append(lambda: (_ for _ in ()).throw(RuntimeError("would wait")))
+        with pytest.raises(RuntimeError, match="would wait"), lim.slot("lustre", src="aws"):
+            pass
+
+
+def test_token_bucket_rate(tmp_path: Path) -> None:
+    t = FakeTime()
+    lim = make(tmp_path, t, lustre=LimitSpec(bandwidth_mbps=80))  # 10 MB/s
+    moved = 0
+    for _ in range(60):
+        lim.take_bandwidth(1_000_000, "lustre")
+        moved += 1_000_000
+    elapsed = sum(t.slept)
+    # 10 MB burst, then 10 MB/s: 60 MB take ~5 s.
+    assert 4.9 <= elapsed <= 5.1, elapsed
+    assert moved / (elapsed + 1) == pytest.approx(10_000_000, rel=0.05)
+
+
+def test_token_bucket_shared_between_processes_uses_the_slowest(tmp_path: Path) -> None:
+    t = FakeTime()
+    a = make(tmp_path, t, src=LimitSpec(bandwidth_mbps=8), dst=LimitSpec(bandwidth_mbps=80))
+    b = make(tmp_path, t, src=LimitSpec(bandwidth_mbps=8), dst=LimitSpec(bandwidth_mbps=80))
+    a.take_bandwidth(1_000_000, "dst", src="src")  # spends src's 1 MB burst
+    waited = b.take_bandwidth(1_000_000, "dst", src="src")
+    assert waited == pytest.approx(1.0), "the second instance sees the first one's spending"
+
+
+def test_limits_from_settings(tmp_path: Path) -> None:
+    lim = limits_from_settings(
+        tmp_path, {"lustre": SiteConfig(url="/x", concurrency=3, bandwidth_mbps=100)}
+    )
+    assert lim.current_limit("lustre") == 3
+    assert (tmp_path / "locks").is_dir()
+    lim.close()

@@ -1,0 +1,228 @@
+"""POSIX-only behaviour the generic conformance suite cannot see: temp files on disk,
+errno translation, a real ENOSPC, links across devices, and the root that is never made."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from datasync.backends.posix import (
+    PosixBackend,
+    is_temp_name,
+    os_error_to_storage,
+    temp_name,
+    translate_os_errors,
+)
+from datasync.errors import (
+    InvalidPath,
+    NoSpace,
+    NotFound,
+    PermissionDenied,
+    SourceChanged,
+    StorageError,
+    TransientError,
+)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def backend(root: Path) -> PosixBackend:
+    return PosixBackend(root, lustre=False)
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "retryable"),
+    [
+        (errno.ENOENT, NotFound, False),
+        (errno.ENOTDIR, NotFound, False),
+        (errno.EACCES, PermissionDenied, False),
+        (errno.EPERM, PermissionDenied, False),
+        (errno.EROFS, PermissionDenied, False),
+        (errno.ENOSPC, NoSpace, False),
+        (errno.EDQUOT, NoSpace, False),
+        (errno.EIO, TransientError, True),
+        (errno.ETIMEDOUT, TransientError, True),
+        (errno.ESTALE, TransientError, True),
+        (errno.ENOTCONN, TransientError, True),
+        (errno.EAGAIN, TransientError, True),
+        (errno.EISDIR, StorageError, False),
+    ],
+)
+def test_errno_translation(code: int, kind: type[StorageError], retryable: bool) -> None:
+    exc = OSError(code, os.strerror(code), "/secret/path")
+    with pytest.raises(StorageError) as caught, translate_os_errors("/root/key"):
+        raise exc
+    assert type(caught.value) is kind
+    assert caught.value.retryable is retryable
+    assert caught.value.__cause__ is exc
+    assert caught.value.url == "/root/key"
+    assert os.strerror(code) in str(caught.value)
+    assert type(os_error_to_storage(exc, "u")) is kind
+
+
+def test_temp_files_are_hidden_deterministic_and_unlisted(
+    backend: PosixBackend, root: Path
+) -> None:
+    writer = backend.begin("d/file.bin", 10, 4)
+    writer.put_part(1, b"4567")
+    expected = root / "d" / temp_name("file.bin", writer.token)
+    assert expected.name == f".file.bin.datasync-{writer.token}.part"
+    assert [p.name for p in (root / "d").iterdir()] == [expected.name]
+    assert expected.stat().st_size == 10  # preallocated to the final size
+    assert list(backend.list("")) == []
+    # the resumed writer reopens the very same file
+    again = backend.begin("d/file.bin", 10, 4, token=writer.token)
+    again.put_part(0, b"0123")
+    again.put_part(2, b"89")
+    again.commit()
+    assert [p.name for p in (root / "d").iterdir()] == ["file.bin"]
+    assert (root / "d" / "file.bin").read_bytes() == b"0123456789"
+
+
+def test_long_names_get_a_short_temp_name(backend: PosixBackend) -> None:
+    name = "n" * 250
+    tmp = temp_name(name, "0" * 16)
+    assert len(tmp) <= 255 and is_temp_name(tmp)
+    writer = backend.begin(name, 3, 3)
+    writer.put_part(0, b"abc")
+    writer.commit()
+    assert backend.read_range(name, 0, 3) == b"abc"
+
+
+def test_keys_using_the_temp_pattern_are_refused(backend: PosixBackend) -> None:
+    with pytest.raises(InvalidPath):
+        backend.begin("d/.x.datasync-0123456789abcdef.part", 1, 1)
+
+
+def test_resume_needs_the_same_size_and_a_real_token(backend: PosixBackend) -> None:
+    writer = backend.begin("k", 10, 5)
+    with pytest.raises(ValueError):
+        backend.begin("k", 11, 5, token=writer.token)
+    with pytest.raises(ValueError):
+        backend.begin("k", 10, 5, token="../../etc/passwd")
+    writer.abort()
+
+
+def test_root_is_never_created(tmp_path: Path) -> None:
+    missing = tmp_path / "not-mounted"
+    backend = PosixBackend(missing)
+    with pytest.raises(NotFound, match="not mounted"):
+        backend.begin("a/b", 1, 1)
+    with pytest.raises(NotFound):
+        backend.copy("a", "b")
+    assert not missing.exists()
+
+
+def test_a_file_cannot_hold_other_keys(backend: PosixBackend) -> None:
+    writer = backend.begin("a", 1, 1)
+    writer.put_part(0, b"x")
+    writer.commit()
+    with pytest.raises(StorageError, match="cannot hold other keys") as caught:
+        backend.begin("a/b", 1, 1)
+    assert not caught.value.retryable
+    with pytest.raises(NotFound):
+        backend.stat("a/b")
+    assert [i.key for i in backend.list("a/")] == []
+
+
+def test_directories_are_not_objects(backend: PosixBackend, root: Path) -> None:
+    (root / "dir").mkdir()
+    with pytest.raises(NotFound):
+        backend.stat("dir")
+    with pytest.raises(NotFound):
+        backend.read_range("dir", 0, 1)
+    backend.delete("dir")  # not an object: nothing to delete
+    assert (root / "dir").is_dir()
+
+
+def test_symlinks_are_not_listed(backend: PosixBackend, root: Path) -> None:
+    (root / "real").write_bytes(b"r")
+    (root / "link").symlink_to(root / "real")
+    (root / "outside").symlink_to("/etc")
+    assert [i.key for i in backend.list("")] == ["real"]
+
+
+def test_etag_and_conditional_read(backend: PosixBackend, root: Path) -> None:
+    (root / "f").write_bytes(b"hello")
+    st = (root / "f").stat()
+    info = backend.stat("f")
+    assert info.etag == f"{st.st_mtime_ns}-{st.st_ino}-{st.st_size}"
+    os.utime(root / "f", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    with pytest.raises(SourceChanged):
+        backend.read_range("f", 0, 5, etag=info.etag)
+    with pytest.raises(SourceChanged):
+        backend.read_range_into("f", 0, bytearray(5), etag=info.etag)
+
+
+def test_copy_is_independent_and_link_shares_the_inode(backend: PosixBackend, root: Path) -> None:
+    (root / "blob").write_bytes(b"content")
+    backend.copy("blob", "copy")
+    backend.link("blob", "v/link")
+    assert (root / "copy").stat().st_ino != (root / "blob").stat().st_ino
+    assert (root / "v" / "link").stat().st_ino == (root / "blob").stat().st_ino
+    assert sorted(p.name for p in (root / "v").iterdir()) == ["link"]  # no temp left
+
+
+def test_committed_file_mode_follows_umask(backend: PosixBackend, root: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        writer = backend.begin("m", 1, 1)
+        writer.put_part(0, b"x")
+        writer.commit()
+    finally:
+        os.umask(old)
+    assert (root / "m").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.fixture
+def small_tmpfs(root: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted inside the root: a real ENOSPC and a real cross-device link."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the CI machines run tests as root)")
+    mnt = root / "small"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", f"ds-{uuid.uuid4().hex[:6]}", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_no_space_is_reported_at_begin_and_leaves_nothing(
+    backend: PosixBackend, small_tmpfs: Path
+) -> None:
+    with pytest.raises(NoSpace) as caught:
+        backend.begin("small/huge.bin", 8 * 1024 * 1024, 1024 * 1024)
+    assert not caught.value.retryable
+    assert "small/huge.bin" in str(caught.value)
+    assert list(small_tmpfs.iterdir()) == []
+
+
+def test_link_across_devices_falls_back_to_a_copy(
+    backend: PosixBackend, root: Path, small_tmpfs: Path
+) -> None:
+    (root / "blob").write_bytes(b"abc")
+    info = backend.link("blob", "small/view")
+    assert info.size == 3
+    assert (small_tmpfs / "view").read_bytes() == b"abc"
+    assert (small_tmpfs / "view").stat().st_dev != (root / "blob").stat().st_dev
+    assert [p.name for p in small_tmpfs.iterdir()] == ["view"]
