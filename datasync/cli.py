@@ -59,7 +59,8 @@ def parse_size(text: str) -> int:
     number, unit, suffix = match.groups()
     power = _POWERS[unit.lower()]
     decimal = suffix.lower() == "b" and unit != ""
-    return int(number) * (1000 if decimal else 1024) ** power
+    base = 1000 if decimal else 1024
+    return int(number) * int(base**power)
 
 
 # ----------------------------------------------------------------- plumbing
@@ -128,15 +129,13 @@ class _RichProgress:
             transient=True,
         )
         self._task: Any = None
-        self._files = 0
 
     def start(self, files: int, nbytes: int) -> None:
         self._bar.start()
         self._task = self._bar.add_task("scan", total=nbytes, files=0, total_files=files)
 
-    def advance(self, files: int, nbytes: int) -> None:
-        self._files += files
-        self._bar.update(self._task, advance=nbytes, files=self._files)
+    def update(self, files_done: int, bytes_done: int) -> None:
+        self._bar.update(self._task, completed=bytes_done, files=files_done)
 
     def finish(self) -> None:
         self._bar.stop()
@@ -286,8 +285,7 @@ def diff(
     for c in result.changed:
         typer.echo(f"M {c.path}  ({c.old_size:,} -> {c.new_size:,} bytes)")
     typer.echo(
-        f"{len(result.added)} added, {len(result.removed)} removed, "
-        f"{len(result.changed)} changed"
+        f"{len(result.added)} added, {len(result.removed)} removed, {len(result.changed)} changed"
     )
 
 
@@ -349,6 +347,11 @@ def serve(
 
     with _application() as application:
         uvicorn.run(create_app(application), host=host, port=port, log_level="info")
+
+
+from datasync.cli_transfer import register_commands  # noqa: E402  (uses the helpers above)
+
+register_commands(app)
 
 
 def main() -> None:

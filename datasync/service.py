@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -22,7 +22,13 @@ from pydantic import BaseModel
 
 from datasync.config import Settings
 from datasync.errors import InvalidManifest, UserError
-from datasync.manifest.canonical import encode_entry, entry_from_dict
+from datasync.manifest.canonical import (
+    MANIFEST_FORMAT,
+    encode_entry,
+    entry_from_dict,
+    loads_strict,
+    read_canonical,
+)
 from datasync.manifest.diff import Change
 from datasync.manifest.producer import read_producer_manifest
 from datasync.manifest.refs import check_dataset_name, check_label
@@ -122,7 +128,9 @@ class Progress(Protocol):
 
     def start(self, files: int, nbytes: int) -> None: ...
 
-    def advance(self, files: int, nbytes: int) -> None: ...
+    def update(self, files_done: int, bytes_done: int) -> None:
+        """Cumulative counts so far (called from the registering thread)."""
+        ...
 
     def finish(self) -> None: ...
 
@@ -209,7 +217,7 @@ class DatasyncService:
             if progress is not None:
                 files, nbytes = scan_total(root)
                 progress.start(files, nbytes)
-            on_progress = progress.advance if progress is not None else None
+            on_progress = progress.update if progress is not None else None
             for entry in scan_directory(
                 root,
                 chunk_size=chunk,
@@ -237,7 +245,8 @@ class DatasyncService:
     ) -> RegisterResult:
         """Register a producer-supplied JSON Lines manifest without re-hashing.
 
-        The version is stored unverified until a transfer hashes its bytes.
+        Also accepts a canonical manifest (``datasync export`` output). The version is
+        stored unverified until a transfer hashes its bytes.
         """
         check_dataset_name(dataset)
         labels = [check_label(label)] if label is not None else []
@@ -245,7 +254,7 @@ class DatasyncService:
         if not path.is_file():
             raise UserError(f"{jsonl_path}: no such manifest file")
         with path.open("rb") as stream:
-            header, entries = read_producer_manifest(stream)
+            header, entries = _read_manifest(stream)
             reg = self.store.register(
                 dataset, header, entries, labels=labels, verified=False, source=f"manifest:{path}"
             )
@@ -342,7 +351,18 @@ class DatasyncService:
         return tempfile.NamedTemporaryFile(dir=spool_dir, prefix="scan-", suffix=".jsonl")
 
 
-def _read_spool(spool: BinaryIO, chunk_size: int) -> Iterator[FileEntry]:
+def _read_manifest(stream: BinaryIO) -> tuple[ManifestHeader, Iterator[FileEntry]]:
+    """A producer manifest (any order), or a canonical one as ``datasync export`` writes."""
+    first = stream.readline()
+    stream.seek(0)
+    try:
+        is_canonical = loads_strict(first).get("format") == MANIFEST_FORMAT
+    except (ValueError, AttributeError):
+        is_canonical = False  # the producer reader reports what is wrong with line 1
+    return read_canonical(stream) if is_canonical else read_producer_manifest(stream)
+
+
+def _read_spool(spool: Iterable[bytes], chunk_size: int) -> Iterator[FileEntry]:
     for line in spool:
         try:
             yield entry_from_dict(json.loads(line), chunk_size)
@@ -358,4 +378,3 @@ def _change_info(change: Change) -> ChangeInfo:
         new_size=change.new_size,
         new_digest=change.new_digest,
     )
-

@@ -169,6 +169,9 @@ def create_app(application: App) -> FastAPI:
         """Point a label at a version (moving it if it exists)."""
         return service.set_label(body.ref, body.label)
 
+    from datasync.api.transfer_routes import transfer_router  # placements, sites
+
+    api.include_router(transfer_router(application, API_PREFIX))
     return api
 
 

@@ -156,6 +156,12 @@ def tombstone_id(token: str) -> str:
     return f"{token}-aborted."
 
 
+def _written(key: str, size: int, response: Mapping[str, Any]) -> ObjectInfo:
+    """What ``stat`` would say, from a Put Blob / Put Block List response."""
+    modified = response.get("last_modified")
+    return ObjectInfo(key, size, response.get("etag"), modified.timestamp() if modified else None)
+
+
 class AzureBackend:
     """A container (and optional prefix) in an Azure storage account."""
 
@@ -392,8 +398,8 @@ class AzureBackend:
         if self.checksum == "md5":
             kwargs["validate_content"] = "md5"
         with azure_errors(self._url(key)):
-            self._blob(key).upload_blob(data, length=len(data), **kwargs)
-        return self.stat(key)
+            done = self._blob(key).upload_blob(data, length=len(data), **kwargs)
+        return _written(key, len(data), done)
 
     def delete(self, key: str) -> None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -526,7 +532,7 @@ class _AzureBlockWriter:
         blocks = [BlobBlock(block_id=block_id(self._token, i)) for i in range(self._layout.count)]
         with azure_errors(self._url):
             try:
-                self._b._blob(self._key).commit_block_list(blocks)
+                done = self._b._blob(self._key).commit_block_list(blocks)
             except Exception as exc:
                 if _code(exc) == "InvalidBlockList":
                     missing = sorted(set(range(self._layout.count)) - self.durable_parts())
@@ -536,7 +542,7 @@ class _AzureBlockWriter:
                         url=self._url,
                     ) from exc
                 raise
-        return self._b.stat(self._key)
+        return _written(self._key, self._layout.size, done)
 
     def abort(self) -> None:
         """Mark the attempt dead; its blocks stay invisible until the service reaps them."""

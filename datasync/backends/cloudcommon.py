@@ -141,11 +141,9 @@ def codepoint_order(items: Iterator[T], key: Callable[[T], str]) -> Iterator[T]:
     characters until the listing moves past their prefix.
     """
     pending: list[tuple[str, int, T]] = []
-    seq = 0
-    for item in items:
+    for seq, item in enumerate(items):
         name = key(item)
         heapq.heappush(pending, (name, seq, item))
-        seq += 1
         astral = next((i for i, ch in enumerate(name) if ord(ch) >= 0x10000), None)
         if astral is None:
             while pending and pending[0][0] <= name:

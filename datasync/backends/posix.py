@@ -288,7 +288,10 @@ class PosixBackend:
             kwargs["preallocate"] = _option_bool(kwargs["preallocate"], "preallocate")
         if not url.path:
             raise ConfigError("posix URL needs a path")
-        return cls(url.path, **kwargs)
+        try:
+            return cls(url.path, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad posix backend option for {url.path}: {exc}") from exc
 
     # -- protocol ---------------------------------------------------------------------
 

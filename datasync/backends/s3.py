@@ -512,8 +512,9 @@ class S3Backend:
                         raise
                     self._checksum_rejected(exc, url)
             if response is None:
-                self.client.put_object(**args)
-        return self.stat(key)
+                response = self.client.put_object(**args)
+        # PutObject answers no Last-Modified; a HEAD per small object would double requests.
+        return ObjectInfo(key=key, size=len(data), etag=_strip_etag(response.get("ETag")))
 
     def delete(self, key: str) -> None:
         with s3_errors(self._url(key)):
@@ -527,10 +528,11 @@ class S3Backend:
         pin_args = {"CopySourceIfMatch": pin} if pin else {}
         if src.size <= self.multipart_copy_threshold:
             with s3_errors(url):
-                self.client.copy_object(
+                result = self.client.copy_object(
                     Bucket=self.bucket, Key=self._name(dst_key), CopySource=source, **pin_args
-                )
-            return self.stat(dst_key)
+                )["CopyObjectResult"]
+            mtime = result["LastModified"].timestamp() if result.get("LastModified") else None
+            return ObjectInfo(dst_key, src.size, _strip_etag(result.get("ETag")), mtime)
         return self._copy_multipart(source, src, dst_key, pin_args)
 
     def _copy_multipart(
@@ -702,13 +704,13 @@ class _S3MultipartWriter:
                 entry["ChecksumCRC32C"] = parts[index]["ChecksumCRC32C"]
             listed.append(entry)
         with s3_errors(self._url):
-            self._b.client.complete_multipart_upload(
+            done = self._b.client.complete_multipart_upload(
                 Bucket=self._b.bucket,
                 Key=self._name,
                 UploadId=self._upload_id,
                 MultipartUpload={"Parts": listed},
             )
-        return self._b.stat(self._key)
+        return ObjectInfo(key=self._key, size=self._layout.size, etag=_strip_etag(done.get("ETag")))
 
     def abort(self) -> None:
         try:

@@ -31,6 +31,7 @@ from sqlmodel import Field, SQLModel
 from datasync.db.tables import Entry, path_type
 
 __all__ = [
+    "NO_DEADLINE",
     "PLACEMENT_STATES",
     "TASK_KINDS",
     "TASK_STATES",
@@ -44,6 +45,9 @@ __all__ = [
 PLACEMENT_STATES = ("PLANNING", "TRANSFERRING", "PUBLISHING", "READY", "FAILED")
 TASK_KINDS = ("blobs", "chunks", "finalize", "publish")
 TASK_STATES = ("queued", "leased", "done", "failed")
+
+# A task's deadline when its placement has none (sorts after every real deadline).
+NO_DEADLINE = datetime(9999, 12, 31, tzinfo=UTC)
 
 # BIGINT ids on PostgreSQL; SQLite only auto-increments a column declared INTEGER.
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -128,7 +132,9 @@ class Task(SQLModel, table=True):
     kind: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
     state: str = Field(default="queued", sa_column=sa.Column(sa.String(16), nullable=False))
     priority: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False))
-    deadline: datetime | None = Field(default=None, sa_column=sa.Column(_TS, nullable=True))
+    # NO_DEADLINE when none: a NOT NULL column lets "deadline ASC NULLS LAST" use the claim
+    # index on SQLite too (where NULLs sort first).
+    deadline: datetime = Field(default=NO_DEADLINE, sa_column=sa.Column(_TS, nullable=False))
     created_at: datetime = Field(default_factory=_utc_now, sa_column=sa.Column(_TS, nullable=False))
     not_before: datetime = Field(default_factory=_utc_now, sa_column=sa.Column(_TS, nullable=False))
     blocked_by: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False))

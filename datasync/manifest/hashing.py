@@ -95,6 +95,8 @@ class ChunkedHasher:
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         mv = data if isinstance(data, memoryview) else memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")  # slice by bytes, whatever the exporter's item type
         n = mv.nbytes
         cs = self._chunk_size
         pos = 0

@@ -35,6 +35,8 @@ MAX_PATH_BYTES = 4096
 
 # C0 controls (includes NUL, TAB, LF), DEL, and the C1 block.
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+# A "." or ".." segment anywhere (controls, so "\n" before "$", are rejected earlier).
+_DOT_SEGMENT_RE = re.compile(r"(?:^|/)(\.\.?)(?:/|$)")
 
 
 def _fail(raw: object, why: str) -> InvalidPath:
@@ -77,12 +79,12 @@ def normalize_path(raw: str) -> str:
         raise _fail(raw, f"{nbytes} bytes long, more than {MAX_PATH_BYTES}")
     if "//" in path or path[-1] == "/":
         raise _fail(raw, "empty path segment ('//' or a trailing '/')")
-    if "." in path or nbytes > MAX_SEGMENT_BYTES:
-        # Slow path only when a dot segment or a long segment is possible at all.
+    m = _DOT_SEGMENT_RE.search(path)
+    if m:
+        raise _fail(raw, f"'{m.group(1)}' segments are not allowed")
+    if nbytes > MAX_SEGMENT_BYTES:  # only then can a single segment be too long
         for segment in path.split("/"):
-            if segment == "." or segment == "..":
-                raise _fail(raw, f"'{segment}' segments are not allowed")
-            if nbytes > MAX_SEGMENT_BYTES and len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
                 raise _fail(
                     raw,
                     f"segment {segment[:40]!r}... is longer than {MAX_SEGMENT_BYTES} bytes",

@@ -48,8 +48,10 @@ class Ref:
 def check_dataset_name(name: str) -> str:
     """Return ``name`` if valid, else raise ``UserError`` saying what is wrong."""
     segments = name.split("/")
-    if not name or len(segments) > MAX_DATASET_SEGMENTS or not all(
-        _SEGMENT_RE.match(s) for s in segments
+    if (
+        not name
+        or len(segments) > MAX_DATASET_SEGMENTS
+        or not all(_SEGMENT_RE.match(s) for s in segments)
     ):
         raise UserError(
             f"invalid dataset name {name!r}: use 1-{MAX_DATASET_SEGMENTS} '/'-separated "

@@ -34,7 +34,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +202,22 @@ class _Progress:
             self.bytes += n
 
 
+def _check_file(item: _Item, st: os.stat_result) -> None:
+    """The file found at hashing time is still what the walk listed, and acceptable."""
+    if stat.S_ISLNK(st.st_mode):
+        raise SourceChanged(f"{item.rel!r} was replaced by a symlink while being scanned")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsupportedFileType(
+            f"{item.rel!r} is {_describe_mode(st.st_mode)}; only regular files can be registered"
+        )
+    if item.ident is not None and (st.st_dev, st.st_ino) != item.ident:
+        raise SourceChanged(f"symlink {item.rel!r} was retargeted while it was being scanned")
+    if st.st_size > MAX_FILE_SIZE:
+        raise InvalidManifest(
+            f"{item.rel!r} is {st.st_size} bytes, more than the {MAX_FILE_SIZE}-byte limit"
+        )
+
+
 def _hash_item(
     item: _Item,
     chunk_size: int,
@@ -210,6 +226,17 @@ def _hash_item(
     buffer_size: int,
     progress: _Progress,
 ) -> FileEntry:
+    if cache is not None:
+        # A hit needs only a stat: no open/close, which is what costs on Lustre and NFS.
+        try:
+            st0 = os.stat(item.open_path, follow_symlinks=item.follow)
+        except OSError as exc:
+            raise _os_error(exc, item.path) from exc
+        _check_file(item, st0)
+        hit = cache.lookup(item.path, st0, chunk_size)
+        if hit is not None:
+            progress.add(st0.st_size)
+            return FileEntry(item.rel, st0.st_size, hit[0], hit[1])
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if item.follow else os.O_NOFOLLOW)
     try:
         fd = os.open(item.open_path, flags)
@@ -217,22 +244,7 @@ def _hash_item(
         raise _os_error(exc, item.path) from exc
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsupportedFileType(
-                f"{item.rel!r} is {_describe_mode(st.st_mode)}; only regular files can be "
-                "registered"
-            )
-        if item.ident is not None and (st.st_dev, st.st_ino) != item.ident:
-            raise SourceChanged(f"symlink {item.rel!r} was retargeted while it was being scanned")
-        if st.st_size > MAX_FILE_SIZE:
-            raise InvalidManifest(
-                f"{item.rel!r} is {st.st_size} bytes, more than the {MAX_FILE_SIZE}-byte limit"
-            )
-        if cache is not None:
-            hit = cache.lookup(item.path, st, chunk_size)
-            if hit is not None:
-                progress.add(st.st_size)
-                return FileEntry(item.rel, st.st_size, hit[0], hit[1])
+        _check_file(item, st)
         started = time.time_ns()
         if st.st_size > buffer_size and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -280,7 +292,7 @@ def scan_directory(
     on_progress: ProgressCallback | None = None,
     hash_threads: int = 2,
     buffer_size: int = DEFAULT_BUFFER_SIZE,
-) -> Iterator[FileEntry]:
+) -> Generator[FileEntry, None, None]:
     """Stream ``root``'s files as ``FileEntry`` in canonical order, hashing in parallel.
 
     ``workers`` files are hashed at once; a file spanning several buffers also gets a
@@ -304,7 +316,7 @@ def _scan(
     on_progress: ProgressCallback | None,
     hash_threads: int,
     buffer_size: int,
-) -> Iterator[FileEntry]:
+) -> Generator[FileEntry, None, None]:
     progress = _Progress()
     files_done = 0
     last_report = time.monotonic()

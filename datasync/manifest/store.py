@@ -5,8 +5,10 @@ Registration is one write transaction (``BEGIN IMMEDIATE`` on SQLite):
 1. get or create the dataset row, insert a *pending* version row (``version_id`` NULL);
 2. bulk-insert the entries in batches (``executemany`` on SQLite, ``COPY`` on PostgreSQL),
    each batch under a savepoint so a duplicate path can be named precisely;
-3. stream the entries back ``ORDER BY path`` into ``VersionIdBuilder``: the version id is
-   the sha256 of the canonical bytes, and the builder rejects any out-of-order/duplicate;
+3. compute the version id (sha256 of the canonical bytes) with ``VersionIdBuilder``: fed
+   during step 2 while the input arrives in canonical order (a directory scan always
+   does), else by streaming the rows back ``ORDER BY path``; either way a duplicate path
+   is rejected;
 4. if the dataset already has a sealed version with that id, roll everything back and
    return it (``created=False``); otherwise seal the row and move ``latest`` (and the
    requested labels) to it, then commit.
@@ -18,6 +20,7 @@ Memory stays bounded by one batch, whatever the number of files.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ __all__ = ["ManifestStore", "Registration"]
 BATCH_ROWS = 20_000
 STREAM_ROWS = 10_000
 _AMBIGUOUS_SHOWN = 10
+_cursor_ids = itertools.count()
 
 _D, _V, _E, _L = datasets_table, versions_table, entries_table, labels_table
 _EntryRow = tuple[int, str, int, str, str | None]
@@ -105,8 +109,11 @@ class ManifestStore:
                     )
                     .returning(_V.c.pk)
                 ).scalar_one()
-                _insert_entries(conn, version_pk, entries)
-                version_id, files, nbytes = _compute_id(conn, version_pk, header)
+                builder = VersionIdBuilder(header)
+                if _insert_entries(conn, version_pk, entries, builder):
+                    version_id, files, nbytes = builder.hexdigest(), builder.files, builder.bytes
+                else:
+                    version_id, files, nbytes = _compute_id(conn, version_pk, header)
                 _seal(conn, dataset_pk, version_pk, version_id, files, nbytes)
                 for name in (LATEST, *wanted):
                     _move_label(conn, dataset_pk, name, version_pk)
@@ -116,9 +123,7 @@ class ManifestStore:
                 for name in wanted:
                     _move_label(conn, dataset_pk, name, exc.version_pk)
                 if verified:
-                    conn.execute(
-                        _V.update().where(_V.c.pk == exc.version_pk).values(verified=True)
-                    )
+                    conn.execute(_V.update().where(_V.c.pk == exc.version_pk).values(verified=True))
             return Registration(self._summary(exc.version_pk), created=False)
         return Registration(self._summary(version_pk), created=True)
 
@@ -149,9 +154,7 @@ class ManifestStore:
     def header(self, version: VersionSummary) -> ManifestHeader:
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(_V.c.chunk_size, _V.c.format).where(
-                    _V.c.pk == _version_pk(conn, version)
-                )
+                sa.select(_V.c.chunk_size, _V.c.format).where(_V.c.pk == _version_pk(conn, version))
             ).one()
         return ManifestHeader(chunk_size=row.chunk_size, format=row.format)
 
@@ -232,9 +235,27 @@ def _get_or_create_dataset(conn: Connection, name: str) -> int:
     return int(conn.execute(sa.select(_D.c.pk).where(_D.c.name == name)).scalar_one())
 
 
-def _insert_entries(conn: Connection, version_pk: int, entries: Iterable[FileEntry]) -> None:
+def _insert_entries(
+    conn: Connection, version_pk: int, entries: Iterable[FileEntry], builder: VersionIdBuilder
+) -> bool:
+    """Insert ``entries``; while they arrive in canonical order, also feed ``builder``.
+
+    Returns True if the whole input was in canonical order (a scan always is), so the
+    builder already holds the version id and the ``ORDER BY path`` pass can be skipped.
+    """
     batch: list[_EntryRow] = []
+    ordered = True
+    last = b""
     for entry in entries:
+        if ordered:
+            key = entry.path.encode("utf-8")
+            if key > last:  # paths are never empty, so the first one passes
+                builder.add(entry)
+                last = key
+            elif key == last:
+                raise _duplicate(entry.path)
+            else:
+                ordered = False  # producer manifests may come in any order
         chunks = json.dumps(list(entry.chunks), separators=(",", ":")) if entry.chunks else None
         batch.append((version_pk, entry.path, entry.size, entry.digest, chunks))
         if len(batch) >= BATCH_ROWS:
@@ -242,6 +263,14 @@ def _insert_entries(conn: Connection, version_pk: int, entries: Iterable[FileEnt
             batch = []
     if batch:
         _flush(conn, version_pk, batch)
+    return ordered
+
+
+def _duplicate(path: str) -> InvalidManifest:
+    return InvalidManifest(
+        f"duplicate path {path!r}: each path may appear once (paths are compared after "
+        "Unicode NFC normalization, so NFC/NFD spellings of one name are duplicates)"
+    )
 
 
 def _flush(conn: Connection, version_pk: int, batch: list[_EntryRow]) -> None:
@@ -253,14 +282,10 @@ def _flush(conn: Connection, version_pk: int, batch: list[_EntryRow]) -> None:
                 conn.exec_driver_sql(
                     "INSERT INTO entries (version_pk, path, size, digest, chunks) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    batch,  # type: ignore[arg-type]
+                    batch,
                 )
     except (sa.exc.IntegrityError, psycopg.IntegrityError) as exc:
-        path = _find_duplicate(conn, version_pk, batch)
-        raise InvalidManifest(
-            f"duplicate path {path!r}: each path may appear once (paths are compared after "
-            "Unicode NFC normalization, so NFC/NFD spellings of one name are duplicates)"
-        ) from exc
+        raise _duplicate(_find_duplicate(conn, version_pk, batch)) from exc
 
 
 def _copy_rows(conn: Connection, batch: list[_EntryRow]) -> None:
@@ -351,17 +376,30 @@ def _move_label(conn: Connection, dataset_pk: int, name: str, version_pk: int) -
 def _ordered_entries(
     conn: Connection, version_pk: int, *, chunks: bool = True
 ) -> Iterator[tuple[str, int, str, str | None]]:
-    """``ORDER BY path`` through a server-side cursor (PostgreSQL) / lazy cursor (SQLite)."""
-    columns = [_E.c.path, _E.c.size, _E.c.digest, _E.c.chunks if chunks else sa.null()]
-    result = conn.execute(
-        sa.select(*columns).where(_E.c.version_pk == version_pk).order_by(_E.c.path),
-        execution_options={"stream_results": True, "yield_per": STREAM_ROWS},
+    """Rows ``ORDER BY path`` as plain tuples, streamed without buffering the version.
+
+    Goes to the driver directly: at a million rows, SQLAlchemy's per-row processing costs
+    more than the query. PostgreSQL uses a named (server-side) cursor fetching
+    ``STREAM_ROWS`` at a time; SQLite cursors step lazily anyway. It runs on ``conn``'s
+    connection, so it sees that connection's uncommitted rows.
+    """
+    raw: Any = conn.connection.driver_connection
+    column = "chunks" if chunks else "NULL"
+    if is_postgresql(conn):
+        cursor = raw.cursor(name=f"entries_{version_pk}_{next(_cursor_ids)}")
+        cursor.itersize = STREAM_ROWS
+        param = "%s"
+    else:
+        cursor = raw.cursor()
+        param = "?"
+    sql = (
+        f"SELECT path, size, digest, {column} FROM entries WHERE version_pk = {param} ORDER BY path"
     )
     try:
-        for row in result:
-            yield row[0], row[1], row[2], row[3]
+        cursor.execute(sql, (version_pk,))
+        yield from cursor
     finally:
-        result.close()
+        cursor.close()
 
 
 def _to_entry(path: str, size: int, digest: str, chunks: str | None) -> FileEntry:

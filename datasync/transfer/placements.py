@@ -13,8 +13,9 @@ and the tests all call these.
   recorded as replicas of that site (``record_source_replicas``), so the planner can read
   from them. A version registered from anywhere else cannot be replicated until it is
   (register it from inside a site).
-* ``status`` reports progress, throughput over the last ``THROUGHPUT_WINDOW`` seconds, an
-  ETA, whether a deadline is at risk, task counts and the newest errors.
+* ``status`` reports progress, current throughput (bytes written by tasks finished in the
+  last ``THROUGHPUT_WINDOW`` seconds; 0 once READY or FAILED), an ETA from the same window,
+  whether a deadline is at risk, task counts and the newest errors.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "PlacementStatus",
     "SiteInfo",
     "list_sites",
+    "parse_deadline",
     "record_source_replicas",
     "replan_stale",
     "replicate",
@@ -183,7 +185,9 @@ def _insert_source_rows(conn: Connection, site: str, prefix: str, version_pk: in
     ).where(_E.c.version_pk == version_pk)
     insert = postgresql.insert(_R) if is_postgresql(conn) else sqlite.insert(_R)
     stmt = insert.from_select(["site", "digest", "size", "key", "state", "verified_at"], rows)
-    result = conn.execute(stmt.on_conflict_do_nothing())
+    result = conn.execute(
+        stmt.on_conflict_do_nothing(), execution_options={"preserve_rowcount": True}
+    )
     return max(0, result.rowcount or 0)
 
 
@@ -313,6 +317,7 @@ def _reprioritize(
     if not values:
         return
     conn.execute(sa.update(_P).where(_P.c.id == placement_id).values(updated_at=now, **values))
+    # Tasks inherit both, so the queue reorders at once (retries never lose priority).
     conn.execute(
         sa.update(_T)
         .where(_T.c.placement_id == placement_id, _T.c.state.in_(("queued", "leased")))
@@ -377,13 +382,17 @@ def status(
                     sa.func.coalesce(sa.func.sum(_T.c.bytes), 0),
                 ).where(_T.c.placement_id == pid, _T.c.state == "done", _T.c.finished_at >= since)
             ).one()
-            throughput = float(moved) / THROUGHPUT_WINDOW
+            # Over the last window, or since the placement began if that is shorter.
+            age = (now - (as_utc(row["created_at"]) or now)).total_seconds()
+            span = max(1.0, min(THROUGHPUT_WINDOW, age))
+            final = row["state"] in ("READY", "FAILED")
+            throughput = 0.0 if final else float(moved) / span
+            rate = float(logical) / span
             remaining = int(row["bytes_total"]) - int(row["bytes_done"])
-            rate = float(logical) / THROUGHPUT_WINDOW
             eta: float | None = None
             if row["state"] == "READY":
                 eta = 0.0
-            elif rate > 0:
+            elif not final and rate > 0:
                 eta = remaining / rate
             deadline = as_utc(row["deadline"])
             at_risk = bool(

@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from datasync.config import Settings
 from datasync.db.engine import write_transaction
 from datasync.db.tables import entries_table, versions_table
-from datasync.db.transfer_tables import Placement, Replica, Task
+from datasync.db.transfer_tables import NO_DEADLINE, Placement, Replica, Task
 from datasync.errors import UserError
 from datasync.transfer.taskqueue import fail_placement
 
@@ -162,7 +162,7 @@ class _Planner:
             "kind": kind,
             "state": "queued",
             "priority": self.priority,
-            "deadline": self.deadline,
+            "deadline": self.deadline or NO_DEADLINE,
             "created_at": now,
             "not_before": now,
             "blocked_by": blocked_by,

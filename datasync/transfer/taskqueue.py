@@ -15,7 +15,8 @@ Invariants:
   (the database write lock), so two claimers never get the same task.
 * Claimable = queued, unblocked (``blocked_by = 0``) and due (``not_before <= now``), or
   leased with an expired lease and attempts left. Order: priority DESC, deadline ASC NULLS
-  LAST, created_at, id.
+  LAST (stored as ``NO_DEADLINE``), created_at, id. Each branch reads the head of its own
+  partial index, so a claim costs the same with ten tasks queued or ten million.
 * Only the lease owner can heartbeat, complete or fail a task; a worker whose lease was taken
   over learns it from the return value and must stop (its work is idempotent anyway).
 * Completing a task decrements its parent's ``blocked_by`` and adds the task's logical
@@ -43,7 +44,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from datasync.db.engine import is_postgresql, write_transaction
-from datasync.db.transfer_tables import Task
+from datasync.db.transfer_tables import NO_DEADLINE, Task
 from datasync.errors import DatasyncError, Throttled
 
 __all__ = [
@@ -66,9 +67,28 @@ _RETURNING = (
     " priority, deadline, created_at"
 )
 
-# The claim, PostgreSQL. The inner SELECT locks the candidate rows it returns and skips rows
-# another claimer holds; the outer UPDATE leases them. Taking over an expired lease records
-# why the attempt ended in the task's error history.
+# Claimable rows, as one SQL predicate (``{now}`` is ``now()`` or ``:now``).
+_CLAIMABLE = """((state = 'queued' AND blocked_by = 0 AND not_before <= {now})
+       OR (state = 'leased' AND lease_expires_at < {now} AND attempts < max_attempts))"""
+# Candidates: the head of each claim index (queued in claim order; expired leases), so a
+# claim reads O(window) rows however long the queue is, instead of sorting the whole OR.
+_CANDIDATES = """
+    SELECT id FROM (SELECT id FROM tasks
+                     WHERE state = 'queued' AND blocked_by = 0 AND not_before <= {now}
+                     ORDER BY priority DESC, deadline, created_at, id
+                     LIMIT :window) AS queued
+    UNION ALL
+    SELECT id FROM (SELECT id FROM tasks
+                     WHERE state = 'leased' AND lease_expires_at < {now}
+                       AND attempts < max_attempts
+                     ORDER BY lease_expires_at
+                     LIMIT :window) AS expired"""
+_TAKEOVER_NOTE = "'lease of ' || {t}lease_owner || ' expired'"
+
+# The claim, PostgreSQL: ONE statement. The middle SELECT re-checks the candidates, locks
+# the ones nobody else holds (SKIP LOCKED) in claim order, and the UPDATE leases them.
+# Taking over an expired lease records why that attempt ended in the error history.
+# (``deadline`` is never NULL: tasks without one carry NO_DEADLINE, i.e. NULLS LAST.)
 CLAIM_PG = sa.text(
     f"""
 UPDATE tasks AS t
@@ -80,21 +100,21 @@ UPDATE tasks AS t
                 THEN (t.errors::jsonb || jsonb_build_array(jsonb_build_object(
                         'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'),
                         'class', 'LeaseExpired',
-                        'message', 'lease of ' || t.lease_owner || ' expired'
-                     )))::json
+                        'message', {_TAKEOVER_NOTE.format(t="t.")})))::json
                 ELSE t.errors END
  WHERE t.id IN (
         SELECT id FROM tasks
-         WHERE (state = 'queued' AND blocked_by = 0 AND not_before <= now())
-            OR (state = 'leased' AND lease_expires_at < now() AND attempts < max_attempts)
-         ORDER BY priority DESC, deadline ASC NULLS LAST, created_at, id
+         WHERE id IN ({_CANDIDATES.format(now="now()")})
+           AND {_CLAIMABLE.format(now="now()")}
+         ORDER BY priority DESC, deadline, created_at, id
            FOR UPDATE SKIP LOCKED
          LIMIT :n)
 RETURNING {_RETURNING}
 """
 )
 
-# The claim, SQLite: the same statement; BEGIN IMMEDIATE already excludes other writers.
+# The claim, SQLite: the same statement without row locks; it runs inside BEGIN IMMEDIATE,
+# which already excludes every other writer.
 CLAIM_SQLITE = sa.text(
     f"""
 UPDATE tasks
@@ -106,13 +126,13 @@ UPDATE tasks
                 THEN json_insert(errors, '$[#]', json_object(
                         'at', strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now'),
                         'class', 'LeaseExpired',
-                        'message', 'lease of ' || lease_owner || ' expired'))
+                        'message', {_TAKEOVER_NOTE.format(t="")}))
                 ELSE errors END
  WHERE id IN (
         SELECT id FROM tasks
-         WHERE (state = 'queued' AND blocked_by = 0 AND not_before <= :now)
-            OR (state = 'leased' AND lease_expires_at < :now AND attempts < max_attempts)
-         ORDER BY priority DESC, deadline ASC NULLS LAST, created_at, id
+         WHERE id IN ({_CANDIDATES.format(now=":now")})
+           AND {_CLAIMABLE.format(now=":now")}
+         ORDER BY priority DESC, deadline, created_at, id
          LIMIT :n)
 RETURNING {_RETURNING}
 """
@@ -178,9 +198,13 @@ class ClaimedTask:
     created_at: datetime
 
 
-def _claim_order(task: ClaimedTask) -> tuple[int, bool, datetime, datetime, int]:
-    far = task.deadline or task.created_at
-    return (-task.priority, task.deadline is None, far, task.created_at, task.id)
+def _deadline(value: datetime) -> datetime | None:
+    aware = as_utc(value)
+    return None if aware is None or aware.year == NO_DEADLINE.year else aware
+
+
+def _claim_order(task: ClaimedTask) -> tuple[int, datetime, datetime, int]:
+    return (-task.priority, task.deadline or NO_DEADLINE, task.created_at, task.id)
 
 
 class TaskQueue:
@@ -240,7 +264,8 @@ class TaskQueue:
                     "now": now,
                     "until": now + timedelta(seconds=lease_seconds),
                 }
-            rows = conn.execute(stmt, {**params, "n": limit}).mappings().all()
+            window = max(4 * limit, limit + 64)  # room to skip rows other claimers lock
+            rows = conn.execute(stmt, {**params, "n": limit, "window": window}).mappings().all()
             tasks = [
                 ClaimedTask(
                     id=r["id"],
@@ -252,7 +277,7 @@ class TaskQueue:
                     max_attempts=r["max_attempts"],
                     lease_expires_at=as_utc(r["lease_expires_at"]) or datetime.now(UTC),
                     priority=r["priority"],
-                    deadline=as_utc(r["deadline"]),
+                    deadline=_deadline(r["deadline"]),
                     created_at=as_utc(r["created_at"]) or datetime.now(UTC),
                 )
                 for r in rows

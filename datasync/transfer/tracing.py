@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["read_trace", "traced_write"]
+__all__ = ["read_trace", "reset_tracing", "traced_write"]
 
 _state: dict[str, int | None] = {}
 _lock = threading.Lock()
@@ -49,6 +49,12 @@ def traced_write(target: str, kind: str) -> Iterator[None]:
         yield
     finally:
         _emit(fd, "end", target, kind)
+
+
+def reset_tracing() -> None:
+    """Re-read the environment on next use (a forked test worker sets its own)."""
+    with _lock:
+        _state.clear()
 
 
 def read_trace(path: str) -> list[tuple[str, str, str, int, int, int]]:

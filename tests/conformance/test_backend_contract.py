@@ -161,6 +161,7 @@ def test_read_pinned_to_version(backend: Backend) -> None:
 
 
 def test_nothing_visible_before_commit(backend: Backend) -> None:
+    """Invariant 2: no byte is published at a key before the writer commits."""
     data = payload(4, 3000)
     ps = part_size_for(backend, 1024)
     layout = PartLayout(len(data), ps)
@@ -221,6 +222,7 @@ def test_parallel_out_of_order_parts(backend: Backend) -> None:
 
 
 def test_resume_with_token(backend: Backend) -> None:
+    """Invariant 4: a worker that dies mid-upload loses nothing; another one finishes it."""
     ps = part_size_for(backend, 64 * KiB)
     size = 3 * ps + 99
     layout = PartLayout(size, ps)
@@ -449,6 +451,7 @@ def test_large_round_trip_by_digest(backend: Backend) -> None:
 
 
 def test_missing_bucket_is_not_found(make_backend: MakeBackend) -> None:
+    """Invariant 7: a missing bucket is a permanent, named error (never an empty listing)."""
     missing = make_backend(missing_bucket=True)
     with pytest.raises(NotFound) as caught:
         list(missing.list(""))
@@ -496,6 +499,7 @@ print(json.dumps(out))
 def test_bad_credentials_are_permission_denied(
     backend_kind: str, make_backend: MakeBackend
 ) -> None:
+    """Invariant 7: refused credentials are a permanent ``PermissionDenied``."""
     if backend_kind == "memory":
         # No credentials in memory: check that a denial is surfaced at once, not retried.
         backend = make_backend()
@@ -545,8 +549,9 @@ def test_bad_credentials_are_permission_denied(
 
 
 def test_throttling_and_transient_errors_are_retried() -> None:
-    """Memory fault hooks stand in for a throttling server here; the cloud backends'
-    own tests (tests/unit/test_s3*.py etc.) drive real 503/429 responses."""
+    """Invariant 7: throttling and transient errors are retried, honouring Retry-After.
+    Memory fault hooks stand in for a throttling server here; real 503/429 responses
+    belong in the cloud backends' own tests (their translation of throttling replies)."""
     name = f"throttle-{uuid.uuid4().hex}"
     backend = MemoryBackend(name)
     try:

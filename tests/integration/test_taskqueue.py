@@ -137,9 +137,7 @@ def test_retryable_failure_requeues_with_backoff(engine: Engine, placement: int)
     # A zero backoff (the tests' switch) makes it due at once; attempts keep counting.
     fast = TaskQueue(engine, backoff_base=0)
     with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "UPDATE tasks SET not_before = created_at WHERE id = %d" % task_id
-        )
+        conn.exec_driver_sql(f"UPDATE tasks SET not_before = created_at WHERE id = {task_id}")
     (again,) = fast.claim("w", 1, 60)
     assert again.attempts == 2
     assert fast.fail("w", task_id, TransientError("timeout")) == "queued"
@@ -218,9 +216,7 @@ def test_reap_fails_tasks_whose_workers_died_on_every_attempt(
 
 def test_dependencies_gate_finalize_and_publish(engine: Engine, placement: int) -> None:
     publish = add_task(engine, placement, "publish", blocked_by=2)
-    finalize = add_task(
-        engine, placement, "finalize", parent_id=publish, blocked_by=2, files=1
-    )
+    finalize = add_task(engine, placement, "finalize", parent_id=publish, blocked_by=2, files=1)
     chunks = [
         add_task(engine, placement, "chunks", parent_id=finalize, priority=1, nbytes=100)
         for _ in range(2)

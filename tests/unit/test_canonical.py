@@ -20,6 +20,7 @@ from datasync.manifest.canonical import (
     encode_header,
     entry_from_dict,
     header_from_dict,
+    loads_strict,
     path_sort_key,
     read_canonical,
     version_id,
@@ -153,12 +154,13 @@ def test_entry_from_dict_rejects_non_objects() -> None:
 
 def test_header_from_dict() -> None:
     assert header_from_dict({"chunk_size": MiB, "format": "datasync-manifest/1"}) == HEADER
-    for bad, match in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"chunk_size": MiB}, "header format"),
         ({"format": "datasync-manifest/1"}, "missing 'chunk_size'"),
         ({"format": "datasync-manifest/1", "chunk_size": True}, "bad chunk_size"),
         ({"format": "datasync-manifest/1", "chunk_size": MiB, "x": 1}, "unknown header"),
-    ]:
+    ]
+    for bad, match in cases:
         with pytest.raises(InvalidManifest, match=match):
             header_from_dict(bad)
 
@@ -183,9 +185,7 @@ def test_read_canonical_rejects_non_canonical_bytes() -> None:
 
 # --- properties -------------------------------------------------------------------------
 
-path_chars = st.characters(
-    blacklist_categories=("Cs", "Cc"), blacklist_characters=["/", "\x7f"]
-)
+path_chars = st.characters(blacklist_categories=["Cs", "Cc"], blacklist_characters=["/", "\x7f"])
 paths = (
     st.lists(
         st.text(path_chars, min_size=1, max_size=6).filter(lambda s: s not in {".", ".."}),
@@ -275,3 +275,37 @@ def test_any_change_changes_the_id(m: list[FileEntry], data: st.DataObject) -> N
     if changed == m and header == HEADER:
         return
     assert version_id(header, changed) != before
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(json_values, st.sampled_from(["", " ", "\n", "\r\n", " \t"]), st.sampled_from(["", " "]))
+def test_loads_strict_matches_json_loads(value: Any, tail: str, head: str) -> None:
+    text = head + json.dumps(value) + tail
+    assert loads_strict(text.encode()) == json.loads(text)
+
+
+@given(st.text(max_size=12))
+def test_loads_strict_accepts_exactly_what_json_loads_accepts(text: str) -> None:
+    try:
+        want = json.loads(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            loads_strict(text)
+        return
+    if "NaN" in text or "Infinity" in text:
+        with pytest.raises(ValueError, match="not valid JSON"):
+            loads_strict(text)
+        return
+    assert loads_strict(text) == want

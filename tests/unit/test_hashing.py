@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+import itertools
 import os
 import shutil
 import subprocess
@@ -144,11 +146,16 @@ def test_any_block_boundaries_give_the_same_digests(
     data: bytes, chunk_size: int, cuts: list[int]
 ) -> None:
     bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
-    blocks = [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    blocks = [data[a:b] for a, b in itertools.pairwise(bounds)]
     assert hash_stream(blocks, chunk_size) == expected(data, chunk_size)
     # memoryview and bytearray blocks too (cloud SDKs hand out either).
     views = [memoryview(bytearray(b)) for b in blocks]
     assert hash_stream(views, chunk_size) == expected(data, chunk_size)
+
+
+def test_typed_buffers_are_hashed_as_bytes() -> None:
+    words = array.array("I", range(1000))
+    assert hash_stream([memoryview(words)], 1000) == expected(words.tobytes(), 1000)
 
 
 def test_result_can_be_taken_midway() -> None:

@@ -117,9 +117,7 @@ def test_long_bad_paths_are_truncated_in_messages() -> None:
 
 # --- properties -------------------------------------------------------------------------
 
-segment_chars = st.characters(
-    blacklist_categories=("Cs",), blacklist_characters=["/", *CONTROLS]
-)
+segment_chars = st.characters(blacklist_categories=["Cs"], blacklist_characters=["/", *CONTROLS])
 segments = st.text(segment_chars, min_size=1, max_size=12).filter(lambda s: s not in {".", ".."})
 valid_paths = st.lists(segments, min_size=1, max_size=6).map("/".join)
 

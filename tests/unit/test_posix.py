@@ -6,11 +6,14 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from datasync.backends.posix import (
     PosixBackend,
@@ -61,6 +64,7 @@ def backend(root: Path) -> PosixBackend:
     ],
 )
 def test_errno_translation(code: int, kind: type[StorageError], retryable: bool) -> None:
+    """Invariant 7: every OS error is classified, retryable or permanent, and chained."""
     exc = OSError(code, os.strerror(code), "/secret/path")
     with pytest.raises(StorageError) as caught, translate_os_errors("/root/key"):
         raise exc
@@ -226,3 +230,26 @@ def test_link_across_devices_falls_back_to_a_copy(
     assert (small_tmpfs / "view").read_bytes() == b"abc"
     assert (small_tmpfs / "view").stat().st_dev != (root / "blob").stat().st_dev
     assert [p.name for p in small_tmpfs.iterdir()] == ["view"]
+
+
+_segment = st.text(alphabet="a-.0é_ +", min_size=1, max_size=3).filter(
+    lambda s: s not in (".", "..") and not is_temp_name(s)
+)
+_key = st.lists(_segment, min_size=1, max_size=3).map("/".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(_key, min_size=1, max_size=25), st.sampled_from(["", "a", "a/", "a-", "é", "a/a"]))
+def test_walk_order_matches_sorted_keys(names: set[str], prefix: str) -> None:
+    """A directory walk yields exactly ``sorted(keys)``: 'a-b' < 'a/x' < 'ab' included."""
+    # POSIX cannot hold both 'a' and 'a/b': drop keys that are directories of others.
+    names = {n for n in names if not any(o.startswith(n + "/") for o in names)}
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = PosixBackend(tmp, lustre=False)
+        for name in names:
+            path = Path(tmp, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        assert [i.key for i in backend.list(prefix)] == sorted(
+            n for n in names if n.startswith(prefix)
+        )

@@ -207,3 +207,8 @@ def test_unknown_options_are_refused(root: Path) -> None:
 
 def _split(root: Path) -> SplitResult:
     return SplitResult("file", "", str(root), "", "")
+
+
+def test_badly_typed_options_are_config_errors(root: Path) -> None:
+    with pytest.raises(ConfigError, match="bad posix backend option"):
+        PosixBackend.from_url(_split(root), {"lustre": False, "stripe_small_count": "four"})

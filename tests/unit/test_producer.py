@@ -37,7 +37,9 @@ REGISTRY: Registry[Any] = Registry().with_resources(
 
 
 def validator(schema: dict[str, Any], part: str) -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator({"$ref": f"{schema['$id']}#/$defs/{part}"}, registry=REGISTRY)
+    return jsonschema.Draft202012Validator(
+        {"$ref": f"{schema['$id']}#/$defs/{part}"}, registry=REGISTRY
+    )
 
 
 PRODUCER_ENTRY = validator(PRODUCER, "entry")
@@ -97,17 +99,45 @@ def test_no_trailing_newline_is_fine() -> None:
 @pytest.mark.parametrize(
     ("body", "err", "match"),
     [
-        ('{"path": "a", "size": 1, "digest": "' + D0 + '"\n', InvalidManifest, "line 2: not valid JSON"),
-        (line({"path": "a", "size": 1, "digest": D0}) + "\n", InvalidManifest, "line 3: blank line"),
-        ('{"path": "a", "size": NaN, "digest": "x"}\n', InvalidManifest, "line 2: not valid JSON: NaN"),
-        (line({"path": "a", "size": 1, "digest": D0, "x": 1}), InvalidManifest, r"line 2: unknown key"),
-        (line({"path": "a", "size": -1, "digest": D0}), InvalidManifest, "line 2: size -1 is outside"),
+        (
+            '{"path": "a", "size": 1, "digest": "' + D0 + '"\n',
+            InvalidManifest,
+            "line 2: not valid JSON",
+        ),
+        (
+            line({"path": "a", "size": 1, "digest": D0}) + "\n",
+            InvalidManifest,
+            "line 3: blank line",
+        ),
+        (
+            '{"path": "a", "size": NaN, "digest": "x"}\n',
+            InvalidManifest,
+            "line 2: not valid JSON: NaN",
+        ),
+        (
+            line({"path": "a", "size": 1, "digest": D0, "x": 1}),
+            InvalidManifest,
+            r"line 2: unknown key",
+        ),
+        (
+            line({"path": "a", "size": -1, "digest": D0}),
+            InvalidManifest,
+            "line 2: size -1 is outside",
+        ),
         (line({"path": "a", "size": MAX_FILE_SIZE + 1, "digest": D0}), InvalidManifest, "outside"),
         (line({"path": "a", "size": 10**30, "digest": D0}), InvalidManifest, "outside"),
         (line({"path": "a", "size": True, "digest": D0}), InvalidManifest, "must be an integer"),
-        (line({"path": "a", "size": 1, "digest": "sha256:" + "0" * 64}), InvalidManifest, "bad digest"),
+        (
+            line({"path": "a", "size": 1, "digest": "sha256:" + "0" * 64}),
+            InvalidManifest,
+            "bad digest",
+        ),
         (line({"path": "a", "size": 1, "digest": D0[:-1]}), InvalidManifest, "bad digest"),
-        (line({"path": "a", "size": 3 * MiB, "digest": D0, "chunks": [D0, D0]}), InvalidManifest, "has 2 chunk"),
+        (
+            line({"path": "a", "size": 3 * MiB, "digest": D0, "chunks": [D0, D0]}),
+            InvalidManifest,
+            "has 2 chunk",
+        ),
         (line({"path": "a", "size": 3 * MiB, "digest": D0}), InvalidManifest, "needs 'chunks'"),
         (line({"path": "../a", "size": 1, "digest": D0}), InvalidPath, "line 2: invalid path"),
         (line({"path": "a\u0000", "size": 1, "digest": D0}), InvalidPath, "line 2: invalid path"),
@@ -116,12 +146,16 @@ def test_no_trailing_newline_is_fine() -> None:
         ("[1, 2]\n", InvalidManifest, "line 2: expected a JSON object"),
     ],
 )
-def test_bad_lines_name_their_line_number(body: str | bytes, err: type[Exception], match: str) -> None:
+def test_bad_lines_name_their_line_number(
+    body: str | bytes, err: type[Exception], match: str
+) -> None:
     ok = line({"path": "ok", "size": 1, "digest": D0})
     data = HEAD.encode() + (body if isinstance(body, bytes) else body.encode())
     with pytest.raises(err, match=match):
         read(data)
-    with pytest.raises(err, match=match.replace("line 2", "line 3").replace("line 3: blank", "line 4: blank")):
+    with pytest.raises(
+        err, match=match.replace("line 2", "line 3").replace("line 3: blank", "line 4: blank")
+    ):
         read(HEAD.encode() + ok.encode() + (body if isinstance(body, bytes) else body.encode()))
 
 
@@ -130,7 +164,10 @@ def test_bad_lines_name_their_line_number(body: str | bytes, err: type[Exception
     [
         ("\n", "missing header"),
         ("{\n", "line 1: not valid JSON"),
-        (line({"format": "datasync-manifest/1", "chunk_size": MiB}), "expected 'datasync-producer/1'"),
+        (
+            line({"format": "datasync-manifest/1", "chunk_size": MiB}),
+            "expected 'datasync-producer/1'",
+        ),
         (line({"format": "datasync-producer/1", "chunk_size": 1000}), "bad chunk_size"),
         (line({"format": "datasync-producer/1", "chunk_size": "64M"}), "bad chunk_size"),
         (line({"format": "datasync-producer/1", "extra": 1}), "unknown header key"),
@@ -184,7 +221,7 @@ digest_like = st.one_of(
 )
 good_path = st.lists(
     st.text(
-        st.characters(blacklist_categories=("Cs",), blacklist_characters=["/"]),
+        st.characters(blacklist_categories=["Cs"], blacklist_characters=["/"]),
         min_size=1,
         max_size=5,
     ),
@@ -195,7 +232,7 @@ path_like = st.one_of(
     good_path,
     good_path,
     good_path,
-    st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+    st.text(st.characters(blacklist_categories=["Cs"]), max_size=12),
     st.sampled_from(
         ["a", "a/b", ".", "..", "a/./b", "../a", "/a", "a/", "a//b", "..a", "a\n", "é", "a\x85"]
     ),
@@ -273,8 +310,10 @@ def test_canonical_entries_obey_the_canonical_schema(obj: dict[str, Any]) -> Non
     if datasync_accepts(obj, MiB):
         e = entry_from_dict(obj, MiB)
         canonical = json.loads(
-            json.dumps({"path": e.path, "size": e.size, "digest": e.digest}
-                       | ({"chunks": list(e.chunks)} if e.chunks else {}))
+            json.dumps(
+                {"path": e.path, "size": e.size, "digest": e.digest}
+                | ({"chunks": list(e.chunks)} if e.chunks else {})
+            )
         )
         assert CANONICAL_ENTRY.is_valid(canonical)
 

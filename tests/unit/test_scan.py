@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import stat
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from datasync.errors import InvalidPath, UnsupportedFileType
+import datasync.manifest.scan as scan_module
+from datasync.errors import InvalidPath, SourceChanged, UnsupportedFileType
 from datasync.manifest.canonical import VersionIdBuilder, path_sort_key
-from datasync.manifest.hashing import hash_file
+from datasync.manifest.hashing import HashResult, hash_fd, hash_file
 from datasync.manifest.scan import scan_directory, scan_total
 from datasync.models import FileEntry, ManifestHeader
 
@@ -87,7 +89,8 @@ def test_progress_reports_reach_the_totals(tmp_path: Path) -> None:
     scan(tmp_path, on_progress=lambda f, b: reports.append((f, b)))
     total = (len(files), sum(map(len, files.values())))
     assert reports[-1] == total
-    assert reports == sorted(reports)  # monotonic
+    for (f0, b0), (f1, b1) in itertools.pairwise(reports):  # monotonic in both
+        assert f0 <= f1 and b0 <= b1
     assert scan_total(tmp_path) == total
 
 
@@ -113,6 +116,21 @@ def test_closing_early_stops_the_pool(tmp_path: Path) -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("datasync-hash")]
 
 
+def test_a_file_growing_while_hashed_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "log").write_bytes(b"x" * 1000)
+
+    def append_then_hash(fd: int, *args: object, **kwargs: object) -> HashResult:
+        with (tmp_path / "log").open("ab") as f:  # a writer sneaks in after the fstat
+            f.write(b"more")
+        return hash_fd(fd, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scan_module, "hash_fd", append_then_hash)
+    with pytest.raises(SourceChanged, match="'log' changed while it was being hashed"):
+        scan(tmp_path)
+
+
 # --- policies ---------------------------------------------------------------------------
 
 
@@ -127,6 +145,11 @@ def test_symlink_to_a_file_inside_is_recorded_with_the_targets_bytes(tmp_path: P
     assert entries["real/abs.bin"].size == 7
 
 
+def link_to_fifo(root: Path) -> None:
+    os.mkfifo(root / "d" / "f2")
+    (root / "l").symlink_to("d/f2")
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
@@ -138,7 +161,10 @@ def test_symlink_to_a_file_inside_is_recorded_with_the_targets_bytes(tmp_path: P
         (lambda root, out: (root / "l").symlink_to("d"), "points to a directory"),
         (lambda root, out: (root / "l").symlink_to("."), "points to a directory"),
         (lambda root, out: os.mkfifo(root / "d" / "fifo"), "FIFO"),
-        (lambda root, out: (root / "l").symlink_to("d/fifo2") or os.mkfifo(root / "d/fifo2"), "FIFO"),
+        (
+            lambda root, out: link_to_fifo(root),
+            "FIFO",
+        ),
     ],
 )
 def test_rejected_links_and_special_files(tmp_path: Path, make: object, match: str) -> None:

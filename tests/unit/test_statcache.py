@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import datasync.manifest.scan as scan_module
+from datasync.manifest.hashing import hash_fd as real_hash_fd
 from datasync.manifest.scan import scan_directory
 from datasync.manifest.statcache import StatCache
 from datasync.models import FileEntry
@@ -24,7 +25,7 @@ D0 = "xxh3-128:" + "0" * 32
 def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts real hash calls made by the scanner (the real function still runs)."""
     calls: list[int] = []
-    real: Callable[..., Any] = scan_module.hash_fd
+    real: Callable[..., Any] = real_hash_fd
 
     def counting(fd: int, *args: Any, **kwargs: Any) -> Any:
         calls.append(fd)
@@ -96,7 +97,10 @@ def test_entries_persist_and_batches_commit(tmp_path: Path) -> None:
     cache = StatCache(db, batch_size=2, racy_window_ns=0)
     assert cache.store("/x/1", st, MiB, D0, (), hashed_at_ns=later)
     other = sqlite3.connect(db)
-    count = lambda: other.execute("SELECT count(*) FROM stat_cache").fetchone()[0]  # noqa: E731
+
+    def count() -> int:
+        return int(other.execute("SELECT count(*) FROM stat_cache").fetchone()[0])
+
     assert count() == 0  # pending until the batch fills
     assert cache.lookup("/x/1", st, MiB) == (D0, ())  # but visible to its own lookups
     cache.store("/x/2", st, MiB, D0, (D0, D0), hashed_at_ns=later)

@@ -92,7 +92,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("priority", sa.Integer, nullable=False),
-        sa.Column("deadline", _TS, nullable=True),
+        sa.Column("deadline", _TS, nullable=False),
         sa.Column("created_at", _TS, nullable=False),
         sa.Column("not_before", _TS, nullable=False),
         sa.Column("blocked_by", sa.Integer, nullable=False),

@@ -1,0 +1,75 @@
+"""Replication routes of the HTTP API: placements (replicate, status) and sites.
+
+Thin, like the rest of ``/api/v1``: each route calls the same service function as the CLI
+(``datasync.transfer.placements``). Errors are mapped by the app's ``DatasyncError``
+handler (unknown version 404, bad input 400).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+
+from datasync.bootstrap import App
+from datasync.errors import UnknownReference
+from datasync.transfer.placements import (
+    PlacementStatus,
+    SiteInfo,
+    list_sites,
+    parse_deadline,
+    replicate,
+    status,
+)
+
+__all__ = ["ReplicateRequest", "transfer_router"]
+
+
+class ReplicateRequest(BaseModel):
+    ref: str = Field(description="DATASET@REF to replicate.")
+    site: str = Field(description="Destination site name.")
+    priority: int | None = Field(default=None, description="Higher runs first (default 0).")
+    deadline: str | None = Field(
+        default=None, description="ISO 8601 time, or relative: +90s, +30m, +2h, +1d."
+    )
+
+
+def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
+    """Routes over ``application``'s engine and settings."""
+    engine, settings = application.engine, application.settings
+    router = APIRouter(prefix=prefix, tags=["replication"])
+
+    @router.post("/placements")
+    def create_placement(body: ReplicateRequest) -> PlacementStatus:
+        """Record (idempotently) that ``ref`` must be at ``site``, plan it, return status."""
+        deadline: datetime | None = parse_deadline(body.deadline)
+        return replicate(
+            engine, settings, body.ref, body.site, priority=body.priority, deadline=deadline
+        )
+
+    @router.get("/placements")
+    def list_placements(
+        dataset: Annotated[str | None, Query()] = None,
+        site: Annotated[str | None, Query()] = None,
+        active: Annotated[bool, Query(description="Only placements not READY/FAILED.")] = False,
+    ) -> list[PlacementStatus]:
+        """Placements, newest first, with progress, throughput, ETA and last errors."""
+        return status(engine, dataset=dataset, site=site, active_only=active)
+
+    @router.get("/placements/{placement_id}")
+    def get_placement(placement_id: int) -> PlacementStatus:
+        rows = status(engine, placement_id=placement_id)
+        if not rows:
+            raise UnknownReference(f"no placement {placement_id}")
+        return rows[0]
+
+    @router.get("/sites")
+    def get_sites(
+        probe: Annotated[bool, Query(description="Run a health probe per site.")] = False,
+    ) -> list[SiteInfo]:
+        """Configured sites with capabilities and (``probe=true``) health."""
+        return list_sites(settings, probe=probe)
+
+    return router

@@ -1,0 +1,265 @@
+"""Replication commands of the ``datasync`` CLI: replicate, status, sites, worker, up.
+
+Thin typer commands over ``datasync.transfer.placements`` and ``datasync.transfer.worker``;
+``register_commands(app)`` adds them to the main app (``datasync.cli``) and reuses its
+error handling, so they print one JSON document with ``--json`` and never a traceback.
+
+``replicate`` records the placement and plans it; the bytes are moved by workers
+(``datasync worker`` or ``datasync up``). ``--wait`` polls until READY or FAILED.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from datasync.transfer.placements import PlacementStatus, SiteInfo
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from datasync.bootstrap import App
+
+__all__ = ["register_commands", "start_maintenance"]
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+WAIT_POLL_SECONDS = 1.0
+REAP_EVERY_SECONDS = 30
+REPLAN_EVERY_SECONDS = 60
+
+
+def _bytes(n: float) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _line(p: PlacementStatus) -> str:
+    pct = 100.0 * p.bytes_done / p.bytes_total if p.bytes_total else 100.0
+    risk = "  AT RISK" if p.at_risk else ""
+    text = (
+        f"#{p.id} {p.dataset}@{p.version_id[:12]} -> {p.site}: {p.state}  "
+        f"{p.files_done:,}/{p.files_total:,} files  {_bytes(p.bytes_done)}/{_bytes(p.bytes_total)}"
+        f" ({pct:.0f}%)  {_bytes(p.throughput_bytes_per_second)}/s  ETA {_eta(p.eta_seconds)}{risk}"
+    )
+    if p.error:
+        text += f"\n  error: {p.error}"
+    elif p.last_errors:
+        last = p.last_errors[0]
+        text += f"\n  last error ({last['at']}): {last['class']}: {last['message']}"
+    return text
+
+
+def _status_table(rows: list[PlacementStatus]) -> Table:
+    table = Table("id", "version", "site", "state", "files", "bytes", "rate", "ETA", "note")
+    for p in rows:
+        note = p.error or (
+            f"{p.last_errors[0]['class']}: {p.last_errors[0]['message']}" if p.last_errors else ""
+        )
+        if p.at_risk:
+            note = f"deadline at risk. {note}".strip()
+        table.add_row(
+            str(p.id),
+            f"{p.dataset}@{p.version_id[:12]}",
+            p.site,
+            p.state,
+            f"{p.files_done:,}/{p.files_total:,}",
+            f"{_bytes(p.bytes_done)}/{_bytes(p.bytes_total)}",
+            f"{_bytes(p.throughput_bytes_per_second)}/s",
+            _eta(p.eta_seconds),
+            note[:120],
+        )
+    return table
+
+
+def _sites_table(rows: list[SiteInfo]) -> Table:
+    table = Table("site", "url", "backend", "health", "capabilities", "limits")
+    for s in rows:
+        caps = s.capabilities or {}
+        flags = [k for k in ("server_side_copy", "hard_links", "atomic_rename") if caps.get(k)]
+        if caps.get("native_checksums"):
+            flags.append("checksums:" + ",".join(caps["native_checksums"]))
+        health = "-" if s.healthy is None else ("ok" if s.healthy else f"DOWN: {s.error}")
+        if s.healthy and s.latency_seconds is not None:
+            health = f"ok ({s.latency_seconds * 1000:.0f} ms)"
+        limits = f"{s.concurrency} streams"
+        if s.bandwidth_mbps:
+            limits += f", {s.bandwidth_mbps:g} Mb/s"
+        table.add_row(s.name, s.url, s.backend, health, " ".join(flags) or "-", limits)
+    return table
+
+
+def start_maintenance(application: App) -> BackgroundScheduler:
+    """Periodic chores of ``datasync up``: reap dead leases, re-plan dead planners."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from datasync.transfer.placements import replan_stale
+    from datasync.transfer.taskqueue import TaskQueue
+
+    queue = TaskQueue(application.engine)
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.add_job(queue.reap, "interval", seconds=REAP_EVERY_SECONDS, id="reap-leases")
+    scheduler.add_job(
+        replan_stale,
+        "interval",
+        args=[application.engine, application.settings],
+        seconds=REPLAN_EVERY_SECONDS,
+        id="replan-stale",
+    )
+    scheduler.start()
+    return scheduler
+
+
+def register_commands(app: typer.Typer) -> None:
+    """Add the replication commands to ``app`` (the main ``datasync`` typer app)."""
+    from datasync import cli as base  # the caller: its helpers are defined by now
+
+    @app.command()
+    def replicate(
+        ref: Annotated[str, typer.Argument(help="DATASET@REF (label, id or id prefix).")],
+        to: Annotated[str, typer.Option("--to", help="Destination site name.")],
+        priority: Annotated[
+            int | None, typer.Option("--priority", help="Higher runs first (default 0).")
+        ] = None,
+        deadline: Annotated[
+            str | None,
+            typer.Option("--deadline", help="When it must be there: ISO 8601 or +2h/+30m/+1d."),
+        ] = None,
+        wait: Annotated[
+            bool, typer.Option("--wait", help="Wait until READY (or FAILED); needs workers.")
+        ] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Make sure version REF is (or will be) at site --to; workers move the bytes."""
+        from datasync.transfer.placements import parse_deadline, replicate, status
+
+        with base._application() as application:
+            when = parse_deadline(deadline)
+            result = replicate(
+                application.engine,
+                application.settings,
+                ref,
+                to,
+                priority=priority,
+                deadline=when,
+            )
+            console = Console(stderr=True)
+            while wait and result.state not in ("READY", "FAILED"):
+                if not as_json:
+                    console.print(_line(result), highlight=False)
+                time.sleep(WAIT_POLL_SECONDS)
+                result = status(application.engine, placement_id=result.id)[0]
+        if as_json:
+            base._print_json(result)
+        else:
+            typer.echo(_line(result))
+        if wait and result.state == "FAILED":
+            raise typer.Exit(1)
+
+    @app.command()
+    def status(
+        all_: Annotated[
+            bool, typer.Option("--all", help="Include READY and FAILED placements.")
+        ] = False,
+        dataset: Annotated[str | None, typer.Option("--dataset", help="Only this dataset.")] = None,
+        site: Annotated[str | None, typer.Option("--site", help="Only this site.")] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Placements with files/bytes done and total, throughput, ETA, state and errors."""
+        from datasync.transfer.placements import status as placement_status
+
+        with base._application() as application:
+            rows = placement_status(
+                application.engine, dataset=dataset, site=site, active_only=not all_
+            )
+        if as_json:
+            base._print_json([r.model_dump(mode="json") for r in rows])
+        elif not rows:
+            typer.echo("no placements" + ("" if all_ else " in progress (try --all)"))
+        else:
+            Console(width=200).print(_status_table(rows))
+
+    @app.command()
+    def sites(
+        probe: Annotated[
+            bool, typer.Option("--probe/--no-probe", help="Check each site's health.")
+        ] = True,
+        timeout: Annotated[float, typer.Option(help="Health probe timeout, seconds.")] = 5.0,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Configured sites with their capabilities, limits and health."""
+        from datasync.transfer.placements import list_sites
+
+        with base._application() as application:
+            rows = list_sites(application.settings, probe=probe, timeout=timeout)
+        if as_json:
+            base._print_json([r.model_dump(mode="json") for r in rows])
+        elif not rows:
+            typer.echo("no sites configured: add [sites.NAME] tables to datasync.toml")
+        else:
+            Console(width=200).print(_sites_table(rows))
+
+    @app.command()
+    def worker(
+        processes: Annotated[int, typer.Option("--processes", "-p", help="Worker processes.")] = 1,
+        once: Annotated[
+            bool, typer.Option("--once", help="Exit when no task is queued or leased.")
+        ] = False,
+    ) -> None:
+        """Run worker processes that claim and execute transfer tasks (SIGTERM stops them)."""
+        from datasync.transfer.worker import run_worker
+
+        with base._application() as application:
+            settings = application.settings
+        with base._errors():
+            stats = run_worker(settings, processes=processes, once=once)
+        if processes <= 0:
+            typer.echo(f"done: {stats.completed} tasks, {stats.failed} failed", err=True)
+
+    @app.command()
+    def up(
+        host: Annotated[str, typer.Option(help="API address.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="API port.")] = 8750,
+        processes: Annotated[int, typer.Option("--processes", "-p", help="Workers.")] = 1,
+    ) -> None:
+        """Run the API, the maintenance scheduler and workers together (embedded defaults)."""
+        import uvicorn
+
+        from datasync.api.app import create_app
+        from datasync.transfer.worker import run_worker
+
+        with base._application() as application:
+            stop = threading.Event()
+            workers = threading.Thread(
+                target=run_worker,
+                args=(application.settings,),
+                kwargs={"processes": processes, "stop_event": stop},
+                name="datasync-workers",
+                daemon=True,
+            )
+            scheduler = start_maintenance(application)
+            workers.start()
+            try:
+                uvicorn.run(create_app(application), host=host, port=port, log_level="info")
+            finally:
+                stop.set()
+                scheduler.shutdown(wait=False)
+                workers.join(60)
+        print("stopped", file=sys.stderr)

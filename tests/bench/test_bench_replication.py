@@ -1,0 +1,306 @@
+"""Replication benchmarks against real peers (``make bench``; not part of ``make test``).
+
+Rows (same data, same run, page cache warm for every tool alike):
+
+(a) 2 GiB of large shards, posix -> posix: datasync vs ``rclone copy --checksum`` and ``cp -r``.
+(b) 20,000 files of 64 KiB, posix -> posix: datasync vs rclone with ``--transfers`` 4/8/16/32
+    (its best counts).
+(c) incremental: a second version changing 1% of (b)'s files: bytes moved vs changed bytes,
+    and wall time vs ``rclone sync`` of the same two trees.
+(d) (a) from the S3 emulator (moto) to posix vs rclone against the same server.
+
+datasync's time is ``replicate`` (planning) + workers until the view is published
+(``run_until_idle``, 2 worker processes including their start-up), every byte verified:
+each chunk hashed before it is written and every blob re-read and re-hashed after commit.
+Registration (hashing the source to build the manifest) is a separate step and is listed
+separately. Results go to ``docs/bench-results/replication.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from datasync.bootstrap import App, bootstrap
+from datasync.config import Settings
+from datasync.transfer.placements import replicate, status
+from datasync.transfer.worker import WorkerOptions, run_until_idle
+from tests.fixtures.replication import (
+    MIB,
+    Site,
+    bytes_moved,
+    posix_site,
+    seed_cloud_source,
+    settings_for,
+    upload_tree,
+)
+from tests.fixtures.transfer import version_pk
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "docs" / "bench-results" / "replication.md"
+GIB = 1024 * MIB
+SHARD = 256 * MIB
+N_SHARDS = int(os.environ.get("BENCH_SHARDS", "8"))  # 8 x 256 MiB = 2 GiB
+N_SMALL = int(os.environ.get("BENCH_SMALL_FILES", "20000"))
+SMALL = 64 * 1024
+OPTIONS = WorkerOptions(task_slots=4, io_threads=8, lease_seconds=120, idle_sleep=0.05)
+PROCESSES = 2
+ROWS: list[dict[str, str]] = []
+
+
+def _rclone() -> str:
+    path = shutil.which("rclone")
+    if path is None:
+        pytest.skip("rclone not installed (make bench installs it)")
+    return path
+
+
+def _timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def _fill(root: Path, files: dict[str, int], seed: int) -> None:
+    rng = random.Random(seed)
+    block = rng.randbytes(4 * MIB)
+    for rel, size in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            left = size
+            # Unique content per file: a random header, then a rotated random block.
+            f.write(rng.randbytes(min(64, left)))
+            left -= min(64, left)
+            while left:
+                off = rng.randrange(len(block) // 2)
+                n = min(left, len(block) - off)
+                f.write(block[off : off + n])
+                left -= n
+
+
+def _tree_size(root: Path) -> tuple[int, int]:
+    n = total = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            n += 1
+            total += os.path.getsize(os.path.join(dirpath, name))
+    return n, total
+
+
+def _ds_replicate(
+    app: App, settings: Settings, version_id: str, dataset: str, site: str
+) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    placement = replicate(app.engine, settings, f"{dataset}@{version_id}", site)
+    run_until_idle(settings, [placement.id], processes=PROCESSES, options=OPTIONS, timeout=3600)
+    seconds = time.perf_counter() - t0
+    st = status(app.engine, placement_id=placement.id)[0]
+    assert st.state == "READY", st.error
+    return seconds, bytes_moved(app.engine, placement.id)
+
+
+def _row(name: str, command: str, ds: float, peer: float, peer_name: str, note: str = "") -> None:
+    ROWS.append(
+        {
+            "row": name,
+            "command": command,
+            "datasync": f"{ds:.1f} s",
+            "peer": f"{peer_name}: {peer:.1f} s",
+            "ratio": f"{ds / peer:.2f}x",
+            "note": note,
+        }
+    )
+    print(f"\n{name}: datasync {ds:.2f}s vs {peer_name} {peer:.2f}s ({ds / peer:.2f}x) {note}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results() -> Iterator[None]:
+    yield
+    if not ROWS:
+        return
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Replication benchmarks",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on this machine "
+        f"({os.cpu_count()} cores), `make bench` (tests/bench/test_bench_replication.py). "
+        "Page cache warm for every tool alike; datasync = plan + transfer + verify + publish "
+        f"with {PROCESSES} worker processes (their start-up included); a ratio < 1 means "
+        "datasync is faster.",
+        "",
+        "| Row | Peer command | datasync | Peer | datasync / peer | Notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in ROWS:
+        lines.append(
+            f"| {r['row']} | `{r['command']}` | {r['datasync']} | {r['peer']} | {r['ratio']} | {r['note']} |"
+        )
+    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# -- (a) large shards --------------------------------------------------------------------------
+
+
+def test_a_large_shards_posix(tmp_path_factory: pytest.TempPathFactory) -> None:
+    rclone = _rclone()
+    base = tmp_path_factory.mktemp("bench-a")
+    src = posix_site("pipeline", base / "src")
+    dst = posix_site("lustre", base / "dst")
+    assert src.root is not None
+    tree = src.root / "run"
+    _fill(tree, {f"shards/shard-{i:02d}.bin": SHARD for i in range(N_SHARDS)}, seed=1)
+    settings = settings_for(base / "home", f"sqlite:///{base / 'ds.db'}", [src, dst], 64 * MIB)
+    app = bootstrap(settings)
+    try:
+        t0 = time.perf_counter()
+        v = app.service.register_directory("bench/shards", tree, chunk_size=64 * MIB)
+        register = time.perf_counter() - t0
+        ds, moved = _ds_replicate(app, settings, v.version_id, "bench/shards", "lustre")
+    finally:
+        app.close()
+    assert moved == N_SHARDS * SHARD
+    rc = _timed([rclone, "copy", "--checksum", str(tree), str(base / "rclone")])
+    cp = _timed(["cp", "-r", str(tree), str(base / "cp")])
+    assert _tree_size(base / "rclone") == _tree_size(base / "cp") == (N_SHARDS, N_SHARDS * SHARD)
+    size = f"{N_SHARDS} x {SHARD // MIB} MiB"
+    _row(
+        "(a) large shards posix->posix",
+        "rclone copy --checksum SRC DST",
+        ds,
+        rc,
+        "rclone",
+        f"{size}; registration (hashing) {register:.1f} s separate",
+    )
+    _row("(a) large shards posix->posix", "cp -r SRC DST", ds, cp, "cp -r", "cp verifies nothing")
+
+
+# -- (b) + (c) small files and an incremental version --------------------------------------------
+
+
+def test_b_c_small_files_and_incremental(tmp_path_factory: pytest.TempPathFactory) -> None:
+    rclone = _rclone()
+    base = tmp_path_factory.mktemp("bench-b")
+    src = posix_site("pipeline", base / "src")
+    dst = posix_site("lustre", base / "dst")
+    assert src.root is not None
+    tree = src.root / "run"
+    names = {f"cam{i % 8}/{i // 8:06d}.jpg": SMALL for i in range(N_SMALL)}
+    _fill(tree, names, seed=2)
+    settings = settings_for(base / "home", f"sqlite:///{base / 'ds.db'}", [src, dst], 64 * MIB)
+    app = bootstrap(settings)
+    try:
+        v1 = app.service.register_directory("bench/frames", tree)
+        ds, _ = _ds_replicate(app, settings, v1.version_id, "bench/frames", "lustre")
+        best = (float("inf"), 0)
+        for transfers in (4, 8, 16, 32):
+            out = base / f"rclone-{transfers}"
+            t = _timed(
+                [rclone, "copy", "--checksum", f"--transfers={transfers}", str(tree), str(out)]
+            )
+            print(f"rclone --transfers={transfers}: {t:.2f}s")
+            best = min(best, (t, transfers))
+            if transfers != 8:
+                shutil.rmtree(out)
+        rc, transfers = best
+        _row(
+            "(b) 20,000 x 64 KiB posix->posix",
+            f"rclone copy --checksum --transfers={transfers}",
+            ds,
+            rc,
+            f"rclone (best of 4/8/16/32: {transfers})",
+            f"files/s: datasync {N_SMALL / ds:.0f}, rclone {N_SMALL / rc:.0f}",
+        )
+
+        # (c) change 1% of the files, register v2, replicate it; rclone syncs the same trees.
+        rng = random.Random(3)
+        changed = rng.sample(sorted(names), N_SMALL // 100)
+        _fill(tree, {p: SMALL for p in changed}, seed=4)
+        t0 = time.perf_counter()
+        v2 = app.service.register_directory("bench/frames", tree)
+        register = time.perf_counter() - t0
+        ds2, moved = _ds_replicate(app, settings, v2.version_id, "bench/frames", "lustre")
+        changed_bytes = len(changed) * SMALL
+        sync = _timed([rclone, "sync", "--transfers=8", str(tree), str(base / "rclone-8")])
+        _fill(tree, {p: SMALL for p in changed}, seed=5)  # a third state for the checksum run
+        sync_ck = _timed(
+            [rclone, "sync", "--checksum", "--transfers=8", str(tree), str(base / "rclone-8")]
+        )
+    finally:
+        app.close()
+    _row(
+        "(c) incremental, 1% of 20,000 files changed",
+        "rclone sync --transfers=8 SRC DST",
+        ds2,
+        sync,
+        "rclone sync (size+mtime)",
+        f"bytes moved {moved:,} vs changed {changed_bytes:,} ({moved / changed_bytes:.3f}x); "
+        f"registration of v2 {register:.1f} s separate",
+    )
+    _row(
+        "(c) incremental, 1% of 20,000 files changed",
+        "rclone sync --checksum --transfers=8 SRC DST",
+        ds2,
+        sync_ck,
+        "rclone sync --checksum",
+        "",
+    )
+    assert moved <= 1.02 * changed_bytes
+
+
+# -- (d) S3 emulator -> posix ---------------------------------------------------------------------
+
+
+def test_d_large_shards_from_s3(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> None:
+    from tests.fixtures.replication import cloud_site
+
+    rclone = _rclone()
+    base = tmp_path_factory.mktemp("bench-d")
+    s3: Site = cloud_site("aws", "s3", request)
+    dst = posix_site("lustre", base / "dst")
+    tree = base / "local"
+    _fill(tree, {f"shards/shard-{i:02d}.bin": SHARD for i in range(N_SHARDS)}, seed=1)
+    settings = settings_for(base / "home", f"sqlite:///{base / 'ds.db'}", [s3, dst], 64 * MIB)
+    app = bootstrap(settings)
+    try:
+        v = app.service.register_directory("bench/s3shards", tree, chunk_size=64 * MIB)
+        backend = s3.backend()
+        files = {str(p.relative_to(tree)): p.read_bytes() for p in tree.rglob("*") if p.is_file()}
+        upload_tree(backend, "run/", files)
+        del files
+        pk = version_pk(app.engine, app.store.resolve(f"bench/s3shards@{v.version_id}"))
+        seed_cloud_source(app.engine, settings, pk, s3, "run")
+        ds, moved = _ds_replicate(app, settings, v.version_id, "bench/s3shards", "lustre")
+    finally:
+        app.close()
+    assert moved == N_SHARDS * SHARD
+    opts = s3.config.options
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    env.update(
+        RCLONE_CONFIG_MOTO_TYPE="s3",
+        RCLONE_CONFIG_MOTO_PROVIDER="Other",
+        RCLONE_CONFIG_MOTO_ENDPOINT=str(opts["endpoint_url"]),
+        RCLONE_CONFIG_MOTO_ACCESS_KEY_ID=str(opts["aws_access_key_id"]),
+        RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY=str(opts["aws_secret_access_key"]),
+        RCLONE_CONFIG_MOTO_REGION="us-east-1",
+    )
+    bucket = s3.config.url.removeprefix("s3://")
+    rc = _timed([rclone, "copy", "--checksum", f"moto:{bucket}/run", str(base / "rclone")], env)
+    assert _tree_size(base / "rclone") == (N_SHARDS, N_SHARDS * SHARD)
+    _row(
+        "(d) large shards S3 emulator->posix",
+        "rclone copy --checksum moto:BUCKET/run DST",
+        ds,
+        rc,
+        "rclone",
+        "same moto server; rclone checks MD5 (ETag) only",
+    )

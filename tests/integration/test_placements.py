@@ -1,0 +1,274 @@
+"""Placement service functions on SQLite and PostgreSQL: replicate (idempotent, re-plan,
+reprioritize), source replicas from a registration under a site, status (progress,
+throughput, ETA, at-risk, errors), sites (capabilities, health); plus the CLI and API
+over the same functions."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
+from typer.testing import CliRunner
+
+from datasync.bootstrap import bootstrap
+from datasync.config import Settings
+from datasync.errors import TransientError, UnknownReference, UserError
+from datasync.transfer.placements import (
+    list_sites,
+    parse_deadline,
+    record_source_replicas,
+    replicate,
+    site_for_source,
+    status,
+)
+from datasync.transfer.siteindex import SiteIndex
+from datasync.transfer.taskqueue import TaskQueue
+from tests.fixtures.transfer import (
+    entry_for,
+    fake_entry,
+    register,
+    settings_with,
+    tasks_of,
+    version_pk,
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    (tmp_path / "pipeline" / "runs").mkdir(parents=True)
+    (tmp_path / "lustre").mkdir()
+    return settings_with(
+        tmp_path,
+        db_url,
+        {
+            "pipeline": str(tmp_path / "pipeline"),
+            "lustre": str(tmp_path / "lustre"),
+            "aws": "s3://bucket/prod",
+        },
+    )
+
+
+def test_site_for_source_finds_the_site_root(settings: Settings, tmp_path: Path) -> None:
+    runs = tmp_path / "pipeline" / "runs"
+    assert site_for_source(settings, str(runs)) == ("pipeline", "runs/")
+    assert site_for_source(settings, f"directory:{runs}") == ("pipeline", "runs/")
+    assert site_for_source(settings, str(tmp_path / "pipeline")) == ("pipeline", "")
+    assert site_for_source(settings, f"file://{runs}") == ("pipeline", "runs/")
+    assert site_for_source(settings, "pipeline:runs/7") == ("pipeline", "runs/7/")
+    assert site_for_source(settings, "s3://bucket/prod/drive/x") == ("aws", "drive/x/")
+    assert site_for_source(settings, "s3://bucket/production") is None  # not a path prefix
+    assert site_for_source(settings, "s3://other/prod") is None
+    assert site_for_source(settings, str(tmp_path / "elsewhere")) is None
+    assert site_for_source(settings, "manifest:/tmp/m.jsonl") is None
+
+
+def test_record_source_replicas_uses_relative_keys(
+    engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    entries = [fake_entry("a/1.bin", "1", 10), fake_entry("b.bin", "2", 20)]
+    version = register(engine, "drive/src", entries)
+    vpk = version_pk(engine, version)
+    runs = tmp_path / "pipeline" / "runs"
+    assert record_source_replicas(engine, settings, vpk, str(runs)) == ("pipeline", 2)
+    sources = SiteIndex(engine).sources_for(entries[0].digest)
+    assert [(s.site, s.key) for s in sources] == [("pipeline", "runs/a/1.bin")]
+    # Idempotent, and a replica found bad stays bad until re-verified.
+    SiteIndex(engine).mark_bad("pipeline", entries[1].digest, "runs/b.bin", "checksum mismatch")
+    assert record_source_replicas(engine, settings, vpk, str(runs)) == ("pipeline", 0)
+    assert SiteIndex(engine).sources_for(entries[1].digest) == []
+    assert record_source_replicas(engine, settings, vpk, "/nowhere") is None
+
+
+def test_replicate_is_idempotent_and_updates_priority(
+    engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    runs = tmp_path / "pipeline" / "runs"
+    version = register(
+        engine, "drive/rep", [entry_for("x.bin", b"x" * 100)], source=f"directory:{runs}"
+    )
+    first = replicate(engine, settings, "drive/rep@latest", "lustre")
+    assert first.state == "TRANSFERRING" and first.files_total == 1
+    assert first.tasks == {"queued": 2}  # one blob batch + publish
+    again = replicate(engine, settings, f"drive/rep@{version.version_id[:8]}", "lustre")
+    assert again.id == first.id and len(tasks_of(engine, first.id)) == 2
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    bumped = replicate(engine, settings, "drive/rep", "lustre", priority=7, deadline=soon)
+    assert bumped.priority == 7 and bumped.deadline is not None
+    assert {(t.priority, t.deadline is not None) for t in tasks_of(engine, first.id)} == {(7, True)}
+    (claimed, *_) = TaskQueue(engine).claim("w", 1, 60)
+    assert claimed.priority == 7 and claimed.deadline is not None
+    assert abs((claimed.deadline - soon).total_seconds()) < 1
+
+
+def test_replicate_replans_a_failed_placement(
+    engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    register(engine, "drive/again", [fake_entry("x.bin", "x", 10)], source="/not/a/site")
+    failed = replicate(engine, settings, "drive/again", "lustre")
+    assert failed.state == "FAILED" and "no ok replica" in (failed.error or "")
+    entry = fake_entry("x.bin", "x", 10)
+    SiteIndex(engine).record("aws", entry.digest, 10, "copy/x.bin")
+    fixed = replicate(engine, settings, "drive/again", "lustre")
+    assert fixed.id == failed.id and fixed.state == "TRANSFERRING" and fixed.error is None
+
+
+def test_replicate_rejects_bad_input(engine: Engine, settings: Settings) -> None:
+    register(engine, "drive/bad", [fake_entry("x", "x", 1)])
+    with pytest.raises(UserError, match=r"unknown site 'mars'.*aws, lustre, pipeline"):
+        replicate(engine, settings, "drive/bad", "mars")
+    with pytest.raises(UnknownReference):
+        replicate(engine, settings, "drive/bad@v9", "lustre")
+
+
+def test_status_reports_progress_throughput_eta_and_errors(
+    engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    runs = tmp_path / "pipeline" / "runs"
+    entries = [fake_entry(f"f{i}", f"s{i}", 1000) for i in range(4)]
+    register(engine, "drive/st", entries, source=f"directory:{runs}")
+    from datasync.transfer.planner import PlannerConfig
+
+    placement = replicate(
+        engine,
+        settings,
+        "drive/st",
+        "lustre",
+        deadline=datetime.now(UTC) - timedelta(seconds=1),
+        planner=PlannerConfig(batch_items=1),
+    )
+    assert placement.at_risk  # the deadline has passed and it is not READY
+    queue = TaskQueue(engine, backoff_base=0)
+    one, two, *_ = queue.claim("w", 2, 60)
+    assert queue.complete("w", one.id, 1000)
+    queue.fail("w", two.id, TransientError("connection reset by peer"))
+    (row,) = status(engine, placement_id=placement.id)
+    assert (row.files_done, row.bytes_done) == (1, 1000)
+    assert (row.files_total, row.bytes_total) == (4, 4000)
+    assert row.throughput_bytes_per_second > 0
+    assert row.eta_seconds is not None and row.eta_seconds > 0
+    assert row.tasks == {"done": 1, "queued": 4}
+    assert row.last_errors[0]["class"] == "TransientError"
+    assert row.last_errors[0]["message"] == "connection reset by peer"
+    assert status(engine, active_only=True)[0].id == placement.id
+    assert status(engine, dataset="drive/other") == []
+
+
+def test_list_sites_reports_capabilities_and_health(settings: Settings, tmp_path: Path) -> None:
+    local = settings.model_copy(
+        update={
+            "sites": {
+                "lustre": settings.sites["lustre"],
+                "gone": settings.sites["lustre"].model_copy(
+                    update={"url": "memory://sites-gone", "options": {"create": False}}
+                ),
+            }
+        }
+    )
+    infos = {s.name: s for s in list_sites(local, timeout=10)}
+    assert infos["lustre"].healthy is True and infos["lustre"].backend == "file"
+    assert infos["lustre"].capabilities is not None
+    assert infos["lustre"].capabilities["hard_links"] is True
+    assert infos["gone"].healthy is False and "NotFound" in (infos["gone"].error or "")
+    quiet = {s.name: s for s in list_sites(local, probe=False)}
+    assert quiet["gone"].healthy is None and quiet["gone"].capabilities is not None
+
+
+def test_parse_deadline() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse_deadline("+2h", now=now) == now + timedelta(hours=2)
+    assert parse_deadline("+30m", now=now) == now + timedelta(minutes=30)
+    assert parse_deadline("2026-02-01T10:00:00") == datetime(2026, 2, 1, 10, tzinfo=UTC)
+    assert parse_deadline(None) is None
+    for bad in ("+2x", "tomorrow", "+h"):
+        with pytest.raises(UserError):
+            parse_deadline(bad)
+
+
+@contextmanager
+def _serve(api: FastAPI) -> Iterator[httpx.Client]:
+    """The app on a real uvicorn server on a free loopback port, and a client for it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _toml(settings: Settings, tmp_path: Path) -> Path:
+    lines = [f'database_url = "{settings.database_url}"', "chunk_size = 1048576"]
+    for name, site in settings.sites.items():
+        lines += [f"[sites.{name}]", f'url = "{site.url}"']
+    path = tmp_path / "datasync.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cli_and_api_serve_the_same_functions(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datasync.api.app import create_app
+    from datasync.cli import app as cli_app
+
+    runs = tmp_path / "pipeline" / "runs"
+    (runs / "cam").mkdir()
+    (runs / "cam" / "0.jpg").write_bytes(b"frame" * 100)
+    (runs / "big.bin").write_bytes(bytes(range(256)) * 5000)
+    local = settings.model_copy(
+        update={"sites": {k: v for k, v in settings.sites.items() if k != "aws"}}
+    )
+    monkeypatch.setenv("DATASYNC_CONFIG", str(_toml(local, tmp_path)))
+    monkeypatch.setenv("DATASYNC_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    reg = runner.invoke(cli_app, ["register", "drive/cli", str(runs), "--json"])
+    assert reg.exit_code == 0, reg.output
+    out = runner.invoke(cli_app, ["replicate", "drive/cli", "--to", "lustre", "--json"])
+    assert out.exit_code == 0, out.output
+    placement = json.loads(out.stdout)
+    assert placement["state"] == "TRANSFERRING" and placement["files_total"] == 2
+    bad = runner.invoke(cli_app, ["replicate", "drive/cli", "--to", "mars"])
+    assert bad.exit_code == 2 and "unknown site 'mars'" in bad.output
+    st = runner.invoke(cli_app, ["status", "--json"])
+    assert st.exit_code == 0 and json.loads(st.stdout)[0]["id"] == placement["id"]
+    sites = runner.invoke(cli_app, ["sites", "--json"])
+    assert {s["name"] for s in json.loads(sites.stdout)} == {"pipeline", "lustre"}
+    done = runner.invoke(cli_app, ["worker", "--once", "--processes", "0"])
+    assert done.exit_code == 0, done.output
+    st = runner.invoke(cli_app, ["status", "--all", "--json"])
+    assert json.loads(st.stdout)[0]["state"] == "READY"
+    view = tmp_path / "lustre" / "drive" / "cli" / "latest"
+    assert (view / "big.bin").read_bytes() == (runs / "big.bin").read_bytes()
+
+    with bootstrap(local) as application, _serve(create_app(application)) as client:
+        listed = client.get("/api/v1/placements").json()
+        assert [p["state"] for p in listed] == ["READY"]
+        one = client.get(f"/api/v1/placements/{placement['id']}").json()
+        assert one["files_done"] == 2
+        assert client.get("/api/v1/placements/999").status_code == 404
+        again = client.post("/api/v1/placements", json={"ref": "drive/cli", "site": "lustre"})
+        assert again.status_code == 200 and again.json()["id"] == placement["id"]
+        unknown = client.post("/api/v1/placements", json={"ref": "drive/cli", "site": "mars"})
+        assert unknown.status_code == 400 and "mars" in unknown.json()["error"]
+        sites = client.get("/api/v1/sites", params={"probe": "true"}).json()
+        assert {s["name"]: s["healthy"] for s in sites} == {"lustre": True, "pipeline": True}
