@@ -14,7 +14,7 @@ Example::
     bandwidth_mbps = 20000
     quota_bytes = 900_000_000_000_000
     cost_per_gb = { aws = 0.0, azure = 0.0 }
-    options = { stripe_small = 1, stripe_large = -1, large_threshold = 1073741824 }
+    options = { lustre = "auto", stripe_small_count = 1, large_threshold_bytes = 1073741824 }
 
     [sites.aws]
     url = "s3://drive-datasets/prod"

@@ -54,19 +54,19 @@ def ordered_objects(
     """``(normalized path, info)`` in canonical order, reordering within ``window``.
 
     ``prefix`` (ending in ``/`` or empty) is cut from every key to form the path."""
-    pending: list[tuple[bytes, str, ObjectInfo]] = []
+    pending: list[tuple[bytes, int, str, ObjectInfo]] = []  # seq breaks ties
     last: bytes | None = None
 
     def pop() -> tuple[str, ObjectInfo]:
         nonlocal last
-        sort_key, path, info = heapq.heappop(pending)
+        sort_key, _, path, info = heapq.heappop(pending)
         if last is not None and sort_key <= last:
             why = "is listed twice" if sort_key == last else "arrived too late to be reordered"
             raise InvalidPath(f"path {path!r} {why} (key {info.key!r})")
         last = sort_key
         return path, info
 
-    for info in infos:
+    for seq, info in enumerate(infos):
         if info.key.endswith("/"):
             continue  # a "directory marker" some tools create; it holds no file
         path = normalize_path(info.key[len(prefix) :])
@@ -76,7 +76,7 @@ def ordered_objects(
                 f"path {path!r} (key {info.key!r}) sorts before an emitted path: the listing "
                 f"is out of order beyond {window} entries, or two keys normalize the same"
             )
-        heapq.heappush(pending, (sort_key, path, info))
+        heapq.heappush(pending, (sort_key, seq, path, info))
         if len(pending) > window:
             yield pop()
     while pending:

@@ -10,23 +10,20 @@ Invariants:
 * ``durable_parts()`` is always empty (``capabilities.lists_parts`` is false): a
   preallocated file cannot tell written ranges from zeros, so the engine's chunk map in the
   database is authoritative. Resuming a token whose temp file is gone raises ``NotFound``,
-  so stale zeros are never published.
+  so stale zeros are never published. ``partial_uploads()`` finds temps left by crashed
+  writers, for the auditor.
 * The root is never created: a missing root (an unmounted file system) is ``NotFound``,
   not an empty tree. Directories below it are created on demand and left in place on
   delete (removing them would race with concurrent writers).
 * Keys cannot leave the root (``check_key``); symlinks already inside the tree are trusted.
 * OS errors are translated in one place, ``translate_os_errors``.
 
-Lustre: when ``lfs`` is on PATH and the root is on Lustre (``/proc/self/mountinfo`` type
-``lustre``; the statfs magic 0x0BD00BD0 is the same fact), each new temp file gets its
-layout from ``lfs setstripe`` before any byte is written: ``-c stripe_small_count`` below
-``large_threshold_bytes``, else ``large_layout`` (a PFL by default). A failed
-``setstripe`` keeps the directory's default layout and is logged, never fatal.
+Lustre: when the root is on Lustre (or ``lustre = true``), each new temp file is created
+with its layout by ``lfs setstripe`` before any byte is written (see ``lustre.py``).
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import ctypes
 import errno
@@ -36,15 +33,13 @@ import logging
 import os
 import re
 import secrets
-import shlex
-import shutil
 import stat as statmod
-import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import SplitResult
 
 from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
+from datasync.backends.lustre import DEFAULT_LARGE_LAYOUT, stripe_policy
 from datasync.errors import (
     ConfigError,
     InvalidPath,
@@ -57,10 +52,8 @@ from datasync.errors import (
 )
 
 __all__ = [
-    "DEFAULT_LARGE_LAYOUT",
     "PosixBackend",
     "PosixWriter",
-    "detect_lustre",
     "is_temp_name",
     "os_error_to_storage",
     "temp_name",
@@ -69,8 +62,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LARGE_LAYOUT = "-E 1G -c 1 -E 16G -c 4 -E -1 -c -1"
-_TEMP_RE = re.compile(r"^\..+\.datasync-[0-9a-f]{16,64}\.part$", re.DOTALL)
+_TEMP_RE = re.compile(r"^\.(.+)\.datasync-([0-9a-f]{16,64})\.part$", re.DOTALL)
 _TOKEN_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _NAME_MAX = 255
 
@@ -137,44 +129,6 @@ def temp_name(name: str, token: str) -> str:
 
 def is_temp_name(name: str) -> bool:
     return _TEMP_RE.match(name) is not None
-
-
-def _fs_type(path: str, mountinfo: str) -> str | None:
-    """File-system type of the mount holding ``path``, or None if mountinfo is unreadable."""
-    try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
-    real = os.path.realpath(path)
-    best, best_type = "", None
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right:
-            continue
-        # mountinfo escapes space, tab, newline and backslash as octal.
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        inside = real == point or real.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, best_type = point, right.split()[0]
-    return best_type
-
-
-def detect_lustre(root: str, lfs: str | None, mountinfo: str = "/proc/self/mountinfo") -> bool:
-    """True when ``lfs`` exists and ``root`` sits on a Lustre mount."""
-    if lfs is None:
-        return False
-    fstype = _fs_type(root, mountinfo)
-    if fstype is not None:
-        return fstype == "lustre"
-    try:  # no mountinfo (containers, other kernels): ask lfs itself
-        done = subprocess.run(
-            [lfs, "getstripe", "-d", root], capture_output=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -257,18 +211,15 @@ class PosixBackend:
     ) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.preallocate = preallocate
-        self.stripe_small_count = int(stripe_small_count)
-        self.large_threshold_bytes = int(large_threshold_bytes)
-        self.large_layout = (
-            shlex.split(large_layout) if isinstance(large_layout, str) else list(large_layout)
+        self.striping = stripe_policy(
+            self.root,
+            lustre=lustre,
+            stripe_small_count=stripe_small_count,
+            large_threshold_bytes=large_threshold_bytes,
+            large_layout=large_layout,
+            lfs_command=lfs_command,
+            mountinfo=mountinfo,
         )
-        self._lfs = shutil.which(lfs_command or "lfs")
-        if isinstance(lustre, str) and lustre.lower() == "auto":
-            self._striping = detect_lustre(self.root, self._lfs, mountinfo)
-        else:
-            self._striping = _option_bool(lustre, "lustre")
-            if self._striping and self._lfs is None:
-                raise ConfigError(f"lustre=true for {self.root} but no `lfs` command on PATH")
 
     @classmethod
     def from_url(cls, url: SplitResult, options: Mapping[str, Any]) -> PosixBackend:
@@ -307,7 +258,7 @@ class PosixBackend:
             hard_links=True,
             conditional_read=True,
             lists_parts=False,
-            lustre_striping=self._striping,
+            lustre_striping=self.striping is not None,
         )
 
     def stat(self, key: str) -> ObjectInfo:
@@ -450,6 +401,25 @@ class PosixBackend:
     def close(self) -> None:
         pass
 
+    def partial_uploads(self) -> Iterator[tuple[str, str, float]]:
+        """``(temp path, token, mtime)`` of every unfinished upload under the root.
+
+        Crashed writers leave these behind. The caller (the auditor) decides which are
+        stale, e.g. older than any live lease, and removes them by path.
+        """
+        with translate_os_errors(self.root):
+            for dirpath, _dirs, files in os.walk(self.root):
+                for name in files:
+                    match = _TEMP_RE.match(name)
+                    if match is None:
+                        continue
+                    path = os.path.join(dirpath, name)
+                    try:
+                        mtime = os.stat(path, follow_symlinks=False).st_mtime
+                    except FileNotFoundError:
+                        continue  # committed or aborted meanwhile
+                    yield path, match.group(2), mtime
+
     # -- internals ------------------------------------------------------------------------
 
     def _path(self, key: str) -> str:
@@ -552,7 +522,7 @@ class PosixBackend:
         """Create and size a temp file (with its Lustre layout); return an fd open for writing."""
         self._ensure_dir(dirpath, url)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        if not (self._striping and self._setstripe(tmp, size)):
+        if self.striping is None or not self.striping.create(tmp, size):
             flags |= os.O_EXCL
         with translate_os_errors(url):
             fd = os.open(tmp, flags, 0o666)
@@ -566,32 +536,6 @@ class PosixBackend:
                 _unlink_quietly(tmp)
                 raise
         return fd
-
-    def layout_args(self, size: int) -> builtins.list[str]:
-        """``lfs setstripe`` arguments for a new file of ``size`` bytes."""
-        if size >= self.large_threshold_bytes:
-            return list(self.large_layout)
-        return ["-c", str(self.stripe_small_count)]
-
-    def _setstripe(self, tmp: str, size: int) -> bool:
-        """Create ``tmp`` with its layout. False (and a log line) when lfs refuses."""
-        assert self._lfs is not None
-        argv = [self._lfs, "setstripe", *self.layout_args(size), tmp]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("lfs setstripe failed for %s: %s; using the default layout", tmp, exc)
-            return False
-        if done.returncode != 0:
-            log.warning(
-                "lfs setstripe failed for %s (exit %d: %s); using the default layout",
-                tmp,
-                done.returncode,
-                done.stderr.strip(),
-            )
-            _unlink_quietly(tmp)
-            return False
-        return True
 
     def _publish(self, key: str, tmp: str, dst: str) -> ObjectInfo:
         """Rename a finished temp over ``dst`` and make the rename durable."""

@@ -643,7 +643,10 @@ class _S3MultipartWriter:
                 Bucket=self._b.bucket, Key=self._name, UploadId=self._upload_id, MaxParts=1
             )
         with self._lock:
-            self._checksum = bool(page.get("ChecksumAlgorithm")) and self._b.use_checksums()
+            created_with = page.get("ChecksumAlgorithm") or any(
+                part.get("ChecksumCRC32C") for part in page.get("Parts", ())
+            )
+            self._checksum = bool(created_with) and self._b.use_checksums()
             return self._checksum
 
     def put_part(self, index: int, data: bytes | memoryview) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from json.encoder import encode_basestring
 from typing import IO, Any, Final
 
@@ -242,7 +242,8 @@ def _reject_constant(name: str) -> Any:
 
 # One decoder instance: json.loads(..., parse_constant=) would build a new one per call.
 _strict_decoder = json.JSONDecoder(parse_constant=_reject_constant)
-_scan_once = _strict_decoder.scan_once
+# The C scanner ``decode`` wraps (an instance attribute typeshed does not declare).
+_scan_once: Callable[[str, int], tuple[Any, int]] = vars(_strict_decoder)["scan_once"]
 _JSON_WHITESPACE: Final = " \t\n\r"
 
 

@@ -174,6 +174,11 @@ class Limits:
         with self._get(self._name(site), site).locked() as st:
             return st.limit
 
+    def throttled_at(self, site: str) -> float | None:
+        """When the site's concurrency was last halved (``clock`` time), None if never."""
+        with self._get(self._name(site), site).locked() as st:
+            return None if st.last_decrease < -1e17 else st.last_decrease
+
     def _try_slot(self, sh: _Shared) -> int | None:
         """Take a free slot file of ``sh`` or return None; also honours throttle backoff."""
         with sh.locked() as st:

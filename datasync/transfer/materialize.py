@@ -7,8 +7,9 @@ A reader never sees a partial version (invariant 3):
   directory is fsynced, then the staging directory is renamed to ``<dataset>/<version-id>``
   (one atomic ``rename``), and the dataset directory is fsynced. Across devices (``EXDEV``),
   at the link limit (``EMLINK``) or where links are refused, the file is copied instead,
-  still as temp file + fsync + rename inside the staging directory. Labels are symlinks
-  ``<dataset>/<label> -> <version-id>``, replaced atomically by renaming a temp symlink.
+  as temp file + fsync, re-read and re-hashed, then renamed inside the staging directory.
+  Labels are symlinks ``<dataset>/<label> -> <version-id>``, replaced atomically by
+  renaming a temp symlink.
 * **Object stores**: each blob is copied server-side (or read and written where the backend
   cannot) to ``<dataset>/<version-id>/<path>``, every copied object is re-read and re-hashed
   (a server-side copy is trusted for nothing), and ``<dataset>/<version-id>/.datasync-complete``
@@ -34,7 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from datasync.backends.base import Backend
-from datasync.errors import ChecksumMismatch, NotFound, StorageError, TransientError
+from datasync.errors import ChecksumMismatch, NoSpace, NotFound, StorageError, TransientError
+from datasync.manifest.hashing import hash_file
 from datasync.transfer.buffers import BufferPool
 from datasync.transfer.failpoints import failpoint
 from datasync.transfer.verify import hash_object, posix_root
@@ -51,6 +53,7 @@ __all__ = [
 
 COMPLETE_MARKER = ".datasync-complete"
 _COPY_BLOCK = 8 * 1024 * 1024
+_WHOLE = 2**62  # hash_file chunk size beyond any file: whole-file digest only
 
 
 def blob_key(digest: str) -> str:
@@ -110,14 +113,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
+def _copy_atomic(src: Path, dst: Path, digest: str) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp-{secrets.token_hex(4)}")
     try:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            # copy_file_range/sendfile inside; the source blob was verified when committed.
             shutil.copyfileobj(fin, fout, _COPY_BLOCK)
             fout.flush()
             os.fsync(fout.fileno())
+        # The copy is new bytes: re-read and re-hash it before it becomes visible.
+        got, _ = hash_file(tmp, _WHOLE)
+        if got != digest:
+            raise ChecksumMismatch(f"view copy hashed to {got}, expected {digest}", url=str(dst))
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -125,7 +131,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         raise
 
 
-def _link_or_copy(src: Path, dst: Path) -> bool:
+def _link_or_copy(src: Path, dst: Path, digest: str) -> bool:
     """Hard-link ``src`` at ``dst``; copy when linking is impossible. True if copied."""
     try:
         os.link(src, dst)
@@ -135,7 +141,7 @@ def _link_or_copy(src: Path, dst: Path) -> bool:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP):
             raise
-    _copy_atomic(src, dst)
+    _copy_atomic(src, dst, digest)
     return True
 
 
@@ -161,9 +167,7 @@ def _set_label_posix(dataset_dir: Path, label: str, version_id: str) -> None:
 
 
 def _translate_os(exc: OSError, where: Path) -> StorageError:
-    if exc.errno == errno.ENOSPC:
-        from datasync.errors import NoSpace
-
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"no space to publish the view: {exc.strerror}", url=str(where))
     if exc.errno == errno.ENOENT:
         return TransientError(f"view staging disappeared: {exc}", url=str(where))
@@ -200,7 +204,7 @@ def _publish_posix(
             src = root / f.key
             if not src.is_file():
                 raise NotFound(f"blob of {f.path} ({f.digest}) missing at {f.key}", url=str(src))
-            copied += _link_or_copy(src, dst)
+            copied += _link_or_copy(src, dst, f.digest)
             n += 1
             nbytes += f.size
             if n == 1:

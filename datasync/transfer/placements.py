@@ -316,13 +316,14 @@ def _reprioritize(
         values["deadline"] = deadline
     if not values:
         return
-    conn.execute(sa.update(_P).where(_P.c.id == placement_id).values(updated_at=now, **values))
     # Tasks inherit both, so the queue reorders at once (retries never lose priority).
+    # Tasks before the placement row: the lock order of every queue writer.
     conn.execute(
         sa.update(_T)
         .where(_T.c.placement_id == placement_id, _T.c.state.in_(("queued", "leased")))
         .values(**values)
     )
+    conn.execute(sa.update(_P).where(_P.c.id == placement_id).values(updated_at=now, **values))
 
 
 def replan_stale(

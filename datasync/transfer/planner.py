@@ -235,40 +235,53 @@ class _Planner:
                 )
             )
 
-    def _missing_page(self, conn: Connection, after: str) -> list[_Blob]:
+    def _missing_page(self, conn: Connection, after: str) -> tuple[list[_Blob], dict[str, _Source]]:
+        """The next page of missing blobs after digest ``after``, and each one's best source.
+
+        One statement: the page (distinct digests with no ok replica at the destination,
+        via the ``(version_pk, digest)`` index) joined to the replicas elsewhere.
+        """
         present = (
             sa.select(sa.literal(1))
             .where(_R.c.site == self.dst, _R.c.digest == _E.c.digest, _R.c.state == "ok")
             .exists()
         )
-        rows = conn.execute(
+        page = (
             sa.select(
-                _E.c.digest,
-                sa.func.max(_E.c.size),
-                sa.func.count(),
-                sa.func.max(_E.c.chunks),
+                _E.c.digest.label("digest"),
+                sa.func.max(_E.c.size).label("size"),
+                sa.func.count().label("files"),
+                sa.func.max(_E.c.chunks).label("chunks"),
             )
             .where(_E.c.version_pk == self.version_pk, _E.c.digest > after, ~present)
             .group_by(_E.c.digest)
             .order_by(_E.c.digest)
             .limit(self.config.page_size)
-        ).all()
-        return [_Blob(str(d), int(s), int(n), json.loads(c) if c else []) for d, s, n, c in rows]
-
-    def _sources(self, conn: Connection, digests: list[str]) -> dict[str, _Source]:
-        configured = list(self.settings.sites)
+            .subquery("page")
+        )
+        source = sa.and_(_R.c.digest == page.c.digest, _R.c.state == "ok", _R.c.site != self.dst)
         rows = conn.execute(
-            sa.select(_R.c.digest, _R.c.site, _R.c.key, _R.c.etag)
-            .where(
-                _R.c.digest.in_(digests),
-                _R.c.state == "ok",
-                _R.c.site != self.dst,
-                _R.c.site.in_(configured),
+            sa.select(
+                page.c.digest,
+                page.c.size,
+                page.c.files,
+                page.c.chunks,
+                _R.c.site,
+                _R.c.key,
+                _R.c.etag,
             )
-            .order_by(_R.c.digest, _R.c.site, _R.c.key)
+            .select_from(page.outerjoin(_R, source))
+            .order_by(page.c.digest)
         ).all()
+        blobs: list[_Blob] = []
         best: dict[str, tuple[tuple[float, str, bool, str], _Source]] = {}
-        for digest, site, key, etag in rows:
+        for digest, size, files, chunks, site, key, etag in rows:
+            if not blobs or blobs[-1].digest != digest:
+                blobs.append(
+                    _Blob(str(digest), int(size), int(files), json.loads(chunks) if chunks else [])
+                )
+            if site is None or site not in self.settings.sites:
+                continue  # no replica, or at a site this process cannot open
             # Prefer cheap links, then the blob store copy (immutable) over a source path.
             rank = (
                 source_cost(self.settings, site, self.dst),
@@ -278,17 +291,16 @@ class _Planner:
             )
             if digest not in best or rank < best[digest][0]:
                 best[digest] = (rank, _Source(site, key, etag))
-        return {d: s for d, (_, s) in best.items()}
+        return blobs, {d: s for d, (_, s) in best.items()}
 
     def page(self, after: str) -> str | None:
         """Plan one page of missing blobs after digest ``after``; return the last digest."""
         with write_transaction(self.engine) as conn:
-            blobs = self._missing_page(conn, after)
+            blobs, sources = self._missing_page(conn, after)
             if not blobs:
                 return None
             self.result.pages += 1
             self.result.max_page_rows = max(self.result.max_page_rows, len(blobs))
-            sources = self._sources(conn, [b.digest for b in blobs])
             now = datetime.now(UTC)
             children = 0
             for blob in blobs:

@@ -460,20 +460,23 @@ def fail_placement(conn: Connection, placement_id: int, reason: str, now: dateti
     """Mark a placement FAILED with ``reason`` and cancel its queued tasks (same transaction).
 
     A READY placement stays READY: its view is complete whatever a straggler task says.
+    Locks tasks before the placement row, the order every writer here uses (complete,
+    claim, planner), so two transactions never wait on each other in a cycle.
     """
-    conn.execute(
-        sa.text(
-            "UPDATE placements SET state = 'FAILED', error = :reason, updated_at = :now"
-            " WHERE id = :id AND state <> 'READY'"
-        ).bindparams(sa.bindparam("now", type_=_TS)),
-        {"reason": reason, "now": now, "id": placement_id},
-    )
     entry = error_entry(now, Cancelled(f"placement {placement_id} failed: {reason}"))
     append = _APPEND_PG if is_postgresql(conn) else _APPEND_SQLITE
     conn.execute(
         sa.text(
             f"UPDATE tasks SET state = 'failed', finished_at = :now, errors = {append}"
             " WHERE placement_id = :id AND state = 'queued'"
+            " AND EXISTS (SELECT 1 FROM placements p WHERE p.id = :id AND p.state <> 'READY')"
         ).bindparams(sa.bindparam("now", type_=_TS)),
         {"now": now, "id": placement_id, "entry": json.dumps(entry)},
+    )
+    conn.execute(
+        sa.text(
+            "UPDATE placements SET state = 'FAILED', error = :reason, updated_at = :now"
+            " WHERE id = :id AND state <> 'READY'"
+        ).bindparams(sa.bindparam("now", type_=_TS)),
+        {"reason": reason, "now": now, "id": placement_id},
     )

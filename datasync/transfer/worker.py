@@ -148,7 +148,7 @@ class WorkerLoop:
 
     def _finish(self, task_id: int) -> None:
         with self._lock:
-            fut, cancel, task = self._running.pop(task_id)
+            fut, _cancel, task = self._running.pop(task_id)
         try:
             moved = fut.result()
         except Exception as exc:
@@ -156,12 +156,19 @@ class WorkerLoop:
                 log.info("task %s (%s) failed: %s: %s", task.id, task.kind, type(exc).__name__, exc)
             else:  # a bug or an untranslated error: keep the traceback
                 log.warning("task %s (%s) failed", task.id, task.kind, exc_info=exc)
-            self.queue.fail(self.owner, task.id, exc)
+            try:
+                self.queue.fail(self.owner, task.id, exc)
+            except Exception:  # database down: the lease expires and the task is retried
+                log.warning("could not record the failure of task %s", task.id, exc_info=True)
             self.stats.failed += 1
             return
-        if cancel.is_set():
-            return  # lease lost: the new owner completes it
-        if self.queue.complete(self.owner, task.id, moved):
+        try:
+            # False when the lease was lost: the new owner's run is a no-op (idempotent).
+            done = self.queue.complete(self.owner, task.id, moved)
+        except Exception:
+            log.warning("could not complete task %s; its lease will expire", task.id, exc_info=True)
+            return
+        if done:
             self.stats.completed += 1
             self.stats.bytes_moved += moved
             self.stats.by_kind[task.kind] = self.stats.by_kind.get(task.kind, 0) + 1
@@ -191,7 +198,12 @@ class WorkerLoop:
             while not stop.is_set():
                 with self._lock:
                     free = self.options.task_slots - len(self._running)
-                claimed = self.queue.claim(self.owner, free, self.options.lease_seconds)
+                try:
+                    claimed = self.queue.claim(self.owner, free, self.options.lease_seconds)
+                except Exception:  # database restart or network blip: try again shortly
+                    log.warning("claim failed; retrying", exc_info=True)
+                    claimed = []
+                    stop.wait(self.options.idle_sleep)
                 for task in claimed:
                     cancel = threading.Event()
                     fut = self.tasks.submit(self.executor.execute, task, cancel)
@@ -206,7 +218,7 @@ class WorkerLoop:
                 if running:
                     self._reap(self.options.idle_sleep)
                     continue
-                if once and _pending(self.engine, placements) == 0:
+                if once and self._idle(placements):
                     break
                 stop.wait(idle)
                 idle = min(self.options.idle_sleep, idle * 2)
@@ -215,6 +227,13 @@ class WorkerLoop:
             self._beat_stop.set()
             beat.join(5)
         return self.stats
+
+    def _idle(self, placements: Sequence[int] | None) -> bool:
+        try:
+            return _pending(self.engine, placements) == 0
+        except Exception:
+            log.warning("cannot count pending tasks; retrying", exc_info=True)
+            return False
 
     def _drain(self) -> None:
         """Stop: let running tasks finish for ``grace`` seconds, then cancel the rest."""

@@ -16,7 +16,7 @@ TABLES = ("datasets", "versions", "entries", "labels")
 
 
 def digest_of(i: int) -> str:
-    return digest_bytes(i.to_bytes(8, "little"))
+    return digest_bytes(str(i).encode())
 
 
 def entries(n: int, *, prefix: str = "f", salt: int = 0) -> list[FileEntry]:

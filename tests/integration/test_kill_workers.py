@@ -28,6 +28,7 @@ import random
 import signal
 import time
 from collections import defaultdict
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def _worker_main(settings_json: str, failpoint: str | None, trace: str) -> None:
     run_worker(Settings.model_validate_json(settings_json), processes=0, once=True, options=OPTIONS)
 
 
-def _start(settings: Settings, failpoint: str | None, trace: Path) -> multiprocessing.Process:
+def _start(settings: Settings, failpoint: str | None, trace: Path) -> BaseProcess:
     proc = _FORK.Process(
         target=_worker_main, args=(settings.model_dump_json(), failpoint, str(trace)), daemon=True
     )
@@ -92,7 +93,7 @@ def _start(settings: Settings, failpoint: str | None, trace: Path) -> multiproce
     return proc
 
 
-def _kill(proc: multiprocessing.Process, deaths: dict[int, int]) -> None:
+def _kill(proc: BaseProcess, deaths: dict[int, int]) -> None:
     if proc.is_alive() and proc.pid is not None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.join(30)

@@ -272,3 +272,57 @@ def test_cli_and_api_serve_the_same_functions(
         assert unknown.status_code == 400 and "mars" in unknown.json()["error"]
         sites = client.get("/api/v1/sites", params={"probe": "true"}).json()
         assert {s["name"]: s["healthy"] for s in sites} == {"lustre": True, "pipeline": True}
+
+
+def test_up_runs_api_scheduler_and_workers_together(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from datasync.cli import app as cli_app
+
+    runs = tmp_path / "pipeline" / "runs"
+    (runs / "a.bin").write_bytes(b"a" * 3000)
+    local = settings.model_copy(
+        update={"sites": {k: v for k, v in settings.sites.items() if k != "aws"}}
+    )
+    env = {
+        **os.environ,
+        "DATASYNC_CONFIG": str(_toml(local, tmp_path)),
+        "DATASYNC_HOME": str(tmp_path / "home"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    assert runner.invoke(cli_app, ["register", "drive/up", str(runs)]).exit_code == 0
+    out = runner.invoke(cli_app, ["replicate", "drive/up", "--to", "lustre", "--json"])
+    placement = json.loads(out.stdout)["id"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [Path(sys.executable).with_name("datasync"), "up", "--port", str(port), "-p", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        state = None
+        for _ in range(600):
+            try:
+                reply = httpx.get(f"http://127.0.0.1:{port}/api/v1/placements/{placement}")
+                state = reply.json()["state"]
+            except httpx.TransportError:
+                pass
+            if state == "READY":
+                break
+            time.sleep(0.1)
+        assert state == "READY"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=90)[0].decode(errors="replace")
+    assert proc.returncode == 0, output
+    assert (tmp_path / "lustre" / "drive" / "up" / "latest" / "a.bin").read_bytes() == b"a" * 3000

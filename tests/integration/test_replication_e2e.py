@@ -89,11 +89,15 @@ def _replicate_twice(
         app.close()
 
 
-@pytest.mark.parametrize("processes", [0, 2], ids=["inline", "2proc"])
-def test_posix_to_posix(
-    tmp_path: Path, request: pytest.FixtureRequest, db_url: str, processes: int
+def test_posix_to_posix(tmp_path: Path, request: pytest.FixtureRequest, db_url: str) -> None:
+    _replicate_twice(tmp_path, request, db_url, "posix", "posix")
+
+
+def test_posix_to_posix_spawned_workers(
+    tmp_path: Path, request: pytest.FixtureRequest, pg_url: str
 ) -> None:
-    _replicate_twice(tmp_path, request, db_url, "posix", "posix", processes)
+    """The production shape: ``run_worker`` spawning 2 processes on PostgreSQL."""
+    _replicate_twice(tmp_path, request, pg_url, "posix", "posix", processes=2)
 
 
 @pytest.mark.emulator

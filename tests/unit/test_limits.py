@@ -95,8 +95,9 @@ def test_slot_held_by_another_process_counts(tmp_path: Path) -> None:
 def test_throttle_halves_then_probes_back_up(tmp_path: Path) -> None:
     t = FakeTime()
     lim = make(tmp_path, t, az=LimitSpec(concurrency=16))
-    assert lim.current_limit("az") == 16
+    assert lim.current_limit("az") == 16 and lim.throttled_at("az") is None
     lim.on_throttled("az", retry_after=2.0)
+    assert lim.throttled_at("az") == t.now
     assert lim.current_limit("az") == 8
     lim.on_throttled("az", retry_after=2.0)  # same burst (within the window): counts once
     assert lim.current_limit("az") == 8

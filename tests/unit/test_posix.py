@@ -253,3 +253,17 @@ def test_walk_order_matches_sorted_keys(names: set[str], prefix: str) -> None:
         assert [i.key for i in backend.list(prefix)] == sorted(
             n for n in names if n.startswith(prefix)
         )
+
+
+def test_partial_uploads_are_found_for_the_auditor(backend: PosixBackend, root: Path) -> None:
+    crashed = backend.begin("a/b/crashed.bin", 4, 4)
+    crashed.put_part(0, b"half")
+    done = backend.begin("a/done.bin", 1, 1)
+    done.put_part(0, b"x")
+    done.commit()
+    [(path, token, mtime)] = list(backend.partial_uploads())
+    assert token == crashed.token
+    assert Path(path) == root / "a" / "b" / temp_name("crashed.bin", crashed.token)
+    assert mtime > 0
+    crashed.abort()
+    assert list(backend.partial_uploads()) == []

@@ -16,7 +16,8 @@ from urllib.parse import SplitResult
 
 import pytest
 
-from datasync.backends.posix import DEFAULT_LARGE_LAYOUT, PosixBackend, detect_lustre, is_temp_name
+from datasync.backends.lustre import DEFAULT_LARGE_LAYOUT, detect_lustre
+from datasync.backends.posix import PosixBackend, is_temp_name
 from datasync.errors import ConfigError
 
 STAND_IN = """#!/bin/sh
