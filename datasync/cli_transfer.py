@@ -142,6 +142,13 @@ def register_commands(app: typer.Typer) -> None:
             str | None,
             typer.Option("--deadline", help="When it must be there: ISO 8601 or +2h/+30m/+1d."),
         ] = None,
+        source: Annotated[
+            str | None,
+            typer.Option(
+                "--from",
+                help="Where the files are (SITE:prefix), if not where REF was registered.",
+            ),
+        ] = None,
         wait: Annotated[
             bool, typer.Option("--wait", help="Wait until READY (or FAILED); needs workers.")
         ] = False,
@@ -159,6 +166,7 @@ def register_commands(app: typer.Typer) -> None:
                 to,
                 priority=priority,
                 deadline=when,
+                source=source,
             )
             console = Console(stderr=True)
             while wait and result.state not in ("READY", "FAILED"):

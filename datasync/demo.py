@@ -65,7 +65,7 @@ def generate(root: Path, *, seed: int = 2026) -> int:
     _write(root / "calib" / "EMPTY_MARKER", b"")
     _write(root / "calib" / "intrinsics front.yaml", b"fx: 1266.4\nfy: 1266.4\ncx: 816.3\n")
     _write(root / MUTATED[3], "Kreuzung 渋谷, Regen, 23:10 JST\n".encode())
-    _write(root / "notes" / "Ölspur – Route 246.txt", "Ölspur auf Spur 2\n".encode())
+    _write(root / "notes" / "Ölspur \u2013 Route 246.txt", "Ölspur auf Spur 2\n".encode())
     return count + 4
 
 

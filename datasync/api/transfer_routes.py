@@ -34,6 +34,9 @@ class ReplicateRequest(BaseModel):
     deadline: str | None = Field(
         default=None, description="ISO 8601 time, or relative: +90s, +30m, +2h, +1d."
     )
+    source: str | None = Field(
+        default=None, description="Where the files are (SITE:prefix), if not where registered."
+    )
 
 
 def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
@@ -46,7 +49,13 @@ def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
         """Record (idempotently) that ``ref`` must be at ``site``, plan it, return status."""
         deadline: datetime | None = parse_deadline(body.deadline)
         return replicate(
-            engine, settings, body.ref, body.site, priority=body.priority, deadline=deadline
+            engine,
+            settings,
+            body.ref,
+            body.site,
+            priority=body.priority,
+            deadline=deadline,
+            source=body.source,
         )
 
     @router.get("/placements")

@@ -262,11 +262,16 @@ class AzureBackend:
         session.mount("http://", adapter)
         kwargs: dict[str, Any] = {
             "retry_total": 0,
-            "transport": RequestsTransport(session=session, session_owner=True),
+            "transport": RequestsTransport(
+                session=session,
+                session_owner=True,
+                connection_timeout=self._timeouts[0],
+                read_timeout=self._timeouts[1],
+                # azure-core reads bodies in 4 KiB blocks by default: 40 MB/s of Python loop.
+                connection_data_block_size=1 * MiB,
+            ),
             "connection_timeout": self._timeouts[0],
             "read_timeout": self._timeouts[1],
-            # azure-core reads responses in 4 KiB blocks by default: 40 MB/s of Python loop.
-            "connection_data_block_size": 1 * MiB,
             # One GET per read_range (the SDK would otherwise split ranges above 32 MiB).
             "max_single_get_size": 4096 * MiB,
             "max_chunk_get_size": 4096 * MiB,

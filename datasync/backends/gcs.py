@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Self
-from urllib.parse import SplitResult
+from urllib.parse import SplitResult, quote
 
 from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
 from datasync.backends.cloudcommon import (
@@ -349,42 +349,53 @@ class GCSBackend:
             raise self._missing(exc, url) from exc
 
     def read_range(self, key: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
+        """One ranged GET on the JSON API's media URL, body read in one piece.
+
+        The library's download path copies the body in 8 KiB steps through a BytesIO
+        (about 80 MB/s from 8 threads here); reading the raw response at once is ~4x that.
+        """
         if offset < 0 or length < 0:
             raise ValueError(f"bad range offset={offset} length={length}")
         url = self._url(key)
-        blob = self.bucket.blob(self._name(key))
+        name = self._name(key)
         if length == 0:
             self._check_pin(key, etag)
             return b""
-        kwargs: dict[str, Any] = {}
-        if etag:
-            kwargs["if_generation_match"] = int(etag)
-        try:
-            with gcs_errors(url):
-                try:
-                    data: bytes = blob.download_as_bytes(
-                        start=offset,
-                        end=offset + length - 1,
-                        checksum=None,  # a range has no server checksum to compare with
-                        raw_download=True,
-                        retry=None,
-                        timeout=self.timeout,
-                        **kwargs,
-                    )
-                except Exception as exc:
-                    if getattr(exc, "code", None) != 416:
-                        raise
-                    info = self._check_pin(key, etag)  # offset at or past the end
-                    if offset >= info.size:
-                        return b""
-                    raise
-        except NotFound as exc:
-            raise self._missing(exc, url) from exc
+        query = "alt=media" + (f"&ifGenerationMatch={int(etag)}" if etag else "")
+        media = (
+            f"{self.client._connection.API_BASE_URL}/download/storage/v1/b/"
+            f"{quote(self.bucket_name, safe='')}/o/{quote(name, safe='')}?{query}"
+        )
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        with gcs_errors(url):
+            response = self.client._http.get(
+                media, headers=headers, stream=True, timeout=self.timeout
+            )
+            try:
+                status = response.status_code
+                if status in (200, 206):
+                    data: bytes = response.raw.read(decode_content=False)
+                    served = response.headers.get("x-goog-generation")
+                else:
+                    response.content  # noqa: B018 - drain so the connection is reused
+            finally:
+                response.close()
+        if status == 416:  # offset at or past the end
+            info = self._check_pin(key, etag)
+            if offset >= info.size:
+                return b""
+        if status not in (200, 206):
+            error = _by_status(status, url)
+            if isinstance(error, Throttled):
+                error.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if isinstance(error, NotFound):
+                raise self._missing(error, url)
+            raise error
         # Real GCS reports the generation it served; refuse a different one.
-        served = blob.generation
-        if etag and served is not None and str(served) != etag:
+        if etag and served is not None and served != etag:
             raise SourceChanged(f"generation {etag} was pinned, {served} was served", url=url)
-        return data
+        # A 200 is the whole object (a server that ignores Range): cut the range out.
+        return data[offset : offset + length] if status == 200 else data
 
     def _check_pin(self, key: str, etag: str | None) -> ObjectInfo:
         info = self.stat(key)

@@ -17,8 +17,10 @@ Why it is shaped like this (numbers in ``docs/bench-results/hashing.md``):
   measured slower here: they spill out of L2 between the read copy and the hash.
 * With ``threads >= 2`` and a large file, one thread ``readv``s the next buffer while
   the caller hashes the previous one, so the kernel's page-cache copy and the hash
-  overlap on two cores. Splitting whole-file and chunk hashing onto separate threads was
-  measured and was slower (two cores fighting over the same cache lines), so it is not done.
+  overlap on two cores. That pays only when the second core is idle: on a busy box the
+  hand-off and cross-core cache traffic made it slower than one thread, so ``scan`` only
+  asks for it when fewer files than CPUs are being read. Whole-file and chunk hashing on
+  separate threads (same buffers, or each reading its own copy) measured slower still.
 * ``hash_stream`` gives byte-identical results for any block boundaries, so cloud sources
   hashed from ranged reads get the same digests as local files.
 """

@@ -191,15 +191,30 @@ class _Walker:
 
 
 class _Progress:
-    """Byte counter shared by hashing threads; files are counted by the consumer."""
+    """Byte counter shared by hashing threads (files are counted by the consumer), and
+    how many files are being read right now."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.bytes = 0
+        self.reading = 0
 
     def add(self, n: int) -> None:
         with self._lock:
             self.bytes += n
+
+    def begin(self) -> int:
+        """Count a file in; returns how many others are being read."""
+        with self._lock:
+            self.reading += 1
+            return self.reading - 1
+
+    def end(self) -> None:
+        with self._lock:
+            self.reading -= 1
+
+
+_CPUS: Final = os.cpu_count() or 1
 
 
 def _check_file(item: _Item, st: os.stat_result) -> None:
@@ -248,14 +263,20 @@ def _hash_item(
         started = time.time_ns()
         if st.st_size > buffer_size and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        result = hash_fd(
-            fd,
-            chunk_size,
-            buffer_size=buffer_size,
-            threads=hash_threads,
-            size_hint=st.st_size,
-            on_bytes=progress.add,
-        )
+        # A reader thread per file only pays while cores are idle: with as many files
+        # in flight as CPUs, the extra thread measured slower (docs/bench-results).
+        others = progress.begin()
+        try:
+            result = hash_fd(
+                fd,
+                chunk_size,
+                buffer_size=buffer_size,
+                threads=hash_threads if others + 1 < _CPUS else 1,
+                size_hint=st.st_size,
+                on_bytes=progress.add,
+            )
+        finally:
+            progress.end()
         after = os.fstat(fd)
     except OSError as exc:
         raise _os_error(exc, item.path) from exc

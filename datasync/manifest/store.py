@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -31,7 +32,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from datasync.db.engine import is_postgresql, write_transaction
+from datasync.db.engine import is_postgresql, is_sqlite, write_transaction
 from datasync.db.tables import datasets_table, entries_table, labels_table, versions_table
 from datasync.errors import InvalidManifest, UnknownReference
 from datasync.manifest.canonical import VersionIdBuilder, encode_entry, encode_header
@@ -43,6 +44,8 @@ __all__ = ["ManifestStore", "Registration"]
 
 BATCH_ROWS = 20_000
 STREAM_ROWS = 10_000
+SQLITE_BULK_CACHE_KIB = 256 * 1024
+SQLITE_DEFAULT_CACHE = -2000  # SQLite's own default (2000 KiB)
 _AMBIGUOUS_SHOWN = 10
 _cursor_ids = itertools.count()
 
@@ -110,10 +113,12 @@ class ManifestStore:
                     .returning(_V.c.pk)
                 ).scalar_one()
                 builder = VersionIdBuilder(header)
-                if _insert_entries(conn, version_pk, entries, builder):
-                    version_id, files, nbytes = builder.hexdigest(), builder.files, builder.bytes
-                else:
-                    version_id, files, nbytes = _compute_id(conn, version_pk, header)
+                with _bulk_cache(conn):
+                    if _insert_entries(conn, version_pk, entries, builder):
+                        version_id = builder.hexdigest()
+                        files, nbytes = builder.files, builder.bytes
+                    else:
+                        version_id, files, nbytes = _compute_id(conn, version_pk, header)
                 _seal(conn, dataset_pk, version_pk, version_id, files, nbytes)
                 for name in (LATEST, *wanted):
                     _move_label(conn, dataset_pk, name, version_pk)
@@ -179,9 +184,17 @@ class ManifestStore:
         return written
 
     def diff(self, old: VersionSummary, new: VersionSummary) -> Iterator[Change]:
-        """Stream the changes from ``old`` to ``new`` by merging two ordered cursors."""
+        """Stream the changes from ``old`` to ``new``, in path order.
+
+        PostgreSQL computes it in SQL (a merge full join over the two index scans), so
+        only the differences cross the wire. SQLite, in-process, merges two ordered
+        cursors in Python (``merge_changes``). Neither holds a manifest in memory.
+        """
         with self.engine.connect() as conn:
             old_pk, new_pk = _version_pk(conn, old), _version_pk(conn, new)
+            if is_postgresql(conn):
+                yield from _sql_diff(conn, old_pk, new_pk)
+                return
             old_rows = ((p, s, d) for p, s, d, _ in _ordered_entries(conn, old_pk, chunks=False))
             new_rows = ((p, s, d) for p, s, d, _ in _ordered_entries(conn, new_pk, chunks=False))
             yield from merge_changes(old_rows, new_rows)
@@ -220,6 +233,23 @@ class ManifestStore:
 
 
 # ------------------------------------------------------------------------ writing
+
+
+@contextmanager
+def _bulk_cache(conn: Connection) -> Iterator[None]:
+    """On SQLite, a large page cache while one version's rows go in, then the default.
+
+    Input in arbitrary order inserts all over the ``(version_pk, path)`` index; with the
+    default 2 MB cache every insert would touch disk. The pages are freed afterwards.
+    """
+    if not is_sqlite(conn):
+        yield
+        return
+    conn.exec_driver_sql(f"PRAGMA cache_size=-{SQLITE_BULK_CACHE_KIB}")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(f"PRAGMA cache_size={SQLITE_DEFAULT_CACHE}")
 
 
 def _get_or_create_dataset(conn: Connection, name: str) -> int:
@@ -400,6 +430,31 @@ def _ordered_entries(
         yield from cursor
     finally:
         cursor.close()
+
+
+_PG_DIFF = """
+SELECT coalesce(a.path, b.path) AS path, a.path IS NULL, b.path IS NULL,
+       a.size, a.digest, b.size, b.digest
+FROM (SELECT path, size, digest FROM entries WHERE version_pk = %(old)s) AS a
+FULL JOIN (SELECT path, size, digest FROM entries WHERE version_pk = %(new)s) AS b
+  ON a.path = b.path
+WHERE a.path IS NULL OR b.path IS NULL OR a.size <> b.size OR a.digest <> b.digest
+ORDER BY 1
+"""
+
+
+def _sql_diff(conn: Connection, old_pk: int, new_pk: int) -> Iterator[Change]:
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor(name=f"diff_{old_pk}_{new_pk}_{next(_cursor_ids)}") as cursor:
+        cursor.itersize = STREAM_ROWS
+        cursor.execute(_PG_DIFF, {"old": old_pk, "new": new_pk})
+        for path, added, removed, old_size, old_digest, new_size, new_digest in cursor:
+            if added:
+                yield Change("added", path, new_size=new_size, new_digest=new_digest)
+            elif removed:
+                yield Change("removed", path, old_size=old_size, old_digest=old_digest)
+            else:
+                yield Change("changed", path, old_size, old_digest, new_size, new_digest)
 
 
 def _to_entry(path: str, size: int, digest: str, chunks: str | None) -> FileEntry:

@@ -45,6 +45,7 @@ from sqlalchemy.engine import Engine
 from datasync.backends.base import Backend, Writer
 from datasync.backends.registry import open_backend
 from datasync.config import SiteConfig
+from datasync.db.engine import write_transaction
 from datasync.db.transfer_tables import Placement, Replica
 from datasync.errors import (
     ChecksumMismatch,
@@ -363,18 +364,26 @@ class Executor:
         if attempts > 1:  # a killed attempt may have committed objects it never recorded
             todo = [i for i in todo if not self._adopt(dst, i.digest, i.size, blob_key(i.digest))]
         futures = [self.io.submit(self._copy_blob, dst, item, cancel) for item in todo]
-        moved = 0
+        verified: list[tuple[str, int, str, str | None]] = []
         error: BaseException | None = None
         for fut in futures:
             try:
-                moved += fut.result()
+                verified.append(fut.result())
             except BaseException as exc:  # collect all; the first is re-raised
                 error = error or exc
+        # One transaction records the whole batch (also what succeeded before an error).
+        # A kill before this point leaves verified, unrecorded objects: adopted next attempt.
+        if verified:
+            with write_transaction(self.engine) as conn:
+                SiteIndex.record_many(conn, dst, verified)
         if error is not None:
             raise error
-        return moved
+        return sum(size for _d, size, _k, _e in verified)
 
-    def _copy_blob(self, dst: str, item: _Item, cancel: threading.Event) -> int:
+    def _copy_blob(
+        self, dst: str, item: _Item, cancel: threading.Event
+    ) -> tuple[str, int, str, str | None]:
+        """Copy, verify and return the replica row of one small blob (recorded by the caller)."""
         self._check(cancel)
         backend = self.backends[dst]
         key = blob_key(item.digest)
@@ -409,8 +418,7 @@ class Executor:
                     url=f"{backend.url}/{key}",
                 )
             )
-        self.index.record(dst, item.digest, item.size, key, etag=etag)
-        return item.size
+        return item.digest, item.size, key, etag
 
     # -- chunks -----------------------------------------------------------------------------
 

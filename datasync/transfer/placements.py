@@ -20,8 +20,9 @@ and the tests all call these.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import os
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -221,11 +222,22 @@ def replicate(
     priority: int | None = None,
     deadline: datetime | None = None,
     planner: PlannerConfig | None = None,
+    source: str | None = None,
 ) -> PlacementStatus:
-    """Make sure version ``ref`` will be (or is) at ``site``; return its status."""
+    """Make sure version ``ref`` will be (or is) at ``site``; return its status.
+
+    ``source`` (``SITE:prefix``, or a directory/URL under a site) says where the version's
+    files are when its registration did not (a producer manifest); it is recorded as
+    source replicas before planning.
+    """
     if site not in settings.sites:
         known = ", ".join(sorted(settings.sites)) or "none configured"
         raise UserError(f"unknown site {site!r} (sites: {known})")
+    if source is not None and site_for_source(settings, source) is None:
+        raise UserError(
+            f"--from {source!r} is not under any configured site: use SITE:prefix or a"
+            " path/URL inside a site's root"
+        )
     summary = ManifestStore(engine).resolve(ref)
     now = datetime.now(UTC)
     with write_transaction(engine) as conn:
@@ -247,16 +259,11 @@ def replicate(
         else:
             placement_id = int(existing.id)
             _reprioritize(conn, placement_id, priority, deadline, now)
-            stale = (as_utc(existing.updated_at) or now) < now - STALE_PLANNING
-            must_plan = existing.state == "FAILED" or (existing.state == "PLANNING" and stale)
-            if must_plan:
-                conn.execute(
-                    sa.update(_P)
-                    .where(_P.c.id == placement_id)
-                    .values(state="PLANNING", error=None, updated_at=now)
-                )
-        if must_plan:
-            found = site_for_source(settings, version.source)
+            must_plan = _take_for_planning(conn, placement_id, now)
+        # An explicit --from is recorded even for a running placement: workers fall back
+        # to any ok source, so it helps without a re-plan.
+        for where in ((version.source,) if must_plan else ()) + ((source,) if source else ()):
+            found = site_for_source(settings, where)
             if found is not None:
                 _insert_source_rows(conn, found[0], found[1], version.pk)
     if must_plan:
@@ -326,6 +333,27 @@ def _reprioritize(
     conn.execute(sa.update(_P).where(_P.c.id == placement_id).values(updated_at=now, **values))
 
 
+def _take_for_planning(
+    conn: Connection, placement_id: int, now: datetime, stale: timedelta = STALE_PLANNING
+) -> bool:
+    """Move a FAILED, or stale PLANNING, placement to PLANNING; True if this caller did.
+
+    Conditional update: of two callers racing to re-plan, exactly one wins and plans.
+    """
+    taken = conn.execute(
+        sa.update(_P)
+        .where(
+            _P.c.id == placement_id,
+            sa.or_(
+                _P.c.state == "FAILED",
+                sa.and_(_P.c.state == "PLANNING", _P.c.updated_at < now - stale),
+            ),
+        )
+        .values(state="PLANNING", error=None, updated_at=now)
+    )
+    return taken.rowcount == 1
+
+
 def replan_stale(
     engine: Engine, settings: Settings, *, older_than: timedelta = STALE_PLANNING
 ) -> int:
@@ -337,9 +365,14 @@ def replan_stale(
                 sa.select(_P.c.id).where(_P.c.state == "PLANNING", _P.c.updated_at < cutoff)
             ).scalars()
         )
+    planned = 0
     for placement_id in ids:
-        plan_placement(engine, settings, int(placement_id))
-    return len(ids)
+        with write_transaction(engine) as conn:
+            mine = _take_for_planning(conn, int(placement_id), datetime.now(UTC), older_than)
+        if mine:  # another scheduler may have taken it meanwhile
+            plan_placement(engine, settings, int(placement_id))
+            planned += 1
+    return planned
 
 
 # ----------------------------------------------------------------------------- status
@@ -459,67 +492,74 @@ def _last_errors(conn: Connection, placement_id: int) -> list[dict[str, Any]]:
 def list_sites(settings: Settings, *, probe: bool = True, timeout: float = 5.0) -> list[SiteInfo]:
     """Configured sites with their capabilities and (``probe``) a cheap health check.
 
-    The probe lists at most one key under the site root, in a thread bounded by
-    ``timeout``; a slow or failing site is reported, never raised.
+    Capabilities come from opening the backend (no network for any of ours). The probe
+    lists at most one key under the site root. Each site runs in a daemon thread bounded
+    by one overall ``timeout``, so a hung endpoint neither blocks the answer nor the exit
+    of the process; a slow or failing site is reported, never raised.
     """
+    results: dict[str, dict[str, Any]] = {name: {} for name in settings.sites}
+    threads = [
+        threading.Thread(
+            target=_inspect,
+            args=(site.url, site.options, probe, results[name]),
+            name=f"datasync-probe-{name}",
+            daemon=True,
+        )
+        for name, site in sorted(settings.sites.items())
+    ]
+    for thread in threads:
+        thread.start()
+    end = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, end - time.monotonic()))
     infos: list[SiteInfo] = []
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(settings.sites)))
-    try:
-        futures = {
-            name: pool.submit(_inspect, site.url, site.options, probe)
-            for name, site in sorted(settings.sites.items())
-        }
-        for name, future in futures.items():
-            site = settings.sites[name]
-            caps: dict[str, Any] | None = None
-            healthy: bool | None = None
-            latency: float | None = None
-            error: str | None = None
-            try:
-                caps, latency = future.result(timeout=timeout)
-                healthy = True if probe else None
-            except concurrent.futures.TimeoutError:
-                healthy, error = False, f"no answer within {timeout:g}s"
-            except DatasyncError as exc:
-                healthy, error = False, f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # a broken SDK must not break `datasync sites`
-                healthy, error = False, f"{type(exc).__name__}: {exc}"
-            try:
-                backend = parse_url(site.url).scheme
-            except DatasyncError:
-                backend = "?"
-            infos.append(
-                SiteInfo(
-                    name=name,
-                    url=redact(site.url),
-                    backend=backend,
-                    concurrency=site.concurrency,
-                    bandwidth_mbps=site.bandwidth_mbps,
-                    quota_bytes=site.quota_bytes,
-                    cost_per_gb=dict(site.cost_per_gb),
-                    capabilities=caps,
-                    healthy=healthy,
-                    latency_seconds=latency,
-                    error=error,
-                )
+    for name, site in sorted(settings.sites.items()):
+        found = results[name]
+        error = found.get("error")
+        if "error" not in found and ((probe and "latency" not in found) or "caps" not in found):
+            error = f"no answer within {timeout:g}s"
+        try:
+            backend = parse_url(site.url).scheme
+        except DatasyncError:
+            backend = "?"
+        infos.append(
+            SiteInfo(
+                name=name,
+                url=redact(site.url),
+                backend=backend,
+                concurrency=site.concurrency,
+                bandwidth_mbps=site.bandwidth_mbps,
+                quota_bytes=site.quota_bytes,
+                cost_per_gb=dict(site.cost_per_gb),
+                capabilities=found.get("caps"),
+                healthy=(error is None) if probe else None,
+                latency_seconds=found.get("latency"),
+                error=error,
             )
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        )
     return infos
 
 
-def _inspect(url: str, options: dict[str, Any], probe: bool) -> tuple[dict[str, Any], float | None]:
-    backend = open_backend(url, options)
+def _inspect(url: str, options: dict[str, Any], probe: bool, out: dict[str, Any]) -> None:
+    """Fill ``out`` with ``caps``, then ``latency`` (probe) or ``error``; never raises."""
+    try:
+        backend = open_backend(url, options)
+    except Exception as exc:  # a broken SDK or config must not break `datasync sites`
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        return
     try:
         caps = backend.capabilities
-        caps_dict = {
-            name: getattr(caps, name) for name in getattr(caps, "__dataclass_fields__", {})
+        out["caps"] = {
+            name: list(value) if isinstance(value, tuple) else value
+            for name in getattr(caps, "__dataclass_fields__", {})
+            for value in (getattr(caps, name),)
         }
-        caps_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in caps_dict.items()}
-        if not probe:
-            return caps_dict, None
-        start = time.monotonic()
-        next(iter(backend.list("")), None)
-        return caps_dict, time.monotonic() - start
+        if probe:
+            start = time.monotonic()
+            next(iter(backend.list("")), None)
+            out["latency"] = time.monotonic() - start
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        backend.close()
+        with contextlib.suppress(Exception):
+            backend.close()

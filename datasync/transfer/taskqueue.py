@@ -336,6 +336,8 @@ class TaskQueue:
                     {"id": parent_id},
                 )
             ready = kind == "publish"
+            if not (ready or files or nbytes):
+                return True  # nothing to add: spare the hot placement row its lock
             conn.execute(
                 sa.text(
                     "UPDATE placements SET files_done = files_done + :files,"

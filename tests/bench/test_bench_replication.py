@@ -53,7 +53,12 @@ SHARD = 256 * MIB
 N_SHARDS = int(os.environ.get("BENCH_SHARDS", "8"))  # 8 x 256 MiB = 2 GiB
 N_SMALL = int(os.environ.get("BENCH_SMALL_FILES", "20000"))
 SMALL = 64 * 1024
-OPTIONS = WorkerOptions(task_slots=4, io_threads=8, lease_seconds=120, idle_sleep=0.05)
+OPTIONS = WorkerOptions(
+    task_slots=int(os.environ.get("BENCH_TASK_SLOTS", "4")),
+    io_threads=int(os.environ.get("BENCH_IO_THREADS", "8")),
+    lease_seconds=120,
+    idle_sleep=0.05,
+)
 PROCESSES = 2
 ROWS: list[dict[str, str]] = []
 

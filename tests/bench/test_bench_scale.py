@@ -44,6 +44,14 @@ RSS_TARGET_KB = 1024 * 1024
 
 
 @dataclass
+class Manifests:
+    v1: Path
+    v2: Path
+    v1_shuffled: Path
+    changed: int
+
+
+@dataclass
 class Step:
     engine: str
     step: str
@@ -66,13 +74,18 @@ def _digest(n: int) -> str:
     return f"xxh3-128:{n:032x}"
 
 
-def write_manifest(path: Path, changed_every: int | None) -> int:
-    """A producer manifest of FILES entries in canonical order; returns how many differ."""
+def write_manifest(path: Path, changed_every: int | None, *, shuffled: bool = False) -> int:
+    """A producer manifest of FILES entries; returns how many differ from v1.
+
+    In canonical order, or (``shuffled``) in a scrambled order of the same entries: a
+    prime stride over the frames, the worst case for index inserts.
+    """
     changed = 0
     frames = FILES - SHARDS
     with path.open("w", encoding="utf-8", buffering=1 << 20) as out:
         out.write(f'{{"format":"datasync-producer/1","chunk_size":{CHUNK}}}\n')
-        for i in range(frames):
+        for n in range(frames):
+            i = (n * 7919) % frames if shuffled else n
             size, digest = 20_000 + (i * 7919) % 180_000, _digest(i)
             if changed_every and i % changed_every == 0:
                 size, digest, changed = size + 1, _digest(i + FILES), changed + 1
@@ -103,12 +116,13 @@ def run_measured(args: list[str], env: dict[str, str]) -> tuple[float, int, byte
 
 
 @pytest.fixture(scope="module")
-def manifests() -> tuple[Path, Path, int]:
+def manifests() -> Manifests:
     WORK.mkdir(parents=True, exist_ok=True)
     v1, v2 = WORK / f"v1-{FILES}.jsonl", WORK / f"v2-{FILES}.jsonl"
+    shuffled = WORK / f"v1-shuffled-{FILES}.jsonl"
     write_manifest(v1, None)
-    changed = write_manifest(v2, 100)
-    return v1, v2, changed
+    write_manifest(shuffled, None, shuffled=True)
+    return Manifests(v1, v2, shuffled, write_manifest(v2, 100))
 
 
 @pytest.fixture
@@ -128,31 +142,33 @@ def pg_bench_url() -> Iterator[str]:
         admin.dispose()
 
 
-def bench_engine(engine: str, url: str, manifests: tuple[Path, Path, int]) -> list[Step]:
-    v1, v2, changed = manifests
-    home = WORK / f"home-{engine}"
+def bench_engine(engine: str, url: str, m: Manifests) -> list[Step]:
+    home = WORK / f"home-{engine.lower()}"
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DATASYNC_HOME": str(home), "DATASYNC_DATABASE_URL": url}
     exe = str(Path(sys.executable).with_name("datasync"))
     steps: list[Step] = []
     ids = []
-    for name, manifest in (("register v1", v1), ("register v2", v2)):
-        seconds, rss, out = run_measured(
-            [exe, "register", "drive/bench", str(manifest), "--json"], env
-        )
+    runs = [
+        ("register v1", "drive/bench", m.v1),
+        ("register v2", "drive/bench", m.v2),
+        ("register v1, any order", "drive/shuffled", m.v1_shuffled),
+    ]
+    for name, dataset, manifest in runs:
+        seconds, rss, out = run_measured([exe, "register", dataset, str(manifest), "--json"], env)
         result = json.loads(out)
         assert result["created"] and result["files"] == FILES and not result["verified"]
         ids.append(result["version_id"])
         load = os.getloadavg()[0]
         steps.append(Step(engine, name, seconds, rss, load, f"{FILES:,} entries"))
-    assert ids[0] != ids[1]
+    assert ids[0] != ids[1] and ids[0] == ids[2]  # entry order never changes the id
     seconds, rss, out = run_measured(
         [exe, "diff", f"drive/bench@{ids[0]}", f"drive/bench@{ids[1]}", "--json"], env
     )
     diff = json.loads(out)
-    assert len(diff["changed"]) == changed and not diff["added"] and not diff["removed"]
+    assert len(diff["changed"]) == m.changed and not diff["added"] and not diff["removed"]
     steps.append(
-        Step(engine, "diff", seconds, rss, os.getloadavg()[0], f"{changed:,} changed found")
+        Step(engine, "diff", seconds, rss, os.getloadavg()[0], f"{m.changed:,} changed found")
     )
     return steps
 
@@ -166,8 +182,10 @@ def write_results(steps: list[Step]) -> None:
         "script, imports included); peak RSS is that process's `ru_maxrss` (`os.wait4`).",
         f"Manifests: {FILES:,} pre-hashed entries in canonical order, {SHARDS} of them",
         f"10 GiB shards with {SHARD_SIZE // CHUNK} chunk digests each; v2 differs from v1",
-        "in 1% of files. Load = 1-minute load average right after the step (2-core box,",
-        "shared with other jobs: contention inflates wall times).",
+        'in 1% of files. "Any order" registers v1\'s entries scrambled (a fresh dataset):',
+        "the id must come out the same, computed by re-reading the rows `ORDER BY path`.",
+        "Load = 1-minute load average right after the step (2-core box, shared with other",
+        "jobs: contention inflates wall times).",
         "",
         f"Run at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
@@ -180,7 +198,7 @@ def write_results(steps: list[Step]) -> None:
     RESULTS.write_text("\n".join(lines), encoding="utf-8")
 
 
-def test_scale_register_and_diff(manifests: tuple[Path, Path, int], pg_bench_url: str) -> None:
+def test_scale_register_and_diff(manifests: Manifests, pg_bench_url: str) -> None:
     sqlite_db = WORK / "home-sqlite" / "datasync.db"
     for leftover in sqlite_db.parent.glob("datasync.db*"):
         leftover.unlink()

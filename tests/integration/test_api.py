@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -132,3 +138,33 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         f"{V1}/labels",
     } <= paths
     assert "SERVER" in str(spec["paths"][f"{V1}/datasets/{{dataset}}/versions/directory"])
+
+
+def test_datasync_serve_answers_over_http(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("datasync")
+    env = {**os.environ, "DATASYNC_HOME": str(tmp_path / "home"), "DATASYNC_DATABASE_URL": ""}
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}{V1}/datasets", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, "datasync serve exited"
+                assert time.monotonic() < deadline, "datasync serve did not start"
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json() == []
+        spec = httpx.get(f"http://127.0.0.1:{port}{V1}/openapi.json", timeout=5).json()
+        assert spec["info"]["title"] == "datasync"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
@@ -198,3 +199,38 @@ def test_console_script_prints_one_json_object_and_no_progress_bar(tmp_path: Pat
     )
     assert failed.returncode == 2 and failed.stdout == b""
     assert failed.stderr.decode().startswith("datasync: error: drive/sub@nope: no label")
+
+
+def test_progress_bar_is_drawn_on_a_terminal(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    generate(tree)
+    exe = Path(sys.executable).with_name("datasync")
+    env = {
+        **os.environ,
+        "DATASYNC_HOME": str(tmp_path / "home"),
+        "DATASYNC_DATABASE_URL": "",
+        "TERM": "xterm",
+        "COLUMNS": "160",
+    }
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [str(exe), "register", "drive/tty", str(tree), "--chunk-size", "1MiB"],
+        stdout=slave,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        out += data
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    text = out.decode(errors="replace")
+    assert "hashing" in text and "files" in text
+    assert "registered drive/tty@" in text

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
@@ -23,6 +24,8 @@ from typer.testing import CliRunner
 
 from datasync.bootstrap import bootstrap
 from datasync.config import Settings
+from datasync.db.engine import write_transaction
+from datasync.db.transfer_tables import Placement
 from datasync.errors import TransientError, UnknownReference, UserError
 from datasync.transfer.placements import (
     list_sites,
@@ -42,6 +45,8 @@ from tests.fixtures.transfer import (
     tasks_of,
     version_pk,
 )
+
+_PL: sa.Table = Placement.__table__  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -326,3 +331,39 @@ def test_up_runs_api_scheduler_and_workers_together(
         output = proc.communicate(timeout=90)[0].decode(errors="replace")
     assert proc.returncode == 0, output
     assert (tmp_path / "lustre" / "drive" / "up" / "latest" / "a.bin").read_bytes() == b"a" * 3000
+
+
+def test_replicate_from_names_where_a_manifest_versions_files_are(
+    engine: Engine, settings: Settings
+) -> None:
+    entry = fake_entry("cam/0.jpg", "frame0", 10)
+    register(engine, "drive/produced", [entry], source="manifest:/tmp/produced.jsonl")
+    with pytest.raises(UserError, match="not under any configured site"):
+        replicate(engine, settings, "drive/produced", "lustre", source="/somewhere/else")
+    result = replicate(engine, settings, "drive/produced", "lustre", source="aws:run7")
+    assert result.state == "TRANSFERRING"
+    assert [(s.site, s.key) for s in SiteIndex(engine).sources_for(entry.digest)] == [
+        ("aws", "run7/cam/0.jpg")
+    ]
+
+
+def test_a_dead_planner_is_replanned_once(engine: Engine, settings: Settings) -> None:
+    from datasync.transfer.placements import replan_stale
+
+    entry = fake_entry("a", "a", 10)
+    register(engine, "drive/stale", [entry], source="aws:x")
+    placement = replicate(engine, settings, "drive/stale", "lustre")
+    assert replan_stale(engine, settings) == 0  # fresh: nothing to do
+    # The planner "died" long ago, halfway: PLANNING, publish still on its planning hold.
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    with write_transaction(engine) as conn:
+        conn.exec_driver_sql("DELETE FROM tasks WHERE kind = 'blobs'")
+        conn.exec_driver_sql("UPDATE tasks SET blocked_by = 1")
+    with write_transaction(engine) as conn:
+        conn.execute(sa.update(_PL).values(state="PLANNING", updated_at=long_ago))
+    assert replan_stale(engine, settings) == 1
+    assert replan_stale(engine, settings) == 0
+    (row,) = status(engine, placement_id=placement.id)
+    assert row.state == "TRANSFERRING" and row.tasks == {"queued": 2}
+    claimed = TaskQueue(engine).claim("w", 5, 60)
+    assert [t.kind for t in claimed] == ["blobs"]

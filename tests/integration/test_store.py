@@ -100,6 +100,10 @@ def test_paths_are_ordered_bytewise_on_every_engine(store: ManifestStore) -> Non
     got = [e.path for e in store.iter_entries(reg.summary)]
     assert got == sorted(names, key=path_sort_key)
     assert reg.summary.version_id == version_id(HEADER, [given[names.index(p)] for p in got])
+    # The diff streams in the same bytewise order (SQL on PostgreSQL, a merge on SQLite).
+    first = store.register("drive/a", HEADER, given[:1]).summary
+    added = [c.path for c in store.diff(first, reg.summary)]
+    assert added == [p for p in got if p != names[0]]
 
 
 def test_latest_moves_to_every_new_version_and_labels_are_movable(store: ManifestStore) -> None:

@@ -81,8 +81,9 @@ def test_concurrent_processes_never_claim_the_same_task(
     duplicates = [task_id for task_id, n in Counter(claimed).items() if n > 1]
     assert duplicates == []
     assert set(claimed) == ids
-    # Every process got work: the claims really raced.
-    assert all(results), [len(r) for r in results]
+    # Several processes got work: the claims really raced. (Not "all": SQLite's busy
+    # handler is not fair, one process can lose every race in a short run.)
+    assert sum(1 for r in results if r) >= 2, [len(r) for r in results]
     assert {row.state for row in tasks_of(engine, placement)} == {"done"}
 
 
