@@ -98,38 +98,55 @@ def _code(exc: BaseException) -> str:
     return str(getattr(code, "value", code) or "")
 
 
+def classify(status: int, code: str, headers: Mapping[str, str], url: str) -> StorageError:
+    """The ``StorageError`` for an HTTP status and ``x-ms-error-code``."""
+    text = code or str(status)
+    if code == "ContainerNotFound":
+        return NotFound("container missing", url=url)
+    if status == 404:
+        return NotFound(f"object not found ({text})", url=url)
+    if code == "ConditionNotMet" or status == 412:
+        return SourceChanged(f"object changed since it was pinned ({text})", url=url)
+    if code in _DENIED or status in (401, 403):
+        return PermissionDenied(f"access denied ({text})", url=url)
+    if code in _THROTTLED or status in (429, 503):
+        retry_after = parse_retry_after(headers.get("Retry-After"))
+        return Throttled(f"throttled ({text})", url=url, retry_after=retry_after)
+    if code in _CHECKSUM:
+        return ChecksumMismatch(f"the service rejected the block checksum ({text})", url=url)
+    if status >= 500:
+        return TransientError(f"server error ({text})", url=url)
+    return StorageError(f"Azure request failed ({text})", url=url)
+
+
 def translate(exc: BaseException, url: str) -> StorageError | None:
     """The ``StorageError`` for an azure-core/azure-identity exception, or None."""
     from azure.core import exceptions as aex
+    from urllib3.exceptions import HTTPError as Urllib3Error
 
-    if isinstance(exc, aex.ServiceRequestError | aex.ServiceResponseError):
+    if isinstance(
+        exc,
+        aex.ServiceRequestError
+        | aex.ServiceResponseError
+        | aex.IncompleteReadError
+        | Urllib3Error
+        | ConnectionError
+        | TimeoutError,
+    ):
         return TransientError(f"network error: {type(exc).__name__}", url=url)
     if not isinstance(exc, aex.AzureError):
         return None
-    code = _code(exc)
     response = getattr(exc, "response", None)
     status = int(getattr(exc, "status_code", None) or getattr(response, "status_code", 0) or 0)
-    text = f"{code or status or type(exc).__name__}"
-    if code == "ContainerNotFound":
-        return NotFound("container missing", url=url)
-    if isinstance(exc, aex.ResourceNotFoundError) or status == 404:
-        return NotFound(f"object not found ({text})", url=url)
-    if code == "ConditionNotMet" or isinstance(exc, aex.ResourceModifiedError) or status == 412:
-        return SourceChanged(f"object changed since it was pinned ({text})", url=url)
-    if code in _DENIED or isinstance(exc, aex.ClientAuthenticationError) or status in (401, 403):
-        return PermissionDenied(f"access denied ({text})", url=url)
-    if code in _THROTTLED or status in (429, 503):
-        headers = getattr(response, "headers", None) or {}
-        return Throttled(
-            f"throttled ({text})",
-            url=url,
-            retry_after=parse_retry_after(headers.get("Retry-After")),
-        )
-    if code in _CHECKSUM:
-        return ChecksumMismatch(f"the service rejected the block checksum ({text})", url=url)
-    if status >= 500 or isinstance(exc, aex.IncompleteReadError | aex.ServiceResponseTimeoutError):
-        return TransientError(f"server error ({text})", url=url)
-    return StorageError(f"Azure request failed ({text})", url=url)
+    if not status:  # errors raised before or without a response
+        if isinstance(exc, aex.ClientAuthenticationError):
+            status = 401  # e.g. no credential in DefaultAzureCredential's chain
+        elif isinstance(exc, aex.ResourceNotFoundError):
+            status = 404
+        elif isinstance(exc, aex.ResourceModifiedError):
+            status = 412
+    headers = getattr(response, "headers", None) or {}
+    return classify(status, _code(exc) or type(exc).__name__, headers, url)
 
 
 @contextmanager

@@ -66,7 +66,9 @@ class FsspecSource:
 
     @property
     def url(self) -> str:
-        return self._url.split("?", 1)[0]  # a query may carry a token: never shown
+        from datasync.backends.registry import redact
+
+        return redact(self._url)  # user:password@ and secret query values masked
 
     @property
     def fs(self) -> Any:

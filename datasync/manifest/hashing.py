@@ -15,12 +15,13 @@ Why it is shaped like this (numbers in ``docs/bench-results/hashing.md``):
 * Buffers are reused and small enough to stay in cache (default 2 MiB, at least 1 MiB so
   xxhash, which releases the GIL above 64 KiB, always runs without it). 8 MiB buffers
   measured slower here: they spill out of L2 between the read copy and the hash.
-* With ``threads >= 2`` and a large file, one thread ``readv``s the next buffer while
-  the caller hashes the previous one, so the kernel's page-cache copy and the hash
-  overlap on two cores. That pays only when the second core is idle: on a busy box the
-  hand-off and cross-core cache traffic made it slower than one thread, so ``scan`` only
-  asks for it when fewer files than CPUs are being read. Whole-file and chunk hashing on
-  separate threads (same buffers, or each reading its own copy) measured slower still.
+* One thread per file by default; both cores are used by hashing files in parallel
+  (``scan_directory(workers=2)``). ``threads=2`` adds a reader thread that ``readv``s the
+  next buffer while the caller hashes the previous one. On the 2-vCPU benchmark VM it was
+  no faster than one thread from a warm page cache or a cold file (hand-off and
+  cross-core cache traffic cost what the overlap saves), and only helped in runs where
+  the file was partly cached; so it is opt-in. Whole-file and chunk hashing on separate
+  threads (same buffers, or each reading its own copy) measured slower still.
 * ``hash_stream`` gives byte-identical results for any block boundaries, so cloud sources
   hashed from ranged reads get the same digests as local files.
 """
@@ -210,14 +211,14 @@ def hash_fd(
     chunk_size: int,
     *,
     buffer_size: int = DEFAULT_BUFFER_SIZE,
-    threads: int = 2,
+    threads: int = 1,
     size_hint: int | None = None,
     on_bytes: OnBytes | None = None,
 ) -> HashResult:
     """Hash from ``fd``'s current offset to EOF. ``on_bytes(n)`` reports progress.
 
-    ``threads >= 2`` pipelines reads and hashing when ``size_hint`` says the file spans
-    several buffers; more than 2 threads per file does not help (see module docstring).
+    ``threads >= 2`` pipelines reads and hashing (a reader thread) when ``size_hint`` says
+    the file spans several buffers; see the module docstring for when that helps.
     """
     if buffer_size < MIN_BUFFER_SIZE:
         raise ValueError(f"buffer_size must be at least {MIN_BUFFER_SIZE} bytes")
@@ -234,7 +235,7 @@ def hash_file(
     chunk_size: int,
     buffer_size: int = DEFAULT_BUFFER_SIZE,
     *,
-    threads: int = 2,
+    threads: int = 1,
     on_bytes: OnBytes | None = None,
 ) -> tuple[str, tuple[str, ...]]:
     """``(digest, chunk_digests)`` of the regular file at ``path`` (symlinks followed).

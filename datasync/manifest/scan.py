@@ -263,8 +263,8 @@ def _hash_item(
         started = time.time_ns()
         if st.st_size > buffer_size and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        # A reader thread per file only pays while cores are idle: with as many files
-        # in flight as CPUs, the extra thread measured slower (docs/bench-results).
+        # A reader thread per file can only pay while a core is idle: with as many files
+        # in flight as CPUs, it just competes with them.
         others = progress.begin()
         try:
             result = hash_fd(
@@ -311,13 +311,15 @@ def scan_directory(
     workers: int,
     stat_cache: StatCache | None = None,
     on_progress: ProgressCallback | None = None,
-    hash_threads: int = 2,
+    hash_threads: int = 1,
     buffer_size: int = DEFAULT_BUFFER_SIZE,
 ) -> Generator[FileEntry, None, None]:
     """Stream ``root``'s files as ``FileEntry`` in canonical order, hashing in parallel.
 
-    ``workers`` files are hashed at once; a file spanning several buffers also gets a
-    reader thread when ``hash_threads >= 2``. ``on_progress(files_done, bytes_done)`` is
+    ``workers`` files are hashed at once (that is how a scan uses several cores); with
+    ``hash_threads >= 2`` a file spanning several buffers also gets a reader thread, but
+    only while fewer files than CPUs are being read (see ``hashing``: opt-in, it did not
+    pay on the benchmark VM). ``on_progress(files_done, bytes_done)`` is
     called from the iterating thread at most every 0.1 s (while waiting on a large file
     too) and once at the end. Root and chunk size are checked before this returns;
     everything else raises from the iterator. Closing the iterator early stops the pool.

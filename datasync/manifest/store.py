@@ -3,8 +3,8 @@
 Registration is one write transaction (``BEGIN IMMEDIATE`` on SQLite):
 
 1. get or create the dataset row, insert a *pending* version row (``version_id`` NULL);
-2. bulk-insert the entries in batches (``executemany`` on SQLite, ``COPY`` on PostgreSQL),
-   each batch under a savepoint so a duplicate path can be named precisely;
+2. bulk-insert the entries (``datasync.manifest.bulk``: ``executemany`` on SQLite,
+   ``COPY`` on PostgreSQL, batches under savepoints so a duplicate path can be named);
 3. compute the version id (sha256 of the canonical bytes) with ``VersionIdBuilder``: fed
    during step 2 while the input arrives in canonical order (a directory scan always
    does), else by streaming the rows back ``ORDER BY path``; either way a duplicate path
@@ -20,21 +20,25 @@ Memory stays bounded by one batch, whatever the number of files.
 
 from __future__ import annotations
 
-import itertools
-import json
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from datasync.db.engine import is_postgresql, is_sqlite, write_transaction
-from datasync.db.tables import datasets_table, entries_table, labels_table, versions_table
-from datasync.errors import InvalidManifest, UnknownReference
+from datasync.db.engine import is_postgresql, write_transaction
+from datasync.db.tables import datasets_table, labels_table, versions_table
+from datasync.errors import UnknownReference
+from datasync.manifest.bulk import (
+    bulk_cache,
+    insert_entries,
+    ordered_entries,
+    refresh_statistics,
+    sql_diff,
+    to_entry,
+)
 from datasync.manifest.canonical import VersionIdBuilder, encode_entry, encode_header
 from datasync.manifest.diff import Change, merge_changes
 from datasync.manifest.refs import LATEST, check_dataset_name, check_label, is_id_prefix, parse_ref
@@ -42,15 +46,9 @@ from datasync.models import FileEntry, ManifestHeader, VersionSummary
 
 __all__ = ["ManifestStore", "Registration"]
 
-BATCH_ROWS = 20_000
-STREAM_ROWS = 10_000
-SQLITE_BULK_CACHE_KIB = 256 * 1024
-SQLITE_DEFAULT_CACHE = -2000  # SQLite's own default (2000 KiB)
 _AMBIGUOUS_SHOWN = 10
-_cursor_ids = itertools.count()
 
-_D, _V, _E, _L = datasets_table, versions_table, entries_table, labels_table
-_EntryRow = tuple[int, str, int, str, str | None]
+_D, _V, _L = datasets_table, versions_table, labels_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,13 +111,14 @@ class ManifestStore:
                     .returning(_V.c.pk)
                 ).scalar_one()
                 builder = VersionIdBuilder(header)
-                with _bulk_cache(conn):
-                    if _insert_entries(conn, version_pk, entries, builder):
+                with bulk_cache(conn):
+                    if insert_entries(conn, version_pk, entries, builder):
                         version_id = builder.hexdigest()
                         files, nbytes = builder.files, builder.bytes
                     else:
                         version_id, files, nbytes = _compute_id(conn, version_pk, header)
                 _seal(conn, dataset_pk, version_pk, version_id, files, nbytes)
+                refresh_statistics(conn)
                 for name in (LATEST, *wanted):
                     _move_label(conn, dataset_pk, name, version_pk)
         except _AlreadySealed as exc:
@@ -166,8 +165,8 @@ class ManifestStore:
     def iter_entries(self, version: VersionSummary) -> Iterator[FileEntry]:
         """Stream the entries of ``version`` in canonical (bytewise path) order."""
         with self.engine.connect() as conn:
-            for path, size, digest, chunks in _ordered_entries(conn, _version_pk(conn, version)):
-                yield _to_entry(path, size, digest, chunks)
+            for path, size, digest, chunks in ordered_entries(conn, _version_pk(conn, version)):
+                yield to_entry(path, size, digest, chunks)
 
     def iter_manifest(self, version: VersionSummary) -> Iterator[bytes]:
         """Stream the canonical JSON Lines bytes of ``version`` (header line, then entries)."""
@@ -193,10 +192,10 @@ class ManifestStore:
         with self.engine.connect() as conn:
             old_pk, new_pk = _version_pk(conn, old), _version_pk(conn, new)
             if is_postgresql(conn):
-                yield from _sql_diff(conn, old_pk, new_pk)
+                yield from sql_diff(conn, old_pk, new_pk)
                 return
-            old_rows = ((p, s, d) for p, s, d, _ in _ordered_entries(conn, old_pk, chunks=False))
-            new_rows = ((p, s, d) for p, s, d, _ in _ordered_entries(conn, new_pk, chunks=False))
+            old_rows = ((p, s, d) for p, s, d, _ in ordered_entries(conn, old_pk, chunks=False))
+            new_rows = ((p, s, d) for p, s, d, _ in ordered_entries(conn, new_pk, chunks=False))
             yield from merge_changes(old_rows, new_rows)
 
     # -------------------------------------------------------------------- labels
@@ -235,23 +234,6 @@ class ManifestStore:
 # ------------------------------------------------------------------------ writing
 
 
-@contextmanager
-def _bulk_cache(conn: Connection) -> Iterator[None]:
-    """On SQLite, a large page cache while one version's rows go in, then the default.
-
-    Input in arbitrary order inserts all over the ``(version_pk, path)`` index; with the
-    default 2 MB cache every insert would touch disk. The pages are freed afterwards.
-    """
-    if not is_sqlite(conn):
-        yield
-        return
-    conn.exec_driver_sql(f"PRAGMA cache_size=-{SQLITE_BULK_CACHE_KIB}")
-    try:
-        yield
-    finally:
-        conn.exec_driver_sql(f"PRAGMA cache_size={SQLITE_DEFAULT_CACHE}")
-
-
 def _get_or_create_dataset(conn: Connection, name: str) -> int:
     found = conn.execute(sa.select(_D.c.pk).where(_D.c.name == name)).scalar_one_or_none()
     if found is not None:
@@ -265,93 +247,11 @@ def _get_or_create_dataset(conn: Connection, name: str) -> int:
     return int(conn.execute(sa.select(_D.c.pk).where(_D.c.name == name)).scalar_one())
 
 
-def _insert_entries(
-    conn: Connection, version_pk: int, entries: Iterable[FileEntry], builder: VersionIdBuilder
-) -> bool:
-    """Insert ``entries``; while they arrive in canonical order, also feed ``builder``.
-
-    Returns True if the whole input was in canonical order (a scan always is), so the
-    builder already holds the version id and the ``ORDER BY path`` pass can be skipped.
-    """
-    batch: list[_EntryRow] = []
-    ordered = True
-    last = b""
-    for entry in entries:
-        if ordered:
-            key = entry.path.encode("utf-8")
-            if key > last:  # paths are never empty, so the first one passes
-                builder.add(entry)
-                last = key
-            elif key == last:
-                raise _duplicate(entry.path)
-            else:
-                ordered = False  # producer manifests may come in any order
-        chunks = json.dumps(list(entry.chunks), separators=(",", ":")) if entry.chunks else None
-        batch.append((version_pk, entry.path, entry.size, entry.digest, chunks))
-        if len(batch) >= BATCH_ROWS:
-            _flush(conn, version_pk, batch)
-            batch = []
-    if batch:
-        _flush(conn, version_pk, batch)
-    return ordered
-
-
-def _duplicate(path: str) -> InvalidManifest:
-    return InvalidManifest(
-        f"duplicate path {path!r}: each path may appear once (paths are compared after "
-        "Unicode NFC normalization, so NFC/NFD spellings of one name are duplicates)"
-    )
-
-
-def _flush(conn: Connection, version_pk: int, batch: list[_EntryRow]) -> None:
-    try:
-        with conn.begin_nested():
-            if is_postgresql(conn):
-                _copy_rows(conn, batch)
-            else:
-                conn.exec_driver_sql(
-                    "INSERT INTO entries (version_pk, path, size, digest, chunks) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    batch,
-                )
-    except (sa.exc.IntegrityError, psycopg.IntegrityError) as exc:
-        raise _duplicate(_find_duplicate(conn, version_pk, batch)) from exc
-
-
-def _copy_rows(conn: Connection, batch: list[_EntryRow]) -> None:
-    # COPY is several times faster than multi-row INSERT for a million rows.
-    raw: Any = conn.connection.driver_connection
-    with (
-        raw.cursor() as cur,
-        cur.copy("COPY entries (version_pk, path, size, digest, chunks) FROM STDIN") as copy,
-    ):
-        for row in batch:
-            copy.write_row(row)
-
-
-def _find_duplicate(conn: Connection, version_pk: int, batch: list[_EntryRow]) -> str:
-    seen: set[str] = set()
-    for row in batch:
-        if row[1] in seen:
-            return row[1]
-        seen.add(row[1])
-    paths = [row[1] for row in batch]
-    for start in range(0, len(paths), 500):
-        hit = conn.execute(
-            sa.select(_E.c.path)
-            .where(_E.c.version_pk == version_pk, _E.c.path.in_(paths[start : start + 500]))
-            .limit(1)
-        ).scalar_one_or_none()
-        if hit is not None:
-            return str(hit)
-    return "<unknown>"
-
-
 def _compute_id(conn: Connection, version_pk: int, header: ManifestHeader) -> tuple[str, int, int]:
     builder = VersionIdBuilder(header)
     files = nbytes = 0
-    for path, size, digest, chunks in _ordered_entries(conn, version_pk):
-        builder.add(_to_entry(path, size, digest, chunks))
+    for path, size, digest, chunks in ordered_entries(conn, version_pk):
+        builder.add(to_entry(path, size, digest, chunks))
         files += 1
         nbytes += size
     return builder.hexdigest(), files, nbytes
@@ -401,64 +301,6 @@ def _move_label(conn: Connection, dataset_pk: int, name: str, version_pk: int) -
 
 
 # ------------------------------------------------------------------------ reading
-
-
-def _ordered_entries(
-    conn: Connection, version_pk: int, *, chunks: bool = True
-) -> Iterator[tuple[str, int, str, str | None]]:
-    """Rows ``ORDER BY path`` as plain tuples, streamed without buffering the version.
-
-    Goes to the driver directly: at a million rows, SQLAlchemy's per-row processing costs
-    more than the query. PostgreSQL uses a named (server-side) cursor fetching
-    ``STREAM_ROWS`` at a time; SQLite cursors step lazily anyway. It runs on ``conn``'s
-    connection, so it sees that connection's uncommitted rows.
-    """
-    raw: Any = conn.connection.driver_connection
-    column = "chunks" if chunks else "NULL"
-    if is_postgresql(conn):
-        cursor = raw.cursor(name=f"entries_{version_pk}_{next(_cursor_ids)}")
-        cursor.itersize = STREAM_ROWS
-        param = "%s"
-    else:
-        cursor = raw.cursor()
-        param = "?"
-    sql = (
-        f"SELECT path, size, digest, {column} FROM entries WHERE version_pk = {param} ORDER BY path"
-    )
-    try:
-        cursor.execute(sql, (version_pk,))
-        yield from cursor
-    finally:
-        cursor.close()
-
-
-_PG_DIFF = """
-SELECT coalesce(a.path, b.path) AS path, a.path IS NULL, b.path IS NULL,
-       a.size, a.digest, b.size, b.digest
-FROM (SELECT path, size, digest FROM entries WHERE version_pk = %(old)s) AS a
-FULL JOIN (SELECT path, size, digest FROM entries WHERE version_pk = %(new)s) AS b
-  ON a.path = b.path
-WHERE a.path IS NULL OR b.path IS NULL OR a.size <> b.size OR a.digest <> b.digest
-ORDER BY 1
-"""
-
-
-def _sql_diff(conn: Connection, old_pk: int, new_pk: int) -> Iterator[Change]:
-    raw: Any = conn.connection.driver_connection
-    with raw.cursor(name=f"diff_{old_pk}_{new_pk}_{next(_cursor_ids)}") as cursor:
-        cursor.itersize = STREAM_ROWS
-        cursor.execute(_PG_DIFF, {"old": old_pk, "new": new_pk})
-        for path, added, removed, old_size, old_digest, new_size, new_digest in cursor:
-            if added:
-                yield Change("added", path, new_size=new_size, new_digest=new_digest)
-            elif removed:
-                yield Change("removed", path, old_size=old_size, old_digest=old_digest)
-            else:
-                yield Change("changed", path, old_size, old_digest, new_size, new_digest)
-
-
-def _to_entry(path: str, size: int, digest: str, chunks: str | None) -> FileEntry:
-    return FileEntry(path, size, digest, tuple(json.loads(chunks)) if chunks else ())
 
 
 def _dataset_pk(conn: Connection, name: str) -> int:

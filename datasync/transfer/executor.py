@@ -5,11 +5,14 @@ Kinds (payloads in docs/TEAM-engine.md):
 * ``blobs``: a batch of small blobs. Each is read whole from its source (pinned by ETag),
   hashed and compared with the manifest digest BEFORE anything is written, written as one
   part to ``.datasync/blobs/..`` (begin/put_part/commit: invisible until commit), then the
-  committed object is re-read and re-hashed, and only then recorded as a replica.
-* ``chunks``: parts ``first..last-1`` of one large blob. The worker joins the blob's single
-  upload (``ChunkMap.upload_for``), skips parts already done (the chunk map, plus
-  ``durable_parts()`` where the store lists parts), reads each chunk range pinned by ETag,
-  verifies the chunk digest, ``put_part``, then records the part in the chunk map.
+  committed object is re-read and re-hashed; the batch's replicas are recorded in one
+  transaction at the end.
+* ``chunks``: chunks ``first..last-1`` of one large blob. A destination part is ``k`` whole
+  chunks (``PartPlan``: k = 1 unless the store's minimum part size is larger); the task
+  sends the parts whose first chunk is in its range. It joins the blob's single upload
+  (``ChunkMap.upload_for``), skips parts already done (the chunk map, plus
+  ``durable_parts()`` where the store lists parts), reads each part range pinned by ETag,
+  verifies every chunk digest inside it, ``put_part``, then records the part.
 * ``finalize``: sends any part still missing (self-healing after an upload reset), commits,
   re-reads the whole object and checks the whole-file digest, records the replica and
   forgets the upload. On mismatch it deletes the object, forgets the upload and raises a

@@ -32,10 +32,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from datasync.config import Settings
-from datasync.db.engine import write_transaction
+from datasync.db.engine import is_postgresql, write_transaction
 from datasync.db.tables import entries_table, versions_table
 from datasync.db.transfer_tables import NO_DEADLINE, Placement, Replica, Task
 from datasync.errors import UserError
@@ -193,7 +194,30 @@ class _Planner:
 
     # -- phases ------------------------------------------------------------------------
 
+    def _fresh_statistics(self) -> None:
+        """PostgreSQL: ANALYZE when the planner statistics predate this version's rows.
+
+        A version registered a moment ago can outnumber everything the statistics saw;
+        PostgreSQL then sorts the whole remaining manifest for every page instead of
+        walking the index (measured: 3x slower per page at 100,000 entries).
+        """
+        if not is_postgresql(self.engine):
+            return
+        with self.engine.connect() as conn:
+            seen = conn.execute(
+                sa.text("SELECT reltuples FROM pg_class WHERE relname = 'entries'")
+            ).scalar_one_or_none()
+            files = conn.execute(
+                sa.select(_V.c.files).where(_V.c.pk == self.version_pk)
+            ).scalar_one()
+        if seen is None or float(seen) < files:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("ANALYZE entries"))
+                conn.execute(sa.text("ANALYZE replicas"))
+                conn.commit()
+
     def start(self) -> None:
+        self._fresh_statistics()
         present = (
             sa.select(sa.literal(1))
             .where(_R.c.site == self.dst, _R.c.digest == _E.c.digest, _R.c.state == "ok")
@@ -238,50 +262,45 @@ class _Planner:
     def _missing_page(self, conn: Connection, after: str) -> tuple[list[_Blob], dict[str, _Source]]:
         """The next page of missing blobs after digest ``after``, and each one's best source.
 
-        One statement: the page (distinct digests with no ok replica at the destination,
-        via the ``(version_pk, digest)`` index) joined to the replicas elsewhere.
+        Two index-driven statements, on purpose: the page walks ``entries (version_pk,
+        digest)`` in order and stops at the LIMIT; the sources are point lookups in
+        ``replicas (digest, state)``. Joined in one statement, PostgreSQL prefers hashing
+        the whole replicas table, 50x slower per page at 100,000 replicas.
         """
         present = (
             sa.select(sa.literal(1))
             .where(_R.c.site == self.dst, _R.c.digest == _E.c.digest, _R.c.state == "ok")
             .exists()
         )
-        page = (
+        rows = conn.execute(
             sa.select(
-                _E.c.digest.label("digest"),
-                sa.func.max(_E.c.size).label("size"),
-                sa.func.count().label("files"),
-                sa.func.max(_E.c.chunks).label("chunks"),
+                _E.c.digest,
+                sa.func.max(_E.c.size),
+                sa.func.count(),
+                sa.func.max(_E.c.chunks),
             )
             .where(_E.c.version_pk == self.version_pk, _E.c.digest > after, ~present)
             .group_by(_E.c.digest)
             .order_by(_E.c.digest)
             .limit(self.config.page_size)
-            .subquery("page")
-        )
-        source = sa.and_(_R.c.digest == page.c.digest, _R.c.state == "ok", _R.c.site != self.dst)
-        rows = conn.execute(
-            sa.select(
-                page.c.digest,
-                page.c.size,
-                page.c.files,
-                page.c.chunks,
-                _R.c.site,
-                _R.c.key,
-                _R.c.etag,
-            )
-            .select_from(page.outerjoin(_R, source))
-            .order_by(page.c.digest)
         ).all()
-        blobs: list[_Blob] = []
+        blobs = [_Blob(str(d), int(s), int(n), json.loads(c) if c else []) for d, s, n, c in rows]
+        if not blobs:
+            return [], {}
+        digests = [b.digest for b in blobs]
+        if is_postgresql(conn):  # one array parameter, not a thousand
+            match = _R.c.digest == sa.any_(sa.literal(digests, postgresql.ARRAY(sa.String)))
+        else:
+            match = _R.c.digest.in_(digests)
+        replicas = conn.execute(
+            sa.select(_R.c.digest, _R.c.site, _R.c.key, _R.c.etag).where(
+                match, _R.c.state == "ok", _R.c.site != self.dst
+            )
+        ).all()
         best: dict[str, tuple[tuple[float, str, bool, str], _Source]] = {}
-        for digest, size, files, chunks, site, key, etag in rows:
-            if not blobs or blobs[-1].digest != digest:
-                blobs.append(
-                    _Blob(str(digest), int(size), int(files), json.loads(chunks) if chunks else [])
-                )
-            if site is None or site not in self.settings.sites:
-                continue  # no replica, or at a site this process cannot open
+        for digest, site, key, etag in replicas:
+            if site not in self.settings.sites:
+                continue  # a site this process cannot open
             # Prefer cheap links, then the blob store copy (immutable) over a source path.
             rank = (
                 source_cost(self.settings, site, self.dst),

@@ -235,3 +235,40 @@ def test_concurrent_workers_never_write_the_same_destination(tmp_path: Path, db_
         assert _assert_no_overlapping_writes(trace, {}) > 20
     finally:
         app.close()
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("failpoint", ["after_put_part:1", "after_mark_part:1"])
+def test_s3_upload_resumes_from_listparts(
+    tmp_path: Path, request: pytest.FixtureRequest, sqlite_url: str, failpoint: str
+) -> None:
+    """A worker killed after sending a part to S3 (recorded in the chunk map or not): the
+    next worker skips the parts S3 already holds (``ListParts``) and completes the upload."""
+    from tests.fixtures.replication import cloud_site, view_files, xxh
+
+    src = posix_site("pipeline", tmp_path / "pipeline")
+    dst = cloud_site("aws", "s3", request)
+    settings = settings_for(tmp_path / "home", sqlite_url, [src, dst])
+    assert src.root is not None
+    shard = 16 * MIB + 3  # 1 MiB chunks -> four 5 MiB S3 parts (5, 5, 5, 1+3)
+    write_tree(src.root / "run", {"shard.bin": random.Random(7).randbytes(shard)})
+    trace = tmp_path / "writes.trace"
+    app = bootstrap(settings)
+    try:
+        v = app.service.register_directory(DATASET, src.root / "run", chunk_size=MIB)
+        placement = replicate(app.engine, settings, f"{DATASET}@{v.version_id}", "aws")
+        app.engine.dispose()
+        victim = _start(settings, failpoint, trace)
+        victim.join(120)
+        assert victim.exitcode == -signal.SIGKILL, "the failpoint must have fired"
+        finisher = _start(settings, None, trace)
+        finisher.join(120)
+        assert finisher.exitcode == 0
+        st = status(app.engine, placement_id=placement.id)[0]
+        assert st.state == "READY", st.error
+        data = (src.root / "run/shard.bin").read_bytes()
+        assert view_files(dst, DATASET, v.version_id) == {"shard.bin": xxh(data)}
+        moved = _chunked_moved(app.engine, placement.id)
+        assert moved <= shard - 5 * MIB, f"the part S3 already held was sent again ({moved})"
+    finally:
+        app.close()

@@ -20,6 +20,7 @@ from sqlmodel import SQLModel
 from datasync.db.engine import create_engine
 from datasync.db.migrate import current_revision, head_revision, upgrade_to_head
 from datasync.errors import InvalidManifest, UnknownReference, UserError
+from datasync.manifest.bulk import BATCH_ROWS
 from datasync.manifest.canonical import path_sort_key, read_canonical, version_id
 from datasync.manifest.store import ManifestStore
 from datasync.models import FileEntry, ManifestHeader
@@ -90,6 +91,18 @@ def test_duplicate_paths_are_rejected_and_nothing_changes(
         store.register("drive/a", HEADER, bad, labels=["v9"])
     with pytest.raises(InvalidManifest, match="duplicate path"):
         store.register("drive/new", HEADER, bad)
+    assert counts(db_url) == before
+
+
+def test_large_unordered_input_and_far_apart_duplicates(store: ManifestStore, db_url: str) -> None:
+    many = entries(BATCH_ROWS + 5000)
+    # Disorder only in the last batch: earlier batches already sit in the table.
+    late = store.register("drive/a", HEADER, [*many[1:], many[0]])
+    assert late.summary.version_id == version_id(HEADER, many)
+    before = counts(db_url)
+    twin = FileEntry(many[10].path, 1, digest_of(1))
+    with pytest.raises(InvalidManifest, match=f"duplicate path '{many[10].path}'"):
+        store.register("drive/b", HEADER, [*many, twin])
     assert counts(db_url) == before
 
 
