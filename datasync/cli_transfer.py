@@ -19,7 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from datasync.transfer.placements import PlacementStatus, SiteInfo
+from datasync.transfer.placements import PlacementStatus
+from datasync.transfer.sites import SiteInfo
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -213,7 +214,7 @@ def register_commands(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Configured sites with their capabilities, limits and health."""
-        from datasync.transfer.placements import list_sites
+        from datasync.transfer.sites import list_sites
 
         with base._application() as application:
             rows = list_sites(application.settings, probe=probe, timeout=timeout)

@@ -39,7 +39,8 @@ def check_digest(value: str) -> str:
     # fullmatch: with match(), "$" also accepts a trailing "\n".
     if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
         raise InvalidManifest(
-            f"bad digest {value!r}: expected '{DIGEST_ALGORITHM}:' followed by 32 lowercase hex digits"
+            f"bad digest {value!r}: expected '{DIGEST_ALGORITHM}:' "
+            "followed by 32 lowercase hex digits"
         )
     return value
 

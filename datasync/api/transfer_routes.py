@@ -15,14 +15,8 @@ from pydantic import BaseModel, Field
 
 from datasync.bootstrap import App
 from datasync.errors import UnknownReference
-from datasync.transfer.placements import (
-    PlacementStatus,
-    SiteInfo,
-    list_sites,
-    parse_deadline,
-    replicate,
-    status,
-)
+from datasync.transfer.placements import PlacementStatus, parse_deadline, replicate, status
+from datasync.transfer.sites import SiteInfo, list_sites
 
 __all__ = ["ReplicateRequest", "transfer_router"]
 

@@ -18,9 +18,9 @@ Why it is shaped like this (numbers in ``docs/bench-results/hashing.md``):
 * One thread per file by default; both cores are used by hashing files in parallel
   (``scan_directory(workers=2)``). ``threads=2`` adds a reader thread that ``readv``s the
   next buffer while the caller hashes the previous one. On the 2-vCPU benchmark VM it was
-  no faster than one thread from a warm page cache or a cold file (hand-off and
-  cross-core cache traffic cost what the overlap saves), and only helped in runs where
-  the file was partly cached; so it is opt-in. Whole-file and chunk hashing on separate
+  no faster than one thread from a warm page cache or a cold file (two xxh128sum
+  processes were no faster than one there either), and only helped in runs where the
+  file was partly cached; so it is opt-in. Whole-file and chunk hashing on separate
   threads (same buffers, or each reading its own copy) measured slower still.
 * ``hash_stream`` gives byte-identical results for any block boundaries, so cloud sources
   hashed from ranged reads get the same digests as local files.

@@ -1,4 +1,4 @@
-"""Placement service functions: replicate, status, sites, source replicas.
+"""Placement service functions: replicate and status (sites live in ``transfer.sites``).
 
 One way in: the CLI (``datasync.cli_transfer``), the API (``datasync.api.transfer_routes``)
 and the tests all call these.
@@ -6,13 +6,12 @@ and the tests all call these.
 * ``replicate(ref, site)`` records "version V must be at site S" and plans it. It is
   idempotent per ``(version, site)``: an existing placement is returned (with priority and
   deadline updated when given); a FAILED one, or one whose planner died (PLANNING and not
-  touched for ``STALE_PLANNING``), is planned again. A placement with nothing missing still
-  gets its ``publish`` task, so the view is published and READY follows at once.
-* Source replicas: a version registered from a directory or URL that is (under) a
-  configured site's root has its files at ``<relative root>/<path>`` there. Those files are
-  recorded as replicas of that site (``record_source_replicas``), so the planner can read
-  from them. A version registered from anywhere else cannot be replicated until it is
-  (register it from inside a site).
+  touched for ``STALE_PLANNING``), is planned again by exactly one caller. A placement with
+  nothing missing still gets its ``publish`` task, so the view is published and READY
+  follows at once.
+* Before planning, the version's files at its registration source (or at ``--from``) are
+  recorded as source replicas (``datasync.transfer.sites``). A version whose files are
+  under no configured site cannot be replicated: its placement FAILS saying so.
 * ``status`` reports progress, current throughput (bytes written by tasks finished in the
   last ``THROUGHPUT_WINDOW`` seconds; 0 once READY or FAILED), an ETA from the same window,
   whether a deadline is at risk, task counts and the newest errors.
@@ -20,39 +19,31 @@ and the tests all call these.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from datasync.backends.registry import open_backend, parse_url, redact
 from datasync.config import Settings
-from datasync.db.engine import is_postgresql, write_transaction
-from datasync.db.tables import datasets_table, entries_table, versions_table
-from datasync.db.transfer_tables import Placement, Replica, Task
-from datasync.errors import DatasyncError, UserError
+from datasync.db.engine import write_transaction
+from datasync.db.tables import datasets_table, versions_table
+from datasync.db.transfer_tables import Placement, Task
+from datasync.errors import UserError
 from datasync.manifest.store import ManifestStore
 from datasync.transfer.planner import PlannerConfig, plan_placement
+from datasync.transfer.sites import insert_source_rows, record_source_replicas, site_for_source
 from datasync.transfer.taskqueue import as_utc
 
 __all__ = [
     "STALE_PLANNING",
     "THROUGHPUT_WINDOW",
     "PlacementStatus",
-    "SiteInfo",
-    "list_sites",
     "parse_deadline",
-    "record_source_replicas",
+    "record_source_replicas",  # from transfer.sites; kept here for existing callers
     "replan_stale",
     "replicate",
-    "site_for_source",
     "status",
 ]
 
@@ -61,9 +52,8 @@ STALE_PLANNING = timedelta(minutes=5)
 LAST_ERRORS = 5
 
 _P: sa.Table = Placement.__table__  # type: ignore[attr-defined]
-_R: sa.Table = Replica.__table__  # type: ignore[attr-defined]
 _T: sa.Table = Task.__table__  # type: ignore[attr-defined]
-_D, _V, _E = datasets_table, versions_table, entries_table
+_D, _V = datasets_table, versions_table
 
 
 class PlacementStatus(BaseModel):
@@ -90,106 +80,6 @@ class PlacementStatus(BaseModel):
     @property
     def ref(self) -> str:
         return f"{self.dataset}@{self.version_id}"
-
-
-class SiteInfo(BaseModel):
-    name: str
-    url: str
-    backend: str
-    concurrency: int
-    bandwidth_mbps: float | None
-    quota_bytes: int | None
-    cost_per_gb: dict[str, float]
-    capabilities: dict[str, Any] | None
-    healthy: bool | None
-    latency_seconds: float | None
-    error: str | None
-
-
-# --------------------------------------------------------------------- source replicas
-
-
-def _site_root(url: str) -> tuple[str, str]:
-    """``(scheme, normalized root)`` comparable with a registration source."""
-    parts = parse_url(url)
-    if parts.scheme == "file":
-        return "file", os.path.realpath(parts.path).rstrip("/") or "/"
-    return parts.scheme, f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
-
-
-def site_for_source(settings: Settings, source: str) -> tuple[str, str] | None:
-    """The configured site whose root holds ``source``, and the prefix under it.
-
-    ``source`` is a directory, a URL, ``SITE:path``, or a version's recorded source
-    (``directory:/abs/path``). Returns ``(site, prefix)`` (prefix ``""`` or ending ``/``),
-    or None when no site holds it.
-    """
-    if source.startswith("directory:"):
-        source = source[len("directory:") :]
-    elif source.startswith("manifest:"):
-        return None
-    head, sep, rest = source.partition(":")
-    if sep and head in settings.sites and not rest.startswith("//"):
-        rel = rest.strip("/")
-        return head, f"{rel}/" if rel else ""
-    try:
-        scheme, root = _site_root(source)
-    except DatasyncError:
-        return None
-    best: tuple[str, str] | None = None
-    for name, site in sorted(settings.sites.items()):
-        try:
-            site_scheme, site_root = _site_root(site.url)
-        except DatasyncError:
-            continue
-        if site_scheme != scheme:
-            continue
-        if root == site_root:
-            rel = ""
-        elif root.startswith(site_root.rstrip("/") + "/"):
-            rel = root[len(site_root.rstrip("/")) + 1 :]
-        else:
-            continue
-        # The deepest site root wins when site roots nest.
-        if best is None or len(rel) < len(best[1]):
-            best = (name, f"{rel}/" if rel else "")
-    return best
-
-
-def record_source_replicas(
-    engine: Engine, settings: Settings, version_pk: int, source: str
-) -> tuple[str, int] | None:
-    """Record every file of the version as a replica at the site holding ``source``.
-
-    One ``INSERT ... SELECT`` (no Python-side rows). Existing rows are left alone, so a
-    replica marked bad stays bad. Returns ``(site, rows inserted)`` or None if ``source``
-    is not under a configured site.
-    """
-    found = site_for_source(settings, source)
-    if found is None:
-        return None
-    site, prefix = found
-    with write_transaction(engine) as conn:
-        return site, _insert_source_rows(conn, site, prefix, version_pk)
-
-
-def _insert_source_rows(conn: Connection, site: str, prefix: str, version_pk: int) -> int:
-    now = datetime.now(UTC)
-    key = _E.c.path if not prefix else sa.literal(prefix, sa.Text) + _E.c.path
-    rows = sa.select(
-        sa.literal(site, sa.String),
-        _E.c.digest,
-        _E.c.size,
-        key,
-        sa.literal("ok", sa.String),
-        sa.literal(now, sa.DateTime(timezone=True)),
-    ).where(_E.c.version_pk == version_pk)
-    insert = postgresql.insert(_R) if is_postgresql(conn) else sqlite.insert(_R)
-    stmt = insert.from_select(["site", "digest", "size", "key", "state", "verified_at"], rows)
-    result = conn.execute(
-        stmt.on_conflict_do_nothing(), execution_options={"preserve_rowcount": True}
-    )
-    return max(0, result.rowcount or 0)
 
 
 # -------------------------------------------------------------------------- replicate
@@ -265,7 +155,7 @@ def replicate(
         for where in ((version.source,) if must_plan else ()) + ((source,) if source else ()):
             found = site_for_source(settings, where)
             if found is not None:
-                _insert_source_rows(conn, found[0], found[1], version.pk)
+                insert_source_rows(conn, found[0], found[1], version.pk)
     if must_plan:
         plan_placement(engine, settings, placement_id, planner)
     return status(engine, placement_id=placement_id)[0]
@@ -484,82 +374,3 @@ def _last_errors(conn: Connection, placement_id: int) -> list[dict[str, Any]]:
     ]
     errors.sort(key=lambda e: str(e.get("at", "")), reverse=True)
     return errors[:LAST_ERRORS]
-
-
-# ------------------------------------------------------------------------------ sites
-
-
-def list_sites(settings: Settings, *, probe: bool = True, timeout: float = 5.0) -> list[SiteInfo]:
-    """Configured sites with their capabilities and (``probe``) a cheap health check.
-
-    Capabilities come from opening the backend (no network for any of ours). The probe
-    lists at most one key under the site root. Each site runs in a daemon thread bounded
-    by one overall ``timeout``, so a hung endpoint neither blocks the answer nor the exit
-    of the process; a slow or failing site is reported, never raised.
-    """
-    results: dict[str, dict[str, Any]] = {name: {} for name in settings.sites}
-    threads = [
-        threading.Thread(
-            target=_inspect,
-            args=(site.url, site.options, probe, results[name]),
-            name=f"datasync-probe-{name}",
-            daemon=True,
-        )
-        for name, site in sorted(settings.sites.items())
-    ]
-    for thread in threads:
-        thread.start()
-    end = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, end - time.monotonic()))
-    infos: list[SiteInfo] = []
-    for name, site in sorted(settings.sites.items()):
-        found = results[name]
-        error = found.get("error")
-        if "error" not in found and ((probe and "latency" not in found) or "caps" not in found):
-            error = f"no answer within {timeout:g}s"
-        try:
-            backend = parse_url(site.url).scheme
-        except DatasyncError:
-            backend = "?"
-        infos.append(
-            SiteInfo(
-                name=name,
-                url=redact(site.url),
-                backend=backend,
-                concurrency=site.concurrency,
-                bandwidth_mbps=site.bandwidth_mbps,
-                quota_bytes=site.quota_bytes,
-                cost_per_gb=dict(site.cost_per_gb),
-                capabilities=found.get("caps"),
-                healthy=(error is None) if probe else None,
-                latency_seconds=found.get("latency"),
-                error=error,
-            )
-        )
-    return infos
-
-
-def _inspect(url: str, options: dict[str, Any], probe: bool, out: dict[str, Any]) -> None:
-    """Fill ``out`` with ``caps``, then ``latency`` (probe) or ``error``; never raises."""
-    try:
-        backend = open_backend(url, options)
-    except Exception as exc:  # a broken SDK or config must not break `datasync sites`
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        return
-    try:
-        caps = backend.capabilities
-        out["caps"] = {
-            name: list(value) if isinstance(value, tuple) else value
-            for name in getattr(caps, "__dataclass_fields__", {})
-            for value in (getattr(caps, name),)
-        }
-        if probe:
-            start = time.monotonic()
-            next(iter(backend.list("")), None)
-            out["latency"] = time.monotonic() - start
-    except Exception as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        with contextlib.suppress(Exception):
-            backend.close()

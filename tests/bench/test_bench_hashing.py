@@ -46,6 +46,10 @@ NOTES = [
     "  default is one thread per file: a scan uses both cores by hashing two files at",
     "  once (the `scan_directory` rows).",
     "- Cold rows first drop the file's pages (`POSIX_FADV_DONTNEED`): a disk read.",
+    "- `2 x xxh128sum` is the box's own two-core scaling for this workload. Where it is",
+    "  about 1x (as on the shared 2-vCPU VM these numbers came from: memory bandwidth and",
+    "  other tenants), no two-thread variant of anything can beat one thread, and",
+    "  differences of +-20% between runs are noise; compare rows within one run.",
     "- Buffers: 8 MiB spills out of L2 between the kernel's copy and the hash and is",
     "  clearly slower; 1-2 MiB are equivalent; the default is 2 MiB.",
 ]

@@ -27,15 +27,9 @@ from datasync.config import Settings
 from datasync.db.engine import write_transaction
 from datasync.db.transfer_tables import Placement
 from datasync.errors import TransientError, UnknownReference, UserError
-from datasync.transfer.placements import (
-    list_sites,
-    parse_deadline,
-    record_source_replicas,
-    replicate,
-    site_for_source,
-    status,
-)
+from datasync.transfer.placements import parse_deadline, replicate, status
 from datasync.transfer.siteindex import SiteIndex
+from datasync.transfer.sites import list_sites, record_source_replicas, site_for_source
 from datasync.transfer.taskqueue import TaskQueue
 from tests.fixtures.transfer import (
     entry_for,

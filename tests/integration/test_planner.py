@@ -10,9 +10,9 @@ from sqlalchemy.engine import Engine
 
 from datasync.config import Settings
 from datasync.db.engine import write_transaction
-from datasync.transfer.placements import record_source_replicas
 from datasync.transfer.planner import PlannerConfig, plan_placement
 from datasync.transfer.siteindex import SiteIndex
+from datasync.transfer.sites import record_source_replicas
 from datasync.transfer.taskqueue import TaskQueue
 from tests.fixtures.transfer import (
     MIB,

@@ -46,8 +46,11 @@ def test_claim_order_is_priority_then_deadline_then_age(engine: Engine, placemen
     )
     old_high = add_task(engine, placement, priority=5, created_at=t0 + timedelta(hours=1))
     queue = TaskQueue(engine)
-    claimed = [t.id for t in queue.claim("w", 10, 60)]
+    tasks = queue.claim("w", 10, 60)
+    claimed = [t.id for t in tasks]
     assert claimed == [high_soon, high_late, old_high, new_high, old_low]
+    assert tasks[0].deadline == t0 + timedelta(days=1)
+    assert tasks[2].deadline is None  # stored as NO_DEADLINE, reported as none
     # One at a time gives the same order (the database orders, not Python).
     for task_id in claimed:
         queue.fail("w", task_id, NotFound("x"))
