@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TOOLS := .tools
 AZURITE := $(TOOLS)/node_modules/.bin/azurite-blob
 
-.PHONY: install tools demo test test-fast bench lint typecheck clean
+.PHONY: install system-deps tools demo test test-fast bench lint typecheck clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,12 @@ $(AZURITE):
 	mkdir -p $(TOOLS)
 	cd $(TOOLS) && npm install --silent --no-audit --no-fund --prefix . azurite@3 >/dev/null
 
-tools: $(AZURITE)
+# Debian packages the tests compare against (xxh128sum). Needs root, as on CI machines.
+system-deps:
+	@command -v xxh128sum >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xxhash >/dev/null)
+
+tools: $(AZURITE) system-deps
 
 demo: install
 	$(VENV)/bin/datasync --version >/dev/null

@@ -60,6 +60,8 @@ def _line(p: PlacementStatus) -> str:
         f"{p.files_done:,}/{p.files_total:,} files  {_bytes(p.bytes_done)}/{_bytes(p.bytes_total)}"
         f" ({pct:.0f}%)  {_bytes(p.throughput_bytes_per_second)}/s  ETA {_eta(p.eta_seconds)}{risk}"
     )
+    if p.state not in ("READY", "FAILED"):
+        text += f"\n  {p.phase}"
     if p.error:
         text += f"\n  error: {p.error}"
     elif p.last_errors:
@@ -71,9 +73,9 @@ def _line(p: PlacementStatus) -> str:
 def _status_table(rows: list[PlacementStatus]) -> Table:
     table = Table("id", "version", "site", "state", "files", "bytes", "rate", "ETA", "note")
     for p in rows:
-        note = p.error or (
-            f"{p.last_errors[0]['class']}: {p.last_errors[0]['message']}" if p.last_errors else ""
-        )
+        note = p.error or p.phase
+        if p.last_errors and not p.error:
+            note += f". last error: {p.last_errors[0]['class']}: {p.last_errors[0]['message']}"
         if p.at_risk:
             note = f"deadline at risk. {note}".strip()
         table.add_row(

@@ -76,6 +76,8 @@ class PlacementStatus(BaseModel):
     tasks: dict[str, int]
     error: str | None
     last_errors: list[dict[str, Any]]
+    # What it is doing or waiting for, in words ("2 task(s) backing off until ...").
+    phase: str
 
     @property
     def ref(self) -> str:
@@ -347,9 +349,43 @@ def status(
                     tasks=counts,
                     error=row["error"],
                     last_errors=_last_errors(conn, pid),
+                    phase=_phase(conn, pid, str(row["state"]), counts, now),
                 )
             )
     return out
+
+
+def _phase(
+    conn: Connection, placement_id: int, state: str, counts: dict[str, int], now: datetime
+) -> str:
+    """Explain a placement's wait (Rucio users ask for exactly this: rucio#7598)."""
+    if state in ("READY", "FAILED"):
+        return state.lower()
+    if state == "PLANNING":
+        return f"planning ({sum(counts.values())} task(s) so far)"
+    if state == "PUBLISHING":
+        return "publishing the view"
+    backing_off = sa.and_(_T.c.state == "queued", _T.c.not_before > now)
+    blocked = sa.and_(_T.c.state == "queued", _T.c.not_before <= now, _T.c.blocked_by > 0)
+    waiting, until, held = conn.execute(
+        sa.select(
+            sa.func.count().filter(backing_off),
+            sa.func.min(_T.c.not_before).filter(backing_off),
+            sa.func.count().filter(blocked),
+        ).where(_T.c.placement_id == placement_id)
+    ).one()
+    parts = []
+    if counts.get("leased"):
+        parts.append(f"{counts['leased']} task(s) running")
+    due = counts.get("queued", 0) - int(waiting) - int(held)
+    if due:
+        parts.append(f"{due} task(s) waiting for a worker")
+    if waiting:
+        when = (as_utc(until) or now).astimezone(UTC).isoformat(timespec="seconds")
+        parts.append(f"{waiting} task(s) backing off after errors until {when}")
+    if held:
+        parts.append(f"{held} task(s) waiting for the tasks they depend on")
+    return "; ".join(parts) or "transferring"
 
 
 def _last_errors(conn: Connection, placement_id: int) -> list[dict[str, Any]]:

@@ -157,6 +157,15 @@ def test_status_reports_progress_throughput_eta_and_errors(
     assert row.throughput_bytes_per_second > 0
     assert row.eta_seconds is not None and row.eta_seconds > 0
     assert row.tasks == {"done": 1, "queued": 4}
+    assert row.phase == (
+        "3 task(s) waiting for a worker; 1 task(s) waiting for the tasks they depend on"
+    )
+    slow = TaskQueue(engine, backoff_base=3600)
+    (three,) = slow.claim("w", 1, 60)
+    slow.fail("w", three.id, TransientError("reset"))
+    (row,) = status(engine, placement_id=placement.id)
+    assert row.phase.startswith("2 task(s) waiting for a worker; 1 task(s) backing off")
+    assert "1 task(s) backing off after errors until 20" in row.phase
     assert row.last_errors[0]["class"] == "TransientError"
     assert row.last_errors[0]["message"] == "connection reset by peer"
     assert status(engine, active_only=True)[0].id == placement.id
