@@ -35,9 +35,7 @@ class App:
     service: DatasyncService
 
     def close(self) -> None:
-        close = getattr(self.stat_cache, "close", None)
-        if callable(close):
-            close()
+        self.stat_cache.close()
         self.engine.dispose()
 
     def __enter__(self) -> App:
@@ -66,7 +64,8 @@ def bootstrap(settings: Settings | None = None) -> App:
     except sa.exc.OperationalError as exc:
         engine.dispose()
         where = engine.url.render_as_string(hide_password=True)
-        raise ConfigError(f"cannot open database {where}: {exc.orig}") from exc
+        reason = " ".join(str(exc.orig).split())  # one line: psycopg adds hint lines
+        raise ConfigError(f"cannot open database {where}: {reason}") from exc
     store = ManifestStore(engine)
     stat_cache = StatCache(settings.stat_cache_path)
     service = DatasyncService(settings, store, stat_cache)

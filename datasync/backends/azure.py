@@ -218,6 +218,10 @@ class AzureBackend:
         self._pool = max_pool_connections
         self._timeouts = (connect_timeout, read_timeout)
         self._container_client: Any = None
+        # The service client owns the HTTP session: the container client's close() is a
+        # no-op on the shared transport, so close() must close the service client itself.
+        self._service: Any = None
+        self._credential: Any = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -263,7 +267,8 @@ class AzureBackend:
         if self._container_client is None:
             with self._lock, azure_errors(self.url):
                 if self._container_client is None:
-                    self._container_client = self._build()
+                    self._service = self._build()
+                    self._container_client = self._service.get_container_client(self.container)
         return self._container_client
 
     def _build(self) -> Any:
@@ -306,9 +311,9 @@ class AzureBackend:
             else:
                 from azure.identity import DefaultAzureCredential
 
-                credential = DefaultAzureCredential()
+                credential = self._credential = DefaultAzureCredential()
             service = BlobServiceClient(self._account_url, credential=credential, **kwargs)
-        return service.get_container_client(self.container)
+        return service
 
     def _blob(self, key: str) -> Any:
         return self.container_client.get_blob_client(self._name(key))
@@ -464,9 +469,12 @@ class AzureBackend:
 
     def close(self) -> None:
         with self._lock:
-            client, self._container_client = self._container_client, None
-        if client is not None:
-            client.close()
+            service, credential = self._service, self._credential
+            self._container_client = self._service = self._credential = None
+        if service is not None:
+            service.close()  # closes the transport's requests session and its sockets
+        if credential is not None:
+            credential.close()
 
 
 class _AzureSingleWriter:

@@ -3,8 +3,9 @@
 * Key layout: a backend's root is ``bucket`` plus an optional ``prefix``; user keys are
   joined below it with ``/`` and handed back relative to it, unchanged otherwise.
 * ``Retry-After`` parsing (seconds or an HTTP date) for ``Throttled.retry_after``.
-* ``SmallObjectBuffer``: objects that fit in one part are sent with one request at commit.
-  The buffer copies the caller's bytes, because callers reuse their buffers.
+* ``SingleRequestWriter``: objects that fit in one part are sent with one request at
+  commit. Its buffer copies the caller's bytes, because callers reuse their buffers.
+* ``translated``: the body of each backend's one error-translation context manager.
 * ``codepoint_order``: Azurite lists in UTF-16 order; the protocol promises code points.
 * Option checking, so a typo in ``[sites.NAME] options`` fails loudly instead of silently.
 """
@@ -17,14 +18,17 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from datasync.backends.base import PartLayout
-from datasync.errors import ConfigError
+from datasync.backends.base import ObjectInfo, PartLayout
+from datasync.errors import ConfigError, StorageError
 
 T = TypeVar("T")
 
 __all__ = [
+    "SINGLE_PUT_PREFIX",
+    "SingleRequestWriter",
     "SmallObjectBuffer",
     "check_options",
     "codepoint_order",
@@ -36,7 +40,12 @@ __all__ = [
     "parse_retry_after",
     "relative_key",
     "root_prefix",
+    "single_writer",
+    "translated",
 ]
+
+# Tokens of single-request writers start with this, so ``begin(token=)`` can tell them apart.
+SINGLE_PUT_PREFIX = "put:"
 
 
 def root_prefix(path: str) -> str:
@@ -97,6 +106,65 @@ class SmallObjectBuffer:
             if self._data is None:
                 raise ValueError("commit before part 0 was written")
             return self._data
+
+
+class SingleRequestWriter:
+    """The writer for objects of at most one part: buffered, sent by ``send`` at commit."""
+
+    def __init__(
+        self, key: str, layout: PartLayout, token: str, send: Callable[[str, bytes], ObjectInfo]
+    ) -> None:
+        self._key = key
+        self._token = token
+        self._buffer = SmallObjectBuffer(layout)
+        self._send = send
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    def put_part(self, index: int, data: bytes | memoryview) -> None:
+        self._buffer.put(index, data)
+
+    def durable_parts(self) -> set[int]:
+        return set()
+
+    def commit(self) -> ObjectInfo:
+        return self._send(self._key, self._buffer.take())
+
+    def abort(self) -> None:
+        pass  # nothing was sent
+
+
+def single_writer(
+    key: str, layout: PartLayout, token: str | None, send: Callable[[str, bytes], ObjectInfo]
+) -> SingleRequestWriter | None:
+    """The single-request writer when ``token`` names one, or a new object fits in one part;
+    None when the caller needs its chunked writer."""
+    if token is None and layout.count > 1:
+        return None
+    if token is not None and not token.startswith(SINGLE_PUT_PREFIX):
+        return None
+    if layout.count > 1:
+        raise ValueError(f"token {token} is for a single-part object, size is {layout.size}")
+    return SingleRequestWriter(key, layout, token or SINGLE_PUT_PREFIX + new_token(), send)
+
+
+@contextmanager
+def translated(
+    translate: Callable[[BaseException, str], StorageError | None], url: str
+) -> Iterator[None]:
+    """Re-raise SDK errors as the ``StorageError`` ``translate`` maps them to (chained with
+    ``from``); errors it does not know, and ``StorageError``s, pass through unchanged."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        mapped = translate(exc, url)
+        if mapped is None:
+            raise
+        raise mapped from exc
 
 
 def check_options(options: Mapping[str, Any], allowed: frozenset[str], url: str) -> None:

@@ -84,6 +84,7 @@ def translate(exc: BaseException, url: str) -> StorageError | None:
     from google.api_core import exceptions as gex
     from google.auth import exceptions as auth_ex
     from google.cloud.storage import exceptions as sex
+    from urllib3.exceptions import HTTPError as Urllib3Error
 
     if isinstance(exc, gex.GoogleAPICallError):
         status = int(exc.code or 0)
@@ -118,7 +119,9 @@ def translate(exc: BaseException, url: str) -> StorageError | None:
         return PermissionDenied("no Google credentials found (set credentials_file)", url=url)
     if isinstance(exc, auth_ex.TransportError | requests.ConnectionError | requests.Timeout):
         return TransientError(f"network error: {type(exc).__name__}", url=url)
-    if isinstance(exc, requests.RequestException | ConnectionError | TimeoutError):
+    # read_range reads the raw urllib3 response, whose errors (a body cut short) requests
+    # never wraps.
+    if isinstance(exc, requests.RequestException | Urllib3Error | ConnectionError | TimeoutError):
         return TransientError(f"network error: {type(exc).__name__}", url=url)
     return None
 

@@ -160,7 +160,8 @@ def translate(exc: BaseException, url: str) -> StorageError | None:
         return StorageError(f"{op} failed: {text}", url=url)
     if isinstance(exc, bex.FlexibleChecksumError):
         return ChecksumMismatch(f"response checksum mismatch: {exc}", url=url)
-    if isinstance(exc, bex.ConnectionError | bex.HTTPClientError):
+    # IncompleteReadError: a body shorter than its Content-Length (a dropped connection).
+    if isinstance(exc, bex.ConnectionError | bex.HTTPClientError | bex.IncompleteReadError):
         return TransientError(f"network error: {type(exc).__name__}", url=url)
     if isinstance(
         exc,

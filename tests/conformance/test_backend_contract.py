@@ -289,6 +289,28 @@ def test_delete_is_idempotent(backend: Backend) -> None:
     assert keys(backend.list("")) == []
 
 
+def _open_sockets() -> int:
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            pass  # closed while we looked (the listing's own descriptor, or another thread)
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts sockets via /proc")
+def test_close_releases_connections(make_backend: MakeBackend) -> None:
+    """``close()`` closes the backend's pooled connections (long-lived workers reopen sites)."""
+    before = _open_sockets()
+    backend = make_backend()
+    put(backend, "k", b"bytes")
+    assert read_all(backend, "k") == b"bytes"
+    assert keys(backend.list("")) == ["k"]
+    backend.close()
+    assert _open_sockets() <= before
+
+
 # -- keys and listing ---------------------------------------------------------------------
 
 ODD_KEYS = [

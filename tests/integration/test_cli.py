@@ -234,3 +234,11 @@ def test_progress_bar_is_drawn_on_a_terminal(tmp_path: Path) -> None:
     text = out.decode(errors="replace")
     assert "hashing" in text and "files" in text
     assert "registered drive/tty@" in text
+
+
+def test_an_unreachable_database_is_one_clear_line_without_the_password(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/nowhere"
+    cli = _invoker({"DATASYNC_HOME": str(tmp_path / "home"), "DATASYNC_DATABASE_URL": url})
+    result = cli("versions", "drive/a", code=2)
+    assert result.stderr.startswith("datasync: error: cannot open database postgresql")
+    assert "s3cret" not in result.stderr and result.stderr.count("\n") == 1

@@ -97,6 +97,17 @@ def test_too_many_requests_is_throttled(error_server: ErrorServer) -> None:
     backend.close()
 
 
+def test_body_cut_short_is_transient(error_server: ErrorServer) -> None:
+    """Invariant 7: a connection dropped mid-body is a retryable ``TransientError``."""
+    error_server.status = 206
+    error_server.body = b"x" * 10
+    error_server.short_by = 90
+    backend = GCSBackend("truncated", "", endpoint=error_server.url)
+    with pytest.raises(TransientError):
+        backend.read_range("k", 0, 100)
+    backend.close()
+
+
 def test_closed_port_is_transient() -> None:
     backend = GCSBackend("nowhere", "", endpoint=f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(TransientError):

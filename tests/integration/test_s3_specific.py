@@ -199,6 +199,14 @@ def test_error_codes_translate(code: str, status: int, expected: type) -> None:
     assert type(s3.translate(error, "s3://b/k")) is expected
 
 
+def test_short_body_translates_to_transient() -> None:
+    """Invariant 7: a body shorter than its Content-Length is retryable, not permanent."""
+    from botocore.exceptions import IncompleteReadError
+
+    error = IncompleteReadError(actual_bytes=10, expected_bytes=100)
+    assert type(s3.translate(error, "s3://b/k")) is TransientError
+
+
 def test_closed_port_is_transient() -> None:
     import socket
 
