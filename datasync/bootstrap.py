@@ -17,6 +17,7 @@ from datasync.config import Settings, load_settings
 from datasync.db.engine import create_engine
 from datasync.db.migrate import upgrade_to_head
 from datasync.errors import ConfigError
+from datasync.manifest.remote import RemoteSources
 from datasync.manifest.statcache import StatCache
 from datasync.manifest.store import ManifestStore
 from datasync.service import DatasyncService
@@ -68,7 +69,7 @@ def bootstrap(settings: Settings | None = None) -> App:
         raise ConfigError(f"cannot open database {where}: {reason}") from exc
     store = ManifestStore(engine)
     stat_cache = StatCache(settings.stat_cache_path)
-    service = DatasyncService(settings, store, stat_cache)
+    service = DatasyncService(settings, store, stat_cache, RemoteSources(settings))
     return App(
         settings=settings, engine=engine, store=store, stat_cache=stat_cache, service=service
     )

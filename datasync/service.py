@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -32,6 +32,7 @@ from datasync.manifest.canonical import (
 from datasync.manifest.diff import Change
 from datasync.manifest.producer import read_producer_manifest
 from datasync.manifest.refs import check_dataset_name, check_label
+from datasync.manifest.remote import RemoteSources
 from datasync.manifest.scan import scan_directory, scan_total
 from datasync.manifest.statcache import StatCache
 from datasync.manifest.store import ManifestStore, Registration
@@ -143,10 +144,6 @@ def is_remote_source(source: str, site_names: frozenset[str] = frozenset()) -> b
     return bool(match and match.group(1) in site_names)
 
 
-# A scanner for remote sources: (source, chunk_size, progress) -> (header, entries).
-RemoteScanner = Callable[[str, int, Progress | None], tuple[ManifestHeader, Iterator[FileEntry]]]
-
-
 class DatasyncService:
     """Operations on datasets and versions. Built once by ``datasync.bootstrap``."""
 
@@ -155,13 +152,12 @@ class DatasyncService:
         settings: Settings,
         store: ManifestStore,
         stat_cache: StatCache | None = None,
-        remote_scanner: RemoteScanner | None = None,
+        remote_sources: RemoteSources | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.stat_cache = stat_cache
-        # The hook the cloud-scanner work plugs into (bootstrap passes it in).
-        self.remote_scanner = remote_scanner
+        self.remote_sources = remote_sources
 
     # ------------------------------------------------------------ registration
 
@@ -210,7 +206,9 @@ class DatasyncService:
         chunk = self._chunk_size(chunk_size)
         root = Path(path).expanduser()
         if not root.is_dir():
-            raise UserError(f"{path}: not a directory (or does not exist)")
+            head, sep, _ = str(path).partition(":")
+            hint = f", and there is no site named {head!r}" if sep and "/" not in head else ""
+            raise UserError(f"{path}: not a directory (or does not exist){hint}")
         root = root.resolve()
         header = ManifestHeader(chunk_size=chunk)
         with self._spool() as spool:
@@ -268,21 +266,31 @@ class DatasyncService:
         chunk_size: int | None,
         progress: Progress | None,
     ) -> RegisterResult:
-        if self.remote_scanner is None:
-            raise UserError(
-                f"{source}: registering from cloud storage or a site (s3://, az://, gs://, "
-                "SITE:path) is not supported yet; register a local directory or a .jsonl "
-                "producer manifest"
+        if self.remote_sources is None:
+            raise UserError(f"{source}: registering from remote sources is not configured")
+        check_dataset_name(dataset)
+        labels = [check_label(label)] if label is not None else []
+        chunk = self._chunk_size(chunk_size)
+        # Same spool as directories: hashing a bucket can take hours, and the database
+        # write lock must not be held for that long.
+        with self._spool() as spool:
+            if progress is not None:
+                progress.start(0, 0)  # totals unknown until the listing ends
+            on_progress = progress.update if progress is not None else None
+            for entry in self.remote_sources.scan(source, chunk, on_progress):
+                spool.write(encode_entry(entry))
+            if progress is not None:
+                progress.finish()
+            spool.flush()
+            spool.seek(0)
+            reg = self.store.register(
+                dataset,
+                ManifestHeader(chunk_size=chunk),
+                _read_spool(spool, chunk),
+                labels=labels,
+                verified=True,
+                source=source,
             )
-        header, entries = self.remote_scanner(source, self._chunk_size(chunk_size), progress)
-        reg = self.store.register(
-            dataset,
-            header,
-            entries,
-            labels=[label] if label else [],
-            verified=True,
-            source=source,
-        )
         return RegisterResult.of_registration(reg)
 
     # ------------------------------------------------------------------ reading

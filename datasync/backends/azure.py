@@ -25,7 +25,8 @@ Invariants:
 * Objects that fit in one part are buffered and uploaded with one Put Blob at commit.
 * Listing: Azurite orders names by UTF-16 code units; ``codepoint_order`` restores the
   protocol's code-point order.
-* Errors go through ``azure_errors`` (one place); messages never carry keys or SAS tokens.
+* Errors go through ``azure_errors`` (one place, in ``azure_errors.py``); messages never
+  carry keys or SAS tokens.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any, Self
 from urllib.parse import SplitResult
 
+from datasync.backends.azure_errors import azure_errors, error_code, translate
 from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
 from datasync.backends.cloudcommon import (
-    SmallObjectBuffer,
+    SingleRequestWriter,
     check_options,
     codepoint_order,
     join_key,
@@ -47,25 +48,15 @@ from datasync.backends.cloudcommon import (
     opt_bool,
     opt_int,
     opt_str,
-    parse_retry_after,
     relative_key,
     root_prefix,
+    single_writer,
 )
-from datasync.errors import (
-    ChecksumMismatch,
-    ConfigError,
-    NotFound,
-    PermissionDenied,
-    SourceChanged,
-    StorageError,
-    Throttled,
-    TransientError,
-)
+from datasync.errors import ConfigError, NotFound, SourceChanged, StorageError, TransientError
 
 __all__ = ["AzureBackend", "azure_errors", "translate"]
 
 MiB = 1024 * 1024
-_SINGLE_PUT_PREFIX = "put:"
 _OPTIONS = frozenset(
     {
         "connection_string",
@@ -81,86 +72,6 @@ _OPTIONS = frozenset(
         "copy_timeout",
     }
 )
-_DENIED = {
-    "AuthenticationFailed",
-    "AuthorizationFailure",
-    "AuthorizationPermissionMismatch",
-    "AuthorizationResourceTypeMismatch",
-    "InsufficientAccountPermissions",
-    "AccountIsDisabled",
-}
-_THROTTLED = {"ServerBusy", "OperationTimedOut", "TooManyRequests"}
-_CHECKSUM = {"Md5Mismatch", "Crc64Mismatch", "InvalidMd5", "InvalidCrc64"}
-
-
-def _code(exc: BaseException) -> str:
-    code = getattr(exc, "error_code", None)
-    return str(getattr(code, "value", code) or "")
-
-
-def classify(status: int, code: str, headers: Mapping[str, str], url: str) -> StorageError:
-    """The ``StorageError`` for an HTTP status and ``x-ms-error-code``."""
-    text = code or str(status)
-    if code == "ContainerNotFound":
-        return NotFound("container missing", url=url)
-    if status == 404:
-        return NotFound(f"object not found ({text})", url=url)
-    if code == "ConditionNotMet" or status == 412:
-        return SourceChanged(f"object changed since it was pinned ({text})", url=url)
-    if code in _DENIED or status in (401, 403):
-        return PermissionDenied(f"access denied ({text})", url=url)
-    if code in _THROTTLED or status in (429, 503):
-        retry_after = parse_retry_after(headers.get("Retry-After"))
-        return Throttled(f"throttled ({text})", url=url, retry_after=retry_after)
-    if code in _CHECKSUM:
-        return ChecksumMismatch(f"the service rejected the block checksum ({text})", url=url)
-    if status >= 500:
-        return TransientError(f"server error ({text})", url=url)
-    return StorageError(f"Azure request failed ({text})", url=url)
-
-
-def translate(exc: BaseException, url: str) -> StorageError | None:
-    """The ``StorageError`` for an azure-core/azure-identity exception, or None."""
-    from azure.core import exceptions as aex
-    from urllib3.exceptions import HTTPError as Urllib3Error
-
-    if isinstance(
-        exc,
-        aex.ServiceRequestError
-        | aex.ServiceResponseError
-        | aex.IncompleteReadError
-        | Urllib3Error
-        | ConnectionError
-        | TimeoutError,
-    ):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
-    if not isinstance(exc, aex.AzureError):
-        return None
-    response = getattr(exc, "response", None)
-    status = int(getattr(exc, "status_code", None) or getattr(response, "status_code", 0) or 0)
-    if not status:  # errors raised before or without a response
-        if isinstance(exc, aex.ClientAuthenticationError):
-            status = 401  # e.g. no credential in DefaultAzureCredential's chain
-        elif isinstance(exc, aex.ResourceNotFoundError):
-            status = 404
-        elif isinstance(exc, aex.ResourceModifiedError):
-            status = 412
-    headers = getattr(response, "headers", None) or {}
-    return classify(status, _code(exc) or type(exc).__name__, headers, url)
-
-
-@contextmanager
-def azure_errors(url: str) -> Iterator[None]:
-    """The one place Azure SDK errors become ``StorageError``s (chained with ``from``)."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except Exception as exc:
-        mapped = translate(exc, url)
-        if mapped is None:
-            raise
-        raise mapped from exc
 
 
 def block_id(token: str, index: int) -> str:
@@ -398,14 +309,12 @@ class AzureBackend:
 
     def begin(
         self, key: str, size: int, part_size: int, *, token: str | None = None
-    ) -> _AzureSingleWriter | _AzureBlockWriter:
+    ) -> SingleRequestWriter | _AzureBlockWriter:
         check_key(key)
         layout = PartLayout(size, part_size)
-        single = token.startswith(_SINGLE_PUT_PREFIX) if token is not None else layout.count <= 1
-        if single:
-            if layout.count > 1:
-                raise ValueError(f"token {token} is for a single-part object, size is {size}")
-            return _AzureSingleWriter(self, key, layout, token or _SINGLE_PUT_PREFIX + new_token())
+        single = single_writer(key, layout, token, self.upload)
+        if single is not None:
+            return single
         caps = self.capabilities
         if layout.count > caps.max_parts or part_size > caps.max_part_size:
             raise ValueError(
@@ -437,7 +346,7 @@ class AzureBackend:
             try:
                 self._blob(key).delete_blob(delete_snapshots="include")
             except ResourceNotFoundError as exc:
-                if _code(exc) == "ContainerNotFound":
+                if error_code(exc) == "ContainerNotFound":
                     raise  # a missing container is an error; a missing blob is not
 
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
@@ -477,32 +386,6 @@ class AzureBackend:
             credential.close()
 
 
-class _AzureSingleWriter:
-    """Objects of at most one part: buffered, one Put Blob at commit."""
-
-    def __init__(self, backend: AzureBackend, key: str, layout: PartLayout, token: str):
-        self._backend = backend
-        self._key = key
-        self._token = token
-        self._buffer = SmallObjectBuffer(layout)
-
-    @property
-    def token(self) -> str:
-        return self._token
-
-    def put_part(self, index: int, data: bytes | memoryview) -> None:
-        self._buffer.put(index, data)
-
-    def durable_parts(self) -> set[int]:
-        return set()
-
-    def commit(self) -> ObjectInfo:
-        return self._backend.upload(self._key, self._buffer.take())
-
-    def abort(self) -> None:
-        pass
-
-
 class _AzureBlockWriter:
     """Stage Block per part, Put Block List at commit; the token names this attempt."""
 
@@ -534,7 +417,7 @@ class _AzureBlockWriter:
             try:
                 _, uncommitted = self._b._blob(self._key).get_block_list("uncommitted")
             except ResourceNotFoundError as exc:
-                if _code(exc) == "ContainerNotFound":
+                if error_code(exc) == "ContainerNotFound":
                     raise
                 return []  # no blob and no staged blocks yet
         return list(uncommitted)
@@ -566,7 +449,7 @@ class _AzureBlockWriter:
             try:
                 done = self._b._blob(self._key).commit_block_list(blocks)
             except Exception as exc:
-                if _code(exc) == "InvalidBlockList":
+                if error_code(exc) == "InvalidBlockList":
                     missing = sorted(set(range(self._layout.count)) - self.durable_parts())
                     raise StorageError(
                         f"cannot commit: {len(missing)} of {self._layout.count} parts missing"

@@ -20,7 +20,7 @@ Invariants:
 * Reads are pinned with ``if_generation_match``; ``ObjectInfo.etag`` is the generation.
   ``gcp-storage-emulator`` ignores that precondition, so ``capabilities.conditional_read``
   is False for emulator endpoints (set the option to force either way).
-* Errors go through ``gcs_errors`` (one place).
+* Errors go through ``gcs_errors`` (one place, in ``gcs_errors.py``).
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any, Self
 from urllib.parse import SplitResult, quote
 
 from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
 from datasync.backends.cloudcommon import (
-    SmallObjectBuffer,
+    SingleRequestWriter,
     check_options,
     join_key,
     new_token,
@@ -45,17 +44,10 @@ from datasync.backends.cloudcommon import (
     parse_retry_after,
     relative_key,
     root_prefix,
+    single_writer,
 )
-from datasync.errors import (
-    ChecksumMismatch,
-    ConfigError,
-    NotFound,
-    PermissionDenied,
-    SourceChanged,
-    StorageError,
-    Throttled,
-    TransientError,
-)
+from datasync.backends.gcs_errors import by_status, gcs_errors, translate
+from datasync.errors import ConfigError, NotFound, SourceChanged, StorageError, Throttled
 
 __all__ = ["PARTS_DIR", "GCSBackend", "gcs_errors", "translate"]
 
@@ -63,7 +55,6 @@ _log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 PARTS_DIR = ".datasync-parts"
 COMPOSE_FANIN = 32  # GCS accepts at most 32 sources per compose call
-_SINGLE_PUT_PREFIX = "put:"
 _OPTIONS = frozenset(
     {
         "project",
@@ -76,82 +67,6 @@ _OPTIONS = frozenset(
         "conditional_read",
     }
 )
-
-
-def translate(exc: BaseException, url: str) -> StorageError | None:
-    """The ``StorageError`` for a google-cloud-storage / google-auth / requests error."""
-    import requests
-    from google.api_core import exceptions as gex
-    from google.auth import exceptions as auth_ex
-    from google.cloud.storage import exceptions as sex
-    from urllib3.exceptions import HTTPError as Urllib3Error
-
-    if isinstance(exc, gex.GoogleAPICallError):
-        status = int(exc.code or 0)
-        text = f"{status} {type(exc).__name__}"
-        if isinstance(exc, gex.NotFound):
-            return NotFound(f"not found ({text})", url=url)
-        if isinstance(exc, gex.PreconditionFailed):
-            return SourceChanged(f"object changed since it was pinned ({text})", url=url)
-        if isinstance(exc, gex.Forbidden | gex.Unauthorized):
-            return PermissionDenied(f"access denied ({text})", url=url)
-        if isinstance(exc, gex.TooManyRequests | gex.ServiceUnavailable):
-            response = getattr(exc, "response", None)
-            headers = getattr(response, "headers", None) or {}
-            return Throttled(
-                f"throttled ({text})",
-                url=url,
-                retry_after=parse_retry_after(headers.get("Retry-After")),
-            )
-        if status >= 500 or isinstance(exc, gex.RequestRangeNotSatisfiable):
-            return TransientError(f"server error ({text})", url=url)
-        return StorageError(f"GCS request failed ({text}: {exc.message})", url=url)
-    if isinstance(exc, sex.DataCorruption):
-        return ChecksumMismatch(f"CRC32C mismatch between client and server: {exc}", url=url)
-    if isinstance(exc, sex.InvalidResponse):
-        status = int(getattr(exc.response, "status_code", 0) or 0)
-        return _by_status(status, url)
-    if isinstance(exc, auth_ex.RefreshError):
-        if getattr(exc, "retryable", False):
-            return TransientError("token refresh failed (retryable)", url=url)
-        return PermissionDenied("credentials rejected by the token endpoint", url=url)
-    if isinstance(exc, auth_ex.DefaultCredentialsError):
-        return PermissionDenied("no Google credentials found (set credentials_file)", url=url)
-    if isinstance(exc, auth_ex.TransportError | requests.ConnectionError | requests.Timeout):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
-    # read_range reads the raw urllib3 response, whose errors (a body cut short) requests
-    # never wraps.
-    if isinstance(exc, requests.RequestException | Urllib3Error | ConnectionError | TimeoutError):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
-    return None
-
-
-def _by_status(status: int, url: str) -> StorageError:
-    if status == 404:
-        return NotFound(f"not found ({status})", url=url)
-    if status == 412:
-        return SourceChanged(f"object changed since it was pinned ({status})", url=url)
-    if status in (401, 403):
-        return PermissionDenied(f"access denied ({status})", url=url)
-    if status in (429, 503):
-        return Throttled(f"throttled ({status})", url=url)
-    if status >= 500:
-        return TransientError(f"server error ({status})", url=url)
-    return StorageError(f"GCS request failed ({status})", url=url)
-
-
-@contextmanager
-def gcs_errors(url: str) -> Iterator[None]:
-    """The one place GCS SDK errors become ``StorageError``s (chained with ``from``)."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except Exception as exc:
-        mapped = translate(exc, url)
-        if mapped is None:
-            raise
-        raise mapped from exc
 
 
 class GCSBackend:
@@ -388,7 +303,7 @@ class GCSBackend:
             if offset >= info.size:
                 return b""
         if status not in (200, 206):
-            error = _by_status(status, url)
+            error = by_status(status, url)
             if isinstance(error, Throttled):
                 error.retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if isinstance(error, NotFound):
@@ -413,14 +328,12 @@ class GCSBackend:
 
     def begin(
         self, key: str, size: int, part_size: int, *, token: str | None = None
-    ) -> _GCSSingleWriter | _GCSComposeWriter:
+    ) -> SingleRequestWriter | _GCSComposeWriter:
         check_key(key)
         layout = PartLayout(size, part_size)
-        single = token.startswith(_SINGLE_PUT_PREFIX) if token is not None else layout.count <= 1
-        if single:
-            if layout.count > 1:
-                raise ValueError(f"token {token} is for a single-part object, size is {size}")
-            return _GCSSingleWriter(self, key, layout, token or _SINGLE_PUT_PREFIX + new_token())
+        single = single_writer(key, layout, token, self._put_small)
+        if single is not None:
+            return single
         if token is not None and (len(token) != 16 or not token.isalnum()):
             raise ValueError(f"not a GCS writer token: {token!r}")
         return _GCSComposeWriter(self, key, layout, token or new_token())
@@ -439,6 +352,10 @@ class GCSBackend:
                 timeout=self.timeout,
             )
         return blob
+
+    def _put_small(self, key: str, data: bytes) -> ObjectInfo:
+        """One-request upload of a whole object (the single-part writer's commit)."""
+        return self._info(key, self.upload(self._name(key), data, self._url(key)))
 
     def delete(self, key: str) -> None:
         url = self._url(key)
@@ -474,34 +391,6 @@ class GCSBackend:
             client, self._client = self._client, None
         if client is not None:
             client.close()
-
-
-class _GCSSingleWriter:
-    """Objects of at most one part: buffered, one upload at commit."""
-
-    def __init__(self, backend: GCSBackend, key: str, layout: PartLayout, token: str):
-        self._backend = backend
-        self._key = key
-        self._token = token
-        self._buffer = SmallObjectBuffer(layout)
-
-    @property
-    def token(self) -> str:
-        return self._token
-
-    def put_part(self, index: int, data: bytes | memoryview) -> None:
-        self._buffer.put(index, data)
-
-    def durable_parts(self) -> set[int]:
-        return set()
-
-    def commit(self) -> ObjectInfo:
-        b = self._backend
-        blob = b.upload(b._name(self._key), self._buffer.take(), b._url(self._key))
-        return b._info(self._key, blob)
-
-    def abort(self) -> None:
-        pass
 
 
 class _GCSComposeWriter:

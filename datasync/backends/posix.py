@@ -7,6 +7,8 @@ Invariants:
   resumed writer reopens it), preallocated to the final size; parts are ``pwrite`` at
   ``index * part_size`` from any thread; ``commit`` fsyncs the file, renames it over the
   key and fsyncs the directory. ``abort`` unlinks the temp. ``list`` never shows temps.
+  Each part writes through its own ``dup`` of the writer's descriptor, so an ``abort``
+  racing ``put_part`` can never redirect a part into another file that reused the number.
 * ``durable_parts()`` is always empty (``capabilities.lists_parts`` is false): a
   preallocated file cannot tell written ranges from zeros, so the engine's chunk map in the
   database is authoritative. Resuming a token whose temp file is gone raises ``NotFound``,
@@ -34,6 +36,7 @@ import os
 import re
 import secrets
 import stat as statmod
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import SplitResult
@@ -571,6 +574,9 @@ class PosixWriter:
         self._path = path
         self._tmp = tmp
         self._fd: int | None = fd
+        # Guards ``_fd``: abort() may run while other threads are in put_part, and a closed
+        # descriptor number is soon reused by an unrelated open() in this process.
+        self._fd_lock = threading.Lock()
         self._layout = layout
         self._token = token
         self._url = backend._key_url(key)
@@ -582,20 +588,27 @@ class PosixWriter:
     def put_part(self, index: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         self._layout.check(index, len(view))
-        fd = self._open_fd()
         offset = self._layout.offset(index)
-        done = 0
+        # A private duplicate: if abort() closes the writer's fd meanwhile, this part still
+        # lands in the (now unlinked) temp file, never in whatever reuses the number.
         with translate_os_errors(self._url):
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
+            with self._fd_lock:
+                fd = os.dup(self._open_fd())
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offset + done)
+            finally:
+                os.close(fd)
 
     def durable_parts(self) -> set[int]:
         # See the module docstring: the engine's chunk map is authoritative on POSIX.
         return set()
 
     def commit(self) -> ObjectInfo:
-        fd = self._open_fd()
-        self._fd = None
+        with self._fd_lock:
+            fd = self._open_fd()
+            self._fd = None
         try:
             with translate_os_errors(self._url):
                 os.fsync(fd)
@@ -609,9 +622,10 @@ class PosixWriter:
         return self._backend._info(self._key, st)
 
     def abort(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._fd_lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
         with translate_os_errors(self._url):
             _unlink_quietly(self._tmp)
 

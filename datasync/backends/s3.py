@@ -23,8 +23,8 @@ Invariants:
   ``checksum="auto"`` an endpoint that rejects checksum headers (older S3-compatible
   stores) is remembered for the process and served without them; ``"crc32c"`` makes that
   an ``Unsupported`` error instead.
-* Every SDK error passes through ``s3_errors``/``translate`` (one place); messages name the
-  object URL, never credentials.
+* Every SDK error passes through ``s3_errors``/``translate`` (one place, in
+  ``s3_errors.py``); messages name the object URL, never credentials.
 """
 
 from __future__ import annotations
@@ -32,191 +32,51 @@ from __future__ import annotations
 import base64
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any, Self
 from urllib.parse import SplitResult
 
 from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
 from datasync.backends.cloudcommon import (
-    SmallObjectBuffer,
+    SingleRequestWriter,
     check_options,
     join_key,
-    new_token,
     opt_int,
     opt_str,
-    parse_retry_after,
     relative_key,
     root_prefix,
+    single_writer,
 )
-from datasync.errors import (
-    ChecksumMismatch,
-    ConfigError,
-    NotFound,
-    PermissionDenied,
-    SourceChanged,
-    StorageError,
-    Throttled,
-    TransientError,
-    Unsupported,
-)
+from datasync.backends.s3_errors import error_code, rejects_checksum, s3_errors, translate
+from datasync.errors import ConfigError, NotFound, SourceChanged, StorageError, Unsupported
 
 __all__ = ["S3Backend", "s3_errors", "translate"]
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-_SINGLE_PUT_PREFIX = "put:"
 
-_OPTIONS = frozenset(
-    {
-        "endpoint_url",
-        "region_name",
-        "profile",
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "addressing_style",
-        "page_size",
-        "checksum",
-        "max_pool_connections",
-        "connect_timeout",
-        "read_timeout",
-        "multipart_copy_threshold",
-        "copy_part_size",
-    }
+# Options passed straight through to the constructor as strings.
+_STR_OPTIONS = (
+    "endpoint_url",
+    "region_name",
+    "profile",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "addressing_style",
 )
+_OPTIONS = frozenset(_STR_OPTIONS) | {
+    "page_size",
+    "checksum",
+    "max_pool_connections",
+    "connect_timeout",
+    "read_timeout",
+    "multipart_copy_threshold",
+    "copy_part_size",
+}
 
 # Endpoints (None = AWS) known to reject checksum headers, learned at run time.
 _NO_CHECKSUM_ENDPOINTS: set[str | None] = set()
 _NO_CHECKSUM_LOCK = threading.Lock()
-
-_NOT_FOUND = {"NoSuchKey", "NoSuchUpload", "NotFound", "404", "NoSuchVersion"}
-_DENIED = {
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "TokenRefreshRequired",
-    "AllAccessDisabled",
-    "AccountProblem",
-    "403",
-    "401",
-}
-_THROTTLED = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "TooManyRequests",
-    "RequestThrottled",
-    "ServiceUnavailable",
-    "503",
-    "429",
-}
-_CHECKSUM_BAD = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"}
-_TRANSIENT = {"InternalError", "RequestTimeout", "RequestTimeTooSkewed", "OperationAborted"}
-_PRECONDITION = {"PreconditionFailed", "412"}
-# What S3-compatible stores answer when they do not understand x-amz-checksum-* headers.
-_CHECKSUM_UNSUPPORTED_CODES = {
-    "NotImplemented",
-    "InvalidArgument",
-    "InvalidRequest",
-    "XAmzContentSHA256Mismatch",
-    "MissingContentLength",
-    "BadRequest",
-}
-
-
-def translate(exc: BaseException, url: str) -> StorageError | None:
-    """The ``StorageError`` for a boto3/botocore exception, or None if it is not one."""
-    from botocore import exceptions as bex
-
-    if isinstance(exc, bex.ClientError):
-        err = exc.response.get("Error", {}) or {}
-        meta = exc.response.get("ResponseMetadata", {}) or {}
-        code = str(err.get("Code", "") or "")
-        status = int(meta.get("HTTPStatusCode", 0) or 0)
-        text = f"{code or status}: {err.get('Message') or 'no message'}"
-        op = getattr(exc, "operation_name", "request")
-        if code == "NoSuchBucket":
-            return NotFound(f"bucket missing: {op} failed with {text}", url=url)
-        if code in _NOT_FOUND or status == 404:
-            return NotFound(f"{op}: object not found ({text})", url=url)
-        if code in _PRECONDITION or status == 412:
-            return SourceChanged(f"{op}: object changed since it was pinned ({text})", url=url)
-        if code in _DENIED or status in (401, 403):
-            return PermissionDenied(f"{op}: access denied ({text})", url=url)
-        if code in _THROTTLED or status in (429, 503):
-            headers = meta.get("HTTPHeaders", {}) or {}
-            return Throttled(
-                f"{op}: throttled ({text})",
-                url=url,
-                retry_after=parse_retry_after(headers.get("retry-after")),
-            )
-        if code in _CHECKSUM_BAD or "checksum" in code.lower():
-            return ChecksumMismatch(f"{op}: the store rejected the data checksum ({text})", url=url)
-        if code in _TRANSIENT or status >= 500:
-            return TransientError(f"{op}: server error ({text})", url=url)
-        return StorageError(f"{op} failed: {text}", url=url)
-    if isinstance(exc, bex.FlexibleChecksumError):
-        return ChecksumMismatch(f"response checksum mismatch: {exc}", url=url)
-    # IncompleteReadError: a body shorter than its Content-Length (a dropped connection).
-    if isinstance(exc, bex.ConnectionError | bex.HTTPClientError | bex.IncompleteReadError):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
-    if isinstance(
-        exc,
-        bex.NoCredentialsError
-        | bex.PartialCredentialsError
-        | bex.ProfileNotFound
-        | bex.CredentialRetrievalError,
-    ):
-        return PermissionDenied(f"no usable AWS credentials: {type(exc).__name__}", url=url)
-    if isinstance(exc, bex.MissingDependencyException):
-        return Unsupported(f"missing SDK dependency: {exc}", url=url)
-    if isinstance(exc, bex.BotoCoreError):
-        return StorageError(f"S3 client error: {type(exc).__name__}: {exc}", url=url)
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
-    try:
-        from urllib3.exceptions import HTTPError as Urllib3Error
-    except ImportError:  # pragma: no cover - urllib3 ships with botocore
-        return None
-    if isinstance(exc, Urllib3Error):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
-    return None
-
-
-@contextmanager
-def s3_errors(url: str) -> Iterator[None]:
-    """The one place boto3/botocore errors become ``StorageError``s (chained with ``from``)."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except Exception as exc:
-        mapped = translate(exc, url)
-        if mapped is None:
-            raise
-        raise mapped from exc
-
-
-def _error_code(exc: BaseException) -> tuple[str, int]:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return "", 0
-    code = str((response.get("Error") or {}).get("Code", "") or "")
-    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode", 0) or 0)
-    return code, status
-
-
-def _rejects_checksum(exc: BaseException) -> bool:
-    """True when an S3-compatible store refused our checksum headers (not a bad digest)."""
-    from botocore.exceptions import ClientError
-
-    if not isinstance(exc, ClientError):
-        return False
-    code, status = _error_code(exc)
-    return code in _CHECKSUM_UNSUPPORTED_CODES or status == 501
 
 
 def _crc32c_b64(data: bytes | memoryview) -> str:
@@ -296,18 +156,7 @@ class S3Backend:
         check_options(options, _OPTIONS, url)
         if not parsed.netloc:
             raise ConfigError(f"{url}: missing bucket name (s3://bucket/prefix)")
-        strs = {
-            name: opt_str(options, name)
-            for name in (
-                "endpoint_url",
-                "region_name",
-                "profile",
-                "aws_access_key_id",
-                "aws_secret_access_key",
-                "aws_session_token",
-                "addressing_style",
-            )
-        }
+        strs = {name: opt_str(options, name) for name in _STR_OPTIONS}
         return cls(
             parsed.netloc,
             parsed.path,
@@ -438,7 +287,7 @@ class S3Backend:
                 try:
                     response = self.client.get_object(**args)
                 except Exception as exc:
-                    if _error_code(exc)[0] == "InvalidRange":  # offset >= size
+                    if error_code(exc)[0] == "InvalidRange":  # offset >= size
                         info = self._check_pin(key, etag)
                         if offset >= info.size:
                             return b""
@@ -461,15 +310,13 @@ class S3Backend:
 
     def begin(
         self, key: str, size: int, part_size: int, *, token: str | None = None
-    ) -> _S3SingleWriter | _S3MultipartWriter:
+    ) -> SingleRequestWriter | _S3MultipartWriter:
         check_key(key)
         layout = PartLayout(size, part_size)
+        single = single_writer(key, layout, token, self.put_object)
+        if single is not None:
+            return single
         n = layout.count
-        single = token.startswith(_SINGLE_PUT_PREFIX) if token is not None else n <= 1
-        if single:
-            if n > 1:
-                raise ValueError(f"token {token} is for a single-part object, size is {size}")
-            return _S3SingleWriter(self, key, layout, token or _SINGLE_PUT_PREFIX + new_token())
         caps = self.capabilities
         if n > caps.max_parts or part_size > caps.max_part_size or part_size < caps.min_part_size:
             raise Unsupported(
@@ -493,7 +340,7 @@ class S3Backend:
                     )
                     return _S3MultipartWriter(self, key, layout, upload["UploadId"], checksum=True)
                 except Exception as exc:
-                    if not _rejects_checksum(exc):
+                    if not rejects_checksum(exc):
                         raise
                     self._checksum_rejected(exc, url)
             upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._name(key))
@@ -509,7 +356,7 @@ class S3Backend:
                 try:
                     response = self.client.put_object(**args, ChecksumCRC32C=_crc32c_b64(data))
                 except Exception as exc:
-                    if not _rejects_checksum(exc):
+                    if not rejects_checksum(exc):
                         raise
                     self._checksum_rejected(exc, url)
             if response is None:
@@ -583,32 +430,6 @@ class S3Backend:
             client.close()
 
 
-class _S3SingleWriter:
-    """Objects of at most one part: buffered, one PutObject at commit."""
-
-    def __init__(self, backend: S3Backend, key: str, layout: PartLayout, token: str):
-        self._backend = backend
-        self._key = key
-        self._token = token
-        self._buffer = SmallObjectBuffer(layout)
-
-    @property
-    def token(self) -> str:
-        return self._token
-
-    def put_part(self, index: int, data: bytes | memoryview) -> None:
-        self._buffer.put(index, data)
-
-    def durable_parts(self) -> set[int]:
-        return set()
-
-    def commit(self) -> ObjectInfo:
-        return self._backend.put_object(self._key, self._buffer.take())
-
-    def abort(self) -> None:
-        pass
-
-
 class _S3MultipartWriter:
     """A multipart upload; the upload id is the resume token."""
 
@@ -667,7 +488,7 @@ class _S3MultipartWriter:
                     self._b.client.upload_part(**args, ChecksumCRC32C=_crc32c_b64(body))
                     return
                 except Exception as exc:
-                    if not _rejects_checksum(exc):
+                    if not rejects_checksum(exc):
                         raise
                     self._b._checksum_rejected(exc, self._url)
                     with self._lock:

@@ -8,6 +8,7 @@ the optional method is absent), which is a claim that can fail.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -292,10 +293,9 @@ def test_delete_is_idempotent(backend: Backend) -> None:
 def _open_sockets() -> int:
     count = 0
     for fd in Path("/proc/self/fd").iterdir():
-        try:
+        # A descriptor may close while we look (the listing's own, or another thread's).
+        with contextlib.suppress(OSError):
             count += os.readlink(fd).startswith("socket:")
-        except OSError:
-            pass  # closed while we looked (the listing's own descriptor, or another thread)
     return count
 
 

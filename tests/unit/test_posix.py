@@ -3,10 +3,14 @@ errno translation, a real ENOSPC, links across devices, and the root that is nev
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
+import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +21,7 @@ from hypothesis import strategies as st
 
 from datasync.backends.posix import (
     PosixBackend,
+    PosixWriter,
     is_temp_name,
     os_error_to_storage,
     temp_name,
@@ -267,3 +272,43 @@ def test_partial_uploads_are_found_for_the_auditor(backend: PosixBackend, root: 
     assert mtime > 0
     crashed.abort()
     assert list(backend.partial_uploads()) == []
+
+
+def test_abort_racing_put_part_never_writes_into_another_file(
+    backend: PosixBackend, tmp_path: Path
+) -> None:
+    """A part in flight when another thread aborts must not land in a file that reused the
+    writer's closed descriptor number (the kernel hands out the lowest free number)."""
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    part = b"x" * 512
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so the window is hit within a few rounds
+    try:
+        for round_ in range(40):
+            writer = backend.begin(f"k{round_}", len(part) * 4000, len(part))
+            stop = threading.Event()
+
+            def pump(w: PosixWriter = writer, stop: threading.Event = stop) -> None:
+                index = 0
+                while not stop.is_set():
+                    with contextlib.suppress(ValueError, StorageError):  # aborted: refused
+                        w.put_part(index % 4000, part)
+                    index += 1
+
+            threads = [threading.Thread(target=pump) for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.002)
+            writer.abort()
+            fds = [os.open(victims / f"{round_}-{i}", os.O_RDWR | os.O_CREAT) for i in range(20)]
+            time.sleep(0.002)
+            stop.set()
+            for thread in threads:
+                thread.join()
+            sizes = [os.fstat(fd).st_size for fd in fds]
+            for fd in fds:
+                os.close(fd)
+            assert sizes == [0] * len(fds), f"round {round_}: a part went into another file"
+    finally:
+        sys.setswitchinterval(old_interval)

@@ -1,0 +1,70 @@
+"""Registration sources in object stores: ``s3://``, ``az://``, ``gs://`` and ``SITE:path``.
+
+``RemoteSources(settings)`` turns a source string into a backend rooted at that URL and
+streams canonical ``FileEntry`` values from it with ``cloudscan.scan_backend`` (parallel
+ranged reads, pinned to each object's ETag/generation). Credentials and endpoints come from
+the ``[sites.NAME]`` table that holds the URL, else from the SDK's own chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from datasync.backends.cloudscan import scan_backend
+from datasync.backends.registry import open_backend
+from datasync.config import Settings, SiteConfig
+from datasync.errors import UserError
+from datasync.models import FileEntry
+
+__all__ = ["RemoteSources"]
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class RemoteSources:
+    """Resolves and scans remote registration sources. Built once by ``bootstrap``."""
+
+    def __init__(self, settings: Settings, *, read_workers: int = 8) -> None:
+        self.settings = settings
+        self.read_workers = read_workers
+
+    def resolve(self, source: str) -> tuple[str, dict[str, object]]:
+        """``(url, backend options)`` for ``source``; ``SITE:path`` uses that site's URL."""
+        head, sep, rest = source.partition(":")
+        if sep and not rest.startswith("//"):
+            site = self.settings.sites.get(head)
+            if site is None:
+                raise UserError(f"{source}: no site named {head!r} in the configuration")
+            return _join(site.url, rest), dict(site.options)
+        site_cfg = self._site_holding(source)
+        return source, dict(site_cfg.options) if site_cfg else {}
+
+    def _site_holding(self, url: str) -> SiteConfig | None:
+        best: SiteConfig | None = None
+        best_len = -1
+        for site in self.settings.sites.values():
+            root = site.url.rstrip("/")
+            if (url == root or url.startswith(root + "/")) and len(root) > best_len:
+                best, best_len = site, len(root)
+        return best
+
+    def scan(
+        self, source: str, chunk_size: int, on_progress: ProgressCallback | None = None
+    ) -> Iterator[FileEntry]:
+        url, options = self.resolve(source)
+        backend = open_backend(url, options)
+        try:
+            yield from scan_backend(
+                backend,
+                "",
+                chunk_size=chunk_size,
+                workers=self.read_workers,
+                on_progress=on_progress,
+            )
+        finally:
+            backend.close()
+
+
+def _join(root: str, rel: str) -> str:
+    rel = rel.strip("/")
+    return f"{root.rstrip('/')}/{rel}" if rel else root
