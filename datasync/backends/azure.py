@@ -42,6 +42,7 @@ from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_k
 from datasync.backends.cloudcommon import (
     SingleRequestWriter,
     check_options,
+    check_pin,
     codepoint_order,
     join_key,
     new_token,
@@ -52,7 +53,7 @@ from datasync.backends.cloudcommon import (
     root_prefix,
     single_writer,
 )
-from datasync.errors import ConfigError, NotFound, SourceChanged, StorageError, TransientError
+from datasync.errors import ConfigError, NotFound, StorageError, TransientError
 
 __all__ = ["AzureBackend", "azure_errors", "translate"]
 
@@ -297,13 +298,7 @@ class AzureBackend:
         return data
 
     def _check_pin(self, key: str, etag: str | None) -> ObjectInfo:
-        info = self.stat(key)
-        if etag and info.etag != etag:
-            raise SourceChanged(
-                f"object changed since it was pinned (etag {etag} -> {info.etag})",
-                url=self._url(key),
-            )
-        return info
+        return check_pin(self.stat(key), etag, self._url(key))
 
     # -- writing ----------------------------------------------------------------------
 

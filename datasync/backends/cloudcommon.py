@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from datasync.backends.base import ObjectInfo, PartLayout
-from datasync.errors import ConfigError, StorageError
+from datasync.errors import ConfigError, SourceChanged, StorageError
 
 T = TypeVar("T")
 
@@ -31,6 +31,7 @@ __all__ = [
     "SingleRequestWriter",
     "SmallObjectBuffer",
     "check_options",
+    "check_pin",
     "codepoint_order",
     "join_key",
     "new_token",
@@ -134,6 +135,16 @@ class SingleRequestWriter:
 
     def abort(self) -> None:
         pass  # nothing was sent
+
+
+def check_pin(info: ObjectInfo, etag: str | None, url: str, *, what: str = "etag") -> ObjectInfo:
+    """``info`` if it is still the version ``etag`` pinned (or nothing was pinned), else
+    ``SourceChanged``. For reads the server cannot check itself (empty and past-the-end)."""
+    if etag and info.etag != etag:
+        raise SourceChanged(
+            f"object changed since it was pinned ({what} {etag} -> {info.etag})", url=url
+        )
+    return info
 
 
 def single_writer(

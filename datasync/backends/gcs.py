@@ -36,6 +36,7 @@ from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_k
 from datasync.backends.cloudcommon import (
     SingleRequestWriter,
     check_options,
+    check_pin,
     join_key,
     new_token,
     opt_bool,
@@ -316,13 +317,7 @@ class GCSBackend:
         return data[offset : offset + length] if status == 200 else data
 
     def _check_pin(self, key: str, etag: str | None) -> ObjectInfo:
-        info = self.stat(key)
-        if etag and info.etag != etag:
-            raise SourceChanged(
-                f"object changed since it was pinned (generation {etag} -> {info.etag})",
-                url=self._url(key),
-            )
-        return info
+        return check_pin(self.stat(key), etag, self._url(key), what="generation")
 
     # -- writing ----------------------------------------------------------------------
 

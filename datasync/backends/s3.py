@@ -39,6 +39,7 @@ from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_k
 from datasync.backends.cloudcommon import (
     SingleRequestWriter,
     check_options,
+    check_pin,
     join_key,
     opt_int,
     opt_str,
@@ -47,7 +48,7 @@ from datasync.backends.cloudcommon import (
     single_writer,
 )
 from datasync.backends.s3_errors import error_code, rejects_checksum, s3_errors, translate
-from datasync.errors import ConfigError, NotFound, SourceChanged, StorageError, Unsupported
+from datasync.errors import ConfigError, NotFound, StorageError, Unsupported
 
 __all__ = ["S3Backend", "s3_errors", "translate"]
 
@@ -298,13 +299,7 @@ class S3Backend:
         return data
 
     def _check_pin(self, key: str, etag: str | None) -> ObjectInfo:
-        info = self.stat(key)
-        if etag and info.etag != _strip_etag(etag):
-            raise SourceChanged(
-                f"object changed since it was pinned (etag {etag} -> {info.etag})",
-                url=self._url(key),
-            )
-        return info
+        return check_pin(self.stat(key), _strip_etag(etag), self._url(key))
 
     # -- writing ----------------------------------------------------------------------
 

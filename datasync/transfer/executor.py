@@ -6,7 +6,10 @@ Kinds (payloads in docs/TEAM-engine.md):
   hashed and compared with the manifest digest BEFORE anything is written, written as one
   part to ``.datasync/blobs/..`` (begin/put_part/commit: invisible until commit), then the
   committed object is re-read and re-hashed; the batch's replicas are recorded in one
-  transaction at the end.
+  transaction at the end. Where the destination has a group commit (POSIX
+  ``group_commit()``), the batch's objects are staged (bytes durable) and renamed into
+  place together, the names made durable with a few flushes for the whole batch, then
+  every object is re-read and re-hashed, and only then recorded.
 * ``chunks``: chunks ``first..last-1`` of one large blob. A destination part is ``k`` whole
   chunks (``PartPlan``: k = 1 unless the store's minimum part size is larger); the task
   sends the parts whose first chunk is in its range. It joins the blob's single upload
@@ -182,6 +185,12 @@ def part_plan(backend: Backend, size: int, chunk_size: int) -> PartPlan:
     return PartPlan(size, chunk_size, k)
 
 
+def _group_commit(backend: Backend) -> Any:
+    """The backend's group commit for a batch of small objects, if it has one."""
+    factory = getattr(backend, "group_commit", None)
+    return factory() if callable(factory) else None
+
+
 def _close_writer(writer: Writer) -> None:
     # Release local resources (a POSIX temp fd) of a writer we neither commit nor abort.
     close = getattr(writer, "close", None)
@@ -347,6 +356,10 @@ class Executor:
         if info.size != size or hash_object(backend, key, size, buffers=self.buffers) != digest:
             backend.delete(key)  # never trusted, and in the way of the new upload
             return False
+        # A killed group commit may have renamed it without flushing the name yet.
+        make_durable = getattr(backend, "make_durable", None)
+        if callable(make_durable):
+            make_durable(key)
         self.index.record(dst, digest, size, key, etag=info.etag)
         return True
 
@@ -366,7 +379,8 @@ class Executor:
         todo = [i for i in items if i.digest not in present]
         if attempts > 1:  # a killed attempt may have committed objects it never recorded
             todo = [i for i in todo if not self._adopt(dst, i.digest, i.size, blob_key(i.digest))]
-        futures = [self.io.submit(self._copy_blob, dst, item, cancel) for item in todo]
+        group = _group_commit(self.backends[dst]) if todo else None
+        futures = [self.io.submit(self._copy_blob, dst, item, cancel, group) for item in todo]
         verified: list[tuple[str, int, str, str | None]] = []
         error: BaseException | None = None
         for fut in futures:
@@ -374,6 +388,12 @@ class Executor:
                 verified.append(fut.result())
             except BaseException as exc:  # collect all; the first is re-raised
                 error = error or exc
+        if group is not None:
+            try:
+                verified = self._commit_group(dst, group, verified)
+            except BaseException as exc:
+                error = error or exc
+                verified = []
         # One transaction records the whole batch (also what succeeded before an error).
         # A kill before this point leaves verified, unrecorded objects: adopted next attempt.
         if verified:
@@ -384,24 +404,40 @@ class Executor:
         return sum(size for _d, size, _k, _e in verified)
 
     def _copy_blob(
-        self, dst: str, item: _Item, cancel: threading.Event
+        self, dst: str, item: _Item, cancel: threading.Event, group: Any = None
     ) -> tuple[str, int, str, str | None]:
-        """Copy, verify and return the replica row of one small blob (recorded by the caller)."""
+        """Copy, verify and return the replica row of one small blob (recorded by the caller).
+
+        With a ``group`` the blob is only staged (bytes durable, invisible): the caller's
+        ``_commit_group`` renames, flushes and re-verifies it."""
         self._check(cancel)
         backend = self.backends[dst]
         key = blob_key(item.digest)
 
         def write(src: SourceReplica, data: memoryview) -> str | None:
             with traced_write(f"{dst}:{key}", "blob"):
-                writer = backend.begin(key, item.size, max(item.size, 1))
+                writer = (group or backend).begin(key, item.size, max(item.size, 1))
                 try:
                     if item.size:
                         writer.put_part(0, data)
+                    if group is not None:
+                        group.stage(writer)
+                        return None
                     return writer.commit().etag
                 except BaseException:
                     with contextlib.suppress(StorageError):
                         writer.abort()
                     raise
+
+        if group is not None:
+            with self.buffers.lease(item.size) as buf, memoryview(buf) as whole:
+                mem = whole[: item.size]
+                self._throttle_retry(
+                    lambda: self._verified_range(
+                        dst, item.src, item.digest, 0, mem, _whole_check(item.digest), write
+                    )
+                )
+            return item.digest, item.size, key, None
 
         with self.buffers.lease(item.size) as buf, memoryview(buf) as whole:
             mem = whole[: item.size]
@@ -422,6 +458,47 @@ class Executor:
                 )
             )
         return item.digest, item.size, key, etag
+
+    def _commit_group(
+        self, dst: str, group: Any, staged: list[tuple[str, int, str, str | None]]
+    ) -> list[tuple[str, int, str, str | None]]:
+        """Publish a batch's staged blobs at once, then re-read and re-hash each; return
+        the replica rows to record (the names are durable when this returns).
+
+        A blob that re-reads wrong is deleted; then the good ones are recorded here and a
+        retryable ``ChecksumMismatch`` naming the bad ones is raised."""
+        backend = self.backends[dst]
+        with contextlib.ExitStack() as traced:
+            # Each object is written (renamed into place) here: trace it under its own key.
+            for _digest, _size, key, _etag in staged:
+                traced.enter_context(traced_write(f"{dst}:{key}", "blob"))
+            with self._throttle_guard(dst):
+                infos: Mapping[str, Any] = group.commit_all()
+        failpoint("after_commit")
+
+        def check(row: tuple[str, int, str, str | None]) -> str | None:
+            digest, size, key, _etag = row
+            stored = hash_object(backend, key, size)
+            if stored == digest:
+                return None
+            backend.delete(key)
+            return f"{key} at {dst} re-read as {stored}, expected {digest}; deleted"
+
+        ok: list[tuple[str, int, str, str | None]] = []
+        wrong: list[str] = []
+        for row, problem in zip(staged, self.io.map(check, staged), strict=True):
+            if problem is None:
+                info = infos.get(row[2])
+                ok.append((row[0], row[1], row[2], None if info is None else info.etag))
+            else:
+                wrong.append(problem)
+        if wrong:
+            # Record the good ones first: they are verified and durable.
+            if ok:
+                with write_transaction(self.engine) as conn:
+                    SiteIndex.record_many(conn, dst, ok)
+            raise _retryable(ChecksumMismatch("; ".join(wrong[:3]), url=backend.url))
+        return ok
 
     # -- chunks -----------------------------------------------------------------------------
 
@@ -538,15 +615,25 @@ class Executor:
         lay = part_plan(backend, size, int(p["chunk_size"]))
         if lay.parts <= 1:
             writer = backend.begin(key, size, lay.part_size)
-            moved = self._send_parts(p, lay, writer, [0], cancel, record=False)
         else:
             backend, writer, done = self._open_upload(dst, digest, lay)
-            missing = [j for j in range(lay.parts) if j not in done]
-            moved = self._send_parts(p, lay, writer, missing, cancel) if missing else 0
-        self._check(cancel)
-        failpoint("before_commit")
-        with traced_write(f"{dst}:{key}", "commit"), self._throttle_guard(dst):
-            info = writer.commit()
+        try:
+            if lay.parts <= 1:
+                moved = self._send_parts(p, lay, writer, [0], cancel, record=False)
+            else:
+                missing = [j for j in range(lay.parts) if j not in done]
+                moved = self._send_parts(p, lay, writer, missing, cancel) if missing else 0
+            self._check(cancel)
+            failpoint("before_commit")
+            with traced_write(f"{dst}:{key}", "commit"), self._throttle_guard(dst):
+                info = writer.commit()
+        except BaseException:
+            if lay.parts <= 1:  # an unrecorded one-part upload: nobody can resume it
+                with contextlib.suppress(StorageError):
+                    writer.abort()
+            raise
+        finally:
+            _close_writer(writer)  # after commit a no-op; otherwise the retry resumes it
         failpoint("after_commit")
         stored = hash_object(backend, key, size, buffers=self.buffers)
         if stored != digest:

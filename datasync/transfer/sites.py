@@ -133,6 +133,9 @@ def insert_source_rows(conn: Connection, site: str, prefix: str, version_pk: int
     ).where(_E.c.version_pk == version_pk)
     insert = postgresql.insert(_R) if is_postgresql(conn) else sqlite.insert(_R)
     stmt = insert.from_select(["site", "digest", "size", "key", "state", "verified_at"], rows)
+    # Without preserve_rowcount SQLAlchemy (2.x, psycopg) does not keep the cursor's
+    # rowcount of an INSERT ... SELECT ... ON CONFLICT, and PostgreSQL reads 0 although
+    # every row went in (tests/integration/test_sites.py pins the count on both databases).
     result = conn.execute(
         stmt.on_conflict_do_nothing(), execution_options={"preserve_rowcount": True}
     )

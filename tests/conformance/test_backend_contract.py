@@ -86,6 +86,7 @@ def test_capabilities_are_consistent(backend: Backend) -> None:
 
 
 def test_stat_missing_key_is_not_found(backend: Backend) -> None:
+    """Invariant 7: a missing object is a permanent ``NotFound``."""
     with pytest.raises(NotFound) as caught:
         backend.stat("no/such/key")
     assert not caught.value.retryable
@@ -145,6 +146,7 @@ def test_read_range_into_fills_a_reused_buffer(backend: Backend) -> None:
 
 
 def test_read_pinned_to_version(backend: Backend) -> None:
+    """Invariant 7: a changed source is a permanent ``SourceChanged``, never mixed bytes."""
     put(backend, "pinned", b"first version")
     old = backend.stat("pinned")
     assert backend.read_range("pinned", 0, 5, etag=old.etag) == b"first"
@@ -301,9 +303,10 @@ def _open_sockets() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts sockets via /proc")
 def test_close_releases_connections(make_backend: MakeBackend) -> None:
-    """``close()`` closes the backend's pooled connections (long-lived workers reopen sites)."""
-    before = _open_sockets()
+    """``close()`` closes the backend's pooled connections (long-lived workers reopen sites).
+    Counted after the factory ran: its admin client may keep a connection of its own."""
     backend = make_backend()
+    before = _open_sockets()
     put(backend, "k", b"bytes")
     assert read_all(backend, "k") == b"bytes"
     assert keys(backend.list("")) == ["k"]
@@ -341,6 +344,7 @@ def test_keys_with_odd_characters(backend: Backend) -> None:
     "bad", ["", "/abs", "a/../b", "..", "../up", "a//b", "./a", "a/.", "back\\slash", "nl\nkey"]
 )
 def test_unsafe_keys_are_rejected(backend: Backend, bad: str) -> None:
+    """Invariant 8: keys that could escape the root are refused on every backend."""
     with pytest.raises(InvalidPath):
         backend.stat(bad)
     with pytest.raises(InvalidPath):

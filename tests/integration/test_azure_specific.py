@@ -110,6 +110,7 @@ def test_copy_is_pinned_and_independent(azure_backend: AzureBackend) -> None:
 
 
 def test_server_busy_is_throttled_with_retry_after(error_server: ErrorServer) -> None:
+    """Invariant 7: ServerBusy is a retryable ``Throttled`` carrying Retry-After."""
     error_server.status = 503
     error_server.headers = {"x-ms-error-code": "ServerBusy", "Retry-After": "3"}
     conn = (
@@ -128,6 +129,7 @@ def test_server_busy_is_throttled_with_retry_after(error_server: ErrorServer) ->
 
 
 def test_closed_port_is_transient() -> None:
+    """Invariant 7: a refused connection is a retryable ``TransientError``."""
     conn = (
         f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
         f"BlobEndpoint=http://127.0.0.1:{closed_port()}/{AZURITE_ACCOUNT};"

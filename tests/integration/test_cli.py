@@ -151,8 +151,8 @@ def test_re_registration_re_hashes_only_changed_files(
     [
         (["show", "drive/none@latest"], "unknown dataset 'drive/none'"),
         (["show", "not a name"], "invalid dataset name"),
-        (["register", "drive/a", "s3://bucket/prefix"], "not supported yet"),
-        (["register", "drive/a", "az://acct/c/p"], "not supported yet"),
+        (["register", "drive/a", "az://acct/c/p"], "container name 'c' is too short"),
+        (["register", "drive/a", "nosite:x/y"], "there is no site named 'nosite'"),
         (["register", "drive/a", "/no/such/dir"], "not a directory"),
         (["register", "drive/a", "/tmp", "--chunk-size", "12 parsecs"], "bad size"),
         (["register", "drive/a", "/tmp", "--chunk-size", "1KiB"], "chunk size 1024 out of range"),

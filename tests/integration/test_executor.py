@@ -4,6 +4,8 @@ a changed source is re-read and judged by its digest, and tasks are idempotent."
 
 from __future__ import annotations
 
+import contextlib
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 
 from datasync.backends.base import Capabilities
 from datasync.backends.memory import MemoryBackend, drop_store
+from datasync.backends.posix import PosixBackend
 from datasync.bootstrap import App, bootstrap
 from datasync.config import Settings, SiteConfig
 from datasync.errors import Throttled, TransientError
@@ -22,12 +25,15 @@ from datasync.transfer.worker import WorkerOptions, run_until_idle
 from tests.fixtures.replication import (
     MIB,
     Site,
+    assert_view_matches,
     bytes_moved,
     make_tree,
+    posix_site,
     seed_cloud_source,
+    settings_for,
     upload_tree,
 )
-from tests.fixtures.transfer import version_pk
+from tests.fixtures.transfer import tasks_of, version_pk
 
 FAST = WorkerOptions(queue_backoff_base=0.0, idle_sleep=0.02, lease_seconds=30)
 
@@ -147,3 +153,39 @@ def test_part_plan_respects_store_limits() -> None:
     few = _Caps(max_parts=4)
     assert part_plan(few, 10 * MIB, MIB).k == 3  # type: ignore[arg-type]
     assert part_plan(_Caps(), 64 * MIB, 64 * MIB).parts == 1  # type: ignore[arg-type]
+
+
+def _fds_under(path: Path) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(path)):
+                found.append(target)
+    return found
+
+
+def test_posix_chunk_tasks_and_group_commits_leave_no_open_descriptors(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # In-process workers: every writer a chunk task opened (and left to finalize) must be
+    # closed, and every small blob of a group commit is published, re-verified and durable.
+    src = posix_site("pipeline", tmp_path / "src")
+    dst = posix_site("lustre", tmp_path / "dst")
+    assert src.root is not None and dst.root is not None
+    files = make_tree(src.root / "run", shards=(3 * MIB + 5, 2 * MIB + 1))
+    settings = settings_for(tmp_path / "home", sqlite_url, [src, dst], MIB)
+    app = bootstrap(settings)
+    try:
+        v = app.service.register_directory("drive/fd", src.root / "run", chunk_size=MIB)
+        placement = replicate(app.engine, settings, f"drive/fd@{v.version_id}", "lustre")
+        kinds = {t.kind for t in tasks_of(app.engine, placement.id)}
+        assert {"chunks", "finalize", "blobs"} <= kinds
+        run_until_idle(settings, [placement.id], options=FAST)
+        st = status(app.engine, placement_id=placement.id)[0]
+        assert st.state == "READY", st.error
+        assert_view_matches(dst, "drive/fd", v.version_id, files)
+        assert _fds_under(dst.root) == []
+        assert list(PosixBackend(dst.root, lustre=False).partial_uploads()) == []
+    finally:
+        app.close()

@@ -78,6 +78,7 @@ def test_conditional_read_is_declared_per_endpoint(request: pytest.FixtureReques
 
 
 def test_too_many_requests_is_throttled(error_server: ErrorServer) -> None:
+    """Invariant 7: 429/503 are retryable ``Throttled``, 500 a ``TransientError``."""
     error_server.status = 429
     error_server.headers = {"Retry-After": "2", "Content-Type": "application/json"}
     error_server.body = b'{"error": {"code": 429, "message": "rate limit"}}'
@@ -109,6 +110,7 @@ def test_body_cut_short_is_transient(error_server: ErrorServer) -> None:
 
 
 def test_closed_port_is_transient() -> None:
+    """Invariant 7: a refused connection is a retryable ``TransientError``."""
     backend = GCSBackend("nowhere", "", endpoint=f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(TransientError):
         backend.stat("k")
@@ -116,6 +118,7 @@ def test_closed_port_is_transient() -> None:
 
 
 def test_rejected_service_account_is_permission_denied(request: pytest.FixtureRequest) -> None:
+    """Invariant 7: rejected credentials are a permanent ``PermissionDenied``."""
     backend = make_gcs_backend(request, bad_credentials=True)
     with pytest.raises(PermissionDenied) as caught:
         list(backend.list(""))

@@ -166,6 +166,7 @@ def test_checksum_required_on_such_endpoint_is_unsupported(
 def test_slowdown_is_throttled_with_retry_after(
     request: pytest.FixtureRequest, proxy: Proxy
 ) -> None:
+    """Invariant 7: SlowDown is a retryable ``Throttled`` carrying Retry-After."""
     backend = _proxied(request, proxy)
     proxy.mode = "throttle"
     with pytest.raises(Throttled) as caught:
@@ -189,6 +190,7 @@ def test_slowdown_is_throttled_with_retry_after(
     ],
 )
 def test_error_codes_translate(code: str, status: int, expected: type) -> None:
+    """Invariant 7: each S3 error code maps to a retryable or permanent class."""
     error = ClientError(
         {
             "Error": {"Code": code, "Message": "m"},
@@ -208,6 +210,7 @@ def test_short_body_translates_to_transient() -> None:
 
 
 def test_closed_port_is_transient() -> None:
+    """Invariant 7: a refused connection is a retryable ``TransientError``."""
     import socket
 
     with socket.socket() as sock:

@@ -62,7 +62,7 @@ def test_header_bytes() -> None:
 
 
 def test_golden_version_id_pins_the_format() -> None:
-    """If this id changes, every registered version id changes: that is a format bump."""
+    """Invariant 1: if this id changes, every registered version id changes (a format bump)."""
     entries = [
         FileEntry("a.txt", 3, D0),
         FileEntry("a/b c/é.bin", 3 * MiB + 1, D1, (D0, D1, D0, D1)),
@@ -224,6 +224,7 @@ def test_encode_entry_equals_the_json_dumps_spelling(e: FileEntry) -> None:
 
 @given(manifests())
 def test_round_trip_gives_the_same_entries_and_id(m: list[FileEntry]) -> None:
+    """Invariant 1: reading canonical bytes back yields the same entries and id."""
     buf = io.BytesIO()
     vid = write_canonical(HEADER, m, buf)
     assert vid == hashlib.sha256(buf.getvalue()).hexdigest()
@@ -238,6 +239,7 @@ def test_round_trip_gives_the_same_entries_and_id(m: list[FileEntry]) -> None:
 def test_id_is_independent_of_input_order_once_sorted(
     m: list[FileEntry], rnd: random.Random
 ) -> None:
+    """Invariant 1: identical content registered in any order gets the same id."""
     shuffled = list(m)
     rnd.shuffle(shuffled)
     assert version_id(HEADER, sorted(shuffled, key=lambda e: path_sort_key(e.path))) == (
@@ -247,6 +249,7 @@ def test_id_is_independent_of_input_order_once_sorted(
 
 @given(manifests().filter(bool), st.data())
 def test_any_change_changes_the_id(m: list[FileEntry], data: st.DataObject) -> None:
+    """Invariant 1: the id is a function of the content: any change changes it."""
     before = version_id(HEADER, m)
     i = data.draw(st.integers(0, len(m) - 1))
     e = m[i]

@@ -312,3 +312,102 @@ def test_abort_racing_put_part_never_writes_into_another_file(
             assert sizes == [0] * len(fds), f"round {round_}: a part went into another file"
     finally:
         sys.setswitchinterval(old_interval)
+
+
+def _fds_under(path: Path) -> list[str]:
+    """Descriptors of this process that point below ``path``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(path)):
+                found.append(target)
+    return found
+
+
+def test_close_releases_the_descriptor_and_the_upload_can_resume(
+    backend: PosixBackend, root: Path
+) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    writers = []
+    for i in range(20):  # as many chunk tasks, each writing one part and not committing
+        w = backend.begin(f"big/{i}.bin", 8, 4)
+        w.put_part(0, b"abcd")
+        w.close()
+        w.close()  # idempotent
+        writers.append(w)
+    assert _fds_under(root) == []
+    assert len(os.listdir("/proc/self/fd")) <= before
+    # The temp stays: the next worker resumes the upload by its token and commits it.
+    resumed = backend.begin("big/0.bin", 8, 4, token=writers[0].token)
+    resumed.put_part(1, b"efgh")
+    resumed.commit()
+    assert (root / "big/0.bin").read_bytes() == b"abcdefgh"
+    with pytest.raises(ValueError, match="already committed or aborted"):
+        writers[1].commit()
+    assert _fds_under(root) == []
+
+
+def test_a_dropped_writer_does_not_leak_its_descriptor(backend: PosixBackend, root: Path) -> None:
+    w = backend.begin("dropped.bin", 4, 4)
+    w.put_part(0, b"abcd")
+    assert len(_fds_under(root)) == 1
+    del w
+    assert _fds_under(root) == []
+
+
+@pytest.mark.parametrize("mode", ["fsync", "syncfs"])
+def test_group_commit_publishes_a_batch_with_few_flushes(root: Path, mode: str) -> None:
+    backend = PosixBackend(root, lustre=False, group_sync=mode)
+    group = backend.group_commit()
+    keys = [f".datasync/blobs/{i:02x}/{i:02x}/blob{i}" for i in range(40)]
+    for i, key in enumerate(keys):
+        w = group.begin(key, 3, 3)
+        w.put_part(0, b"%03d" % i)
+        group.stage(w)
+    # Staged bytes are invisible: no key exists, only temps.
+    assert list(backend.list("")) == []
+    assert len(list(backend.partial_uploads())) == len(keys)
+    assert _fds_under(root) == []
+    # The new fan-out directories' parents wait for the group's flush, not one fsync each.
+    assert str(root / ".datasync/blobs") in group.dirs
+    infos = group.commit_all()
+    assert sorted(infos) == sorted(keys)
+    for i, key in enumerate(keys):
+        assert (root / key).read_bytes() == b"%03d" % i
+        assert infos[key] == backend.stat(key)
+    assert list(backend.partial_uploads()) == []
+    if mode == "syncfs":
+        assert group.flushes == 2  # one before the renames, one after
+    else:
+        # One fsync per file, then each distinct directory once (40 leaves, 40 middle
+        # directories, .datasync/blobs and .datasync and the root), not one per file.
+        assert group.flushes == 40 + 40 + 40 + 3
+    assert group.commit_all() == {}
+
+
+def test_group_commit_failure_removes_the_unrenamed_temps(
+    backend: PosixBackend, root: Path
+) -> None:
+    group = backend.group_commit()
+    for key in ("g/a", "g/b", "g/c"):
+        w = group.begin(key, 1, 1)
+        w.put_part(0, b"x")
+        group.stage(w)
+    (root / "g/b/in-the-way").mkdir(parents=True)  # the rename onto g/b now fails
+    with pytest.raises(StorageError):
+        group.commit_all()
+    # g/a was renamed (never recorded: harmless), the others' temps are gone.
+    assert (root / "g/a").read_bytes() == b"x"
+    assert not (root / "g/c").exists()
+    assert list(backend.partial_uploads()) == []
+
+
+def test_group_sync_option_is_checked_and_auto_picks_syncfs_on_local_disks(root: Path) -> None:
+    with pytest.raises(ValueError, match="group_sync"):
+        PosixBackend(root, lustre=False, group_sync="sometimes")
+    mountinfo = root.parent / "mountinfo"
+    mountinfo.write_text(f"36 35 98:0 / {root} rw - nfs4 server:/export rw\n")
+    assert PosixBackend(root, lustre=False, mountinfo=str(mountinfo)).group_sync == "fsync"
+    mountinfo.write_text(f"36 35 98:0 / {root} rw - ext4 /dev/vda rw\n")
+    assert PosixBackend(root, lustre=False, mountinfo=str(mountinfo)).group_sync == "syncfs"

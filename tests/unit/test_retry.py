@@ -56,6 +56,7 @@ def test_success_needs_no_sleep() -> None:
 
 
 def test_retryable_errors_are_retried_until_success() -> None:
+    """Invariant 7: errors classified retryable are retried with backoff."""
     clock = FakeClock()
     fn = Flaky(TransientError("reset"), Throttled("slow"), TransientError("timeout"))
     assert retrying(clock, random=lambda: 1.0).call(fn) == "done"
@@ -74,6 +75,7 @@ def test_retryable_errors_are_retried_until_success() -> None:
     ],
 )
 def test_permanent_and_unclassified_errors_are_not_retried(error: Exception) -> None:
+    """Invariant 7: permanent (and unclassified) errors fail on the first attempt."""
     clock = FakeClock()
     fn = Flaky(error)
     with pytest.raises(type(error)) as caught:
@@ -85,6 +87,7 @@ def test_permanent_and_unclassified_errors_are_not_retried(error: Exception) -> 
 
 
 def test_is_retryable_follows_the_error_tree() -> None:
+    """Invariant 7: retryability is the error class's own classification."""
     assert is_retryable(Throttled("x")) and is_retryable(TransientError("x"))
     assert not is_retryable(NotFound("x")) and not is_retryable(OSError("x"))
 
@@ -103,6 +106,7 @@ def test_delay_is_capped_by_max_delay() -> None:
 
 
 def test_retry_after_is_a_floor_and_capped() -> None:
+    """Invariant 7: a throttled answer's Retry-After paces the next attempt."""
     r = Retrying(RetryPolicy(max_retry_after=60.0), random=lambda: 0.0)
     assert r.delay_for(1, Throttled("x", retry_after=3.0)) == 3.0
     assert r.delay_for(1, Throttled("x")) == 0.0
@@ -112,6 +116,7 @@ def test_retry_after_is_a_floor_and_capped() -> None:
 
 
 def test_gives_up_after_max_attempts_with_a_note() -> None:
+    """Invariant 7: retries are bounded, and the final error says how long we tried."""
     clock = FakeClock()
     errors = [TransientError(f"t{i}") for i in range(10)]
     fn = Flaky(*errors)
@@ -124,6 +129,7 @@ def test_gives_up_after_max_attempts_with_a_note() -> None:
 
 
 def test_gives_up_when_the_next_sleep_passes_max_elapsed() -> None:
+    """Invariant 7: retries are bounded in time as well as in attempts."""
     clock = FakeClock()
     fn = Flaky(*[Throttled("slow", retry_after=40.0) for _ in range(10)])
     with pytest.raises(Throttled):
