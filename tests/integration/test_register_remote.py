@@ -4,6 +4,7 @@ CLI and API call, against the real emulators."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,17 @@ def test_cloud_url_and_site_path_match_local_directory(
         assert by_url.files == len(files)
         with pytest.raises(UserError, match="no site named"):
             app.service.register("drive/tokyo", "nosuchsite:drops/day1")
+
+
+def test_schemes_without_a_backend_are_read_through_fsspec(tmp_path: Path) -> None:
+    """A zip archive (fsspec's ``zip://``) registers to the same id as the unpacked tree."""
+    files = make_tree(tmp_path / "tree")
+    archive = tmp_path / "tree.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+    settings = settings_for(tmp_path / "home", f"sqlite:///{tmp_path / 'ds.db'}", [])
+    with bootstrap(settings) as app:
+        local = app.service.register_directory("drive/zipped", tmp_path / "tree")
+        zipped = app.service.register("drive/zipped", f"zip://::file://{archive}")
+        assert zipped.version_id == local.version_id and not zipped.created
