@@ -31,7 +31,6 @@ __all__ = ["register_commands", "start_maintenance"]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 WAIT_POLL_SECONDS = 1.0
-REAP_EVERY_SECONDS = 30
 REPLAN_EVERY_SECONDS = 60
 
 
@@ -114,7 +113,7 @@ def start_maintenance(application: App) -> BackgroundScheduler:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from datasync.transfer.placements import replan_stale
-    from datasync.transfer.taskqueue import TaskQueue
+    from datasync.transfer.taskqueue import REAP_EVERY_SECONDS, TaskQueue
 
     queue = TaskQueue(application.engine)
     scheduler = BackgroundScheduler(timezone="UTC")

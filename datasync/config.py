@@ -100,7 +100,9 @@ def load_settings(
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
-    data.setdefault("home", str(home))
+    # The environment wins over the file (see the module docstring).
+    if env.get("DATASYNC_HOME") or "home" not in data:
+        data["home"] = str(home)
     if env.get("DATASYNC_DATABASE_URL"):
         data["database_url"] = env["DATASYNC_DATABASE_URL"]
     data.setdefault("database_url", f"sqlite:///{Path(data['home']).expanduser() / 'datasync.db'}")

@@ -49,6 +49,7 @@ from datasync.errors import DatasyncError, Throttled
 
 __all__ = [
     "ERROR_HISTORY",
+    "REAP_EVERY_SECONDS",
     "Cancelled",
     "ClaimedTask",
     "TaskQueue",
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 ERROR_HISTORY = 50
+# How often expired last-attempt leases are reaped (by `datasync up` and by every worker).
+REAP_EVERY_SECONDS = 30
 MAX_MESSAGE = 2000
 _TS = sa.DateTime(timezone=True)
 _T: sa.Table = Task.__table__  # type: ignore[attr-defined]

@@ -47,7 +47,7 @@ from datasync.errors import DatasyncError
 from datasync.transfer.buffers import BufferPool
 from datasync.transfer.executor import Executor, SiteBackends
 from datasync.transfer.limits import limits_from_settings
-from datasync.transfer.taskqueue import ClaimedTask, TaskQueue
+from datasync.transfer.taskqueue import REAP_EVERY_SECONDS, ClaimedTask, TaskQueue
 
 __all__ = ["WorkerOptions", "WorkerStats", "run_until_idle", "run_worker"]
 
@@ -127,7 +127,16 @@ class WorkerLoop:
 
     def _heartbeat(self) -> None:
         period = max(0.2, self.options.lease_seconds / 3)
+        next_reap = 0.0
         while not self._beat_stop.wait(period):
+            # Every worker also reaps dead leases, so a `serve` + `worker` deployment
+            # without `datasync up` still fails tasks whose last attempt died.
+            if time.monotonic() >= next_reap:
+                next_reap = time.monotonic() + REAP_EVERY_SECONDS
+                try:
+                    self.queue.reap()
+                except Exception:
+                    log.warning("reaping expired leases failed", exc_info=True)
             with self._lock:
                 ids = list(self._running)
             if not ids:
