@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -210,33 +210,20 @@ class DatasyncService:
             hint = f", and there is no site named {head!r}" if sep and "/" not in head else ""
             raise UserError(f"{path}: not a directory (or does not exist){hint}")
         root = root.resolve()
-        header = ManifestHeader(chunk_size=chunk)
-        with self._spool() as spool:
-            if progress is not None:
-                files, nbytes = scan_total(root)
-                progress.start(files, nbytes)
-            on_progress = progress.update if progress is not None else None
-            for entry in scan_directory(
+
+        def scan(on_progress: Callable[[int, int], None] | None) -> Iterator[FileEntry]:
+            return scan_directory(
                 root,
                 chunk_size=chunk,
                 workers=self.settings.hash_workers,
                 stat_cache=self.stat_cache,
                 on_progress=on_progress,
-            ):
-                spool.write(encode_entry(entry))
-            if progress is not None:
-                progress.finish()
-            spool.flush()
-            spool.seek(0)
-            reg = self.store.register(
-                dataset,
-                header,
-                _read_spool(spool, chunk),
-                labels=labels,
-                verified=True,
-                source=f"directory:{root}",
             )
-        return RegisterResult.of_registration(reg)
+
+        totals = scan_total(root) if progress is not None else (0, 0)
+        return self._register_scanned(
+            dataset, chunk, labels, scan, progress, totals, source=f"directory:{root}"
+        )
 
     def register_manifest(
         self, dataset: str, jsonl_path: Path | str, *, label: str | None = None
@@ -271,13 +258,30 @@ class DatasyncService:
         check_dataset_name(dataset)
         labels = [check_label(label)] if label is not None else []
         chunk = self._chunk_size(chunk_size)
-        # Same spool as directories: hashing a bucket can take hours, and the database
-        # write lock must not be held for that long.
+        remote = self.remote_sources
+
+        def scan(on_progress: Callable[[int, int], None] | None) -> Iterator[FileEntry]:
+            return remote.scan(source, chunk, on_progress)
+
+        # Totals are unknown until the listing ends.
+        return self._register_scanned(dataset, chunk, labels, scan, progress, (0, 0), source)
+
+    def _register_scanned(
+        self,
+        dataset: str,
+        chunk: int,
+        labels: list[str],
+        scan: Callable[[Callable[[int, int], None] | None], Iterator[FileEntry]],
+        progress: Progress | None,
+        totals: tuple[int, int],
+        source: str,
+    ) -> RegisterResult:
+        """Hash into a spool file first, then register from it: hashing a big tree or
+        bucket takes hours, and the database write lock must not be held that long."""
         with self._spool() as spool:
             if progress is not None:
-                progress.start(0, 0)  # totals unknown until the listing ends
-            on_progress = progress.update if progress is not None else None
-            for entry in self.remote_sources.scan(source, chunk, on_progress):
+                progress.start(*totals)
+            for entry in scan(progress.update if progress is not None else None):
                 spool.write(encode_entry(entry))
             if progress is not None:
                 progress.finish()
