@@ -7,6 +7,7 @@ concatenates them under a fixed preamble, so the document always shows the last 
 from __future__ import annotations
 
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -27,7 +28,10 @@ def main(root: Path) -> int:
     parts = [PREAMBLE, f"Python {platform.python_version()} on {platform.machine()}.\n"]
     names = sorted(p.stem for p in results.glob("*.md"))
     for name in sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else 99, n)):
-        parts.append((results / f"{name}.md").read_text(encoding="utf-8").strip() + "\n")
+        text = (results / f"{name}.md").read_text(encoding="utf-8").strip()
+        # Each result file is a document of its own; nest its headings one level down.
+        text = re.sub(r"^(#+) ", r"#\1 ", text, flags=re.MULTILINE)
+        parts.append(text + "\n")
     (root / "docs" / "benchmarks.md").write_text("\n".join(parts), encoding="utf-8")
     return 0
 
