@@ -1,6 +1,6 @@
 """Execute one claimed task: verified bytes from a source replica into a site's blob store.
 
-Kinds (payloads in docs/TEAM-engine.md):
+Kinds (payloads in docs/transfers.md, "Task payloads"):
 
 * ``blobs``: a batch of small blobs. Each is read whole from its source (pinned by ETag),
   hashed and compared with the manifest digest BEFORE anything is written, written as one
