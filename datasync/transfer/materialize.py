@@ -57,7 +57,7 @@ _WHOLE = 2**62  # hash_file chunk size beyond any file: whole-file digest only
 
 
 def blob_key(digest: str) -> str:
-    """The blob store key of ``digest`` at every site (see docs/transfers.md, "Layout at every site")."""
+    """The blob store key of ``digest`` at every site (docs/transfers.md, "Layout")."""
     hex32 = digest.split(":", 1)[1]
     return f".datasync/blobs/{hex32[0:2]}/{hex32[2:4]}/{hex32}"
 
