@@ -4,14 +4,18 @@ retries with backoff, permanent failures, claim order and the task dependency tr
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
 
+from datasync.config import Settings
 from datasync.errors import NotFound, Throttled, TransientError
 from datasync.transfer.taskqueue import TaskQueue
+from datasync.transfer.worker import WorkerOptions, run_worker
 from tests.fixtures.transfer import (
     add_placement,
     add_task,
@@ -267,3 +271,30 @@ def test_claim_of_zero_and_empty_queue(engine: Engine, placement: int) -> None:
     assert queue.claim("w", 0, 60) == []
     assert queue.claim("w", 5, 60) == []
     assert queue.heartbeat("w", [], 60) == set()
+
+
+def test_a_worker_alone_reaps_a_task_whose_last_attempt_died(
+    engine: Engine, placement: int, db_url: str, tmp_path: Path
+) -> None:
+    """Without `datasync up`, a plain worker still fails a task whose lease expired on its
+    last attempt, so its placement ends FAILED instead of waiting forever."""
+    task_id = add_task(engine, placement, max_attempts=1)
+    TaskQueue(engine).claim("dead-worker", 1, lease_seconds=-1)
+    settings = Settings(home=tmp_path / "home", database_url=db_url)
+    stop = threading.Event()
+    timer = threading.Timer(30, stop.set)  # a hang fails the assertions below, not the run
+    timer.start()
+    try:
+        run_worker(
+            settings,
+            processes=0,
+            once=True,
+            stop_event=stop,
+            options=WorkerOptions(lease_seconds=0.9, idle_sleep=0.05),
+            placements=[placement],
+        )
+    finally:
+        timer.cancel()
+    assert not stop.is_set(), "the worker waited for the dead lease instead of reaping it"
+    assert task_row(engine, task_id).state == "failed"
+    assert placement_row(engine, placement).state == "FAILED"
