@@ -52,6 +52,7 @@ import re
 import secrets
 import stat as statmod
 import threading
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import SplitResult
@@ -335,7 +336,10 @@ class PosixBackend:
     def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)
         with translate_os_errors(self._key_url(key)):
-            st = os.stat(path)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                st = os.stat(self._unnormalized_path(key))
         if not statmod.S_ISREG(st.st_mode):
             raise NotFound("not a regular file", url=self._key_url(key))
         return self._info(key, st)
@@ -531,6 +535,29 @@ class PosixBackend:
             raise InvalidPath(f"object key {key!r} uses the datasync temp-file pattern")
         return f"{self.root}/{key}"
 
+    def _unnormalized_path(self, key: str) -> str:
+        """The on-disk spelling of ``key`` when it differs only by Unicode normalization.
+
+        Manifests record NFC paths (docs/manifest-format.md), but a registration source may
+        hold names written in NFD (macOS tools do). Reads of such a key resolve each missing
+        segment to the one directory entry with the same NFC form; registration rejected
+        trees holding two. Raises ``FileNotFoundError`` when there is none.
+        """
+        if key.isascii():
+            raise FileNotFoundError(errno.ENOENT, "no such file", key)
+        current = self.root
+        for segment in key.split("/"):
+            exact = os.path.join(current, segment)
+            if os.path.lexists(exact):
+                current = exact
+                continue
+            want = unicodedata.normalize("NFC", segment)
+            twins = [n for n in os.listdir(current) if unicodedata.normalize("NFC", n) == want]
+            if len(twins) != 1:
+                raise FileNotFoundError(errno.ENOENT, "no such file", key)
+            current = os.path.join(current, twins[0])
+        return current
+
     def _key_url(self, key: str) -> str:
         return join_url(self.root, key)
 
@@ -545,7 +572,10 @@ class PosixBackend:
         path = self._path(key)
         url = self._key_url(key)
         with translate_os_errors(url):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = os.open(self._unnormalized_path(key), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 st = os.fstat(fd)
                 if not statmod.S_ISREG(st.st_mode):

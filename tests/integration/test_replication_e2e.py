@@ -9,6 +9,7 @@ from the tasks). Chunk size is 1 MiB, so the 2 MiB and 11 MiB shards become chun
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,23 @@ def test_only_source_corrupt_fails_with_reason_and_publishes_nothing(
         assert bad[0] == "bad"
     finally:
         app.close()
+
+
+def test_source_names_stored_decomposed_on_disk(tmp_path: Path, sqlite_url: str) -> None:
+    """A file named in NFD on disk (as macOS tools write them) is recorded under its NFC
+    path (docs/manifest-format.md); the POSIX source still finds it when replicating."""
+    src = posix_site("pipeline", tmp_path / "pipeline")
+    dst = posix_site("lustre", tmp_path / "lustre")
+    settings = settings_for(tmp_path / "home", sqlite_url, [src, dst])
+    nfd = unicodedata.normalize("NFD", "café/crème brûlée.bin")
+    files = {nfd: b"decomposed on disk" * 100, "plain.bin": b"plain"}
+    write_tree(tmp_path / "pipeline" / "run", files)
+    with bootstrap(settings) as app:
+        v = app.service.register_directory(DATASET, tmp_path / "pipeline" / "run")
+        placement = replicate(app.engine, settings, f"{DATASET}@{v.version_id}", dst.name)
+        run_until_idle(settings, [placement.id], processes=0, options=FAST)
+        st = status(app.engine, placement_id=placement.id)[0]
+        assert st.state == "READY", (st.error, st.last_errors)
+        view = tmp_path / "lustre" / DATASET / v.version_id
+        nfc = unicodedata.normalize("NFC", nfd)
+        assert (view / nfc).read_bytes() == files[nfd]
