@@ -1,0 +1,227 @@
+"""POSIX system-call helpers shared by the POSIX backend and its writers.
+
+OS errors are translated here, in one place (``translate_os_errors``); temp-file names,
+preallocation, ``syncfs``, early write-back and directory fsyncs live here too, so the
+backend and the writers read as policy, not as system calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from datasync.errors import (
+    ConfigError,
+    NoSpace,
+    NotFound,
+    PermissionDenied,
+    StorageError,
+    TransientError,
+)
+
+__all__ = [
+    "GROUP_SYNC_MODES",
+    "SYNCFS_TYPES",
+    "TEMP_RE",
+    "TOKEN_RE",
+    "check_range",
+    "copy_fd",
+    "fsync_dir",
+    "is_temp_name",
+    "option_bool",
+    "os_error_to_storage",
+    "preallocate_fd",
+    "start_writeback",
+    "syncfs_fd",
+    "temp_name",
+    "translate_os_errors",
+    "unlink_quietly",
+]
+
+
+TEMP_RE = re.compile(r"^\.(.+)\.datasync-([0-9a-f]{16,64})\.part$", re.DOTALL)
+TOKEN_RE = re.compile(r"^[0-9a-f]{16,64}$")
+_NAME_MAX = 255
+
+_NOT_FOUND = {errno.ENOENT, errno.ENOTDIR}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+# Network and cluster file systems report failover and lost connections with these.
+_TRANSIENT = {
+    errno.EIO,
+    errno.ETIMEDOUT,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.EINTR,
+    errno.ESTALE,
+    errno.ENOLCK,
+    errno.ENOTCONN,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.ENETDOWN,
+    errno.ENETUNREACH,
+    errno.EHOSTDOWN,
+    errno.EHOSTUNREACH,
+    errno.EREMOTEIO,
+    errno.ECOMM,
+}
+# copy_file_range cannot do this pair of files: fall back to sendfile.
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ETXTBSY}
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def os_error_to_storage(exc: OSError, url: str) -> StorageError:
+    """The ``StorageError`` for ``exc`` (caller chains it with ``from``)."""
+    code = exc.errno
+    reason = exc.strerror or str(exc)
+    if code in _NOT_FOUND:
+        return NotFound(reason, url=url)
+    if code in _DENIED:
+        return PermissionDenied(reason, url=url)
+    if code in _NO_SPACE:
+        return NoSpace(reason, url=url)
+    if code in _TRANSIENT:
+        return TransientError(reason, url=url)
+    return StorageError(reason, url=url)
+
+
+@contextlib.contextmanager
+def translate_os_errors(url: str) -> Iterator[None]:
+    """The one place where ``OSError`` becomes a ``StorageError``."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error_to_storage(exc, url) from exc
+
+
+def temp_name(name: str, token: str) -> str:
+    """Hidden temp file name for writing ``name`` under ``token``; fits NAME_MAX."""
+    candidate = f".{name}.datasync-{token}.part"
+    if len(os.fsencode(candidate)) <= _NAME_MAX:
+        return candidate
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
+    return f".{digest}.datasync-{token}.part"
+
+
+def is_temp_name(name: str) -> bool:
+    return TEMP_RE.match(name) is not None
+
+
+def preallocate_fd(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes so ENOSPC shows up now, not mid-transfer.
+
+    glibc's ``posix_fallocate`` emulates missing support by writing every block, which is
+    slow on NFS; calling ``fallocate(2)`` directly lets us fall back to a sparse file.
+    """
+    if size > 0 and _fallocate()(fd, 0, 0, size) != 0:
+        code = ctypes.get_errno()
+        if code not in _NO_FALLOCATE:
+            raise OSError(code, os.strerror(code))
+    os.ftruncate(fd, size)
+
+
+@functools.cache
+def _fallocate() -> Any:
+    """libc's fallocate(2), looked up once (at first use, not at import)."""
+    fn = ctypes.CDLL(None, use_errno=True).fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+# Local file systems where syncfs(2) is a cheap, reliable flush of the group's data and names.
+SYNCFS_TYPES = frozenset({"ext4", "ext3", "xfs", "btrfs", "f2fs", "tmpfs", "bcachefs"})
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-back of dirty pages, do not wait
+GROUP_SYNC_MODES = ("auto", "fsync", "syncfs")
+
+
+@functools.cache
+def _libc_fn(name: str) -> Any:
+    """A libc function by name, looked up once (at first use, not at import); None if absent."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), name, None)
+    if fn is not None:
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def syncfs_fd(fd: int) -> None:
+    """Flush the whole file system holding ``fd`` (data, inodes and directory entries)."""
+    fn = _libc_fn("syncfs")
+    if fn is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available")
+    if fn(ctypes.c_int(fd)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset+length)`` back now (no wait, no
+    durability promise: only so that the fsync at commit has less left to do)."""
+    fn = _libc_fn("sync_file_range")
+    if fn is None or length <= 0:
+        return
+    fn(
+        ctypes.c_int(fd),
+        ctypes.c_int64(offset),
+        ctypes.c_int64(length),
+        ctypes.c_uint(_SYNC_FILE_RANGE_WRITE),
+    )
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some network file systems refuse fsync on directories
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def copy_fd(src: int, dst: int, size: int) -> None:
+    """Copy ``size`` bytes in the kernel: copy_file_range (reflink-capable), else sendfile."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src, dst, size - done, done, done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        if exc.errno not in _NO_COPY_RANGE:
+            raise
+    while done < size:
+        os.lseek(dst, done, os.SEEK_SET)
+        n = os.sendfile(dst, src, done, size - done)
+        if n == 0:
+            break
+        done += n
+    if done != size:
+        raise StorageError(f"source shrank during copy ({done} of {size} bytes)")
+
+
+def option_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"posix option {name} must be true or false, got {value!r}")
+
+
+def check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"bad range offset={offset} length={length}")
+
+
+def unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
