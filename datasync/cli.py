@@ -34,6 +34,7 @@ from datasync import __version__
 from datasync.bootstrap import App, bootstrap
 from datasync.errors import DatasyncError, UserError
 from datasync.service import DiffResult, RegisterResult, VersionInfo
+from datasync.textfmt import human_bytes
 
 __all__ = ["app", "main", "parse_size"]
 
@@ -95,22 +96,13 @@ def _print_json(value: BaseModel | list[Any] | dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
 
 
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def _describe(v: VersionInfo) -> str:
     labels = f"  [{', '.join(v.labels)}]" if v.labels else ""
     unverified = "  (unverified)" if not v.verified else ""
     return (
         f"{v.dataset}@{v.version_id}\n"
-        f"  files {v.files:,}  bytes {v.bytes:,} ({_human_bytes(v.bytes)})  "
-        f"chunk size {_human_bytes(v.chunk_size)}  created {v.created_at}{labels}{unverified}"
+        f"  files {v.files:,}  bytes {v.bytes:,} ({human_bytes(v.bytes)})  "
+        f"chunk size {human_bytes(v.chunk_size)}  created {v.created_at}{labels}{unverified}"
     )
 
 
@@ -232,7 +224,7 @@ def versions(
             v.version_id[:16],
             v.created_at,
             f"{v.files:,}",
-            _human_bytes(v.bytes),
+            human_bytes(v.bytes),
             ", ".join(v.labels),
             "yes" if v.verified else "no",
         )

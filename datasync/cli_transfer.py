@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from datasync.textfmt import human_bytes
 from datasync.transfer.placements import PlacementStatus
 from datasync.transfer.sites import SiteInfo
 
@@ -34,15 +35,6 @@ WAIT_POLL_SECONDS = 1.0
 REPLAN_EVERY_SECONDS = 60
 
 
-def _bytes(n: float) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -56,8 +48,9 @@ def _line(p: PlacementStatus) -> str:
     risk = "  AT RISK" if p.at_risk else ""
     text = (
         f"#{p.id} {p.dataset}@{p.version_id[:12]} -> {p.site}: {p.state}  "
-        f"{p.files_done:,}/{p.files_total:,} files  {_bytes(p.bytes_done)}/{_bytes(p.bytes_total)}"
-        f" ({pct:.0f}%)  {_bytes(p.throughput_bytes_per_second)}/s  ETA {_eta(p.eta_seconds)}{risk}"
+        f"{p.files_done:,}/{p.files_total:,} files  "
+        f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)} ({pct:.0f}%)  "
+        f"{human_bytes(p.throughput_bytes_per_second)}/s  ETA {_eta(p.eta_seconds)}{risk}"
     )
     if p.state not in ("READY", "FAILED"):
         text += f"\n  {p.phase}"
@@ -83,8 +76,8 @@ def _status_table(rows: list[PlacementStatus]) -> Table:
             p.site,
             p.state,
             f"{p.files_done:,}/{p.files_total:,}",
-            f"{_bytes(p.bytes_done)}/{_bytes(p.bytes_total)}",
-            f"{_bytes(p.throughput_bytes_per_second)}/s",
+            f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)}",
+            f"{human_bytes(p.throughput_bytes_per_second)}/s",
             _eta(p.eta_seconds),
             note[:120],
         )

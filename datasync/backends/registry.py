@@ -32,6 +32,7 @@ from datasync.errors import ConfigError
 
 __all__ = [
     "backend_target",
+    "has_backend",
     "open_backend",
     "parse_url",
     "redact",
@@ -83,6 +84,14 @@ def parse_url(url: str) -> SplitResult:
             raise ConfigError(f"file URL {redact(url)!r} names a host; use a local path")
         return SplitResult("file", "", os.path.abspath(unquote(parts.path)), "", "")
     return parts._replace(scheme=scheme)
+
+
+def has_backend(url: str) -> bool:
+    """Whether a datasync backend serves ``url``'s scheme (plain paths count as ``file``)."""
+    if "://" not in url:
+        return True
+    scheme = urlsplit(url).scheme.lower()
+    return _ALIASES.get(scheme, scheme) in _SCHEMES
 
 
 def backend_target(url: str) -> str:

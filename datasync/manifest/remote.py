@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterator
 from datasync.backends.base import Backend
 from datasync.backends.cloudscan import scan_backend
 from datasync.backends.fsspecsrc import FsspecSource
-from datasync.backends.registry import open_backend
-from datasync.config import Settings, SiteConfig
-from datasync.errors import ConfigError, UserError
+from datasync.backends.registry import has_backend, open_backend
+from datasync.config import Settings
+from datasync.errors import UserError
 from datasync.models import FileEntry
+from datasync.transfer.sites import site_for_source
 
 __all__ = ["RemoteSources"]
 
@@ -37,23 +38,14 @@ class RemoteSources:
 
     def resolve(self, source: str) -> tuple[str, dict[str, object]]:
         """``(url, backend options)`` for ``source``; ``SITE:path`` uses that site's URL."""
+        found = site_for_source(self.settings, source)
+        if found is not None:
+            site = self.settings.sites[found[0]]
+            return _join(site.url, found[1]), dict(site.options)
         head, sep, rest = source.partition(":")
         if sep and not rest.startswith("//"):
-            site = self.settings.sites.get(head)
-            if site is None:
-                raise UserError(f"{source}: no site named {head!r} in the configuration")
-            return _join(site.url, rest), dict(site.options)
-        site_cfg = self._site_holding(source)
-        return source, dict(site_cfg.options) if site_cfg else {}
-
-    def _site_holding(self, url: str) -> SiteConfig | None:
-        best: SiteConfig | None = None
-        best_len = -1
-        for site in self.settings.sites.values():
-            root = site.url.rstrip("/")
-            if (url == root or url.startswith(root + "/")) and len(root) > best_len:
-                best, best_len = site, len(root)
-        return best
+            raise UserError(f"{source}: no site named {head!r} in the configuration")
+        return source, {}
 
     def scan(
         self, source: str, chunk_size: int, on_progress: ProgressCallback | None = None
@@ -73,12 +65,9 @@ class RemoteSources:
 
 
 def _open_source(url: str, options: dict[str, object]) -> Backend:
-    try:
+    if has_backend(url):
         return open_backend(url, options)
-    except ConfigError as exc:
-        if "unknown storage URL scheme" not in str(exc):
-            raise
-        return FsspecSource(url, options)
+    return FsspecSource(url, options)  # registration only: any scheme fsspec knows
 
 
 def _join(root: str, rel: str) -> str:

@@ -169,3 +169,11 @@ def test_redact_options() -> None:
         assert secret not in text
     assert safe["page_size"] == 100 and safe["nested"]["region_name"] == "us-east-1"
     assert safe["endpoint_url"] == "http://u:***@127.0.0.1:9000"
+
+
+def test_has_backend_names_the_schemes_datasync_serves() -> None:
+    from datasync.backends.registry import has_backend
+
+    assert has_backend("/data") and has_backend("file:///data") and has_backend("posix:///d")
+    assert has_backend("s3://b/p") and has_backend("az://a/c") and has_backend("gs://b")
+    assert not has_backend("zip://::file:///x.zip") and not has_backend("https://h/p")
