@@ -227,7 +227,7 @@ def register_commands(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Run worker processes that claim and execute transfer tasks (SIGTERM stops them)."""
-        from datasync.transfer.worker import run_worker
+        from datasync.transfer.supervisor import run_worker
 
         with base._application() as application:
             settings = application.settings
@@ -246,7 +246,7 @@ def register_commands(app: typer.Typer) -> None:
         import uvicorn
 
         from datasync.api.app import create_app
-        from datasync.transfer.worker import run_worker
+        from datasync.transfer.supervisor import run_worker
 
         with base._application() as application:
             stop = threading.Event()

@@ -34,7 +34,7 @@ import pytest
 from datasync.bootstrap import App, bootstrap
 from datasync.config import Settings
 from datasync.transfer.placements import replicate, status
-from datasync.transfer.worker import WorkerOptions, run_worker
+from datasync.transfer.supervisor import WorkerOptions, run_worker
 from tests.fixtures.replication import (
     MIB,
     Site,

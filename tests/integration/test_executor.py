@@ -21,7 +21,7 @@ from datasync.errors import Throttled, TransientError
 from datasync.transfer.executor import part_plan
 from datasync.transfer.limits import limits_from_settings
 from datasync.transfer.placements import replicate, status
-from datasync.transfer.worker import WorkerOptions, run_until_idle
+from datasync.transfer.supervisor import WorkerOptions, run_until_idle
 from tests.fixtures.replication import (
     MIB,
     Site,

@@ -39,8 +39,8 @@ from datasync.config import Settings
 from datasync.db.transfer_tables import Task
 from datasync.transfer.failpoints import reset_failpoints
 from datasync.transfer.placements import replicate, status
+from datasync.transfer.supervisor import WorkerOptions, run_worker
 from datasync.transfer.tracing import read_trace, reset_tracing
-from datasync.transfer.worker import WorkerOptions, run_worker
 from tests.fixtures.replication import (
     MIB,
     assert_view_matches,

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from datasync.bootstrap import bootstrap
 from datasync.db.transfer_tables import Replica
 from datasync.transfer.placements import replicate, status
-from datasync.transfer.worker import WorkerOptions, run_until_idle
+from datasync.transfer.supervisor import WorkerOptions, run_until_idle
 from tests.fixtures.replication import (
     MIB,
     Site,

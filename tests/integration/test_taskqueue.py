@@ -14,8 +14,8 @@ from sqlalchemy.engine import Engine
 
 from datasync.config import Settings
 from datasync.errors import NotFound, Throttled, TransientError
+from datasync.transfer.supervisor import WorkerOptions, run_worker
 from datasync.transfer.taskqueue import TaskQueue
-from datasync.transfer.worker import WorkerOptions, run_worker
 from tests.fixtures.transfer import (
     add_placement,
     add_task,
