@@ -1,6 +1,6 @@
 """Replication commands of the ``datasync`` CLI: replicate, status, sites, worker, up.
 
-Thin typer commands over ``datasync.transfer.placements`` and ``datasync.transfer.worker``;
+Thin typer commands over ``App.replication`` and ``datasync.transfer.supervisor``;
 ``register_commands(app)`` adds them to the main app (``datasync.cli``) and reuses its
 error handling, so they print one JSON document with ``--json`` and never a traceback.
 
@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from datasync.textfmt import human_bytes
-from datasync.transfer.placements import PlacementStatus
 from datasync.transfer.sites import SiteInfo
+from datasync.transfer.status import PlacementStatus
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -105,16 +105,15 @@ def start_maintenance(application: App) -> BackgroundScheduler:
     """Periodic chores of ``datasync up``: reap dead leases, re-plan dead planners."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from datasync.transfer.placements import replan_stale
-    from datasync.transfer.taskqueue import REAP_EVERY_SECONDS, TaskQueue
+    from datasync.transfer.worker import REAP_EVERY_SECONDS
 
-    queue = TaskQueue(application.engine)
     scheduler = BackgroundScheduler(timezone="UTC")
-    scheduler.add_job(queue.reap, "interval", seconds=REAP_EVERY_SECONDS, id="reap-leases")
     scheduler.add_job(
-        replan_stale,
+        application.state.tasks.reap, "interval", seconds=REAP_EVERY_SECONDS, id="reap-leases"
+    )
+    scheduler.add_job(
+        application.replication.replan_stale,
         "interval",
-        args=[application.engine, application.settings],
         seconds=REPLAN_EVERY_SECONDS,
         id="replan-stale",
     )
@@ -150,13 +149,11 @@ def register_commands(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Make sure version REF is (or will be) at site --to; workers move the bytes."""
-        from datasync.transfer.placements import parse_deadline, replicate, status
+        from datasync.transfer.status import parse_deadline
 
         with base._application() as application:
             when = parse_deadline(deadline)
-            result = replicate(
-                application.engine,
-                application.settings,
+            result = application.replication.replicate(
                 ref,
                 to,
                 priority=priority,
@@ -168,7 +165,7 @@ def register_commands(app: typer.Typer) -> None:
                 if not as_json:
                     console.print(_line(result), highlight=False)
                 time.sleep(WAIT_POLL_SECONDS)
-                result = status(application.engine, placement_id=result.id)[0]
+                result = application.replication.status(placement_id=result.id)[0]
         if as_json:
             base._print_json(result)
         else:
@@ -186,12 +183,8 @@ def register_commands(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Placements with files/bytes done and total, throughput, ETA, state and errors."""
-        from datasync.transfer.placements import status as placement_status
-
         with base._application() as application:
-            rows = placement_status(
-                application.engine, dataset=dataset, site=site, active_only=not all_
-            )
+            rows = application.replication.status(dataset=dataset, site=site, active_only=not all_)
         if as_json:
             base._print_json([r.model_dump(mode="json") for r in rows])
         elif not rows:
@@ -208,10 +201,8 @@ def register_commands(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Configured sites with their capabilities, limits and health."""
-        from datasync.transfer.sites import list_sites
-
         with base._application() as application:
-            rows = list_sites(application.settings, probe=probe, timeout=timeout)
+            rows = application.replication.sites(probe=probe, timeout=timeout)
         if as_json:
             base._print_json([r.model_dump(mode="json") for r in rows])
         elif not rows:

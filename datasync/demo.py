@@ -106,13 +106,12 @@ def moved(old_ref: str, new_ref: str, site: str) -> MovedReport:
     """Bytes moved by the placement of ``new_ref`` at ``site`` and the diff's new bytes."""
     # Deferred imports: ``generate``/``mutate`` must not pay for the database stack.
     import sqlalchemy as sa
+    from sqlmodel import col
 
     from datasync.bootstrap import bootstrap
     from datasync.db.transfer_tables import Task
     from datasync.errors import UserError
-    from datasync.transfer.placements import status
 
-    tasks: sa.Table = Task.__table__  # type: ignore[attr-defined]
     with bootstrap() as app:
         diff = app.service.diff(old_ref, new_ref)
         new_digests = {
@@ -123,7 +122,7 @@ def moved(old_ref: str, new_ref: str, site: str) -> MovedReport:
         fresh = {d: n for d, n in new_digests.items() if d not in old_digests}
         rows = [
             p
-            for p in status(app.engine, dataset=diff.new.dataset, site=site, active_only=False)
+            for p in app.replication.status(dataset=diff.new.dataset, site=site)
             if p.version_id == diff.new.version_id
         ]
         if not rows:
@@ -132,8 +131,8 @@ def moved(old_ref: str, new_ref: str, site: str) -> MovedReport:
         with app.engine.connect() as conn:
             count, total = conn.execute(
                 sa.select(
-                    sa.func.count(), sa.func.coalesce(sa.func.sum(tasks.c.bytes_moved), 0)
-                ).where(tasks.c.placement_id == placement.id)
+                    sa.func.count(), sa.func.coalesce(sa.func.sum(col(Task.bytes_moved)), 0)
+                ).where(col(Task.placement_id) == placement.id)
             ).one()
     return MovedReport(
         placement_id=placement.id,

@@ -2,12 +2,15 @@
 
 A ``FileEntry`` is one line of a manifest; a ``Digest`` is ``xxh3-128:<32 lowercase hex>``.
 Paths are already normalized (see ``datasync.manifest.paths``) when they reach these types.
+The state enums name every state a placement, task or replica row can hold; only
+``datasync.transfer.state`` moves a row from one to another (``docs/task-states.md``).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from datasync.errors import InvalidManifest
 
@@ -19,6 +22,10 @@ __all__ = [
     "MIN_CHUNK_SIZE",
     "FileEntry",
     "ManifestHeader",
+    "PlacementState",
+    "ReplicaKind",
+    "ReplicaState",
+    "TaskState",
     "VersionSummary",
     "check_digest",
     "chunk_count",
@@ -84,3 +91,45 @@ class VersionSummary:
     created_at: str
     labels: tuple[str, ...] = ()
     verified: bool = True
+
+
+class PlacementState(StrEnum):
+    """Where "version V at site S" stands (diagram in ``docs/task-states.md``)."""
+
+    PLANNING = "PLANNING"
+    TRANSFERRING = "TRANSFERRING"
+    PUBLISHING = "PUBLISHING"
+    READY = "READY"
+    FAILED = "FAILED"
+    # The view was found damaged (by verify or publish); not READY until repaired.
+    DAMAGED = "DAMAGED"
+
+    @property
+    def final(self) -> bool:
+        """No worker will move it on by itself."""
+        return self in (PlacementState.READY, PlacementState.FAILED, PlacementState.DAMAGED)
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    LEASED = "leased"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ReplicaState(StrEnum):
+    OK = "ok"  # verified bytes (as far as anyone knows)
+    BAD = "bad"  # found wrong or missing; ``reason`` says how, re-checked after a back-off
+
+
+class ReplicaKind(StrEnum):
+    """Whose bytes a replica row names.
+
+    ``blob``: the site's blob store (``.datasync/blobs/..``), written and verified by
+    datasync, read-only: the only bytes a view is ever built from. ``source``: a file or
+    object at a registration source, owned by users and mutable: read (and hashed) as a
+    transfer source, never linked or copied into a view.
+    """
+
+    BLOB = "blob"
+    SOURCE = "source"

@@ -1,7 +1,7 @@
 """Replication routes of the HTTP API: placements (replicate, status) and sites.
 
 Thin, like the rest of ``/api/v1``: each route calls the same service function as the CLI
-(``datasync.transfer.placements``). Errors are mapped by the app's ``DatasyncError``
+(``App.replication``). Errors are mapped by the app's ``DatasyncError``
 handler (unknown version 404, bad input 400).
 """
 
@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field
 
 from datasync.bootstrap import App
 from datasync.errors import UnknownReference
-from datasync.transfer.placements import PlacementStatus, parse_deadline, replicate, status
-from datasync.transfer.sites import SiteInfo, list_sites
+from datasync.transfer.sites import SiteInfo
+from datasync.transfer.status import PlacementStatus, parse_deadline
 
 __all__ = ["ReplicateRequest", "transfer_router"]
 
@@ -34,17 +34,15 @@ class ReplicateRequest(BaseModel):
 
 
 def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
-    """Routes over ``application``'s engine and settings."""
-    engine, settings = application.engine, application.settings
+    """Routes over ``application``'s replication service."""
+    replication = application.replication
     router = APIRouter(prefix=prefix, tags=["replication"])
 
     @router.post("/placements")
     def create_placement(body: ReplicateRequest) -> PlacementStatus:
         """Record (idempotently) that ``ref`` must be at ``site``, plan it, return status."""
         deadline: datetime | None = parse_deadline(body.deadline)
-        return replicate(
-            engine,
-            settings,
+        return replication.replicate(
             body.ref,
             body.site,
             priority=body.priority,
@@ -59,11 +57,11 @@ def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
         active: Annotated[bool, Query(description="Only placements not READY/FAILED.")] = False,
     ) -> list[PlacementStatus]:
         """Placements, newest first, with progress, throughput, ETA and last errors."""
-        return status(engine, dataset=dataset, site=site, active_only=active)
+        return replication.status(dataset=dataset, site=site, active_only=active)
 
     @router.get("/placements/{placement_id}")
     def get_placement(placement_id: int) -> PlacementStatus:
-        rows = status(engine, placement_id=placement_id)
+        rows = replication.status(placement_id=placement_id)
         if not rows:
             raise UnknownReference(f"no placement {placement_id}")
         return rows[0]
@@ -73,6 +71,6 @@ def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
         probe: Annotated[bool, Query(description="Run a health probe per site.")] = False,
     ) -> list[SiteInfo]:
         """Configured sites with capabilities and (``probe=true``) health."""
-        return list_sites(settings, probe=probe)
+        return replication.sites(probe=probe)
 
     return router

@@ -22,10 +22,22 @@ from sqlalchemy.engine import Connection, Engine
 
 from datasync.errors import ConfigError
 
-__all__ = ["create_engine", "is_postgresql", "is_sqlite", "write_transaction"]
+__all__ = [
+    "DB_UNAVAILABLE",
+    "SQLITE_IMMEDIATE",
+    "create_engine",
+    "is_postgresql",
+    "is_sqlite",
+    "write_transaction",
+]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _BEGIN_OPTION = "datasync_sqlite_begin"
+# What a database that is restarting or unreachable raises: worth retrying later. Other
+# database errors (a SQL bug, a constraint) are not, and must not be retried forever.
+DB_UNAVAILABLE: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError)
+# Execution options that make the next BEGIN on SQLite a BEGIN IMMEDIATE.
+SQLITE_IMMEDIATE = {_BEGIN_OPTION: "IMMEDIATE"}
 
 
 def create_engine(url: str, **kwargs: Any) -> Engine:
@@ -65,7 +77,7 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     Commits on success, rolls back on any exception.
     """
     with engine.connect() as conn:
-        conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        conn.execution_options(**SQLITE_IMMEDIATE)
         with conn.begin():
             yield conn
 

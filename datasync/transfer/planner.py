@@ -1,25 +1,29 @@
-"""The planner: placement "version V at site S" -> tasks for ``manifest - site index``.
+"""The planner: placement "version V at site S" -> tasks for ``manifest - site's blob store``.
 
 How it plans (Rucio derives transfers from rules the same way):
 
-1. Drop the placement's old tasks (a re-plan after a crash or a retry starts clean; the
-   replicas earlier tasks recorded stay, so nothing verified is moved twice), insert the
-   ``publish`` task holding one *planning* count in ``blocked_by``, and count the files and
-   bytes already present at the site.
-2. Page through the version's *distinct* digests not yet ``ok`` at the site, in digest
-   order (``entries (version_pk, digest)`` index; duplicates are adjacent, so one version's
-   digest under many paths is one blob, and keyset paging never revisits a digest). Blobs
-   at the site from ANY version are skipped by the ``NOT EXISTS`` on ``replicas``.
-3. For each page, choose a source per blob among ``ok`` replicas at configured sites:
-   lowest ``cost_per_gb`` from the source to the destination first, unknown cost last,
-   then by site name. A blob larger than one chunk gets ``chunks`` tasks of
-   ``chunks_per_task`` chunks each plus one ``finalize``; small blobs are batched into
-   ``blobs`` tasks (at most ``batch_items`` items or ``batch_bytes`` bytes).
-4. Release the planning count and move the placement to TRANSFERRING. If some blob has no
-   source anywhere, the placement FAILS saying how many and which one first.
+1. ``begin_planning``: drop the placement's old tasks (a re-plan after a crash or a retry
+   starts clean; replicas earlier tasks recorded stay, so nothing verified moves twice),
+   insert the ``publish`` task holding one *planning* count in ``blocked_by``, and count
+   the files and bytes already in the site's blob store.
+2. Page through the version's *distinct* digests not yet an ``ok`` blob replica at the
+   site, in digest order (``entries (version_pk, digest)`` index; duplicates are adjacent,
+   so one digest under many paths is one blob, and keyset paging never revisits a digest).
+   Blobs the site holds for ANY version are skipped.
+3. For each page, choose a source per blob (``rank_source``): ok replicas before bad ones
+   whose re-check time has come, then the lowest ``cost_per_gb`` from the source to the
+   destination (a source at the destination itself costs nothing), then blob-store copies
+   (immutable) before registration sources, then site and key. A registration source AT
+   the destination site is a source like any other: its bytes are copied into the blob
+   store and verified there, never linked into a view. A blob larger than one chunk gets
+   ``chunks`` tasks of ``chunks_per_task`` chunks each under one ``finalize``; small blobs
+   are batched into ``blobs`` tasks (at most ``batch_items`` items or ``batch_bytes``).
+4. ``finish_planning`` releases the planning hold: TRANSFERRING, or FAILED when some blob
+   has no source anywhere, saying how many and which one first.
 
 Memory is bounded by one page plus one open batch, whatever the manifest size; each page
-is one short write transaction so workers start on early tasks while planning goes on.
+is one short write transaction (through the state owner), so workers start on early
+tasks while planning goes on. The planner itself only reads.
 """
 
 from __future__ import annotations
@@ -29,25 +33,32 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
+from sqlmodel import col
 
 from datasync.config import Settings
-from datasync.db.engine import is_postgresql, write_transaction
-from datasync.db.tables import entries_table, versions_table
-from datasync.db.transfer_tables import NO_DEADLINE, Placement, Replica, Task
+from datasync.db.engine import is_postgresql
+from datasync.db.tables import Entry, Version
+from datasync.db.transfer_tables import Placement, Replica
 from datasync.errors import UserError
-from datasync.transfer.taskqueue import fail_placement
+from datasync.events import PlacementPlanned
+from datasync.models import ReplicaKind, ReplicaState
+from datasync.transfer.payloads import (
+    BlobItem,
+    BlobsPayload,
+    ChunkedBlob,
+    ChunksPayload,
+    FinalizePayload,
+    PublishPayload,
+    SourceRef,
+    kind_of,
+)
+from datasync.transfer.state import EngineState, NewTask
 
-__all__ = ["PlanResult", "PlannerConfig", "plan_placement", "source_cost"]
-
-_P: sa.Table = Placement.__table__  # type: ignore[attr-defined]
-_R: sa.Table = Replica.__table__  # type: ignore[attr-defined]
-_T: sa.Table = Task.__table__  # type: ignore[attr-defined]
-_E, _V = entries_table, versions_table
+__all__ = ["PlanResult", "Planner", "PlannerConfig", "rank_source", "source_cost"]
 
 MIB = 1024 * 1024
 
@@ -82,117 +93,106 @@ class _Blob:
     digest: str
     size: int
     files: int  # paths of the version holding this digest
-    chunks: list[str]
-
-
-@dataclass(slots=True)
-class _Source:
-    site: str
-    key: str
-    etag: str | None
+    chunks: tuple[str, ...]
 
 
 def source_cost(settings: Settings, src: str, dst: str) -> float:
-    """Cost per GB from ``src`` to ``dst`` as configured; unknown is infinite (last resort)."""
+    """Cost per GB from ``src`` to ``dst`` as configured; a local copy is free, unknown is
+    infinite (last resort)."""
+    if src == dst:
+        return 0.0
     site = settings.sites.get(src)
     if site is None:
         return math.inf
     return site.cost_per_gb.get(dst, math.inf)
 
 
-class _Planner:
+def rank_source(
+    settings: Settings, dst: str, site: str, key: str, kind: str, state: str
+) -> tuple[bool, float, bool, str, str]:
+    """Sort key of a candidate source replica; smaller is better."""
+    return (
+        state != ReplicaState.OK,
+        source_cost(settings, site, dst),
+        kind != ReplicaKind.BLOB,
+        site,
+        key,
+    )
+
+
+def _usable_source(now: datetime) -> sa.ColumnElement[bool]:
+    """Ok replicas, and bad ones whose re-check time has come (bad is not forever)."""
+    return sa.or_(
+        col(Replica.state) == ReplicaState.OK,
+        sa.and_(
+            col(Replica.recheck_after).is_not(None),
+            col(Replica.recheck_after) <= now,
+        ),
+    )
+
+
+def _present_at(site: str) -> sa.Exists:
+    """An ok blob-store replica of the entry's digest at ``site``."""
+    return (
+        sa.select(sa.literal(1))
+        .where(
+            col(Replica.site) == site,
+            col(Replica.digest) == col(Entry.digest),
+            col(Replica.state) == ReplicaState.OK,
+            col(Replica.kind) == ReplicaKind.BLOB,
+        )
+        .exists()
+    )
+
+
+class _Plan:
     def __init__(
-        self, engine: Engine, settings: Settings, placement_id: int, config: PlannerConfig
+        self,
+        engine: Engine,
+        settings: Settings,
+        state: EngineState,
+        placement_id: int,
+        config: PlannerConfig,
     ) -> None:
         self.engine = engine
         self.settings = settings
+        self.state = state
         self.config = config
-        self.result = PlanResult(placement_id)
         self.placement_id = placement_id
-        self.batch: list[tuple[_Blob, _Source]] = []
+        self.result = PlanResult(placement_id)
+        self.batch: list[BlobItem] = []
+        self.batch_files = 0
         self.batch_bytes = 0
+        self.batch_logical = 0
         self.first_missing: str | None = None
-        row = self._load()
-        self.version_pk: int = row.version_pk
-        self.dst: str = row.site
-        self.priority: int = row.priority
-        self.deadline: datetime | None = row.deadline
-        self.chunk_size: int = row.chunk_size
-        self.publish_id = 0
-
-    def _load(self) -> Any:
-        with self.engine.connect() as conn:
+        with engine.connect() as conn:
             row = conn.execute(
                 sa.select(
-                    _P.c.version_pk,
-                    _P.c.site,
-                    _P.c.priority,
-                    _P.c.deadline,
-                    _P.c.dataset,
-                    _P.c.version_id,
-                    _V.c.chunk_size,
+                    col(Placement.version_pk),
+                    col(Placement.site),
+                    col(Placement.dataset),
+                    col(Placement.version_id),
+                    col(Version.chunk_size),
+                    col(Version.files),
+                    col(Version.bytes),
                 )
-                .join(_V, _V.c.pk == _P.c.version_pk)
-                .where(_P.c.id == self.placement_id)
+                .join(Version, col(Version.pk) == col(Placement.version_pk))
+                .where(col(Placement.id) == placement_id)
             ).one_or_none()
         if row is None:
-            raise UserError(f"placement {self.placement_id} does not exist")
-        if row.site not in self.settings.sites:
-            raise UserError(f"placement {self.placement_id}: site {row.site!r} is not configured")
+            raise UserError(f"placement {placement_id} does not exist")
+        if row.site not in settings.sites:
+            raise UserError(f"placement {placement_id}: site {row.site!r} is not configured")
+        self.version_pk: int = row.version_pk
+        self.dst: str = row.site
         self.dataset: str = row.dataset
         self.version_id: str = row.version_id
-        return row
+        self.chunk_size: int = row.chunk_size
+        self.totals = (int(row.files), int(row.bytes))
+        self.publish_id = 0
 
-    # -- task rows ---------------------------------------------------------------------
-
-    def _task(
-        self,
-        kind: str,
-        payload: dict[str, Any],
-        *,
-        parent: int | None,
-        blocked_by: int = 0,
-        files: int = 0,
-        nbytes: int = 0,
-        now: datetime,
-    ) -> dict[str, Any]:
-        self.result.tasks[kind] = self.result.tasks.get(kind, 0) + 1
-        return {
-            "placement_id": self.placement_id,
-            "parent_id": parent,
-            "kind": kind,
-            "state": "queued",
-            "priority": self.priority,
-            "deadline": self.deadline or NO_DEADLINE,
-            "created_at": now,
-            "not_before": now,
-            "blocked_by": blocked_by,
-            "attempts": 0,
-            "max_attempts": self.config.max_attempts,
-            "payload": payload,
-            "errors": [],
-            "files": files,
-            "bytes": nbytes,
-            "bytes_moved": 0,
-        }
-
-    def _insert(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
-        if not rows:
-            return []
-        result = conn.execute(
-            sa.insert(_T).returning(_T.c.id, sort_by_parameter_order=True), list(rows)
-        )
-        return [int(i) for i in result.scalars()]
-
-    def _block_publish(self, conn: Connection, children: int) -> None:
-        if children:
-            conn.execute(
-                sa.update(_T)
-                .where(_T.c.id == self.publish_id)
-                .values(blocked_by=_T.c.blocked_by + children)
-            )
-
-    # -- phases ------------------------------------------------------------------------
+    def _count(self, kind: str, n: int = 1) -> None:
+        self.result.tasks[kind] = self.result.tasks.get(kind, 0) + n
 
     def _fresh_statistics(self) -> None:
         """PostgreSQL: ANALYZE when the planner statistics predate this version's rows.
@@ -207,59 +207,33 @@ class _Planner:
             seen = conn.execute(
                 sa.text("SELECT reltuples FROM pg_class WHERE relname = 'entries'")
             ).scalar_one_or_none()
-            files = conn.execute(
-                sa.select(_V.c.files).where(_V.c.pk == self.version_pk)
-            ).scalar_one()
-        if seen is None or float(seen) < files:
-            with self.engine.connect() as conn:
+            if seen is None or float(seen) < self.totals[0]:
                 conn.execute(sa.text("ANALYZE entries"))
                 conn.execute(sa.text("ANALYZE replicas"))
                 conn.commit()
 
     def start(self) -> None:
         self._fresh_statistics()
-        present = (
-            sa.select(sa.literal(1))
-            .where(_R.c.site == self.dst, _R.c.digest == _E.c.digest, _R.c.state == "ok")
-            .exists()
-        )
-        with write_transaction(self.engine) as conn:
-            now = datetime.now(UTC)
-            conn.execute(sa.delete(_T).where(_T.c.placement_id == self.placement_id))
-            payload = {
-                "placement_id": self.placement_id,
-                "dst_site": self.dst,
-                "dataset": self.dataset,
-                "version_id": self.version_id,
-            }
-            # blocked_by=1: the planning hold, released by finish().
-            (self.publish_id,) = self._insert(
-                conn, [self._task("publish", payload, parent=None, blocked_by=1, now=now)]
-            )
+        with self.engine.connect() as conn:
             files, nbytes = conn.execute(
-                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(_E.c.size), 0)).where(
-                    _E.c.version_pk == self.version_pk, present
+                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(col(Entry.size)), 0)).where(
+                    col(Entry.version_pk) == self.version_pk, _present_at(self.dst)
                 )
             ).one()
-            totals = conn.execute(
-                sa.select(_V.c.files, _V.c.bytes).where(_V.c.pk == self.version_pk)
-            ).one()
-            self.result.files_present, self.result.bytes_present = int(files), int(nbytes)
-            conn.execute(
-                sa.update(_P)
-                .where(_P.c.id == self.placement_id)
-                .values(
-                    state="PLANNING",
-                    error=None,
-                    updated_at=now,
-                    files_total=totals.files,
-                    bytes_total=totals.bytes,
-                    files_done=int(files),
-                    bytes_done=int(nbytes),
-                )
-            )
+        self.result.files_present, self.result.bytes_present = int(files), int(nbytes)
+        publish = PublishPayload(self.placement_id, self.dst, self.dataset, self.version_id)
+        self.publish_id = self.state.placements.begin_planning(
+            self.placement_id,
+            publish,
+            max_attempts=self.config.max_attempts,
+            totals=self.totals,
+            present=(int(files), int(nbytes)),
+        )
+        self._count(kind_of(publish))
 
-    def _missing_page(self, conn: Connection, after: str) -> tuple[list[_Blob], dict[str, _Source]]:
+    def _missing_page(
+        self, conn: Connection, after: str
+    ) -> tuple[list[_Blob], dict[str, SourceRef]]:
         """The next page of missing blobs after digest ``after``, and each one's best source.
 
         Two index-driven statements, on purpose: the page walks ``entries (version_pk,
@@ -267,197 +241,178 @@ class _Planner:
         ``replicas (digest, state)``. Joined in one statement, PostgreSQL prefers hashing
         the whole replicas table, 50x slower per page at 100,000 replicas.
         """
-        present = (
-            sa.select(sa.literal(1))
-            .where(_R.c.site == self.dst, _R.c.digest == _E.c.digest, _R.c.state == "ok")
-            .exists()
-        )
         rows = conn.execute(
             sa.select(
-                _E.c.digest,
-                sa.func.max(_E.c.size),
+                col(Entry.digest),
+                sa.func.max(col(Entry.size)),
                 sa.func.count(),
-                sa.func.max(_E.c.chunks),
+                sa.func.max(col(Entry.chunks)),
             )
-            .where(_E.c.version_pk == self.version_pk, _E.c.digest > after, ~present)
-            .group_by(_E.c.digest)
-            .order_by(_E.c.digest)
+            .where(
+                col(Entry.version_pk) == self.version_pk,
+                col(Entry.digest) > after,
+                ~_present_at(self.dst),
+            )
+            .group_by(col(Entry.digest))
+            .order_by(col(Entry.digest))
             .limit(self.config.page_size)
         ).all()
-        blobs = [_Blob(str(d), int(s), int(n), json.loads(c) if c else []) for d, s, n, c in rows]
+        blobs = [
+            _Blob(str(d), int(s), int(n), tuple(json.loads(c)) if c else ()) for d, s, n, c in rows
+        ]
         if not blobs:
             return [], {}
         digests = [b.digest for b in blobs]
         if is_postgresql(conn):  # one array parameter, not a thousand
-            match = _R.c.digest == sa.any_(sa.literal(digests, postgresql.ARRAY(sa.String)))
+            match = col(Replica.digest) == sa.any_(sa.literal(digests, postgresql.ARRAY(sa.String)))
         else:
-            match = _R.c.digest.in_(digests)
+            match = col(Replica.digest).in_(digests)
         replicas = conn.execute(
-            sa.select(_R.c.digest, _R.c.site, _R.c.key, _R.c.etag).where(
-                match, _R.c.state == "ok", _R.c.site != self.dst
+            sa.select(
+                col(Replica.digest),
+                col(Replica.site),
+                col(Replica.key),
+                col(Replica.etag),
+                col(Replica.kind),
+                col(Replica.state),
+            ).where(
+                match,
+                _usable_source(datetime.now(UTC)),
+                # The destination's own blob store is what is missing; its sources count.
+                sa.not_(
+                    sa.and_(col(Replica.site) == self.dst, col(Replica.kind) == ReplicaKind.BLOB)
+                ),
             )
         ).all()
-        best: dict[str, tuple[tuple[float, str, bool, str], _Source]] = {}
-        for digest, site, key, etag in replicas:
+        best: dict[str, tuple[tuple[bool, float, bool, str, str], SourceRef]] = {}
+        for digest, site, key, etag, kind, state in replicas:
             if site not in self.settings.sites:
                 continue  # a site this process cannot open
-            # Prefer cheap links, then the blob store copy (immutable) over a source path.
-            rank = (
-                source_cost(self.settings, site, self.dst),
-                site,
-                not key.startswith(".datasync/"),
-                key,
-            )
+            rank = rank_source(self.settings, self.dst, site, key, kind, state)
             if digest not in best or rank < best[digest][0]:
-                best[digest] = (rank, _Source(site, key, etag))
+                best[digest] = (rank, SourceRef(site, key, etag))
         return blobs, {d: s for d, (_, s) in best.items()}
 
     def page(self, after: str) -> str | None:
         """Plan one page of missing blobs after digest ``after``; return the last digest."""
-        with write_transaction(self.engine) as conn:
+        with self.engine.connect() as conn:
             blobs, sources = self._missing_page(conn, after)
-            if not blobs:
-                return None
-            self.result.pages += 1
-            self.result.max_page_rows = max(self.result.max_page_rows, len(blobs))
-            now = datetime.now(UTC)
-            children = 0
-            for blob in blobs:
-                src = sources.get(blob.digest)
-                if src is None:
-                    self.result.no_source += 1
-                    self.first_missing = self.first_missing or blob.digest
-                    continue
-                self.result.blobs += 1
-                self.result.bytes_to_move += blob.size
-                if blob.chunks and blob.size > self.chunk_size:
-                    self._plan_chunks(conn, blob, src, now)
-                    children += 1
-                else:
-                    self.batch.append((blob, src))
-                    self.batch_bytes += blob.size
-                    if (
-                        len(self.batch) >= self.config.batch_items
-                        or self.batch_bytes >= self.config.batch_bytes
-                    ):
-                        children += self._flush_batch(conn, now)
-            self._block_publish(conn, children)
-            conn.execute(sa.update(_P).where(_P.c.id == self.placement_id).values(updated_at=now))
-            return blobs[-1].digest
+        if not blobs:
+            return None
+        self.result.pages += 1
+        self.result.max_page_rows = max(self.result.max_page_rows, len(blobs))
+        tasks: list[NewTask] = []
+        for blob in blobs:
+            src = sources.get(blob.digest)
+            if src is None:
+                self.result.no_source += 1
+                self.first_missing = self.first_missing or blob.digest
+                continue
+            self.result.blobs += 1
+            self.result.bytes_to_move += blob.size
+            if blob.chunks and blob.size > self.chunk_size:
+                tasks.append(self._chunked(blob, src))
+                continue
+            self.batch.append(BlobItem(blob.digest, blob.size, src))
+            self.batch_files += blob.files
+            self.batch_bytes += blob.size
+            self.batch_logical += blob.size * blob.files
+            if (
+                len(self.batch) >= self.config.batch_items
+                or self.batch_bytes >= self.config.batch_bytes
+            ):
+                tasks.append(self._flush())
+        self._add(tasks)
+        return blobs[-1].digest
 
-    def _plan_chunks(self, conn: Connection, blob: _Blob, src: _Source, now: datetime) -> None:
-        parts = len(blob.chunks)
-        per = max(1, self.config.chunks_per_task)
-        ranges = [(i, min(parts, i + per)) for i in range(0, parts, per)]
-        common = {
-            "dst_site": self.dst,
-            "digest": blob.digest,
-            "size": blob.size,
-            "chunk_size": self.chunk_size,
-            "src_site": src.site,
-            "src_key": src.key,
-            "src_etag": src.etag,
-        }
-        finalize = {**common, "parts_total": parts, "chunk_digests": blob.chunks}
-        (finalize_id,) = self._insert(
-            conn,
-            [
-                self._task(
-                    "finalize",
-                    finalize,
-                    parent=self.publish_id,
-                    blocked_by=len(ranges),
-                    files=blob.files,
-                    now=now,
-                )
-            ],
-        )
-        rows = []
-        for first, last in ranges:
-            span = min(blob.size, last * self.chunk_size) - first * self.chunk_size
-            payload = {**common, "chunk_digests": blob.chunks, "first": first, "last": last}
-            rows.append(
-                self._task("chunks", payload, parent=finalize_id, nbytes=span * blob.files, now=now)
+    def _add(self, tasks: Sequence[NewTask]) -> None:
+        if tasks:
+            self.state.placements.add_tasks(
+                self.placement_id, self.publish_id, tasks, max_attempts=self.config.max_attempts
             )
-        self._insert(conn, rows)
 
-    def _flush_batch(self, conn: Connection, now: datetime) -> int:
-        if not self.batch:
-            return 0
-        items = [
-            {
-                "digest": blob.digest,
-                "size": blob.size,
-                "src_site": src.site,
-                "src_key": src.key,
-                "src_etag": src.etag,
-            }
-            for blob, src in self.batch
-        ]
-        files = sum(blob.files for blob, _ in self.batch)
-        nbytes = sum(blob.size * blob.files for blob, _ in self.batch)
-        payload = {"dst_site": self.dst, "items": items}
-        self._insert(
-            conn,
-            [
-                self._task(
-                    "blobs", payload, parent=self.publish_id, files=files, nbytes=nbytes, now=now
-                )
-            ],
+    def _chunked(self, blob: _Blob, src: SourceRef) -> NewTask:
+        big = ChunkedBlob(self.dst, blob.digest, blob.size, self.chunk_size, blob.chunks, src)
+        per = max(1, self.config.chunks_per_task)
+        parts = len(blob.chunks)
+        children = []
+        for first in range(0, parts, per):
+            last = min(parts, first + per)
+            span = min(blob.size, last * self.chunk_size) - first * self.chunk_size
+            children.append(NewTask(ChunksPayload(big, first, last), nbytes=span * blob.files))
+        self._count("chunks", len(children))
+        self._count("finalize")
+        return NewTask(FinalizePayload(big), files=blob.files, children=tuple(children))
+
+    def _flush(self) -> NewTask:
+        task = NewTask(
+            BlobsPayload(self.dst, tuple(self.batch)),
+            files=self.batch_files,
+            nbytes=self.batch_logical,
         )
-        self.batch, self.batch_bytes = [], 0
-        return 1
+        self._count("blobs")
+        self.batch, self.batch_files, self.batch_bytes, self.batch_logical = [], 0, 0, 0
+        return task
 
     def finish(self) -> None:
-        with write_transaction(self.engine) as conn:
-            now = datetime.now(UTC)
-            children = self._flush_batch(conn, now)
-            # Add the last batch and release the planning hold in one step.
-            conn.execute(
-                sa.update(_T)
-                .where(_T.c.id == self.publish_id)
-                .values(blocked_by=_T.c.blocked_by + children - 1)
-            )
-            if self.result.no_source:
+        if self.batch:
+            self._add([self._flush()])
+        failure = None
+        if self.result.no_source:
+            with self.engine.connect() as conn:
                 path = conn.execute(
-                    sa.select(sa.func.min(_E.c.path)).where(
-                        _E.c.version_pk == self.version_pk, _E.c.digest == self.first_missing
+                    sa.select(sa.func.min(col(Entry.path))).where(
+                        col(Entry.version_pk) == self.version_pk,
+                        col(Entry.digest) == self.first_missing,
                     )
                 ).scalar_one()
-                reason = (
-                    f"{self.dataset}@{self.version_id[:12]}: {self.result.no_source} blob(s) have"
-                    f" no ok replica at any configured site other than {self.dst!r}"
-                    f" (first: {path}, {self.first_missing}); register the version from a"
-                    " configured site or replicate it there first"
-                )
-                fail_placement(conn, self.placement_id, reason, now)
-                self.result.state = "FAILED"
-                return
-            conn.execute(
-                sa.update(_P)
-                .where(_P.c.id == self.placement_id, _P.c.state == "PLANNING")
-                .values(state="TRANSFERRING", updated_at=now)
+            failure = (
+                f"{self.dataset}@{self.version_id[:12]}: {self.result.no_source} blob(s) have"
+                f" no usable replica at any configured site (first: {path},"
+                f" {self.first_missing}); register the version again from where its files"
+                " are, name them with --from SITE:prefix, or replicate it from a site that"
+                " holds it"
             )
+        planned = PlacementPlanned(
+            placement_id=self.placement_id,
+            site=self.dst,
+            tasks=dict(self.result.tasks),
+            blobs=self.result.blobs,
+            bytes_to_move=self.result.bytes_to_move,
+            files_present=self.result.files_present,
+            bytes_present=self.result.bytes_present,
+        )
+        final = self.state.placements.finish_planning(
+            self.placement_id, self.publish_id, planned, failure=failure
+        )
+        self.result.state = str(final)
 
 
-def plan_placement(
-    engine: Engine,
-    settings: Settings,
-    placement_id: int,
-    config: PlannerConfig | None = None,
-) -> PlanResult:
-    """(Re)plan ``placement_id``: replace its tasks with the ones its missing blobs need.
+class Planner:
+    """Plans placements into tasks. One per process; thread-safe (no shared mutable state)."""
 
-    Safe to run again after a crash at any point (it starts over; verified replicas are
-    kept). The placement ends TRANSFERRING (or FAILED when a blob has no source).
-    """
-    planner = _Planner(engine, settings, placement_id, config or PlannerConfig())
-    planner.start()
-    after = ""
-    while True:
-        last = planner.page(after)
-        if last is None:
-            break
-        after = last
-    planner.finish()
-    return planner.result
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        state: EngineState,
+        config: PlannerConfig | None = None,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.state = state
+        self.config = config or PlannerConfig()
+
+    def plan(self, placement_id: int, config: PlannerConfig | None = None) -> PlanResult:
+        """(Re)plan ``placement_id``: replace its tasks with the ones its missing blobs need.
+
+        Safe to run again after a crash at any point (it starts over; verified replicas
+        are kept). The placement ends TRANSFERRING (or FAILED when a blob has no source).
+        """
+        plan = _Plan(self.engine, self.settings, self.state, placement_id, config or self.config)
+        plan.start()
+        after = ""
+        while (last := plan.page(after)) is not None:
+            after = last
+        plan.finish()
+        return plan.result

@@ -4,9 +4,8 @@
   (no network) and, on request, a health probe (list one key, bounded by a timeout).
 * Source replicas: a version registered from a directory or URL that is (under) a
   configured site's root has its files at ``<relative root>/<path>`` there.
-  ``site_for_source`` finds that site and prefix; ``record_source_replicas`` records every
-  file as a replica of it in one ``INSERT ... SELECT`` so the planner can read from it.
-  Rows that exist are left alone: a replica found bad stays bad until re-verified.
+  ``site_for_source`` finds that site and prefix; the state owner records the files as
+  ``source`` replicas (``ReplicaStates.record_sources``) so the planner can read them.
 """
 
 from __future__ import annotations
@@ -15,31 +14,19 @@ import contextlib
 import os
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy as sa
 from pydantic import BaseModel
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
 
 from datasync.backends.registry import open_backend, parse_url, redact
 from datasync.config import Settings
-from datasync.db.engine import is_postgresql, write_transaction
-from datasync.db.tables import entries_table
-from datasync.db.transfer_tables import Replica
 from datasync.errors import DatasyncError
 
 __all__ = [
     "SiteInfo",
-    "insert_source_rows",
     "list_sites",
-    "record_source_replicas",
     "site_for_source",
 ]
-
-_R: sa.Table = Replica.__table__  # type: ignore[attr-defined]
-_E = entries_table
 
 
 class SiteInfo(BaseModel):
@@ -101,45 +88,6 @@ def site_for_source(settings: Settings, source: str) -> tuple[str, str] | None:
         if best is None or len(rel) < len(best[1]):
             best = (name, f"{rel}/" if rel else "")
     return best
-
-
-def record_source_replicas(
-    engine: Engine, settings: Settings, version_pk: int, source: str
-) -> tuple[str, int] | None:
-    """Record every file of the version as a replica at the site holding ``source``.
-
-    One ``INSERT ... SELECT`` (no Python-side rows). Existing rows are left alone, so a
-    replica marked bad stays bad. Returns ``(site, rows inserted)`` or None if ``source``
-    is not under a configured site.
-    """
-    found = site_for_source(settings, source)
-    if found is None:
-        return None
-    site, prefix = found
-    with write_transaction(engine) as conn:
-        return site, insert_source_rows(conn, site, prefix, version_pk)
-
-
-def insert_source_rows(conn: Connection, site: str, prefix: str, version_pk: int) -> int:
-    now = datetime.now(UTC)
-    key = _E.c.path if not prefix else sa.literal(prefix, sa.Text) + _E.c.path
-    rows = sa.select(
-        sa.literal(site, sa.String),
-        _E.c.digest,
-        _E.c.size,
-        key,
-        sa.literal("ok", sa.String),
-        sa.literal(now, sa.DateTime(timezone=True)),
-    ).where(_E.c.version_pk == version_pk)
-    insert = postgresql.insert(_R) if is_postgresql(conn) else sqlite.insert(_R)
-    stmt = insert.from_select(["site", "digest", "size", "key", "state", "verified_at"], rows)
-    # Without preserve_rowcount SQLAlchemy (2.x, psycopg) does not keep the cursor's
-    # rowcount of an INSERT ... SELECT ... ON CONFLICT, and PostgreSQL reads 0 although
-    # every row went in (tests/integration/test_sites.py pins the count on both databases).
-    result = conn.execute(
-        stmt.on_conflict_do_nothing(), execution_options={"preserve_rowcount": True}
-    )
-    return max(0, result.rowcount or 0)
 
 
 def list_sites(settings: Settings, *, probe: bool = True, timeout: float = 5.0) -> list[SiteInfo]:

@@ -20,7 +20,6 @@ from typing import Any
 from datasync.config import Settings
 from datasync.transfer.worker import (
     StopSignal,
-    WorkerLoop,
     WorkerOptions,
     WorkerStats,
     pending_tasks,
@@ -58,7 +57,7 @@ def _process_main(
             return local_stop.wait(timeout) or self.is_set()
 
     app = bootstrap(settings)
-    loop = WorkerLoop(settings, app.engine, options)
+    loop = app.worker(options)
     try:
         loop.run(_Either(), once=once, placements=placements)
     finally:
@@ -86,7 +85,7 @@ def run_worker(
     app = bootstrap(settings)  # migrate once here, so children never race the migration
     if processes <= 0:
         stop = stop_event or threading.Event()
-        loop = WorkerLoop(settings, app.engine, options)
+        loop = app.worker(options)
         try:
             return loop.run(stop, once=once, placements=placements)
         finally:

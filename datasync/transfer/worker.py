@@ -31,26 +31,34 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlmodel import col
 
-from datasync.config import Settings
+from datasync.db.engine import DB_UNAVAILABLE
 from datasync.db.transfer_tables import Task
 from datasync.errors import DatasyncError
-from datasync.transfer.buffers import BufferPool
-from datasync.transfer.executor import Executor, SiteBackends
-from datasync.transfer.limits import limits_from_settings
-from datasync.transfer.taskqueue import REAP_EVERY_SECONDS, ClaimedTask, TaskQueue
+from datasync.models import TaskState
+from datasync.transfer.exec import Executor
+from datasync.transfer.state import ClaimedTask, TaskStates
 
-__all__ = ["WorkerLoop", "WorkerOptions", "WorkerStats", "pending_tasks"]
+__all__ = [
+    "REAP_EVERY_SECONDS",
+    "WorkerLoop",
+    "WorkerOptions",
+    "WorkerParts",
+    "WorkerStats",
+    "pending_tasks",
+]
 
 log = logging.getLogger(__name__)
-_T: sa.Table = Task.__table__  # type: ignore[attr-defined]
 MIB = 1024 * 1024
+# How often expired last-attempt leases are reaped (by `datasync up` and by every worker).
+REAP_EVERY_SECONDS = 30
 
 
 class StopSignal(Protocol):
@@ -86,35 +94,36 @@ def _owner() -> str:
 
 def pending_tasks(engine: Engine, placements: Sequence[int] | None) -> int:
     """Tasks still queued or leased (of ``placements``, or all)."""
-    query = sa.select(sa.func.count()).where(_T.c.state.in_(("queued", "leased")))
+    query = sa.select(sa.func.count()).where(
+        col(Task.state).in_((TaskState.QUEUED, TaskState.LEASED))
+    )
     if placements is not None:
-        query = query.where(_T.c.placement_id.in_(list(placements)))
+        query = query.where(col(Task.placement_id).in_(list(placements)))
     with engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerParts:
+    """What one worker process runs with; built by ``datasync.bootstrap`` (``App.worker``)."""
+
+    engine: Engine
+    tasks: TaskStates
+    executor: Executor
+    closers: tuple[Callable[[], None], ...]  # pools, backends, limits: closed in order
 
 
 class WorkerLoop:
     """One process's claim -> execute -> complete loop (thread-safe parts inside)."""
 
-    def __init__(self, settings: Settings, engine: Engine, options: WorkerOptions) -> None:
-        self.settings = settings
-        self.engine = engine
+    def __init__(self, parts: WorkerParts, options: WorkerOptions) -> None:
+        self.parts = parts
+        self.engine = parts.engine
         self.options = options
         self.owner = _owner()
-        self.queue = TaskQueue(engine, backoff_base=options.queue_backoff_base)
-        chunk = max(settings.chunk_size, MIB)
-        self.buffers = BufferPool(max(options.buffer_budget, 2 * chunk))
-        self.limits = limits_from_settings(settings.home, settings.sites)
-        self.backends = SiteBackends(settings.sites)
-        self.io = cf.ThreadPoolExecutor(options.io_threads, thread_name_prefix="datasync-io")
+        self.queue = parts.tasks
+        self.executor = parts.executor
         self.tasks = cf.ThreadPoolExecutor(options.task_slots, thread_name_prefix="datasync-task")
-        self.executor = Executor(
-            engine=engine,
-            backends=self.backends,
-            limits=self.limits,
-            buffers=self.buffers,
-            io=self.io,
-        )
         self.stats = WorkerStats()
         self._running: dict[int, tuple[cf.Future[int], threading.Event, ClaimedTask]] = {}
         self._lock = threading.Lock()
@@ -132,7 +141,7 @@ class WorkerLoop:
                 next_reap = time.monotonic() + REAP_EVERY_SECONDS
                 try:
                     self.queue.reap()
-                except Exception:
+                except DB_UNAVAILABLE:
                     log.warning("reaping expired leases failed", exc_info=True)
             with self._lock:
                 ids = list(self._running)
@@ -140,7 +149,7 @@ class WorkerLoop:
                 continue
             try:
                 owned = self.queue.heartbeat(self.owner, ids, self.options.lease_seconds)
-            except Exception:  # the database blipped: try again next period
+            except DB_UNAVAILABLE:  # the database blipped: try again next period
                 log.warning("heartbeat failed", exc_info=True)
                 continue
             with self._lock:
@@ -164,14 +173,14 @@ class WorkerLoop:
                 log.warning("task %s (%s) failed", task.id, task.kind, exc_info=exc)
             try:
                 self.queue.fail(self.owner, task.id, exc)
-            except Exception:  # database down: the lease expires and the task is retried
+            except DB_UNAVAILABLE:  # the lease expires and the task is retried
                 log.warning("could not record the failure of task %s", task.id, exc_info=True)
             self.stats.failed += 1
             return
         try:
             # False when the lease was lost: the new owner's run is a no-op (idempotent).
             done = self.queue.complete(self.owner, task.id, moved)
-        except Exception:
+        except DB_UNAVAILABLE:
             log.warning("could not complete task %s; its lease will expire", task.id, exc_info=True)
             return
         if done:
@@ -206,7 +215,7 @@ class WorkerLoop:
                     free = self.options.task_slots - len(self._running)
                 try:
                     claimed = self.queue.claim(self.owner, free, self.options.lease_seconds)
-                except Exception:  # database restart or network blip: try again shortly
+                except DB_UNAVAILABLE:  # database restart or network blip: try again shortly
                     log.warning("claim failed; retrying", exc_info=True)
                     claimed = []
                     stop.wait(self.options.idle_sleep)
@@ -237,7 +246,7 @@ class WorkerLoop:
     def _idle(self, placements: Sequence[int] | None) -> bool:
         try:
             return pending_tasks(self.engine, placements) == 0
-        except Exception:
+        except DB_UNAVAILABLE:
             log.warning("cannot count pending tasks; retrying", exc_info=True)
             return False
 
@@ -263,6 +272,5 @@ class WorkerLoop:
 
     def close(self) -> None:
         self.tasks.shutdown(wait=True)
-        self.io.shutdown(wait=True)
-        self.backends.close()
-        self.limits.close()
+        for close in self.parts.closers:
+            close()

@@ -33,7 +33,6 @@ import pytest
 
 from datasync.bootstrap import App, bootstrap
 from datasync.config import Settings
-from datasync.transfer.placements import replicate, status
 from datasync.transfer.supervisor import WorkerOptions, run_worker
 from tests.fixtures.replication import (
     MIB,
@@ -130,9 +129,9 @@ def _ds_replicate(
 ) -> tuple[float, int]:
     """Seconds from ``replicate`` until the placement is READY, and the bytes moved."""
     t0 = time.perf_counter()
-    placement = replicate(app.engine, settings, f"{dataset}@{version_id}", site)
+    placement = app.replication.replicate(f"{dataset}@{version_id}", site)
     while True:
-        st = status(app.engine, placement_id=placement.id)[0]
+        st = app.replication.status(placement_id=placement.id)[0]
         if st.state in ("READY", "FAILED"):
             break
         time.sleep(0.02)
@@ -318,7 +317,7 @@ def test_d_large_shards_from_s3(
         upload_tree(backend, "run/", files)
         del files
         pk = version_pk(app.engine, app.store.resolve(f"bench/s3shards@{v.version_id}"))
-        seed_cloud_source(app.engine, settings, pk, s3, "run")
+        seed_cloud_source(app, pk, s3, "run")
         with _workers(app, settings, scratch.root / "warm"):
             ds, moved = _ds_replicate(app, settings, v.version_id, "bench/s3shards", "lustre")
     finally:

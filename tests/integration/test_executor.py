@@ -18,9 +18,8 @@ from datasync.backends.posix import PosixBackend
 from datasync.bootstrap import App, bootstrap
 from datasync.config import Settings, SiteConfig
 from datasync.errors import Throttled, TransientError
-from datasync.transfer.executor import part_plan
+from datasync.transfer.exec.chunked import part_plan
 from datasync.transfer.limits import limits_from_settings
-from datasync.transfer.placements import replicate, status
 from datasync.transfer.supervisor import WorkerOptions, run_until_idle
 from tests.fixtures.replication import (
     MIB,
@@ -62,7 +61,7 @@ def _setup(
     v = app.service.register_directory("drive/mem", tmp_path / "local", chunk_size=MIB)
     upload_tree(MemoryBackend(stores[0]), "run/", files)
     pk = version_pk(app.engine, app.store.resolve(f"drive/mem@{v.version_id}"))
-    seed_cloud_source(app.engine, settings, pk, src, "run")
+    seed_cloud_source(app, pk, src, "run")
     return app, settings, src, dst, v.version_id, files
 
 
@@ -84,9 +83,9 @@ def test_throttling_halves_the_site_and_the_transfer_still_completes(
         MemoryBackend(stores[1]).inject(
             lambda: Throttled("SlowDown", retry_after=0.0), times=3, ops={"put_part"}
         )
-        placement = replicate(app.engine, settings, f"drive/mem@{vid}", "dst")
+        placement = app.replication.replicate(f"drive/mem@{vid}", "dst")
         run_until_idle(settings, [placement.id], options=FAST)
-        st = status(app.engine, placement_id=placement.id)[0]
+        st = app.replication.status(placement_id=placement.id)[0]
         assert st.state == "READY", st.error
         _views(dst, vid, files)
         limits = limits_from_settings(settings.home, settings.sites)
@@ -108,14 +107,14 @@ def test_lost_upload_is_restarted_and_tasks_are_idempotent(
         MemoryBackend(stores[1]).inject(
             lambda: TransientError("connection reset"), times=1, ops={"commit"}
         )
-        placement = replicate(app.engine, settings, f"drive/mem@{vid}", "dst")
+        placement = app.replication.replicate(f"drive/mem@{vid}", "dst")
         run_until_idle(settings, [placement.id], options=FAST)
-        st = status(app.engine, placement_id=placement.id)[0]
+        st = app.replication.status(placement_id=placement.id)[0]
         assert st.state == "READY", st.error
         _views(dst, vid, files)
         first = bytes_moved(app.engine, placement.id)
         # Replicating the same version again moves nothing (invariant 5).
-        again = replicate(app.engine, settings, f"drive/mem@{vid}", "dst")
+        again = app.replication.replicate(f"drive/mem@{vid}", "dst")
         assert again.id == placement.id and again.state == "READY"
         assert bytes_moved(app.engine, placement.id) == first
     finally:
@@ -129,9 +128,9 @@ def test_source_changed_but_same_bytes_is_accepted(
     try:
         # Re-upload identical bytes: every ETag moves, the content does not.
         upload_tree(MemoryBackend(stores[0]), "run/", files)
-        placement = replicate(app.engine, settings, f"drive/mem@{vid}", "dst")
+        placement = app.replication.replicate(f"drive/mem@{vid}", "dst")
         run_until_idle(settings, [placement.id], options=FAST)
-        assert status(app.engine, placement_id=placement.id)[0].state == "READY"
+        assert app.replication.status(placement_id=placement.id)[0].state == "READY"
         _views(dst, vid, files)
     finally:
         app.close()
@@ -146,7 +145,7 @@ class _Caps:
 def test_part_plan_respects_store_limits() -> None:
     s3 = _Caps(min_part_size=5 * MIB, max_part_size=5 * 1024 * MIB, max_parts=10_000)
     plan = part_plan(s3, 11 * MIB + 3, MIB)  # type: ignore[arg-type]
-    assert (plan.k, plan.part_size, plan.parts) == (5, 5 * MIB, 3)
+    assert (plan.k, plan.layout.part_size, plan.parts) == (5, 5 * MIB, 3)
     assert list(plan.chunks_of(2)) == [10, 11]
     assert plan.parts_starting_in(0, 4) == [0] and plan.parts_starting_in(4, 8) == [1]
     assert plan.parts_starting_in(8, 12) == [2]
@@ -178,11 +177,11 @@ def test_posix_chunk_tasks_and_group_commits_leave_no_open_descriptors(
     app = bootstrap(settings)
     try:
         v = app.service.register_directory("drive/fd", src.root / "run", chunk_size=MIB)
-        placement = replicate(app.engine, settings, f"drive/fd@{v.version_id}", "lustre")
+        placement = app.replication.replicate(f"drive/fd@{v.version_id}", "lustre")
         kinds = {t.kind for t in tasks_of(app.engine, placement.id)}
         assert {"chunks", "finalize", "blobs"} <= kinds
         run_until_idle(settings, [placement.id], options=FAST)
-        st = status(app.engine, placement_id=placement.id)[0]
+        st = app.replication.status(placement_id=placement.id)[0]
         assert st.state == "READY", st.error
         assert_view_matches(dst, "drive/fd", v.version_id, files)
         assert _fds_under(dst.root) == []

@@ -38,7 +38,6 @@ from datasync.bootstrap import App, bootstrap
 from datasync.config import Settings
 from datasync.db.transfer_tables import Task
 from datasync.transfer.failpoints import reset_failpoints
-from datasync.transfer.placements import replicate, status
 from datasync.transfer.supervisor import WorkerOptions, run_worker
 from datasync.transfer.tracing import read_trace, reset_tracing
 from tests.fixtures.replication import (
@@ -173,7 +172,7 @@ def test_sigkill_rounds(tmp_path: Path, db_url: str) -> None:
         for round_no in range(ROUNDS):
             scenario, must_skip = SCENARIOS[round_no % len(SCENARIOS)]
             version_id, files = _new_version(app, src.root, rng, round_no)
-            placement = replicate(app.engine, settings, f"{DATASET}@{version_id}", "lustre")
+            placement = app.replication.replicate(f"{DATASET}@{version_id}", "lustre")
             app.engine.dispose()  # no pooled connection crosses the fork
             if scenario == "random":
                 victims = [_start(settings, None, trace) for _ in range(2)]
@@ -191,7 +190,7 @@ def test_sigkill_rounds(tmp_path: Path, db_url: str) -> None:
             for proc in finishers:
                 proc.join(120)
                 assert proc.exitcode == 0, f"round {round_no} ({scenario}): worker {proc.exitcode}"
-            st = status(app.engine, placement_id=placement.id)[0]
+            st = app.replication.status(placement_id=placement.id)[0]
             where = f"round {round_no} ({scenario})"
             assert st.state == "READY", (where, st.error, st.last_errors)
             assert set(st.tasks) == {"done"}, (where, st.tasks)
@@ -221,13 +220,13 @@ def test_concurrent_workers_never_write_the_same_destination(tmp_path: Path, db_
     try:
         v = app.service.register_directory(DATASET, src.root / "run", chunk_size=MIB)
         # Two placements of versions sharing blobs would race on the same blob keys too.
-        placement = replicate(app.engine, settings, f"{DATASET}@{v.version_id}", "lustre")
+        placement = app.replication.replicate(f"{DATASET}@{v.version_id}", "lustre")
         app.engine.dispose()
         workers = [_start(settings, None, trace) for _ in range(4)]
         for proc in workers:
             proc.join(120)
             assert proc.exitcode == 0
-        st = status(app.engine, placement_id=placement.id)[0]
+        st = app.replication.status(placement_id=placement.id)[0]
         assert st.state == "READY", st.error
         assert_view_matches(dst, DATASET, v.version_id, files)
         writers = {pid for _ev, _target, _kind, pid, _tid, _t in read_trace(str(trace))}
@@ -256,7 +255,7 @@ def test_s3_upload_resumes_from_listparts(
     app = bootstrap(settings)
     try:
         v = app.service.register_directory(DATASET, src.root / "run", chunk_size=MIB)
-        placement = replicate(app.engine, settings, f"{DATASET}@{v.version_id}", "aws")
+        placement = app.replication.replicate(f"{DATASET}@{v.version_id}", "aws")
         app.engine.dispose()
         victim = _start(settings, failpoint, trace)
         victim.join(120)
@@ -264,7 +263,7 @@ def test_s3_upload_resumes_from_listparts(
         finisher = _start(settings, None, trace)
         finisher.join(120)
         assert finisher.exitcode == 0
-        st = status(app.engine, placement_id=placement.id)[0]
+        st = app.replication.status(placement_id=placement.id)[0]
         assert st.state == "READY", st.error
         data = (src.root / "run/shard.bin").read_bytes()
         assert view_files(dst, DATASET, v.version_id) == {"shard.bin": xxh(data)}

@@ -27,20 +27,25 @@ from datasync.config import Settings
 from datasync.db.engine import write_transaction
 from datasync.db.transfer_tables import Placement
 from datasync.errors import TransientError, UnknownReference, UserError
-from datasync.transfer.placements import parse_deadline, replicate, status
+from datasync.events import EventBus
+from datasync.manifest.store import ManifestStore
+from datasync.transfer.planner import Planner
+from datasync.transfer.service import ReplicationService
 from datasync.transfer.siteindex import SiteIndex
-from datasync.transfer.sites import list_sites, record_source_replicas, site_for_source
-from datasync.transfer.taskqueue import TaskQueue
+from datasync.transfer.sites import list_sites, site_for_source
+from datasync.transfer.status import parse_deadline
 from tests.fixtures.transfer import (
+    FixedRetry,
     entry_for,
     fake_entry,
+    make_state,
+    record_blobs,
+    record_sources,
     register,
     settings_with,
     tasks_of,
     version_pk,
 )
-
-_PL: sa.Table = Placement.__table__  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -56,6 +61,13 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
             "aws": "s3://bucket/prod",
         },
     )
+
+
+@pytest.fixture
+def replication(engine: Engine, settings: Settings) -> ReplicationService:
+    state = make_state(engine, EventBus())
+    planner = Planner(engine, settings, state)
+    return ReplicationService(settings, engine, ManifestStore(engine), state, planner)
 
 
 def test_site_for_source_finds_the_site_root(settings: Settings, tmp_path: Path) -> None:
@@ -79,79 +91,79 @@ def test_record_source_replicas_uses_relative_keys(
     version = register(engine, "drive/src", entries)
     vpk = version_pk(engine, version)
     runs = tmp_path / "pipeline" / "runs"
-    assert record_source_replicas(engine, settings, vpk, str(runs)) == ("pipeline", 2)
-    sources = SiteIndex(engine).sources_for(entries[0].digest)
-    assert [(s.site, s.key) for s in sources] == [("pipeline", "runs/a/1.bin")]
-    # Idempotent, and a replica found bad stays bad until re-verified.
-    SiteIndex(engine).mark_bad("pipeline", entries[1].digest, "runs/b.bin", "checksum mismatch")
-    assert record_source_replicas(engine, settings, vpk, str(runs)) == ("pipeline", 0)
-    assert SiteIndex(engine).sources_for(entries[1].digest) == []
-    assert record_source_replicas(engine, settings, vpk, "/nowhere") is None
+    assert record_sources(engine, settings, vpk, str(runs)) == 2
+    sources = SiteIndex(engine).sources_for(entries[0].digest, dst="lustre")
+    assert [(s.site, s.key, s.kind) for s in sources] == [("pipeline", "runs/a/1.bin", "source")]
+    # Idempotent, and a replica found bad stays bad until re-checked or refreshed.
+    state = make_state(engine)
+    state.replicas.mark_bad("pipeline", entries[1].digest, "runs/b.bin", "checksum mismatch")
+    assert record_sources(engine, settings, vpk, str(runs)) == 0
+    assert SiteIndex(engine).sources_for(entries[1].digest, dst="lustre") == []
+    # A registration that hashed the files again, or --from naming them, refreshes them.
+    assert state.replicas.record_sources("pipeline", "runs/", vpk, refresh=True) == 2
+    assert [s.ok for s in SiteIndex(engine).sources_for(entries[1].digest, dst="x")] == [True]
 
 
 def test_replicate_is_idempotent_and_updates_priority(
-    engine: Engine, settings: Settings, tmp_path: Path
+    engine: Engine, replication: ReplicationService, tmp_path: Path
 ) -> None:
     runs = tmp_path / "pipeline" / "runs"
     version = register(
         engine, "drive/rep", [entry_for("x.bin", b"x" * 100)], source=f"directory:{runs}"
     )
-    first = replicate(engine, settings, "drive/rep@latest", "lustre")
+    first = replication.replicate("drive/rep@latest", "lustre")
     assert first.state == "TRANSFERRING" and first.files_total == 1
     assert first.tasks == {"queued": 2}  # one blob batch + publish
-    again = replicate(engine, settings, f"drive/rep@{version.version_id[:8]}", "lustre")
+    again = replication.replicate(f"drive/rep@{version.version_id[:8]}", "lustre")
     assert again.id == first.id and len(tasks_of(engine, first.id)) == 2
     soon = datetime.now(UTC) + timedelta(hours=1)
-    bumped = replicate(engine, settings, "drive/rep", "lustre", priority=7, deadline=soon)
+    bumped = replication.replicate("drive/rep", "lustre", priority=7, deadline=soon)
     assert bumped.priority == 7 and bumped.deadline is not None
     assert {(t.priority, t.deadline is not None) for t in tasks_of(engine, first.id)} == {(7, True)}
-    (claimed, *_) = TaskQueue(engine).claim("w", 1, 60)
+    (claimed, *_) = make_state(engine).tasks.claim("w", 1, 60)
     assert claimed.priority == 7 and claimed.deadline is not None
     assert abs((claimed.deadline - soon).total_seconds()) < 1
 
 
 def test_replicate_replans_a_failed_placement(
-    engine: Engine, settings: Settings, tmp_path: Path
+    engine: Engine, replication: ReplicationService, tmp_path: Path
 ) -> None:
     register(engine, "drive/again", [fake_entry("x.bin", "x", 10)], source="/not/a/site")
-    failed = replicate(engine, settings, "drive/again", "lustre")
-    assert failed.state == "FAILED" and "no ok replica" in (failed.error or "")
-    entry = fake_entry("x.bin", "x", 10)
-    SiteIndex(engine).record("aws", entry.digest, 10, "copy/x.bin")
-    fixed = replicate(engine, settings, "drive/again", "lustre")
+    failed = replication.replicate("drive/again", "lustre")
+    assert failed.state == "FAILED" and "no usable replica" in (failed.error or "")
+    record_blobs(engine, "aws", [fake_entry("x.bin", "x", 10)])
+    fixed = replication.replicate("drive/again", "lustre")
     assert fixed.id == failed.id and fixed.state == "TRANSFERRING" and fixed.error is None
 
 
-def test_replicate_rejects_bad_input(engine: Engine, settings: Settings) -> None:
+def test_replicate_rejects_bad_input(engine: Engine, replication: ReplicationService) -> None:
     register(engine, "drive/bad", [fake_entry("x", "x", 1)])
     with pytest.raises(UserError, match=r"unknown site 'mars'.*aws, lustre, pipeline"):
-        replicate(engine, settings, "drive/bad", "mars")
+        replication.replicate("drive/bad", "mars")
     with pytest.raises(UnknownReference):
-        replicate(engine, settings, "drive/bad@v9", "lustre")
+        replication.replicate("drive/bad@v9", "lustre")
 
 
 def test_status_reports_progress_throughput_eta_and_errors(
-    engine: Engine, settings: Settings, tmp_path: Path
+    engine: Engine, replication: ReplicationService, tmp_path: Path
 ) -> None:
     runs = tmp_path / "pipeline" / "runs"
     entries = [fake_entry(f"f{i}", f"s{i}", 1000) for i in range(4)]
     register(engine, "drive/st", entries, source=f"directory:{runs}")
     from datasync.transfer.planner import PlannerConfig
 
-    placement = replicate(
-        engine,
-        settings,
+    placement = replication.replicate(
         "drive/st",
         "lustre",
         deadline=datetime.now(UTC) - timedelta(seconds=1),
         planner=PlannerConfig(batch_items=1),
     )
     assert placement.at_risk  # the deadline has passed and it is not READY
-    queue = TaskQueue(engine, backoff_base=0)
+    queue = make_state(engine).tasks
     one, two, *_ = queue.claim("w", 2, 60)
     assert queue.complete("w", one.id, 1000)
     queue.fail("w", two.id, TransientError("connection reset by peer"))
-    (row,) = status(engine, placement_id=placement.id)
+    (row,) = replication.status(placement_id=placement.id)
     assert (row.files_done, row.bytes_done) == (1, 1000)
     assert (row.files_total, row.bytes_total) == (4, 4000)
     assert row.throughput_bytes_per_second > 0
@@ -160,16 +172,16 @@ def test_status_reports_progress_throughput_eta_and_errors(
     assert row.phase == (
         "3 task(s) waiting for a worker; 1 task(s) waiting for the tasks they depend on"
     )
-    slow = TaskQueue(engine, backoff_base=3600)
+    slow = make_state(engine, retry=FixedRetry(3600)).tasks
     (three,) = slow.claim("w", 1, 60)
     slow.fail("w", three.id, TransientError("reset"))
-    (row,) = status(engine, placement_id=placement.id)
+    (row,) = replication.status(placement_id=placement.id)
     assert row.phase.startswith("2 task(s) waiting for a worker; 1 task(s) backing off")
     assert "1 task(s) backing off after errors until 20" in row.phase
     assert row.last_errors[0]["class"] == "TransientError"
     assert row.last_errors[0]["message"] == "connection reset by peer"
-    assert status(engine, active_only=True)[0].id == placement.id
-    assert status(engine, dataset="drive/other") == []
+    assert replication.status(active_only=True)[0].id == placement.id
+    assert replication.status(dataset="drive/other") == []
 
 
 def test_list_sites_reports_capabilities_and_health(settings: Settings, tmp_path: Path) -> None:
@@ -337,36 +349,33 @@ def test_up_runs_api_scheduler_and_workers_together(
 
 
 def test_replicate_from_names_where_a_manifest_versions_files_are(
-    engine: Engine, settings: Settings
+    engine: Engine, replication: ReplicationService
 ) -> None:
     entry = fake_entry("cam/0.jpg", "frame0", 10)
     register(engine, "drive/produced", [entry], source="manifest:/tmp/produced.jsonl")
     with pytest.raises(UserError, match="not under any configured site"):
-        replicate(engine, settings, "drive/produced", "lustre", source="/somewhere/else")
-    result = replicate(engine, settings, "drive/produced", "lustre", source="aws:run7")
+        replication.replicate("drive/produced", "lustre", source="/somewhere/else")
+    result = replication.replicate("drive/produced", "lustre", source="aws:run7")
     assert result.state == "TRANSFERRING"
-    assert [(s.site, s.key) for s in SiteIndex(engine).sources_for(entry.digest)] == [
-        ("aws", "run7/cam/0.jpg")
-    ]
+    sources = SiteIndex(engine).sources_for(entry.digest, dst="lustre")
+    assert [(s.site, s.key) for s in sources] == [("aws", "run7/cam/0.jpg")]
 
 
-def test_a_dead_planner_is_replanned_once(engine: Engine, settings: Settings) -> None:
-    from datasync.transfer.placements import replan_stale
-
+def test_a_dead_planner_is_replanned_once(engine: Engine, replication: ReplicationService) -> None:
     entry = fake_entry("a", "a", 10)
     register(engine, "drive/stale", [entry], source="aws:x")
-    placement = replicate(engine, settings, "drive/stale", "lustre")
-    assert replan_stale(engine, settings) == 0  # fresh: nothing to do
+    placement = replication.replicate("drive/stale", "lustre")
+    assert replication.replan_stale() == 0  # fresh: nothing to do
     # The planner "died" long ago, halfway: PLANNING, publish still on its planning hold.
     long_ago = datetime.now(UTC) - timedelta(hours=1)
     with write_transaction(engine) as conn:
         conn.exec_driver_sql("DELETE FROM tasks WHERE kind = 'blobs'")
         conn.exec_driver_sql("UPDATE tasks SET blocked_by = 1")
     with write_transaction(engine) as conn:
-        conn.execute(sa.update(_PL).values(state="PLANNING", updated_at=long_ago))
-    assert replan_stale(engine, settings) == 1
-    assert replan_stale(engine, settings) == 0
-    (row,) = status(engine, placement_id=placement.id)
+        conn.execute(sa.update(Placement).values(state="PLANNING", updated_at=long_ago))
+    assert replication.replan_stale() == 1
+    assert replication.replan_stale() == 0
+    (row,) = replication.status(placement_id=placement.id)
     assert row.state == "TRANSFERRING" and row.tasks == {"queued": 2}
-    claimed = TaskQueue(engine).claim("w", 5, 60)
+    claimed = make_state(engine).tasks.claim("w", 5, 60)
     assert [t.kind for t in claimed] == ["blobs"]

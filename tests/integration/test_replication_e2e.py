@@ -17,7 +17,6 @@ import sqlalchemy as sa
 
 from datasync.bootstrap import bootstrap
 from datasync.db.transfer_tables import Replica
-from datasync.transfer.placements import replicate, status
 from datasync.transfer.supervisor import WorkerOptions, run_until_idle
 from tests.fixtures.replication import (
     MIB,
@@ -70,10 +69,10 @@ def _replicate_twice(
             if src.root is None:
                 upload_tree(src.backend(), f"run{run}/", tree)
                 pk = version_pk(app.engine, app.store.resolve(f"{DATASET}@{v.version_id}"))
-                seed_cloud_source(app.engine, settings, pk, src, f"run{run}")
-            placement = replicate(app.engine, settings, f"{DATASET}@{v.version_id}", dst.name)
+                seed_cloud_source(app, pk, src, f"run{run}")
+            placement = app.replication.replicate(f"{DATASET}@{v.version_id}", dst.name)
             run_until_idle(settings, [placement.id], processes=processes, options=FAST)
-            st = status(app.engine, placement_id=placement.id)[0]
+            st = app.replication.status(placement_id=placement.id)[0]
             assert st.state == "READY", (st.error, st.last_errors)
             assert (st.files_done, st.bytes_done) == (st.files_total, st.bytes_total)
             assert task_states(app.engine, placement.id) == {"done": sum(st.tasks.values())}
@@ -162,7 +161,7 @@ def test_corrupt_source_is_marked_bad_and_another_used(
     try:
         v = app.service.register_directory(DATASET, cheap.root / "run", chunk_size=MIB)
         pk = version_pk(app.engine, app.store.resolve(f"{DATASET}@{v.version_id}"))
-        seed_cloud_source(app.engine, settings, pk, spare, "run")
+        seed_cloud_source(app, pk, spare, "run")
         # Bit rot at the cheap source after registration: a frame and one chunk of the shard.
         frame = cheap.root / "run/cam0/000005.jpg"
         frame.write_bytes(b"\x00" + frame.read_bytes()[1:])
@@ -170,9 +169,9 @@ def test_corrupt_source_is_marked_bad_and_another_used(
         with shard.open("r+b") as f:
             f.seek(MIB + 5)
             f.write(b"\xff\xfe")
-        placement = replicate(app.engine, settings, f"{DATASET}@{v.version_id}", "lustre")
+        placement = app.replication.replicate(f"{DATASET}@{v.version_id}", "lustre")
         run_until_idle(settings, [placement.id], options=FAST)
-        st = status(app.engine, placement_id=placement.id)[0]
+        st = app.replication.status(placement_id=placement.id)[0]
         assert st.state == "READY", st.error
         assert_view_matches(dst, DATASET, v.version_id, files)
         states = _replica_states(app.engine, "cheap")
@@ -196,9 +195,9 @@ def test_only_source_corrupt_fails_with_reason_and_publishes_nothing(
     try:
         v = app.service.register_directory(DATASET, src.root / "run", chunk_size=MIB)
         (src.root / "run/cam1/000002.jpg").write_bytes(b"truncated")
-        placement = replicate(app.engine, settings, f"{DATASET}@{v.version_id}", "lustre")
+        placement = app.replication.replicate(f"{DATASET}@{v.version_id}", "lustre")
         run_until_idle(settings, [placement.id], options=FAST)
-        st = status(app.engine, placement_id=placement.id)[0]
+        st = app.replication.status(placement_id=placement.id)[0]
         assert st.state == "FAILED"
         assert st.error and "cam1/000002.jpg" in st.error and "short read" in st.error
         assert not (dst.root / DATASET / v.version_id).exists(), "no partial view"
@@ -219,9 +218,9 @@ def test_source_names_stored_decomposed_on_disk(tmp_path: Path, sqlite_url: str)
     write_tree(tmp_path / "pipeline" / "run", files)
     with bootstrap(settings) as app:
         v = app.service.register_directory(DATASET, tmp_path / "pipeline" / "run")
-        placement = replicate(app.engine, settings, f"{DATASET}@{v.version_id}", dst.name)
+        placement = app.replication.replicate(f"{DATASET}@{v.version_id}", dst.name)
         run_until_idle(settings, [placement.id], processes=0, options=FAST)
-        st = status(app.engine, placement_id=placement.id)[0]
+        st = app.replication.status(placement_id=placement.id)[0]
         assert st.state == "READY", (st.error, st.last_errors)
         view = tmp_path / "lustre" / DATASET / v.version_id
         nfc = unicodedata.normalize("NFC", nfd)

@@ -4,38 +4,54 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.engine import Engine
 
-from datasync.transfer.siteindex import ChunkMap, SiteIndex, SourceReplica
+from datasync.events import BlobReplicated, ChunkVerified, EventBus, ReplicaMarkedBad
+from datasync.models import ReplicaKind
+from datasync.transfer.siteindex import BlobRow, SiteIndex, SourceReplica
+from datasync.transfer.state import DEFAULT_RECHECK, ReplicaRow
+from tests.fixtures.transfer import Recorder, make_state
 
 D1 = "xxh3-128:" + "1" * 32
 D2 = "xxh3-128:" + "2" * 32
 
 
-def test_record_has_sources_and_mark_bad(engine: Engine) -> None:
+def test_blob_and_source_replicas_bad_ones_and_their_recheck(engine: Engine) -> None:
+    recorder = Recorder()
+    bus = EventBus()
+    bus.subscribe(recorder)
+    state = make_state(engine, bus)
     index = SiteIndex(engine)
+    blob = ".datasync/blobs/11/11/" + "1" * 32
     assert not index.has("aws", D1)
-    index.record("aws", D1, 10, "runs/a.bin", etag="e1")
-    index.record("aws", D1, 10, "runs/a.bin", etag="e1")  # idempotent
-    index.record("gaggle", D1, 10, ".datasync/blobs/11/11/" + "1" * 32)
-    index.record("gaggle", D1, 10, "drive/x/a.bin")
-    assert index.has("aws", D1) and index.has("gaggle", D1) and not index.has("aws", D2)
-    assert index.key_for("gaggle", D1) == ".datasync/blobs/11/11/" + "1" * 32
-    assert index.sources_for(D1, exclude_site="gaggle") == [
-        SourceReplica("aws", "runs/a.bin", "e1", 10)
+    state.replicas.record("aws", [ReplicaRow(D1, 10, "runs/a.bin", "e1")], kind=ReplicaKind.SOURCE)
+    state.replicas.record("gaggle", [ReplicaRow(D1, 10, blob, None)])
+    state.replicas.record("gaggle", [ReplicaRow(D1, 10, blob, None)])  # idempotent
+    # Only blob-store rows make a blob "present" at a site; a source row does not.
+    assert index.has("gaggle", D1) and not index.has("aws", D1)
+    assert index.blobs("gaggle", [D1, D2]) == {D1: BlobRow(blob, 10, None)}
+    assert [e.site for e in recorder.of(BlobReplicated)] == ["gaggle", "gaggle"]
+    # A destination's own blob store is never its source; its registration sources are.
+    assert index.sources_for(D1, dst="gaggle") == [
+        SourceReplica("aws", "runs/a.bin", "e1", ReplicaKind.SOURCE)
     ]
-    assert len(index.sources_for(D1)) == 3
-    index.mark_bad("aws", D1, "runs/a.bin", "checksum mismatch: got xxh3-128:ff..")
-    assert not index.has("aws", D1)
-    assert [s.site for s in index.sources_for(D1)] == ["gaggle", "gaggle"]
-    # Re-verified bytes make it ok again, with the new etag.
-    index.record("aws", D1, 10, "runs/a.bin", etag="e2")
-    assert index.sources_for(D1, exclude_site="gaggle")[0].etag == "e2"
+    assert [s.site for s in index.sources_for(D1, dst="aws")] == ["aws", "gaggle"]
+    state.replicas.mark_bad("aws", D1, "runs/a.bin", "checksum mismatch: got xxh3-128:ff..")
+    assert recorder.of(ReplicaMarkedBad)[0].reason.startswith("checksum mismatch")
+    assert index.sources_for(D1, dst="gaggle") == []
+    # Bad is not forever: once its re-check time has come it is offered again, last.
+    later = datetime.now(UTC) + DEFAULT_RECHECK + timedelta(seconds=1)
+    (again,) = index.sources_for(D1, dst="gaggle", now=later)
+    assert (again.site, again.ok) == ("aws", False)
+    assert state.replicas.restore("aws", D1, "runs/a.bin") is True
+    assert index.sources_for(D1, dst="gaggle")[0].ok
+    assert state.replicas.restore("aws", D1, "runs/a.bin") is False  # already ok
 
 
 def test_upload_for_begins_once_among_racing_workers(engine: Engine) -> None:
-    chunks = ChunkMap(engine)
+    chunks = make_state(engine).uploads
     calls: list[int] = []
     tokens: list[str] = []
     lock = threading.Lock()
@@ -62,13 +78,17 @@ def test_upload_for_begins_once_among_racing_workers(engine: Engine) -> None:
 
 
 def test_parts_are_recorded_per_upload_and_forgotten(engine: Engine) -> None:
-    chunks = ChunkMap(engine)
+    recorder = Recorder()
+    bus = EventBus()
+    bus.subscribe(recorder)
+    chunks = make_state(engine, bus).uploads
     assert chunks.mark_part("aws", D1, 0) is False  # no upload: nothing to record
     chunks.upload_for("aws", D1, 4096, 3, lambda: "tok")
     assert chunks.mark_part("aws", D1, 2) is True
     assert chunks.mark_part("aws", D1, 0) is True
     assert chunks.mark_part("aws", D1, 0) is True  # idempotent
     assert chunks.parts_done("aws", D1) == {0, 2}
+    assert [e.part for e in recorder.of(ChunkVerified)] == [2, 0, 0]
     assert chunks.parts_done("aws", D2) == set()
     # Same layout: the same upload is joined. Another layout replaces it and its parts.
     assert chunks.upload_for("aws", D1, 4096, 3, lambda: "never") == "tok"

@@ -12,18 +12,21 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
+from datasync.bootstrap import _TaskRetry
 from datasync.config import Settings
 from datasync.errors import NotFound, Throttled, TransientError
 from datasync.transfer.supervisor import WorkerOptions, run_worker
-from datasync.transfer.taskqueue import TaskQueue
 from tests.fixtures.transfer import (
+    FixedRetry,
     add_placement,
     add_task,
     claim_until_empty,
     fake_entry,
+    make_state,
     placement_row,
     register,
     task_row,
+    task_states,
     tasks_of,
 )
 
@@ -49,7 +52,7 @@ def test_claim_order_is_priority_then_deadline_then_age(engine: Engine, placemen
         created_at=t0 + timedelta(hours=1),
     )
     old_high = add_task(engine, placement, priority=5, created_at=t0 + timedelta(hours=1))
-    queue = TaskQueue(engine)
+    queue = make_state(engine).tasks
     tasks = queue.claim("w", 10, 60)
     claimed = [t.id for t in tasks]
     assert claimed == [high_soon, high_late, old_high, new_high, old_low]
@@ -98,7 +101,7 @@ def test_expired_lease_is_taken_over_and_the_old_owner_is_fenced(
     engine: Engine, placement: int
 ) -> None:
     task_id = add_task(engine, placement)
-    queue = TaskQueue(engine)
+    queue = make_state(engine).tasks
     (first,) = queue.claim("dead-worker", 5, lease_seconds=-1)  # already expired
     assert first.attempts == 1
     (second,) = queue.claim("live-worker", 5, lease_seconds=60)
@@ -118,7 +121,7 @@ def test_expired_lease_is_taken_over_and_the_old_owner_is_fenced(
 
 def test_heartbeat_extends_only_the_owners_leases(engine: Engine, placement: int) -> None:
     a, b = add_task(engine, placement), add_task(engine, placement)
-    queue = TaskQueue(engine)
+    queue = make_state(engine).tasks
     claimed = queue.claim("w1", 1, lease_seconds=30)
     assert [t.id for t in claimed] == [a]
     before = task_row(engine, a).lease_expires_at
@@ -134,7 +137,7 @@ def test_heartbeat_extends_only_the_owners_leases(engine: Engine, placement: int
 
 def test_retryable_failure_requeues_with_backoff(engine: Engine, placement: int) -> None:
     task_id = add_task(engine, placement, max_attempts=3)
-    slow = TaskQueue(engine, backoff_base=3600)
+    slow = make_state(engine, retry=FixedRetry(3600)).tasks
     (task,) = slow.claim("w", 1, 60)
     assert slow.fail("w", task.id, TransientError("connection reset")) == "queued"
     row = task_row(engine, task_id)
@@ -143,7 +146,7 @@ def test_retryable_failure_requeues_with_backoff(engine: Engine, placement: int)
     assert row.errors[0]["message"] == "connection reset"
     assert slow.claim("w", 1, 60) == []  # not due before its backoff ends
     # A zero backoff (the tests' switch) makes it due at once; attempts keep counting.
-    fast = TaskQueue(engine, backoff_base=0)
+    fast = make_state(engine).tasks
     with engine.begin() as conn:
         conn.exec_driver_sql(f"UPDATE tasks SET not_before = created_at WHERE id = {task_id}")
     (again,) = fast.claim("w", 1, 60)
@@ -167,7 +170,7 @@ def test_retryable_failure_requeues_with_backoff(engine: Engine, placement: int)
 
 def test_throttled_retry_after_is_honoured(engine: Engine, placement: int) -> None:
     task_id = add_task(engine, placement)
-    queue = TaskQueue(engine, backoff_base=0)
+    queue = make_state(engine).tasks
     queue.claim("w", 1, 60)
     before = datetime.now(UTC)
     assert queue.fail("w", task_id, Throttled("SlowDown", retry_after=120)) == "queued"
@@ -177,14 +180,20 @@ def test_throttled_retry_after_is_honoured(engine: Engine, placement: int) -> No
     assert queue.claim("w", 1, 60) == []
 
 
-def test_backoff_grows_and_is_jittered(engine: Engine) -> None:
-    queue = TaskQueue(engine, backoff_base=2, backoff_cap=60)
-    delays = [queue.backoff(n, TransientError("x")) for n in (1, 2, 3, 4, 10)]
+def test_backoff_grows_and_is_jittered() -> None:
+    policy = _TaskRetry(base=2, cap=60)
+
+    def backoff(n: int, exc: Exception) -> float:
+        delay = policy.task_retry_delay(n, 99, exc)
+        assert delay is not None
+        return delay
+
+    delays = [backoff(n, TransientError("x")) for n in (1, 2, 3, 4, 10)]
     assert 1 <= delays[0] <= 3
     assert 2 <= delays[1] <= 6
     assert 8 <= delays[3] <= 24
     assert 30 <= delays[4] <= 90  # capped at 60, then jittered
-    assert len({queue.backoff(3, TransientError("x")) for _ in range(20)}) > 1
+    assert len({backoff(3, TransientError("x")) for _ in range(20)}) > 1
 
 
 def test_permanent_failure_fails_placement_and_cancels_queued_tasks(
@@ -192,7 +201,7 @@ def test_permanent_failure_fails_placement_and_cancels_queued_tasks(
 ) -> None:
     bad = add_task(engine, placement, priority=9)
     others = [add_task(engine, placement) for _ in range(3)]
-    queue = TaskQueue(engine)
+    queue = make_state(engine).tasks
     (task,) = queue.claim("w", 1, 60)
     assert task.id == bad
     error = NotFound("no such object", url="memory://src/a.bin")
@@ -212,7 +221,7 @@ def test_reap_fails_tasks_whose_workers_died_on_every_attempt(
     engine: Engine, placement: int
 ) -> None:
     task_id = add_task(engine, placement, max_attempts=1)
-    queue = TaskQueue(engine)
+    queue = make_state(engine).tasks
     queue.claim("w", 1, lease_seconds=-1)
     assert queue.claim("w2", 1, 60) == []  # no attempts left: not taken over
     assert queue.reap() == 1
@@ -230,7 +239,7 @@ def test_dependencies_gate_finalize_and_publish(engine: Engine, placement: int) 
         for _ in range(2)
     ]
     blobs = add_task(engine, placement, "blobs", parent_id=publish, files=3, nbytes=30)
-    queue = TaskQueue(engine)
+    queue = make_state(engine).tasks
     first = queue.claim("w", 10, 60)
     assert sorted(t.id for t in first) == sorted([*chunks, blobs])
     assert queue.complete("w", chunks[0], 100)
@@ -248,7 +257,7 @@ def test_dependencies_gate_finalize_and_publish(engine: Engine, placement: int) 
     prow = placement_row(engine, placement)
     assert prow.state == "READY" and prow.error is None
     assert (prow.files_done, prow.bytes_done) == (4, 230)
-    assert queue.counts(placement) == {"done": 5}
+    assert task_states(engine, placement) == {"done": 5}
 
 
 def test_completing_twice_or_without_the_lease_changes_nothing(
@@ -256,7 +265,7 @@ def test_completing_twice_or_without_the_lease_changes_nothing(
 ) -> None:
     publish = add_task(engine, placement, "publish", blocked_by=1)
     child = add_task(engine, placement, parent_id=publish, files=1, nbytes=5)
-    queue = TaskQueue(engine)
+    queue = make_state(engine).tasks
     assert queue.complete("w", child, 5) is False  # never claimed
     queue.claim("w", 1, 60)
     assert queue.complete("other", child, 5) is False
@@ -267,7 +276,7 @@ def test_completing_twice_or_without_the_lease_changes_nothing(
 
 
 def test_claim_of_zero_and_empty_queue(engine: Engine, placement: int) -> None:
-    queue = TaskQueue(engine)
+    queue = make_state(engine).tasks
     assert queue.claim("w", 0, 60) == []
     assert queue.claim("w", 5, 60) == []
     assert queue.heartbeat("w", [], 60) == set()
@@ -279,7 +288,7 @@ def test_a_worker_alone_reaps_a_task_whose_last_attempt_died(
     """Without `datasync up`, a plain worker still fails a task whose lease expired on its
     last attempt, so its placement ends FAILED instead of waiting forever."""
     task_id = add_task(engine, placement, max_attempts=1)
-    TaskQueue(engine).claim("dead-worker", 1, lease_seconds=-1)
+    make_state(engine).tasks.claim("dead-worker", 1, lease_seconds=-1)
     settings = Settings(home=tmp_path / "home", database_url=db_url)
     stop = threading.Event()
     timer = threading.Timer(30, stop.set)  # a hang fails the assertions below, not the run

@@ -1,0 +1,188 @@
+"""The ``blobs`` task: a batch of small blobs, each copied whole into the blob store.
+
+Each blob is read whole from its source, hashed and compared with the manifest digest
+BEFORE anything is written (``VerifiedReader``), written as one part to
+``.datasync/blobs/..`` (invisible until commit), then the committed object is re-read and
+re-hashed; the batch's replicas are recorded in one transaction at the end. Where the
+destination has a group commit (POSIX), the batch's objects are staged (bytes durable),
+renamed into place together, the names made durable with a few flushes for the whole
+batch, then every object is re-read and re-hashed, and only then recorded.
+
+Idempotent (invariant 5): blobs already in the site's blob store are skipped, and on a
+retry an object found committed but unrecorded (a worker killed between commit and
+record) is re-verified and adopted instead of rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from datasync.backends.base import Backend
+from datasync.errors import ChecksumMismatch, NotFound, StorageError
+from datasync.transfer.exec.context import ExecContext, check_cancel
+from datasync.transfer.exec.reader import VerifiedReader, whole_check
+from datasync.transfer.failpoints import failpoint
+from datasync.transfer.materialize import blob_key
+from datasync.transfer.payloads import BlobItem, BlobsPayload
+from datasync.transfer.state import ReplicaRow
+from datasync.transfer.tracing import traced_write
+from datasync.transfer.verify import hash_object
+
+__all__ = ["adopt", "group_commit_of", "run_blobs"]
+
+
+def retryable_mismatch(message: str, url: str) -> ChecksumMismatch:
+    """A mismatch of bytes WE wrote: retrying from the source can help."""
+    exc = ChecksumMismatch(message, url=url)
+    exc.retryable = True
+    return exc
+
+
+def group_commit_of(backend: Backend) -> Any:
+    """The backend's group commit for a batch of small objects, if it has one."""
+    factory = getattr(backend, "group_commit", None)
+    return factory() if callable(factory) else None
+
+
+def adopt(ctx: ExecContext, dst: str, digest: str, size: int) -> bool:
+    """An object already committed at the blob key (by a killed worker) becomes a replica
+    if it re-hashes to ``digest``. Returns True when adopted."""
+    backend = ctx.backends[dst]
+    key = blob_key(digest)
+    try:
+        info = backend.stat(key)
+    except NotFound:
+        return False
+    if info.size != size or hash_object(backend, key, size, buffers=ctx.buffers) != digest:
+        backend.delete(key)  # never trusted, and in the way of the new upload
+        return False
+    # A killed group commit may have renamed it without flushing the name yet.
+    make_durable = getattr(backend, "make_durable", None)
+    if callable(make_durable):
+        make_durable(key)
+    ctx.state.replicas.record(dst, [ReplicaRow(digest, size, key, info.etag)])
+    return True
+
+
+def run_blobs(
+    ctx: ExecContext, payload: BlobsPayload, attempts: int, cancel: threading.Event
+) -> int:
+    """Copy the batch; return the bytes written at the destination."""
+    dst = payload.dst_site
+    present = ctx.index.present(dst, [i.digest for i in payload.items])
+    todo = [i for i in payload.items if i.digest not in present]
+    if attempts > 1:  # a killed attempt may have committed objects it never recorded
+        todo = [i for i in todo if not adopt(ctx, dst, i.digest, i.size)]
+    group = group_commit_of(ctx.backends[dst]) if todo else None
+    reader = VerifiedReader(ctx)
+    futures = [ctx.io.submit(_copy_blob, ctx, reader, dst, i, cancel, group) for i in todo]
+    verified: list[ReplicaRow] = []
+    error: BaseException | None = None
+    for fut in futures:
+        try:
+            verified.append(fut.result())
+        except BaseException as exc:  # collect all; the first is re-raised
+            error = error or exc
+    if group is not None:
+        try:
+            verified = _commit_group(ctx, reader, dst, group, verified)
+        except BaseException as exc:
+            error = error or exc
+            verified = []
+    # One transaction records the whole batch (also what succeeded before an error).
+    # A kill before this point leaves verified, unrecorded objects: adopted next attempt.
+    if verified:
+        ctx.state.replicas.record(dst, verified)
+    if error is not None:
+        raise error
+    return sum(row.size for row in verified)
+
+
+def _copy_blob(
+    ctx: ExecContext,
+    reader: VerifiedReader,
+    dst: str,
+    item: BlobItem,
+    cancel: threading.Event,
+    group: Any,
+) -> ReplicaRow:
+    """Copy, verify and return the replica row of one small blob (recorded by the caller).
+
+    With a ``group`` the blob is only staged (bytes durable, invisible): the caller's
+    ``_commit_group`` renames, flushes and re-verifies it."""
+    check_cancel(cancel)
+    backend = ctx.backends[dst]
+    key = blob_key(item.digest)
+
+    def write(data: memoryview) -> str | None:
+        with traced_write(f"{dst}:{key}", "blob"):
+            writer = (group or backend).begin(key, item.size, max(item.size, 1))
+            try:
+                if item.size:
+                    writer.put_part(0, data)
+                if group is not None:
+                    group.stage(writer)
+                    return None
+                return writer.commit().etag
+            except BaseException:
+                with contextlib.suppress(StorageError):
+                    writer.abort()
+                raise
+
+    with ctx.buffers.lease(item.size) as buf, memoryview(buf) as whole:
+        mem = whole[: item.size]
+        etag = reader.transfer(dst, item.src, item.digest, 0, mem, whole_check(item.digest), write)
+        if group is not None:
+            return ReplicaRow(item.digest, item.size, key, None)
+        failpoint("after_commit")
+        # Verify what the store now holds, re-using this buffer (no second budget wait).
+        stored = hash_object(backend, key, item.size, buf=whole)
+    if stored != item.digest:
+        backend.delete(key)
+        raise retryable_mismatch(
+            f"{key} at {dst} re-read as {stored}, expected {item.digest}; deleted",
+            f"{backend.url}/{key}",
+        )
+    return ReplicaRow(item.digest, item.size, key, etag)
+
+
+def _commit_group(
+    ctx: ExecContext, reader: VerifiedReader, dst: str, group: Any, staged: list[ReplicaRow]
+) -> list[ReplicaRow]:
+    """Publish a batch's staged blobs at once, then re-read and re-hash each; return the
+    replica rows to record (the names are durable when this returns).
+
+    A blob that re-reads wrong is deleted; then the good ones are recorded here and a
+    retryable ``ChecksumMismatch`` naming the bad ones is raised."""
+    backend = ctx.backends[dst]
+    with contextlib.ExitStack() as traced:
+        # Each object is written (renamed into place) here: trace it under its own key.
+        for row in staged:
+            traced.enter_context(traced_write(f"{dst}:{row.key}", "blob"))
+        with reader.throttle_guard(dst):
+            infos: Mapping[str, Any] = group.commit_all()
+    failpoint("after_commit")
+
+    def check(row: ReplicaRow) -> str | None:
+        stored = hash_object(backend, row.key, row.size)
+        if stored == row.digest:
+            return None
+        backend.delete(row.key)
+        return f"{row.key} at {dst} re-read as {stored}, expected {row.digest}; deleted"
+
+    ok: list[ReplicaRow] = []
+    wrong: list[str] = []
+    for row, problem in zip(staged, ctx.io.map(check, staged), strict=True):
+        if problem is None:
+            info = infos.get(row.key)
+            ok.append(row._replace(etag=None if info is None else info.etag))
+        else:
+            wrong.append(problem)
+    if wrong:
+        if ok:  # record the good ones first: they are verified and durable
+            ctx.state.replicas.record(dst, ok)
+        raise retryable_mismatch("; ".join(wrong[:3]), backend.url)
+    return ok

@@ -1,0 +1,88 @@
+"""What every task runner needs, built once per worker process by the composition root.
+
+``SiteBackends`` opens one backend per configured site on first use and shares it between
+the process's threads. ``ExecContext`` carries the state owner, the site index, the
+manifest store, the backends, the host-wide limits, the buffer pool and the I/O pool.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from datasync.backends.base import Backend
+from datasync.backends.registry import open_backend
+from datasync.config import SiteConfig
+from datasync.errors import ConfigError, TransientError
+from datasync.manifest.store import ManifestStore
+from datasync.transfer.buffers import BufferPool
+from datasync.transfer.limits import Limits
+from datasync.transfer.siteindex import SiteIndex
+from datasync.transfer.state import EngineState
+
+__all__ = ["ExecContext", "LeaseLost", "SiteBackends", "check_cancel"]
+
+BackendOpener = Callable[[str, Mapping[str, Any]], Backend]
+
+
+class LeaseLost(TransientError):
+    """The worker lost the task's lease (another worker owns it now): stop writing."""
+
+
+def check_cancel(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise LeaseLost("lease lost to another worker; stopping this task")
+
+
+class SiteBackends:
+    """One backend per configured site, opened on first use, shared by the process's threads.
+
+    ``wrap(site, backend)`` decorates each backend once it is opened (the composition root
+    passes the retry policy's adapter here)."""
+
+    def __init__(
+        self,
+        sites: Mapping[str, SiteConfig],
+        opener: BackendOpener = open_backend,
+        wrap: Callable[[str, Backend], Backend] | None = None,
+    ) -> None:
+        self._sites = dict(sites)
+        self._opener = opener
+        self._wrap = wrap
+        self._open: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, site: str) -> Backend:
+        with self._lock:
+            backend = self._open.get(site)
+            if backend is None:
+                cfg = self._sites.get(site)
+                if cfg is None:
+                    raise ConfigError(f"site {site!r} is not configured ([sites.{site}])")
+                backend = self._opener(cfg.url, cfg.options)
+                if self._wrap is not None:
+                    backend = self._wrap(site, backend)
+                self._open[site] = backend
+            return backend
+
+    def close(self) -> None:
+        with self._lock:
+            for backend in self._open.values():
+                with contextlib.suppress(Exception):
+                    backend.close()
+            self._open.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class ExecContext:
+    state: EngineState
+    index: SiteIndex
+    manifests: ManifestStore
+    backends: SiteBackends
+    limits: Limits
+    buffers: BufferPool
+    io: cf.ThreadPoolExecutor

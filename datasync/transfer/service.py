@@ -1,0 +1,145 @@
+"""The replication service: the operations the CLI, the HTTP API and the tests call.
+
+``replicate`` records "version V must be at site S" (idempotently) and plans it; workers
+move the bytes. ``status`` and ``sites`` report. ``replan_stale`` is the maintenance
+chore that re-plans placements whose planner died. Every write goes through the state
+owner; every check of the input happens before the first write.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlmodel import col
+
+from datasync.config import Settings
+from datasync.db.tables import Dataset, Version
+from datasync.db.transfer_tables import Placement
+from datasync.errors import UserError
+from datasync.manifest.store import ManifestStore
+from datasync.models import PlacementState
+from datasync.transfer.planner import Planner, PlannerConfig
+from datasync.transfer.sites import SiteInfo, list_sites, site_for_source
+from datasync.transfer.state import EngineState
+from datasync.transfer.status import PlacementStatus, status
+
+__all__ = ["STALE_PLANNING", "ReplicationService"]
+
+STALE_PLANNING = timedelta(minutes=5)
+
+
+class ReplicationService:
+    """Placements and sites. Built once by ``datasync.bootstrap``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        store: ManifestStore,
+        state: EngineState,
+        planner: Planner,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.state = state
+        self.planner = planner
+
+    def replicate(
+        self,
+        ref: str,
+        site: str,
+        *,
+        priority: int | None = None,
+        deadline: datetime | None = None,
+        source: str | None = None,
+        planner: PlannerConfig | None = None,
+    ) -> PlacementStatus:
+        """Make sure version ``ref`` will be (or is) at ``site``; return its status.
+
+        ``source`` (``SITE:prefix``, or a directory/URL under a site) says where the
+        version's files are when its registration did not (a producer manifest), or that
+        files found bad there are right again: they are recorded (or refreshed) as source
+        replicas before planning.
+        """
+        if site not in self.settings.sites:
+            known = ", ".join(sorted(self.settings.sites)) or "none configured"
+            raise UserError(f"unknown site {site!r} (sites: {known})")
+        named = None
+        if source is not None:
+            named = site_for_source(self.settings, source)
+            if named is None:
+                raise UserError(
+                    f"--from {source!r} is not under any configured site: use SITE:prefix or"
+                    " a path/URL inside a site's root"
+                )
+        summary = self.store.resolve(ref)
+        with self.engine.connect() as conn:
+            version = conn.execute(
+                sa.select(col(Version.pk), col(Version.source))
+                .join(Dataset, col(Dataset.pk) == col(Version.dataset_pk))
+                .where(
+                    col(Dataset.name) == summary.dataset,
+                    col(Version.version_id) == summary.version_id,
+                )
+            ).one()
+        placement_id, created = self.state.placements.ensure(
+            version_pk=version.pk,
+            dataset=summary.dataset,
+            version_id=summary.version_id,
+            site=site,
+            priority=priority,
+            deadline=deadline,
+        )
+        must_plan = created or self.state.placements.reopen(
+            placement_id, stale_after=STALE_PLANNING
+        )
+        # The registration source is recorded when planning; an explicit --from always (it
+        # refreshes rows found bad: workers fall back to any usable source, no re-plan).
+        registered = site_for_source(self.settings, version.source) if must_plan else None
+        for found, refresh in ((registered, False), (named, True)):
+            if found is not None:
+                self.state.replicas.record_sources(found[0], found[1], version.pk, refresh=refresh)
+        if must_plan:
+            self.planner.plan(placement_id, planner)
+        return self.status(placement_id=placement_id)[0]
+
+    def status(
+        self,
+        *,
+        placement_id: int | None = None,
+        dataset: str | None = None,
+        site: str | None = None,
+        active_only: bool = False,
+    ) -> list[PlacementStatus]:
+        return status(
+            self.engine,
+            placement_id=placement_id,
+            dataset=dataset,
+            site=site,
+            active_only=active_only,
+        )
+
+    def sites(self, *, probe: bool = True, timeout: float = 5.0) -> list[SiteInfo]:
+        return list_sites(self.settings, probe=probe, timeout=timeout)
+
+    def replan_stale(self, *, older_than: timedelta = STALE_PLANNING) -> int:
+        """Plan again the placements whose planner died (PLANNING, untouched for a while)."""
+        with self.engine.connect() as conn:
+            ids = list(
+                conn.execute(
+                    sa.select(col(Placement.id)).where(
+                        col(Placement.state) == PlacementState.PLANNING
+                    )
+                ).scalars()
+            )
+        planned = 0
+        for placement_id in ids:
+            if placement_id is not None and self.state.placements.reopen(
+                placement_id, stale_after=older_than
+            ):
+                self.planner.plan(placement_id)
+                planned += 1
+        return planned

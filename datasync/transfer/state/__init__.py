@@ -1,0 +1,58 @@
+"""THE owner of every replication state change: placements, tasks, replicas, uploads.
+
+No other module writes the ``placements``, ``tasks`` or ``replicas`` tables
+(``tests/unit/test_state_owner.py`` scans the package for writes elsewhere). Each
+transition is a method; each emits a typed event (``datasync.events``) after its
+transaction committed, to the subscribers the composition root registered.
+
+``EngineState`` groups the four parts; build it once per process (``bootstrap``).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine
+
+from datasync.events import EventBus
+from datasync.transfer.state._core import as_utc
+from datasync.transfer.state.placements import PlacementStates
+from datasync.transfer.state.replicas import DEFAULT_RECHECK, ReplicaRow, ReplicaStates
+from datasync.transfer.state.tasks import (
+    ERROR_HISTORY,
+    Cancelled,
+    ClaimedTask,
+    NewTask,
+    RetryDecider,
+    TaskStates,
+    error_entry,
+)
+from datasync.transfer.state.uploads import ChunkMap, UploadState
+
+__all__ = [
+    "DEFAULT_RECHECK",
+    "ERROR_HISTORY",
+    "Cancelled",
+    "ChunkMap",
+    "ClaimedTask",
+    "EngineState",
+    "NewTask",
+    "PlacementStates",
+    "ReplicaRow",
+    "ReplicaStates",
+    "RetryDecider",
+    "TaskStates",
+    "UploadState",
+    "as_utc",
+    "error_entry",
+]
+
+
+class EngineState:
+    """The state owner's four parts over one engine and one event bus."""
+
+    def __init__(self, engine: Engine, bus: EventBus, retry: RetryDecider) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.placements = PlacementStates(engine, bus)
+        self.tasks = TaskStates(engine, bus, retry)
+        self.replicas = ReplicaStates(engine, bus)
+        self.uploads = ChunkMap(engine, bus)

@@ -1,0 +1,77 @@
+"""The write transaction every transition runs in: one database transaction, then events.
+
+Events collected during the transaction are emitted only after it committed, so a
+subscriber never sees a rolled-back change. On PostgreSQL times come from the database
+clock (many hosts, one clock); on SQLite (one host) from this host's UTC clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from datasync.db.engine import is_postgresql, write_transaction
+from datasync.events import Event, EventBus
+
+__all__ = ["StateBase", "Txn", "as_utc", "row_id"]
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive UTC datetimes; make every datetime aware."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def row_id(value: int | None) -> int:
+    """A primary key read back from the database (never NULL; typed optional by SQLModel)."""
+    if value is None:
+        raise ValueError("a row id was NULL")
+    return int(value)
+
+
+@dataclass(slots=True)
+class Txn:
+    """An open write transaction and the events it will emit after commit."""
+
+    conn: Connection
+    pg: bool
+    events: list[Event] = field(default_factory=list)
+    _now: datetime | None = None
+
+    @property
+    def now(self) -> datetime:
+        """The transaction's time (one value for every statement of the transaction)."""
+        if self._now is None:
+            if self.pg:
+                value = self.conn.execute(sa.text("SELECT now()")).scalar_one()
+                assert isinstance(value, datetime)
+                self._now = value
+            else:
+                self._now = datetime.now(UTC)
+        return self._now
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+
+class StateBase:
+    """Shared plumbing of the state owner's parts."""
+
+    def __init__(self, engine: Engine, bus: EventBus) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.pg = is_postgresql(engine)
+
+    @contextmanager
+    def _write(self) -> Iterator[Txn]:
+        with write_transaction(self.engine) as conn:
+            txn = Txn(conn, self.pg)
+            yield txn
+        for event in txn.events:
+            self.bus.emit(event)

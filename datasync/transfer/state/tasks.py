@@ -1,0 +1,618 @@
+"""Task transitions: insert, claim, heartbeat, complete, fail, reap (procrastinate's design).
+
+State machine (``docs/task-states.md`` draws it)::
+
+    queued --claim--> leased --complete--> done
+      ^                 |  \\--fail(permanent or budget spent)--> failed
+      |                 |
+      +--fail(retryable: delay from the retry policy, ``not_before``)
+      +--lease expired: the next claim takes the task over (one attempt counted)
+
+Invariants:
+
+* A claim is ONE statement. PostgreSQL: ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
+  SKIP LOCKED LIMIT n) RETURNING``. SQLite: the same UPDATE inside ``BEGIN IMMEDIATE``
+  (the database write lock), so two claimers never get the same task.
+* Claimable = queued, unblocked (``blocked_by = 0``) and due (``not_before <= now``), or
+  leased with an expired lease and attempts left. Order: priority DESC, deadline ASC NULLS
+  LAST (stored as ``NO_DEADLINE``), created_at, id. Each branch reads the head of its own
+  partial index, so a claim costs the same with ten tasks queued or ten million.
+* Only the lease owner can heartbeat, complete or fail a task; a worker whose lease was
+  taken over learns it from the return value and must stop (its work is idempotent).
+* Completing a task decrements its parent's ``blocked_by`` and adds the task's logical
+  files/bytes to its placement in the same transaction; completing ``publish`` makes the
+  placement READY.
+* A permanent failure (or a spent retry budget) fails the task and its placement with an
+  actionable reason, and cancels the placement's still-queued tasks.
+* Every error is kept in the task's history as ``{at, class, message}`` (the newest
+  ``ERROR_HISTORY``), so a waiting placement can explain itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlmodel import col
+
+from datasync.db.transfer_tables import NO_DEADLINE, Placement, Task
+from datasync.events import (
+    PlacementFailed,
+    PlacementPublishing,
+    PlacementReady,
+    TaskClaimed,
+    TaskCompleted,
+    TaskFailed,
+    TaskRetried,
+)
+from datasync.models import PlacementState, TaskState
+from datasync.transfer.payloads import Payload, TaskKind, encode, kind_of
+from datasync.transfer.state._core import StateBase, Txn, as_utc, row_id
+
+__all__ = [
+    "ERROR_HISTORY",
+    "Cancelled",
+    "ClaimedTask",
+    "NewTask",
+    "RetryDecider",
+    "TaskStates",
+    "error_entry",
+    "fail_placement",
+    "insert_tasks",
+]
+
+ERROR_HISTORY = 50
+MAX_MESSAGE = 2000
+_TS = sa.DateTime(timezone=True)
+
+_RETURNING = (
+    "id, placement_id, parent_id, kind, payload, attempts, max_attempts, lease_expires_at,"
+    " priority, deadline, created_at"
+)
+# Claimable rows, as one SQL predicate (``{now}`` is ``now()`` or ``:now``).
+_CLAIMABLE = """((state = 'queued' AND blocked_by = 0 AND not_before <= {now})
+       OR (state = 'leased' AND lease_expires_at < {now} AND attempts < max_attempts))"""
+# Candidates: the head of each claim index (queued in claim order; expired leases), so a
+# claim reads O(window) rows however long the queue is, instead of sorting the whole OR.
+_CANDIDATES = """
+    SELECT id FROM (SELECT id FROM tasks
+                     WHERE state = 'queued' AND blocked_by = 0 AND not_before <= {now}
+                     ORDER BY priority DESC, deadline, created_at, id
+                     LIMIT :window) AS queued
+    UNION ALL
+    SELECT id FROM (SELECT id FROM tasks
+                     WHERE state = 'leased' AND lease_expires_at < {now}
+                       AND attempts < max_attempts
+                     ORDER BY lease_expires_at
+                     LIMIT :window) AS expired"""
+_TAKEOVER_NOTE = "'lease of ' || {t}lease_owner || ' expired'"
+
+# The claim, PostgreSQL: ONE statement. The middle SELECT re-checks the candidates, locks
+# the ones nobody else holds (SKIP LOCKED) in claim order, and the UPDATE leases them.
+# Taking over an expired lease records why that attempt ended in the error history.
+CLAIM_PG = sa.text(
+    f"""
+UPDATE tasks AS t
+   SET state = 'leased',
+       lease_owner = :owner,
+       lease_expires_at = now() + make_interval(secs => :lease_seconds),
+       attempts = t.attempts + 1,
+       errors = CASE WHEN t.state = 'leased'
+                THEN (t.errors::jsonb || jsonb_build_array(jsonb_build_object(
+                        'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'),
+                        'class', 'LeaseExpired',
+                        'message', {_TAKEOVER_NOTE.format(t="t.")})))::json
+                ELSE t.errors END
+ WHERE t.id IN (
+        SELECT id FROM tasks
+         WHERE id IN ({_CANDIDATES.format(now="now()")})
+           AND {_CLAIMABLE.format(now="now()")}
+         ORDER BY priority DESC, deadline, created_at, id
+           FOR UPDATE SKIP LOCKED
+         LIMIT :n)
+RETURNING {_RETURNING}
+"""
+)
+
+# The claim, SQLite: the same statement without row locks; it runs inside BEGIN IMMEDIATE,
+# which already excludes every other writer.
+CLAIM_SQLITE = sa.text(
+    f"""
+UPDATE tasks
+   SET state = 'leased',
+       lease_owner = :owner,
+       lease_expires_at = :until,
+       attempts = attempts + 1,
+       errors = CASE WHEN state = 'leased'
+                THEN json_insert(errors, '$[#]', json_object(
+                        'at', strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now'),
+                        'class', 'LeaseExpired',
+                        'message', {_TAKEOVER_NOTE.format(t="")}))
+                ELSE errors END
+ WHERE id IN (
+        SELECT id FROM tasks
+         WHERE id IN ({_CANDIDATES.format(now=":now")})
+           AND {_CLAIMABLE.format(now=":now")}
+         ORDER BY priority DESC, deadline, created_at, id
+         LIMIT :n)
+RETURNING {_RETURNING}
+"""
+).bindparams(sa.bindparam("now", type_=_TS), sa.bindparam("until", type_=_TS))
+
+_CLAIM_COLUMNS: dict[str, sa.types.TypeEngine[Any]] = {
+    "payload": sa.JSON(),
+    "lease_expires_at": _TS,
+    "deadline": _TS,
+    "created_at": _TS,
+}
+
+HEARTBEAT_PG = sa.text(
+    """
+UPDATE tasks SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
+ WHERE id IN :ids AND state = 'leased' AND lease_owner = :owner
+RETURNING id
+"""
+).bindparams(sa.bindparam("ids", expanding=True))
+
+HEARTBEAT_SQLITE = sa.text(
+    """
+UPDATE tasks SET lease_expires_at = :until
+ WHERE id IN :ids AND state = 'leased' AND lease_owner = :owner
+RETURNING id
+"""
+).bindparams(sa.bindparam("ids", expanding=True), sa.bindparam("until", type_=_TS))
+
+
+def error_entry(at: datetime, exc: BaseException) -> dict[str, Any]:
+    """One line of a task's error history."""
+    message = str(exc) or repr(exc)
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
+    return {
+        "at": at.astimezone(UTC).isoformat(timespec="seconds"),
+        "class": type(exc).__name__,
+        "message": message,
+    }
+
+
+class RetryDecider(Protocol):
+    """What the task queue asks the retry policy (``datasync.retry``)."""
+
+    def task_retry_delay(
+        self, attempts: int, max_attempts: int, exc: BaseException
+    ) -> float | None:
+        """Seconds before the next attempt, or None when the task must fail now."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task the planner wants, with the children that block it (chunks of a finalize)."""
+
+    payload: Payload
+    files: int = 0  # logical progress completing it brings to its placement
+    nbytes: int = 0
+    children: tuple[NewTask, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    """A task leased to one owner until ``lease_expires_at`` (extend with ``heartbeat``)."""
+
+    id: int
+    placement_id: int
+    parent_id: int | None
+    kind: TaskKind
+    payload: dict[str, Any]  # raw JSON: ``Executor`` decodes it (a bad one fails that task)
+    attempts: int
+    max_attempts: int
+    lease_expires_at: datetime
+    priority: int
+    deadline: datetime | None
+    created_at: datetime
+
+
+class Cancelled(Exception):
+    """Labels the history entry of a task cancelled because its placement failed."""
+
+
+_APPEND_PG = "(errors::jsonb || jsonb_build_array(CAST(:entry AS jsonb)))::json"
+_APPEND_SQLITE = "json_insert(errors, '$[#]', json(:entry))"
+
+
+def fail_placement(txn: Txn, placement_id: int, reason: str) -> None:
+    """Mark a placement FAILED with ``reason`` and cancel its queued tasks (same transaction).
+
+    A READY placement stays READY: its view is complete whatever a straggler task says.
+    """
+    now = txn.now
+    entry = error_entry(now, Cancelled(f"placement {placement_id} failed: {reason}"))
+    append = _APPEND_PG if txn.pg else _APPEND_SQLITE
+    txn.conn.execute(
+        sa.text(
+            f"UPDATE tasks SET state = 'failed', finished_at = :now, errors = {append}"
+            " WHERE placement_id = :id AND state = 'queued'"
+            " AND EXISTS (SELECT 1 FROM placements p WHERE p.id = :id AND p.state <> 'READY')"
+        ).bindparams(sa.bindparam("now", type_=_TS)),
+        {"now": now, "id": placement_id, "entry": json.dumps(entry)},
+    )
+    failed = txn.conn.execute(
+        sa.update(Placement)
+        .where(col(Placement.id) == placement_id, col(Placement.state) != PlacementState.READY)
+        .values(state=PlacementState.FAILED, error=reason, updated_at=now)
+    )
+    if failed.rowcount:
+        txn.emit(PlacementFailed(placement_id=placement_id, reason=reason))
+
+
+def _deadline(value: datetime) -> datetime | None:
+    aware = as_utc(value)
+    return None if aware is None or aware.year == NO_DEADLINE.year else aware
+
+
+def _claim_order(task: ClaimedTask) -> tuple[int, datetime, datetime, int]:
+    return (-task.priority, task.deadline or NO_DEADLINE, task.created_at, task.id)
+
+
+def insert_tasks(
+    txn: Txn,
+    placement_id: int,
+    tasks: Sequence[NewTask],
+    *,
+    parent: int | None,
+    priority: int,
+    deadline: datetime,
+    max_attempts: int,
+    hold: int = 0,
+) -> list[int]:
+    """Insert ``tasks`` (and, recursively, their children) under ``parent``, whose
+    ``blocked_by`` grows by one per task. ``hold`` adds extra blocks (the planning hold).
+    Returns the new ids, in order."""
+    if not tasks:
+        return []
+    now = txn.now
+
+    def row(task: NewTask) -> dict[str, Any]:
+        return {
+            "placement_id": placement_id,
+            "parent_id": parent,
+            "kind": kind_of(task.payload),
+            "state": TaskState.QUEUED,
+            "priority": priority,
+            "deadline": deadline,
+            "created_at": now,
+            "not_before": now,
+            "blocked_by": hold,  # each child adds one as it is inserted below
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "payload": encode(task.payload),
+            "errors": [],
+            "files": task.files,
+            "bytes": task.nbytes,
+            "bytes_moved": 0,
+        }
+
+    ids = [
+        row_id(i)
+        for i in txn.conn.execute(
+            sa.insert(Task).returning(col(Task.id), sort_by_parameter_order=True),
+            [row(t) for t in tasks],
+        ).scalars()
+    ]
+    for task_id, task in zip(ids, tasks, strict=True):
+        if task.children:
+            insert_tasks(
+                txn,
+                placement_id,
+                task.children,
+                parent=task_id,
+                priority=priority,
+                deadline=deadline,
+                max_attempts=max_attempts,
+            )
+    if parent is not None:
+        txn.conn.execute(
+            sa.update(Task)
+            .where(col(Task.id) == parent)
+            .values(blocked_by=col(Task.blocked_by) + len(tasks))
+        )
+    return ids
+
+
+class TaskStates(StateBase):
+    """Every write to ``tasks`` (and the placement changes a task's end causes)."""
+
+    def __init__(self, engine: sa.engine.Engine, bus: Any, retry: RetryDecider) -> None:
+        super().__init__(engine, bus)
+        self.retry = retry
+
+    # -- claim ---------------------------------------------------------------------------
+
+    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[ClaimedTask]:
+        """Lease up to ``limit`` claimable tasks to ``owner``, in claim order."""
+        if limit <= 0:
+            return []
+        with self._write() as txn:
+            if self.pg:
+                stmt = CLAIM_PG.columns(**_CLAIM_COLUMNS)
+                params: dict[str, Any] = {"owner": owner, "lease_seconds": lease_seconds}
+            else:
+                stmt = CLAIM_SQLITE.columns(**_CLAIM_COLUMNS)
+                now = txn.now
+                params = {
+                    "owner": owner,
+                    "now": now,
+                    "until": now + timedelta(seconds=lease_seconds),
+                }
+            window = max(4 * limit, limit + 64)  # room to skip rows other claimers lock
+            rows = txn.conn.execute(stmt, {**params, "n": limit, "window": window}).mappings()
+            tasks = [
+                ClaimedTask(
+                    id=r["id"],
+                    placement_id=r["placement_id"],
+                    parent_id=r["parent_id"],
+                    kind=TaskKind(r["kind"]),
+                    payload=r["payload"],
+                    attempts=r["attempts"],
+                    max_attempts=r["max_attempts"],
+                    lease_expires_at=as_utc(r["lease_expires_at"]) or datetime.now(UTC),
+                    priority=r["priority"],
+                    deadline=_deadline(r["deadline"]),
+                    created_at=as_utc(r["created_at"]) or datetime.now(UTC),
+                )
+                for r in rows.all()
+            ]
+            publishing = [t.placement_id for t in tasks if t.kind is TaskKind.PUBLISH]
+            if publishing:
+                moved = txn.conn.execute(
+                    sa.update(Placement)
+                    .where(
+                        col(Placement.id).in_(publishing),
+                        col(Placement.state) == PlacementState.TRANSFERRING,
+                    )
+                    .values(state=PlacementState.PUBLISHING, updated_at=txn.now)
+                    .returning(col(Placement.id))
+                ).scalars()
+                for pid in moved:
+                    txn.emit(PlacementPublishing(placement_id=row_id(pid)))
+            for t in tasks:
+                txn.emit(
+                    TaskClaimed(
+                        task_id=t.id,
+                        placement_id=t.placement_id,
+                        kind=t.kind,
+                        owner=owner,
+                        attempt=t.attempts,
+                    )
+                )
+        return sorted(tasks, key=_claim_order)
+
+    def heartbeat(self, owner: str, task_ids: Iterable[int], lease_seconds: float) -> set[int]:
+        """Extend the leases ``owner`` still holds; return their ids (lost ones are absent)."""
+        ids = list(task_ids)
+        if not ids:
+            return set()
+        with self._write() as txn:
+            if self.pg:
+                params: dict[str, Any] = {
+                    "ids": ids,
+                    "owner": owner,
+                    "lease_seconds": lease_seconds,
+                }
+                result = txn.conn.execute(HEARTBEAT_PG, params)
+            else:
+                until = datetime.now(UTC) + timedelta(seconds=lease_seconds)
+                result = txn.conn.execute(
+                    HEARTBEAT_SQLITE, {"ids": ids, "owner": owner, "until": until}
+                )
+            return {int(row[0]) for row in result}
+
+    # -- finish --------------------------------------------------------------------------
+
+    def complete(self, owner: str, task_id: int, bytes_moved: int = 0) -> bool:
+        """Mark a leased task done. False (and nothing changed) if ``owner`` lost the lease."""
+        with self._write() as txn:
+            row = txn.conn.execute(
+                sa.update(Task)
+                .where(
+                    col(Task.id) == task_id,
+                    col(Task.state) == TaskState.LEASED,
+                    col(Task.lease_owner) == owner,
+                )
+                .values(
+                    state=TaskState.DONE,
+                    lease_expires_at=None,
+                    finished_at=txn.now,
+                    bytes_moved=bytes_moved,
+                )
+                .returning(
+                    col(Task.parent_id),
+                    col(Task.placement_id),
+                    col(Task.kind),
+                    col(Task.files),
+                    col(Task.bytes),
+                )
+            ).one_or_none()
+            if row is None:
+                return False
+            parent_id, placement_id, kind, files, nbytes = row
+            txn.emit(
+                TaskCompleted(
+                    task_id=task_id,
+                    placement_id=placement_id,
+                    kind=kind,
+                    owner=owner,
+                    bytes_moved=bytes_moved,
+                    files=files,
+                    bytes=nbytes,
+                )
+            )
+            if parent_id is not None:
+                txn.conn.execute(
+                    sa.update(Task)
+                    .where(col(Task.id) == parent_id)
+                    .values(blocked_by=col(Task.blocked_by) - 1)
+                )
+            ready = kind == TaskKind.PUBLISH
+            if not (ready or files or nbytes):
+                return True  # nothing to add: spare the hot placement row its lock
+            values: dict[str, Any] = {
+                "files_done": col(Placement.files_done) + files,
+                "bytes_done": col(Placement.bytes_done) + nbytes,
+                "updated_at": txn.now,
+            }
+            if ready:
+                became_ready = txn.conn.execute(
+                    sa.update(Placement)
+                    .where(
+                        col(Placement.id) == placement_id,
+                        col(Placement.state).in_(
+                            (PlacementState.PUBLISHING, PlacementState.TRANSFERRING)
+                        ),
+                    )
+                    .values(state=PlacementState.READY, error=None, **values)
+                )
+                if became_ready.rowcount:
+                    txn.emit(PlacementReady(placement_id=placement_id))
+                    return True
+            txn.conn.execute(
+                sa.update(Placement).where(col(Placement.id) == placement_id).values(**values)
+            )
+            return True
+
+    def fail(self, owner: str, task_id: int, exc: BaseException) -> TaskState | None:
+        """Record a failed attempt. Returns the task's new state (``queued`` = will retry,
+        ``failed``), or None if ``owner`` no longer holds the lease.
+
+        The retry policy decides from the error's class (``DatasyncError.retryable``) and
+        the attempts so far; an error that is not a ``DatasyncError`` is a bug or an
+        untranslated error, retried within the smallest budget."""
+        with self._write() as txn:
+            row = txn.conn.execute(
+                sa.select(
+                    col(Task.attempts),
+                    col(Task.max_attempts),
+                    col(Task.placement_id),
+                    col(Task.kind),
+                    col(Task.errors),
+                )
+                .where(
+                    col(Task.id) == task_id,
+                    col(Task.state) == TaskState.LEASED,
+                    col(Task.lease_owner) == owner,
+                )
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                return None
+            attempts, max_attempts, placement_id, kind, errors = row
+            now = txn.now
+            history = [*(errors or []), error_entry(now, exc)][-ERROR_HISTORY:]
+            delay = self.retry.task_retry_delay(attempts, max_attempts, exc)
+            if delay is not None:
+                txn.conn.execute(
+                    sa.update(Task)
+                    .where(col(Task.id) == task_id)
+                    .values(
+                        state=TaskState.QUEUED,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        not_before=now + timedelta(seconds=delay),
+                        errors=history,
+                    )
+                )
+                txn.emit(
+                    TaskRetried(
+                        task_id=task_id,
+                        placement_id=placement_id,
+                        kind=kind,
+                        error_class=type(exc).__name__,
+                        message=history[-1]["message"],
+                        attempt=attempts,
+                        delay_seconds=delay,
+                    )
+                )
+                return TaskState.QUEUED
+            retryable = getattr(exc, "retryable", True)
+            why = "permanent error" if not retryable else f"{attempts} attempts"
+            reason = (
+                f"{kind} task {task_id} failed ({why}): {type(exc).__name__}: "
+                f"{history[-1]['message']}"
+            )
+            txn.conn.execute(
+                sa.update(Task)
+                .where(col(Task.id) == task_id)
+                .values(
+                    state=TaskState.FAILED, lease_expires_at=None, finished_at=now, errors=history
+                )
+            )
+            txn.emit(
+                TaskFailed(
+                    task_id=task_id,
+                    placement_id=placement_id,
+                    kind=kind,
+                    error_class=type(exc).__name__,
+                    message=history[-1]["message"],
+                )
+            )
+            fail_placement(txn, placement_id, reason)
+            return TaskState.FAILED
+
+    def reap(self) -> int:
+        """Fail tasks whose lease expired with no attempts left (their workers kept dying).
+
+        Run periodically by the scheduler and by every worker; the claim never takes these
+        over. Returns how many tasks it failed."""
+        with self._write() as txn:
+            now = txn.now
+            rows = txn.conn.execute(
+                sa.select(
+                    col(Task.id),
+                    col(Task.placement_id),
+                    col(Task.kind),
+                    col(Task.lease_owner),
+                    col(Task.errors),
+                )
+                .where(
+                    col(Task.state) == TaskState.LEASED,
+                    col(Task.lease_expires_at) < now,
+                    col(Task.attempts) >= col(Task.max_attempts),
+                )
+                .with_for_update(skip_locked=True)
+            ).all()
+            for task_id, placement_id, kind, lease_owner, errors in rows:
+                message = f"lease of {lease_owner} expired on the last attempt"
+                entry = {
+                    "at": now.astimezone(UTC).isoformat(timespec="seconds"),
+                    "class": "LeaseExpired",
+                    "message": message,
+                }
+                txn.conn.execute(
+                    sa.update(Task)
+                    .where(col(Task.id) == task_id)
+                    .values(
+                        state=TaskState.FAILED,
+                        lease_expires_at=None,
+                        finished_at=now,
+                        errors=[*(errors or []), entry][-ERROR_HISTORY:],
+                    )
+                )
+                txn.emit(
+                    TaskFailed(
+                        task_id=task_id,
+                        placement_id=placement_id,
+                        kind=kind,
+                        error_class="LeaseExpired",
+                        message=message,
+                    )
+                )
+                fail_placement(
+                    txn,
+                    placement_id,
+                    f"{kind} task {task_id} failed: its worker died or hung on every attempt",
+                )
+            return len(rows)
