@@ -94,6 +94,7 @@ class App:
             engine=self.engine,
             tasks=tasks,
             executor=Executor(ctx),
+            replan=self.replication.repair,
             closers=(lambda: io.shutdown(wait=True), backends.close, limits.close),
         )
         return WorkerLoop(parts, options)

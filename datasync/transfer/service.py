@@ -125,6 +125,14 @@ class ReplicationService:
     def sites(self, *, probe: bool = True, timeout: float = 5.0) -> list[SiteInfo]:
         return list_sites(self.settings, probe=probe, timeout=timeout)
 
+    def repair(self, placement_id: int, reason: str) -> bool:
+        """Re-plan a placement whose blobs were found missing or damaged at its site (they
+        were marked bad): the missing ones move again, then the view is published anew."""
+        if not self.state.placements.reopen_for_repair(placement_id, reason):
+            return False
+        self.planner.plan(placement_id)
+        return True
+
     def replan_stale(self, *, older_than: timedelta = STALE_PLANNING) -> int:
         """Plan again the placements whose planner died (PLANNING, untouched for a while)."""
         with self.engine.connect() as conn:

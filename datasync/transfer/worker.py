@@ -43,7 +43,7 @@ from datasync.db.engine import DB_UNAVAILABLE
 from datasync.db.transfer_tables import Task
 from datasync.errors import DatasyncError
 from datasync.models import TaskState
-from datasync.transfer.exec import Executor
+from datasync.transfer.exec import Executor, ReplanNeeded
 from datasync.transfer.state import ClaimedTask, TaskStates
 
 __all__ = [
@@ -110,6 +110,8 @@ class WorkerParts:
     engine: Engine
     tasks: TaskStates
     executor: Executor
+    # Re-plan a placement whose blobs were found missing or damaged (``ReplanNeeded``).
+    replan: Callable[[int, str], object]
     closers: tuple[Callable[[], None], ...]  # pools, backends, limits: closed in order
 
 
@@ -166,6 +168,14 @@ class WorkerLoop:
             fut, _cancel, task = self._running.pop(task_id)
         try:
             moved = fut.result()
+        except ReplanNeeded as exc:
+            # The re-plan replaces this task (and every other of the placement).
+            log.info("task %s: %s", task.id, exc)
+            try:
+                self.parts.replan(task.placement_id, exc.message)
+            except DB_UNAVAILABLE:  # the lease expires; the next attempt finds it again
+                log.warning("could not re-plan placement %s", task.placement_id, exc_info=True)
+            return
         except Exception as exc:
             if isinstance(exc, DatasyncError):
                 log.info("task %s (%s) failed: %s: %s", task.id, task.kind, type(exc).__name__, exc)

@@ -16,7 +16,7 @@ import threading
 from datasync.errors import DatasyncError
 from datasync.transfer.exec.blobs import run_blobs
 from datasync.transfer.exec.chunked import run_chunks, run_finalize
-from datasync.transfer.exec.context import ExecContext, LeaseLost, SiteBackends
+from datasync.transfer.exec.context import ExecContext, LeaseLost, ReplanNeeded, SiteBackends
 from datasync.transfer.exec.publish import run_publish
 from datasync.transfer.payloads import (
     BlobsPayload,
@@ -28,7 +28,14 @@ from datasync.transfer.payloads import (
 )
 from datasync.transfer.state import ClaimedTask
 
-__all__ = ["ExecContext", "Executor", "LeaseLost", "MalformedTask", "SiteBackends"]
+__all__ = [
+    "ExecContext",
+    "Executor",
+    "LeaseLost",
+    "MalformedTask",
+    "ReplanNeeded",
+    "SiteBackends",
+]
 
 
 class MalformedTask(DatasyncError):

@@ -17,20 +17,27 @@ from typing import Any
 from datasync.backends.base import Backend
 from datasync.backends.registry import open_backend
 from datasync.config import SiteConfig
-from datasync.errors import ConfigError, TransientError
+from datasync.errors import ConfigError, DatasyncError, TransientError
 from datasync.manifest.store import ManifestStore
 from datasync.transfer.buffers import BufferPool
 from datasync.transfer.limits import Limits
 from datasync.transfer.siteindex import SiteIndex
 from datasync.transfer.state import EngineState
 
-__all__ = ["ExecContext", "LeaseLost", "SiteBackends", "check_cancel"]
+__all__ = ["ExecContext", "LeaseLost", "ReplanNeeded", "SiteBackends", "check_cancel"]
 
 BackendOpener = Callable[[str, Mapping[str, Any]], Backend]
 
 
 class LeaseLost(TransientError):
     """The worker lost the task's lease (another worker owns it now): stop writing."""
+
+
+class ReplanNeeded(DatasyncError):
+    """Blobs the placement counted on are missing or damaged at the site (now marked bad):
+    the worker re-plans the placement, which moves them again, instead of failing it."""
+
+    retryable = True
 
 
 def check_cancel(cancel: threading.Event) -> None:

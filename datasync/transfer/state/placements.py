@@ -157,6 +157,33 @@ class PlacementStates(StateBase):
             txn.emit(PlacementReopened(placement_id=placement_id, previous=str(row)))
             return True
 
+    def reopen_for_repair(self, placement_id: int, reason: str) -> bool:
+        """Take a placement that is publishing (or DAMAGED) back to PLANNING because some of
+        its blobs were found missing or damaged at the site: they must move again. True if
+        this caller won it and must plan."""
+        with self._write() as txn:
+            row = txn.conn.execute(
+                sa.select(col(Placement.state)).where(col(Placement.id) == placement_id)
+            ).scalar_one_or_none()
+            taken = txn.conn.execute(
+                sa.update(Placement)
+                .where(
+                    col(Placement.id) == placement_id,
+                    col(Placement.state).in_(
+                        (
+                            PlacementState.TRANSFERRING,
+                            PlacementState.PUBLISHING,
+                            PlacementState.DAMAGED,
+                        )
+                    ),
+                )
+                .values(state=PlacementState.PLANNING, error=reason, updated_at=txn.now)
+            )
+            if taken.rowcount != 1:
+                return False
+            txn.emit(PlacementReopened(placement_id=placement_id, previous=str(row)))
+            return True
+
     def begin_planning(
         self,
         placement_id: int,
@@ -192,7 +219,6 @@ class PlacementStates(StateBase):
                 .where(col(Placement.id) == placement_id)
                 .values(
                     state=PlacementState.PLANNING,
-                    error=None,
                     updated_at=txn.now,
                     files_total=totals[0],
                     bytes_total=totals[1],
@@ -256,7 +282,7 @@ class PlacementStates(StateBase):
                     col(Placement.id) == placement_id,
                     col(Placement.state) == PlacementState.PLANNING,
                 )
-                .values(state=PlacementState.TRANSFERRING, updated_at=txn.now)
+                .values(state=PlacementState.TRANSFERRING, error=None, updated_at=txn.now)
             )
             txn.emit(planned)
             return PlacementState.TRANSFERRING
