@@ -110,7 +110,9 @@ class FileDirClashCheck:
     in one contiguous run right after ``p``. The stack holds the earlier paths that are
     (string) prefixes of the current one; each is a prefix of the next, so it is at most
     one entry per byte of the longest path. A path that is no longer a prefix of the
-    current one can never be a prefix of a later one, and is popped.
+    current one can never be a prefix of a later one, and is popped. Only the top needs
+    checking: a lower entry ``f`` with ``f/`` leading the current path would have that
+    same ``f/`` leading every entry above it, and those were refused when they came.
     """
 
     __slots__ = ("_stack",)
@@ -124,9 +126,8 @@ class FileDirClashCheck:
         stack = self._stack
         while stack and not key.startswith(stack[-1]):
             stack.pop()
-        for prefix in stack:
-            if key[len(prefix) : len(prefix) + 1] == b"/":
-                return prefix
+        if stack and key[len(stack[-1]) : len(stack[-1]) + 1] == b"/":
+            return stack[-1]
         stack.append(key)
         return None
 
