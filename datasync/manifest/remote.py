@@ -64,16 +64,20 @@ _LOCAL_SCHEMES = frozenset({"file", "posix"})
 
 @dataclass(frozen=True, slots=True)
 class LocalTree:
-    """A directory on this host; ``within`` is the POSIX site root it was named under."""
+    """A directory on this host; ``within`` is the POSIX site root it was named under, and
+    ``named`` how (``SITE:path``), for messages."""
 
     path: Path
     within: Path | None = None
+    named: str = ""
 
     def resolve(self) -> Path:
         """The real directory to scan; ``UserError`` if it is not one, or if a symlink
         takes it out of the site root it was named under."""
         root = self.path.expanduser()
         if not root.is_dir():
+            if self.named:
+                raise UserError(f"{self.named} ({self.path}): not a directory (or does not exist)")
             head, sep, _ = str(self.path).partition(":")
             hint = f", and there is no site named {head!r}" if sep and "/" not in head else ""
             raise UserError(f"{self.path}: not a directory (or does not exist){hint}")
@@ -82,8 +86,8 @@ class LocalTree:
             base = self.within.resolve()
             if real != base and not real.is_relative_to(base):
                 raise UserError(
-                    f"{self.path} resolves to {real}, outside the site root {base}, through "
-                    "a symlink; register that directory by its own path"
+                    f"{self.named or self.path} resolves to {real}, outside the site root "
+                    f"{base}, through a symlink; register that directory by its own path"
                 )
         return real
 
@@ -113,7 +117,7 @@ def check_prefix(source: str, prefix: str, *, url: bool = False) -> str:
     else:
         for segment in rel.split("/"):
             if segment in ("", ".", ".."):
-                why = f"has {'an empty' if not segment else repr(segment)} segment"
+                why = f"has {'an empty' if not segment else f'a {segment!r}'} segment"
                 break
     if why is None:
         return rel
@@ -159,7 +163,7 @@ def parse_source(
         site = settings.sites[site_name]
         root = parse_url(site.url)
         if root.scheme == "file":
-            return LocalTree(Path(root.path, rel), within=Path(root.path))
+            return LocalTree(Path(root.path, rel), Path(root.path), source)
         return RemoteTree(_join(site.url, rel), f"{site_name}:{rel}", dict(site.options))
     parts = urlsplit(source)
     if parts.scheme.lower() in _LOCAL_SCHEMES:
