@@ -4,9 +4,13 @@ Each method validates its input before touching anything, delegates to the manif
 core (scan, producer manifests) and the store, and returns pydantic models that serialise
 to the JSON both interfaces print. Raises only ``DatasyncError`` subclasses.
 
-Registration from a directory first *spools* the scan to a temporary file and only then
-opens the database transaction: hashing a large tree can take hours, and an SQLite write
-lock must not be held that long. A scan error therefore changes nothing at all.
+Registration follows one policy for every source: ``manifest.remote`` decides which
+scanner reads it (a local tree, ``SITE:path`` on a POSIX site included, goes through
+``scan_directory``; an object-store prefix through ``cloudscan``) and checks the source
+string. The scan is *spooled* to a temporary file through a ``VersionIdBuilder`` (order,
+duplicates, a file that is also a directory) and only then is the database transaction
+opened: hashing a large tree can take hours, and an SQLite write lock must not be held
+that long. A scan error therefore changes nothing at all.
 """
 
 from __future__ import annotations

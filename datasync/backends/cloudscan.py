@@ -16,6 +16,10 @@ Invariants:
   manifest.
 * Every range is read pinned to the ETag/generation seen in the listing: an object that
   changes during the scan raises ``SourceChanged`` (where the store enforces it).
+* ``skip`` leaves out keys below ``prefix`` that start with one of its strings: a site
+  root's ``.datasync/`` is datasync's, not dataset content (``manifest.remote`` decides).
+* A file that another key needs as a directory (``a`` and ``a/b``) is refused by the
+  ``VersionIdBuilder`` the entries go through, as for every source.
 * Reads run on ``workers`` threads, ``read_size`` bytes each, across and within objects;
   at most ``2 * workers`` ranges are in memory. Hashing happens in order on the iterating
   thread (xxhash releases the GIL for these block sizes).

@@ -15,10 +15,16 @@ Policy (see ``docs/manifest-format.md``):
   rejected (cycles, and the same subtree under two names), as are links that escape the
   root, dangling or looping links, and links to special files.
 * Sockets, FIFOs and devices are rejected (``UnsupportedFileType``).
-* Names that are not valid UTF-8, hold control characters, or are NFC twins of a sibling
-  are rejected (``InvalidPath``), naming the directory and both spellings.
+* Names that are not valid UTF-8, hold control characters or a backslash, or are NFC
+  twins of a sibling are rejected (``InvalidPath``), naming the directory and the
+  spellings.
 * A file that changes while it is hashed (size, mtime or ctime moved) raises
   ``SourceChanged``: the digest would describe no real state of the file.
+* Names in ``exclude`` directly under the root are not visited (a site root's
+  ``.datasync``, datasync's own blob store; ``manifest.remote`` decides).
+
+This is the one scanner for every local tree: ``register /dir``, ``register SITE:path`` on
+a POSIX site and ``file://`` URLs all come here (``manifest.remote``).
 
 Hashing runs on a bounded thread pool; entries are yielded in walk order regardless of
 which finishes first. Files are opened with ``O_NOFOLLOW`` (a file swapped for a
