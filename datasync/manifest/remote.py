@@ -154,17 +154,16 @@ def parse_source(
     """
     if not is_remote_source(source, frozenset(settings.sites)):
         return None
-    if not urls and _URL_RE.match(source):
-        return None
-    match = _SITE_RE.match(source)
-    if _URL_RE.match(source) is None and match:
-        site_name, rest = match.group(1), match.group(2)
+    if _URL_RE.match(source) is None:  # SITE:path of a configured site
+        site_name, rest = source.split(":", 1)
         rel = check_prefix(source, rest)
         site = settings.sites[site_name]
         root = parse_url(site.url)
         if root.scheme == "file":
             return LocalTree(Path(root.path, rel), Path(root.path), source)
         return RemoteTree(_join(site.url, rel), f"{site_name}:{rel}", dict(site.options))
+    if not urls:
+        return None
     parts = urlsplit(source)
     if parts.scheme.lower() in _LOCAL_SCHEMES:
         path = unquote(parts.path)
