@@ -4,15 +4,18 @@ Each method validates its input before touching anything, delegates to the manif
 core (scan, producer manifests) and the store, and returns pydantic models that serialise
 to the JSON both interfaces print. Raises only ``DatasyncError`` subclasses.
 
-Registration from a directory first *spools* the scan to a temporary file and only then
-opens the database transaction: hashing a large tree can take hours, and an SQLite write
-lock must not be held that long. A scan error therefore changes nothing at all.
+Registration follows one policy for every source: ``manifest.remote`` decides which
+scanner reads it (a local tree, ``SITE:path`` on a POSIX site included, goes through
+``scan_directory``; an object-store prefix through ``cloudscan``) and checks the source
+string. The scan is *spooled* to a temporary file through a ``VersionIdBuilder`` (order,
+duplicates, a file that is also a directory) and only then is the database transaction
+opened: hashing a large tree can take hours, and an SQLite write lock must not be held
+that long. A scan error therefore changes nothing at all.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -24,15 +27,23 @@ from datasync.config import Settings
 from datasync.errors import InvalidManifest, UserError
 from datasync.manifest.canonical import (
     MANIFEST_FORMAT,
-    encode_entry,
+    VersionIdBuilder,
     entry_from_dict,
     loads_strict,
     read_canonical,
 )
 from datasync.manifest.diff import Change
+from datasync.manifest.paths import INTERNAL_DIR
 from datasync.manifest.producer import read_producer_manifest
 from datasync.manifest.refs import check_dataset_name, check_label
-from datasync.manifest.remote import RemoteSources
+from datasync.manifest.remote import (
+    LocalTree,
+    RemoteSources,
+    RemoteTree,
+    is_remote_source,
+    parse_source,
+    skips_internal_dir,
+)
 from datasync.manifest.scan import scan_directory, scan_total
 from datasync.manifest.statcache import StatCache
 from datasync.manifest.store import ManifestStore, Registration
@@ -55,9 +66,6 @@ __all__ = [
     "VersionInfo",
     "is_remote_source",
 ]
-
-_URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-_SITE_RE = re.compile(r"^([A-Za-z0-9_-]+):(.*)$")
 
 
 class VersionInfo(BaseModel):
@@ -136,14 +144,6 @@ class Progress(Protocol):
     def finish(self) -> None: ...
 
 
-def is_remote_source(source: str, site_names: frozenset[str] = frozenset()) -> bool:
-    """``s3://...``, ``az://...``, ``gs://...`` or ``SITE:path`` for a configured site."""
-    if _URL_RE.match(source):
-        return True
-    match = _SITE_RE.match(source)
-    return bool(match and match.group(1) in site_names)
-
-
 class DatasyncService:
     """Operations on datasets and versions. Built once by ``datasync.bootstrap``."""
 
@@ -171,25 +171,24 @@ class DatasyncService:
         manifest: bool | None = None,
         progress: Progress | None = None,
     ) -> RegisterResult:
-        """Route ``source`` to the right registration: remote URL, manifest file, directory.
+        """Register ``source``: a producer manifest file, a local directory, ``SITE:path``
+        or a URL, each under the one scanner policy of ``manifest.remote``.
 
         ``manifest=None`` detects a producer manifest by its ``.jsonl`` suffix.
         """
         check_dataset_name(dataset)
-        if label is not None:
-            check_label(label)
-        if is_remote_source(source, frozenset(self.settings.sites)):
-            return self._register_remote(dataset, source, label, chunk_size, progress)
-        path = Path(source).expanduser()
-        if manifest is None:
-            manifest = path.suffix.lower() in {".jsonl", ".ndjson"} and not path.is_dir()
-        if manifest:
-            if chunk_size is not None:
-                raise UserError("--chunk-size does not apply to a producer manifest")
-            return self.register_manifest(dataset, path, label=label)
-        return self.register_directory(
-            dataset, path, label=label, chunk_size=chunk_size, progress=progress
-        )
+        labels = [check_label(label)] if label is not None else []
+        tree = parse_source(self.settings, source)
+        if tree is None:  # a plain local path
+            path = Path(source).expanduser()
+            if manifest is None:
+                manifest = path.suffix.lower() in {".jsonl", ".ndjson"} and not path.is_dir()
+            if manifest:
+                if chunk_size is not None:
+                    raise UserError("--chunk-size does not apply to a producer manifest")
+                return self.register_manifest(dataset, path, label=label)
+            tree = LocalTree(path)
+        return self._register_tree(dataset, tree, labels, self._chunk_size(chunk_size), progress)
 
     def register_directory(
         self,
@@ -200,30 +199,17 @@ class DatasyncService:
         chunk_size: int | None = None,
         progress: Progress | None = None,
     ) -> RegisterResult:
-        """Scan and hash the local directory ``path`` and register it as a verified version."""
+        """Hash a directory on this host, or ``SITE:path`` of a configured site, and
+        register it as a verified version (as ``register`` would).
+
+        URLs are not taken here: the HTTP API calls this, and an API client must not make
+        the server fetch arbitrary URLs. A URL string is taken as a (missing) local path.
+        """
         check_dataset_name(dataset)
         labels = [check_label(label)] if label is not None else []
         chunk = self._chunk_size(chunk_size)
-        root = Path(path).expanduser()
-        if not root.is_dir():
-            head, sep, _ = str(path).partition(":")
-            hint = f", and there is no site named {head!r}" if sep and "/" not in head else ""
-            raise UserError(f"{path}: not a directory (or does not exist){hint}")
-        root = root.resolve()
-
-        def scan(on_progress: Callable[[int, int], None] | None) -> Iterator[FileEntry]:
-            return scan_directory(
-                root,
-                chunk_size=chunk,
-                workers=self.settings.hash_workers,
-                stat_cache=self.stat_cache,
-                on_progress=on_progress,
-            )
-
-        totals = scan_total(root) if progress is not None else (0, 0)
-        return self._register_scanned(
-            dataset, chunk, labels, scan, progress, totals, source=f"directory:{root}"
-        )
+        tree = parse_source(self.settings, path, urls=False) if isinstance(path, str) else None
+        return self._register_tree(dataset, tree or LocalTree(Path(path)), labels, chunk, progress)
 
     def register_manifest(
         self, dataset: str, jsonl_path: Path | str, *, label: str | None = None
@@ -245,26 +231,45 @@ class DatasyncService:
             )
         return RegisterResult.of_registration(reg)
 
-    def _register_remote(
+    def _register_tree(
         self,
         dataset: str,
-        source: str,
-        label: str | None,
-        chunk_size: int | None,
+        tree: LocalTree | RemoteTree,
+        labels: list[str],
+        chunk: int,
         progress: Progress | None,
     ) -> RegisterResult:
-        if self.remote_sources is None:
-            raise UserError(f"{source}: registering from remote sources is not configured")
-        check_dataset_name(dataset)
-        labels = [check_label(label)] if label is not None else []
-        chunk = self._chunk_size(chunk_size)
-        remote = self.remote_sources
+        """Local trees through ``scan_directory`` (recorded as ``directory:/real/path``),
+        object-store prefixes through ``cloudscan``; a site root's ``.datasync/`` is never
+        scanned."""
+        if isinstance(tree, RemoteTree):
+            if self.remote_sources is None:
+                raise UserError(f"{tree.record}: registering from remote sources is not configured")
+            remote = self.remote_sources
+
+            def scan_remote(on_progress: Callable[[int, int], None] | None) -> Iterator[FileEntry]:
+                return remote.scan(tree, chunk, on_progress)
+
+            # Totals are unknown until the listing ends.
+            return self._register_scanned(
+                dataset, chunk, labels, scan_remote, progress, (0, 0), tree.record
+            )
+        root = tree.resolve()
+        source = f"directory:{root}"
+        exclude = (INTERNAL_DIR,) if skips_internal_dir(self.settings, source) else ()
 
         def scan(on_progress: Callable[[int, int], None] | None) -> Iterator[FileEntry]:
-            return remote.scan(source, chunk, on_progress)
+            return scan_directory(
+                root,
+                chunk_size=chunk,
+                workers=self.settings.hash_workers,
+                stat_cache=self.stat_cache,
+                on_progress=on_progress,
+                exclude=exclude,
+            )
 
-        # Totals are unknown until the listing ends.
-        return self._register_scanned(dataset, chunk, labels, scan, progress, (0, 0), source)
+        totals = scan_total(root, exclude) if progress is not None else (0, 0)
+        return self._register_scanned(dataset, chunk, labels, scan, progress, totals, source)
 
     def _register_scanned(
         self,
@@ -277,12 +282,17 @@ class DatasyncService:
         source: str,
     ) -> RegisterResult:
         """Hash into a spool file first, then register from it: hashing a big tree or
-        bucket takes hours, and the database write lock must not be held that long."""
+        bucket takes hours, and the database write lock must not be held that long.
+
+        The spool is written through a ``VersionIdBuilder`` so that what the store would
+        refuse (a file that is also a directory, a duplicate) stops the scan when it shows
+        up, not after hours of hashing."""
         with self._spool() as spool:
             if progress is not None:
                 progress.start(*totals)
+            checker = VersionIdBuilder(ManifestHeader(chunk_size=chunk))
             for entry in scan(progress.update if progress is not None else None):
-                spool.write(encode_entry(entry))
+                spool.write(checker.add(entry))
             if progress is not None:
                 progress.finish()
             spool.flush()

@@ -16,6 +16,10 @@ Invariants:
   manifest.
 * Every range is read pinned to the ETag/generation seen in the listing: an object that
   changes during the scan raises ``SourceChanged`` (where the store enforces it).
+* ``skip`` leaves out keys below ``prefix`` that start with one of its strings: a site
+  root's ``.datasync/`` is datasync's, not dataset content (``manifest.remote`` decides).
+* A file that another key needs as a directory (``a`` and ``a/b``) is refused by the
+  ``VersionIdBuilder`` the entries go through, as for every source.
 * Reads run on ``workers`` threads, ``read_size`` bytes each, across and within objects;
   at most ``2 * workers`` ranges are in memory. Hashing happens in order on the iterating
   thread (xxhash releases the GIL for these block sizes).
@@ -49,11 +53,16 @@ def _dir_prefix(prefix: str) -> str:
 
 
 def ordered_objects(
-    infos: Iterator[ObjectInfo], prefix: str = "", *, window: int = 100_000
+    infos: Iterator[ObjectInfo],
+    prefix: str = "",
+    *,
+    window: int = 100_000,
+    skip: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, ObjectInfo]]:
     """``(normalized path, info)`` in canonical order, reordering within ``window``.
 
-    ``prefix`` (ending in ``/`` or empty) is cut from every key to form the path."""
+    ``prefix`` (ending in ``/`` or empty) is cut from every key to form the path; keys
+    whose remainder starts with one of ``skip`` are left out."""
     pending: list[tuple[bytes, int, str, ObjectInfo]] = []  # seq breaks ties
     last: bytes | None = None
 
@@ -67,9 +76,10 @@ def ordered_objects(
         return path, info
 
     for seq, info in enumerate(infos):
-        if info.key.endswith("/"):
-            continue  # a "directory marker" some tools create; it holds no file
-        path = normalize_path(info.key[len(prefix) :])
+        rel = info.key[len(prefix) :]
+        if info.key.endswith("/") or rel.startswith(skip):
+            continue  # a "directory marker" some tools create, or a skipped subtree
+        path = normalize_path(rel)
         sort_key = path_sort_key(path)
         if last is not None and sort_key <= last:
             raise InvalidPath(
@@ -99,12 +109,15 @@ def scan_backend(
     on_progress: ProgressCallback | None = None,
     read_size: int = DEFAULT_READ_SIZE,
     window: int = 100_000,
+    skip: tuple[str, ...] = (),
 ) -> Iterator[FileEntry]:
-    """Stream ``FileEntry`` for every object under ``prefix`` (see the module docstring)."""
+    """Stream ``FileEntry`` for every object under ``prefix`` (see the module docstring),
+    except those whose key below ``prefix`` starts with one of ``skip`` (a site root's
+    ``.datasync/``)."""
     check_chunk_size(chunk_size)
     if workers < 1 or read_size < 1:
         raise ValueError(f"workers ({workers}) and read_size ({read_size}) must be positive")
-    return _scan(backend, prefix, chunk_size, workers, on_progress, read_size, window)
+    return _scan(backend, prefix, chunk_size, workers, on_progress, read_size, window, skip)
 
 
 class _Slot:
@@ -127,9 +140,10 @@ def _scan(
     on_progress: ProgressCallback | None,
     read_size: int,
     window: int,
+    skip: tuple[str, ...],
 ) -> Iterator[FileEntry]:
     prefix = _dir_prefix(prefix)
-    objects = ordered_objects(backend.list(prefix), prefix, window=window)
+    objects = ordered_objects(backend.list(prefix), prefix, window=window, skip=skip)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datasync-cloudscan")
     slots: deque[_Slot] = deque()  # objects in listing order, head is hashed next
     cursor: tuple[_Slot, Iterator[tuple[int, int]]] | None = None  # object being submitted

@@ -30,6 +30,7 @@ __all__ = [
     "entries_table",
     "labels_table",
     "path_type",
+    "table_of",
     "versions_table",
 ]
 
@@ -47,10 +48,8 @@ class Dataset(SQLModel, table=True):
     __tablename__ = "datasets"
 
     pk: int | None = Field(default=None, primary_key=True)
-    name: str = Field(sa_column=sa.Column(path_type(), nullable=False, unique=True))
-    created_at: datetime = Field(
-        default_factory=_utc_now, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
-    )
+    name: str = Field(sa_type=path_type(), unique=True)
+    created_at: datetime = Field(default_factory=_utc_now, sa_type=sa.DateTime(timezone=True))
 
 
 class Version(SQLModel, table=True):
@@ -60,65 +59,56 @@ class Version(SQLModel, table=True):
     )
 
     pk: int | None = Field(default=None, primary_key=True)
-    dataset_pk: int = Field(
-        sa_column=sa.Column(
-            sa.Integer, sa.ForeignKey("datasets.pk", ondelete="CASCADE"), nullable=False
-        )
-    )
+    dataset_pk: int = Field(foreign_key="datasets.pk", ondelete="CASCADE")
     # sha256 hex of the canonical manifest bytes; NULL while pending.
-    version_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(64), index=True))
-    format: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
-    chunk_size: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
-    files: int = Field(default=0, sa_column=sa.Column(sa.BigInteger, nullable=False))
-    bytes: int = Field(default=0, sa_column=sa.Column(sa.BigInteger, nullable=False))
+    version_id: str | None = Field(default=None, sa_type=sa.String(64), index=True)
+    format: str = Field(sa_type=sa.String(64))
+    chunk_size: int = Field(sa_type=sa.BigInteger)
+    files: int = Field(default=0, sa_type=sa.BigInteger)
+    bytes: int = Field(default=0, sa_type=sa.BigInteger)
     # False when registered from a producer manifest: nobody has hashed these bytes yet.
-    verified: bool = Field(sa_column=sa.Column(sa.Boolean, nullable=False))
-    # Where it was registered from ("directory:/data/x", "manifest:file.jsonl"), informational.
-    source: str = Field(default="", sa_column=sa.Column(sa.Text, nullable=False))
-    created_at: datetime = Field(
-        default_factory=_utc_now, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
-    )
+    verified: bool
+    # Where it was registered from ("directory:/data/x", "manifest:file.jsonl", "aws:runs/7").
+    # ``datasync.transfer.sites.site_for_source`` reads it to find the source replicas.
+    source: str = Field(default="", sa_type=sa.Text)
+    created_at: datetime = Field(default_factory=_utc_now, sa_type=sa.DateTime(timezone=True))
 
 
 class Entry(SQLModel, table=True):
     __tablename__ = "entries"
     __table_args__ = ({"sqlite_with_rowid": False},)
 
-    version_pk: int = Field(
-        sa_column=sa.Column(
-            sa.Integer,
-            sa.ForeignKey("versions.pk", ondelete="CASCADE"),
-            primary_key=True,
-        )
-    )
-    path: str = Field(sa_column=sa.Column(path_type(), primary_key=True))
-    size: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
-    digest: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
+    version_pk: int = Field(primary_key=True, foreign_key="versions.pk", ondelete="CASCADE")
+    path: str = Field(primary_key=True, sa_type=path_type())
+    size: int = Field(sa_type=sa.BigInteger)
+    digest: str = Field(sa_type=sa.String(64))
     # JSON array of chunk digests, NULL for files no larger than one chunk.
-    chunks: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    chunks: str | None = Field(default=None, sa_type=sa.Text)
 
 
 class Label(SQLModel, table=True):
     __tablename__ = "labels"
 
-    dataset_pk: int = Field(
-        sa_column=sa.Column(
-            sa.Integer, sa.ForeignKey("datasets.pk", ondelete="CASCADE"), primary_key=True
-        )
-    )
-    name: str = Field(sa_column=sa.Column(sa.String(128), primary_key=True))
-    version_pk: int = Field(
-        sa_column=sa.Column(
-            sa.Integer, sa.ForeignKey("versions.pk", ondelete="CASCADE"), nullable=False, index=True
-        )
-    )
-    updated_at: datetime = Field(
-        default_factory=_utc_now, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
-    )
+    dataset_pk: int = Field(primary_key=True, foreign_key="datasets.pk", ondelete="CASCADE")
+    name: str = Field(primary_key=True, sa_type=sa.String(128))
+    version_pk: int = Field(foreign_key="versions.pk", ondelete="CASCADE", index=True)
+    updated_at: datetime = Field(default_factory=_utc_now, sa_type=sa.DateTime(timezone=True))
 
 
-# Core handles for bulk statements (SQLModel does not type ``__table__``).
-datasets_table: sa.Table = Dataset.__table__  # type: ignore[attr-defined]
-versions_table: sa.Table = Version.__table__  # type: ignore[attr-defined]
-entries_table: sa.Table = Entry.__table__  # type: ignore[attr-defined]
-labels_table: sa.Table = Label.__table__  # type: ignore[attr-defined]
+def table_of(model: type[SQLModel]) -> sa.Table:
+    """The Core ``Table`` of a table model, for bulk statements and ``INSERT ... SELECT``.
+
+    SQLModel does not type ``__table__``; the mapper's ``local_table`` is the same object.
+    """
+    table = sa.inspect(model).local_table
+    if not isinstance(table, sa.Table):  # pragma: no cover - every table model has one
+        raise TypeError(f"{model.__name__} is not a table model")
+    return table
+
+
+# Core handles for modules that build statements on ``Table.c`` (the manifest code itself
+# uses the model classes with ``sqlmodel.col``).
+datasets_table = table_of(Dataset)
+versions_table = table_of(Version)
+entries_table = table_of(Entry)
+labels_table = table_of(Label)

@@ -29,9 +29,10 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlmodel import col
 
 from datasync.db.engine import is_postgresql, is_sqlite
-from datasync.db.tables import entries_table
+from datasync.db.tables import Entry
 from datasync.errors import InvalidManifest
 from datasync.manifest.canonical import VersionIdBuilder
 from datasync.manifest.diff import Change
@@ -55,7 +56,6 @@ SQLITE_BULK_CACHE_KIB = 256 * 1024
 SQLITE_DEFAULT_CACHE = -2000  # SQLite's own default (2000 KiB)
 PG_SORT_MEMORY = "256MB"  # server-side work_mem for the staging sort (this transaction only)
 
-_E = entries_table
 _EntryRow = tuple[int, str, int, str, str | None]
 _COLUMNS = "version_pk, path, size, digest, chunks"
 _cursor_ids = itertools.count()
@@ -192,8 +192,11 @@ def _find_duplicate(conn: Connection, version_pk: int, batch: list[_EntryRow]) -
     paths = [row[1] for row in batch]
     for start in range(0, len(paths), 500):
         hit = conn.execute(
-            sa.select(_E.c.path)
-            .where(_E.c.version_pk == version_pk, _E.c.path.in_(paths[start : start + 500]))
+            sa.select(col(Entry.path))
+            .where(
+                col(Entry.version_pk) == version_pk,
+                col(Entry.path).in_(paths[start : start + 500]),
+            )
             .limit(1)
         ).scalar_one_or_none()
         if hit is not None:

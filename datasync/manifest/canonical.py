@@ -5,10 +5,11 @@ Canonical form (``datasync-manifest/1``; ``docs/manifest-format.md`` is the refe
 * UTF-8 JSON Lines, every line ending in ``\\n``, no blank lines.
 * Line 1, the header: ``{"chunk_size":N,"format":"datasync-manifest/1"}``.
 * Then one line per file, in strictly ascending order of the path's UTF-8 bytes (so no
-  duplicates). Each is a JSON object with sorted keys, separators ``,`` and ``:``, no
-  ASCII escaping (``json.dumps(..., sort_keys=True, separators=(",", ":"),
-  ensure_ascii=False)``), keys ``path``, ``size``, ``digest`` and, only when
-  ``size > chunk_size``, ``chunks`` (the per-chunk digests in order).
+  duplicates), and no file path is a directory of another (``a`` with ``a/b``). Each
+  is a JSON object with sorted keys, separators ``,`` and ``:``, no ASCII escaping
+  (``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)``),
+  keys ``path``, ``size``, ``digest`` and, only when ``size > chunk_size``, ``chunks``
+  (the per-chunk digests in order).
 * The version id is the lowercase sha256 hex of all those bytes, header included.
 
 The encoders below build the lines by hand instead of calling ``json.dumps`` per entry
@@ -39,6 +40,7 @@ from datasync.models import (
 
 __all__ = [
     "MANIFEST_FORMAT",
+    "FileDirClashCheck",
     "VersionIdBuilder",
     "check_chunk_size",
     "encode_entry",
@@ -97,19 +99,63 @@ def encode_entry(e: FileEntry) -> bytes:
     )
 
 
+class FileDirClashCheck:
+    """Finds a file that another path of the version needs as a directory (``a`` and ``a/b``).
+
+    No file system can hold both, and a view is a file system tree on POSIX sites, so such a
+    version could never be published everywhere. Object-store keys and producer manifests
+    can express it, hence this check over the canonical stream, with bounded memory.
+
+    Why a stack suffices: in ascending byte order every path that starts with ``p`` comes
+    in one contiguous run right after ``p``. The stack holds the earlier paths that are
+    (string) prefixes of the current one; each is a prefix of the next, so it is at most
+    one entry per byte of the longest path. A path that is no longer a prefix of the
+    current one can never be a prefix of a later one, and is popped. Only the top needs
+    checking: a lower entry ``f`` with ``f/`` leading the current path would have that
+    same ``f/`` leading every entry above it, and those were refused when they came.
+    """
+
+    __slots__ = ("_stack",)
+
+    def __init__(self) -> None:
+        self._stack: list[bytes] = []
+
+    def add(self, key: bytes) -> bytes | None:
+        """Feed the next path (UTF-8 bytes, strictly ascending); return the earlier file
+        that ``key`` lies under (``key`` starts with it plus ``/``), or None."""
+        stack = self._stack
+        while stack and not key.startswith(stack[-1]):
+            stack.pop()
+        if stack and key[len(stack[-1]) : len(stack[-1]) + 1] == b"/":
+            return stack[-1]
+        stack.append(key)
+        return None
+
+
+def _clash_error(file: str, nested: str) -> InvalidPath:
+    return InvalidPath(
+        f"{file!r} is a file, but {nested!r} needs {file!r} to be a directory: no file "
+        "system can hold both, so the version could not be published on POSIX sites; "
+        "rename or remove one of them"
+    )
+
+
 class VersionIdBuilder:
     """Streams entries in canonical order into sha256; ``hexdigest()`` is the version id.
 
     ``add`` raises ``InvalidManifest`` unless each path's UTF-8 bytes sort strictly after
-    the previous one's, which also rejects duplicates and NFC twins (already normalized).
-    ``files`` and ``bytes`` count what was added.
+    the previous one's, which also rejects duplicates and NFC twins (already normalized),
+    and ``InvalidPath`` for a file that a later path needs as a directory
+    (``FileDirClashCheck``). Every registration computes its id here, so every source
+    gets these checks. ``files`` and ``bytes`` count what was added.
     """
 
-    __slots__ = ("_hash", "_last", "bytes", "chunk_size", "files")
+    __slots__ = ("_clash", "_hash", "_last", "bytes", "chunk_size", "files")
 
     def __init__(self, header: ManifestHeader) -> None:
         self._hash = hashlib.sha256(encode_header(header))
         self._last: bytes | None = None
+        self._clash = FileDirClashCheck()
         self.chunk_size = header.chunk_size
         self.files = 0
         self.bytes = 0
@@ -125,6 +171,9 @@ class VersionIdBuilder:
                 f"manifest entries out of order: {entry.path!r} comes after "
                 f"{last.decode('utf-8')!r}; entries must be sorted by UTF-8 bytes"
             )
+        file = self._clash.add(key)
+        if file is not None:
+            raise _clash_error(file.decode("utf-8"), entry.path)
         self._last = key
         line = encode_entry(entry)
         self._hash.update(line)

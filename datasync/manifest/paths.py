@@ -10,10 +10,16 @@ kept by ``normalize_path`` (and relied on by the canonical form, the stores and 
   trailing ``/``); so joining it under any root stays under that root.
 * No C0 controls, DEL or C1 controls (they break terminals, logs and line-based formats);
   no lone surrogates (non-UTF-8 names from ``os.fsdecode``, or ``\\udXXX`` JSON escapes).
+* No backslash: datasync's object keys refuse it (``backends.base.check_key``; it is a
+  separator on Windows and to many tools), so a version holding one could never be
+  replicated to an object store. It is refused at registration, not at the first transfer.
 * At most 255 UTF-8 bytes per segment (NAME_MAX on Linux, S3/GCS/Azure friendly) and
   4096 bytes in total (PATH_MAX).
 
-Everything else is an ordinary character: spaces, ``%``, ``\\``, ``:``, emoji.
+Everything else is an ordinary character: spaces, ``%``, ``:``, emoji.
+
+What one path cannot show, a file ``a`` next to a file ``a/b`` in the same version, is
+refused by ``canonical.VersionIdBuilder`` over the sorted stream.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import unicodedata
 from datasync.errors import InvalidPath
 
 __all__ = [
+    "INTERNAL_DIR",
     "MAX_PATH_BYTES",
     "MAX_SEGMENT_BYTES",
     "normalize_name",
@@ -32,6 +39,9 @@ __all__ = [
 
 MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 4096
+# Under a site's root, datasync's own directory (blob store, temporary parts): never
+# dataset content, so a registration of the site root does not scan it.
+INTERNAL_DIR = ".datasync"
 
 # C0 controls (includes NUL, TAB, LF), DEL, and the C1 block.
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -73,6 +83,12 @@ def normalize_path(raw: str) -> str:
         else:
             path = unicodedata.normalize("NFC", raw)
             nbytes = len(path.encode("utf-8"))
+    if "\\" in path:
+        raise _fail(
+            raw,
+            "backslash '\\' is not allowed (a separator on Windows; datasync refuses it in "
+            "object keys, so the file could not be replicated to every site); rename it",
+        )
     if path[0] == "/":
         raise _fail(raw, "absolute paths are not allowed; give a path relative to the root")
     if nbytes > MAX_PATH_BYTES:

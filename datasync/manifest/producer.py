@@ -11,9 +11,11 @@ Schema plus what a schema cannot express (chunk count against the header's chunk
 UTF-8 byte lengths of paths, NFC, lone surrogates); ``tests/unit/test_producer.py`` pins
 that the two agree. Errors are ``InvalidManifest`` (or ``InvalidPath``) naming the line.
 
-Duplicates cannot be seen in a stream in arbitrary order: the caller sorts entries by
+Duplicates, and a file that another path needs as a directory (``a`` and ``a/b``),
+cannot be seen in a stream in arbitrary order: the caller sorts entries by
 ``path_sort_key`` (in the database for large manifests) and ``VersionIdBuilder.add``
-rejects equal neighbours, which also catches NFC twins since paths come out normalized.
+rejects them over the sorted stream (equal neighbours also catch NFC twins, since paths
+come out normalized).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Names and references: dataset names, label names and ``DATASET@REF`` parsing.
 
 * A dataset name is 1 to 3 ``/``-separated segments of ``[a-z0-9._-]``, each starting with
-  a letter or digit (``drive/tokyo-urban``). The first segment is the namespace.
+  a letter or digit (``drive/tokyo-urban``). The first segment is the namespace. No
+  segment is 64 lowercase hex digits: views live at ``<root>/<dataset>/<version-id>/``,
+  so ``drive/<64 hex>`` would be a directory of dataset ``drive``'s views.
 * A label is 1 to 128 characters of ``[A-Za-z0-9._-]`` starting with a letter or digit, and
   is not a full 64-hex id (a label must never shadow a version id).
 * ``DATASET@REF``: REF is tried as a label first, then as a full id, then as a unique id
@@ -58,11 +60,23 @@ def check_dataset_name(name: str) -> str:
             "segments of lowercase letters, digits, '.', '_' or '-', each starting with a "
             "letter or digit (e.g. drive/tokyo-urban)"
         )
+    for segment in segments:
+        if _is_version_id(segment):
+            raise UserError(
+                f"invalid dataset name {name!r}: segment {segment[:12]}... is 64 hex digits, "
+                "which is what a version id looks like; views live at "
+                "<root>/<dataset>/<version-id>/, so it would collide with a version "
+                "directory. Choose a name that is not a 64-hex string"
+            )
     return name
 
 
+def _is_version_id(text: str) -> bool:
+    return len(text) == 64 and bool(_HEX_RE.match(text))
+
+
 def check_label(label: str) -> str:
-    if not _LABEL_RE.match(label) or (len(label) == 64 and _HEX_RE.match(label)):
+    if not _LABEL_RE.match(label) or _is_version_id(label):
         raise UserError(
             f"invalid label {label!r}: use up to 128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, and not a 64-hex version id"

@@ -15,10 +15,16 @@ Policy (see ``docs/manifest-format.md``):
   rejected (cycles, and the same subtree under two names), as are links that escape the
   root, dangling or looping links, and links to special files.
 * Sockets, FIFOs and devices are rejected (``UnsupportedFileType``).
-* Names that are not valid UTF-8, hold control characters, or are NFC twins of a sibling
-  are rejected (``InvalidPath``), naming the directory and both spellings.
+* Names that are not valid UTF-8, hold control characters or a backslash, or are NFC
+  twins of a sibling are rejected (``InvalidPath``), naming the directory and the
+  spellings.
 * A file that changes while it is hashed (size, mtime or ctime moved) raises
   ``SourceChanged``: the digest would describe no real state of the file.
+* Names in ``exclude`` directly under the root are not visited (a site root's
+  ``.datasync``, datasync's own blob store; ``manifest.remote`` decides).
+
+This is the one scanner for every local tree: ``register /dir``, ``register SITE:path`` on
+a POSIX site and ``file://`` URLs all come here (``manifest.remote``).
 
 Hashing runs on a bounded thread pool; entries are yielded in walk order regardless of
 which finishes first. Files are opened with ``O_NOFOLLOW`` (a file swapped for a
@@ -34,7 +40,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Collection, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +105,14 @@ def _os_error(exc: OSError, path: str) -> DatasyncError:
 
 
 class _Walker:
-    """Depth-first walk in canonical order; yields files, raises on anything rejected."""
+    """Depth-first walk in canonical order; yields files, raises on anything rejected.
 
-    def __init__(self, root: str) -> None:
+    Entries of the root named in ``exclude`` are not visited at all."""
+
+    def __init__(self, root: str, exclude: Collection[str] = ()) -> None:
         self.root = root
         self.root_prefix = root.rstrip(os.sep) + os.sep
+        self.exclude = frozenset(exclude)
 
     def _inside(self, target: str) -> bool:
         return target == self.root or target.startswith(self.root_prefix)
@@ -138,7 +147,9 @@ class _Walker:
             )
         return _Item(rel, entry.path, target, True, (st.st_dev, st.st_ino))
 
-    def _children(self, directory: str, prefix: str) -> list[tuple[bytes, str, os.DirEntry[str]]]:
+    def _children(
+        self, directory: str, prefix: str, exclude: frozenset[str] = frozenset()
+    ) -> list[tuple[bytes, str, os.DirEntry[str]]]:
         """One directory's entries as (sort key, normalized rel path, entry), sorted."""
         where = prefix.rstrip("/") or "."
         seen: dict[str, str] = {}
@@ -146,6 +157,8 @@ class _Walker:
         try:
             with os.scandir(directory) as it:
                 for entry in it:
+                    if entry.name in exclude:
+                        continue
                     try:
                         name = normalize_name(entry.name)
                         rel = normalize_path(prefix + name)
@@ -167,7 +180,7 @@ class _Walker:
         return out
 
     def __iter__(self) -> Iterator[_Item]:
-        stack = [iter(self._children(self.root, ""))]
+        stack = [iter(self._children(self.root, "", self.exclude))]
         while stack:
             child = next(stack[-1], None)
             if child is None:
@@ -313,6 +326,7 @@ def scan_directory(
     on_progress: ProgressCallback | None = None,
     hash_threads: int = 1,
     buffer_size: int = DEFAULT_BUFFER_SIZE,
+    exclude: Collection[str] = (),
 ) -> Generator[FileEntry, None, None]:
     """Stream ``root``'s files as ``FileEntry`` in canonical order, hashing in parallel.
 
@@ -323,16 +337,17 @@ def scan_directory(
     called from the iterating thread at most every 0.1 s (while waiting on a large file
     too) and once at the end. Root and chunk size are checked before this returns;
     everything else raises from the iterator. Closing the iterator early stops the pool.
+    Names in ``exclude`` directly under the root are skipped (a site root's ``.datasync``).
     """
     check_chunk_size(chunk_size)
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    real_root = _resolve_root(root)
-    return _scan(real_root, chunk_size, workers, stat_cache, on_progress, hash_threads, buffer_size)
+    walker = _Walker(_resolve_root(root), exclude)
+    return _scan(walker, chunk_size, workers, stat_cache, on_progress, hash_threads, buffer_size)
 
 
 def _scan(
-    root: str,
+    walker: _Walker,
     chunk_size: int,
     workers: int,
     cache: StatCache | None,
@@ -367,7 +382,7 @@ def _scan(
         return entry
 
     try:
-        for item in _Walker(root):
+        for item in walker:
             window.append(
                 pool.submit(
                     _hash_item, item, chunk_size, cache, hash_threads, buffer_size, progress
@@ -387,18 +402,23 @@ def _scan(
             cache.flush()
 
 
-def scan_total(root: Path) -> tuple[int, int]:
+def scan_total(root: Path, exclude: Collection[str] = ()) -> tuple[int, int]:
     """``(files, bytes)`` from a stat-only walk, for a progress bar's totals.
 
     Best effort: it follows the same rules loosely (file symlinks counted, everything
     unreadable or unsupported skipped); ``scan_directory`` is the one that validates.
     """
     files = total = 0
-    stack = [_resolve_root(root)]
+    real_root = _resolve_root(root)
+    stack = [real_root]
     while stack:
+        directory = stack.pop()
+        skip = exclude if directory == real_root else ()
         try:
-            with os.scandir(stack.pop()) as it:
+            with os.scandir(directory) as it:
                 for entry in it:
+                    if entry.name in skip:
+                        continue
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)

@@ -27,9 +27,10 @@ from typing import Any, BinaryIO
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlmodel import col
 
 from datasync.db.engine import is_postgresql, write_transaction
-from datasync.db.tables import datasets_table, labels_table, versions_table
+from datasync.db.tables import Dataset, Label, Version
 from datasync.errors import UnknownReference
 from datasync.manifest.bulk import (
     bulk_cache,
@@ -47,8 +48,6 @@ from datasync.models import FileEntry, ManifestHeader, VersionSummary
 __all__ = ["ManifestStore", "Registration"]
 
 _AMBIGUOUS_SHOWN = 10
-
-_D, _V, _L = datasets_table, versions_table, labels_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,21 +94,23 @@ class ManifestStore:
         try:
             with write_transaction(self.engine) as conn:
                 dataset_pk = _get_or_create_dataset(conn, dataset)
-                version_pk = conn.execute(
-                    _V.insert()
-                    .values(
-                        dataset_pk=dataset_pk,
-                        version_id=None,
-                        format=header.format,
-                        chunk_size=header.chunk_size,
-                        files=0,
-                        bytes=0,
-                        verified=verified,
-                        source=source,
-                        created_at=datetime.now(UTC),
-                    )
-                    .returning(_V.c.pk)
-                ).scalar_one()
+                version_pk = _pk(
+                    conn.execute(
+                        sa.insert(Version)
+                        .values(
+                            dataset_pk=dataset_pk,
+                            version_id=None,
+                            format=header.format,
+                            chunk_size=header.chunk_size,
+                            files=0,
+                            bytes=0,
+                            verified=verified,
+                            source=source,
+                            created_at=datetime.now(UTC),
+                        )
+                        .returning(col(Version.pk))
+                    ).scalar_one()
+                )
                 builder = VersionIdBuilder(header)
                 with bulk_cache(conn):
                     if insert_entries(conn, version_pk, entries, builder):
@@ -127,7 +128,11 @@ class ManifestStore:
                 for name in wanted:
                     _move_label(conn, dataset_pk, name, exc.version_pk)
                 if verified:
-                    conn.execute(_V.update().where(_V.c.pk == exc.version_pk).values(verified=True))
+                    conn.execute(
+                        sa.update(Version)
+                        .where(col(Version.pk) == exc.version_pk)
+                        .values(verified=True)
+                    )
             return Registration(self._summary(exc.version_pk), created=False)
         return Registration(self._summary(version_pk), created=True)
 
@@ -135,7 +140,9 @@ class ManifestStore:
 
     def list_datasets(self) -> list[str]:
         with self.engine.connect() as conn:
-            return list(conn.execute(sa.select(_D.c.name).order_by(_D.c.name)).scalars())
+            return list(
+                conn.execute(sa.select(col(Dataset.name)).order_by(col(Dataset.name))).scalars()
+            )
 
     def list_versions(self, dataset: str) -> list[VersionSummary]:
         """Sealed versions of ``dataset``, newest first."""
@@ -144,8 +151,8 @@ class ManifestStore:
             dataset_pk = _dataset_pk(conn, dataset)
             rows = conn.execute(
                 _summary_query()
-                .where(_V.c.dataset_pk == dataset_pk)
-                .order_by(_V.c.created_at.desc(), _V.c.pk.desc())
+                .where(col(Version.dataset_pk) == dataset_pk)
+                .order_by(col(Version.created_at).desc(), col(Version.pk).desc())
             ).all()
             labels = _labels_by_version(conn, dataset_pk)
         return [_to_summary(row, labels.get(row.pk, ())) for row in rows]
@@ -158,7 +165,9 @@ class ManifestStore:
     def header(self, version: VersionSummary) -> ManifestHeader:
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(_V.c.chunk_size, _V.c.format).where(_V.c.pk == _version_pk(conn, version))
+                sa.select(col(Version.chunk_size), col(Version.format)).where(
+                    col(Version.pk) == _version_pk(conn, version)
+                )
             ).one()
         return ManifestHeader(chunk_size=row.chunk_size, format=row.format)
 
@@ -206,7 +215,7 @@ class ManifestStore:
         with write_transaction(self.engine) as conn:
             version_pk = _resolve(conn, ref)
             dataset_pk = conn.execute(
-                sa.select(_V.c.dataset_pk).where(_V.c.pk == version_pk)
+                sa.select(col(Version.dataset_pk)).where(col(Version.pk) == version_pk)
             ).scalar_one()
             _move_label(conn, dataset_pk, label, version_pk)
         return self._summary(version_pk)
@@ -215,7 +224,9 @@ class ManifestStore:
         """Record that every byte of ``version`` was hashed and matched (first transfer)."""
         with write_transaction(self.engine) as conn:
             conn.execute(
-                _V.update().where(_V.c.pk == _version_pk(conn, version)).values(verified=True)
+                sa.update(Version)
+                .where(col(Version.pk) == _version_pk(conn, version))
+                .values(verified=True)
             )
 
     # ------------------------------------------------------------------ helpers
@@ -224,9 +235,11 @@ class ManifestStore:
         if conn is None:
             with self.engine.connect() as own:
                 return self._summary(version_pk, own)
-        row = conn.execute(_summary_query().where(_V.c.pk == version_pk)).one()
+        row = conn.execute(_summary_query().where(col(Version.pk) == version_pk)).one()
         labels = conn.execute(
-            sa.select(_L.c.name).where(_L.c.version_pk == version_pk).order_by(_L.c.name)
+            sa.select(col(Label.name))
+            .where(col(Label.version_pk) == version_pk)
+            .order_by(col(Label.name))
         ).scalars()
         return _to_summary(row, tuple(labels))
 
@@ -234,17 +247,29 @@ class ManifestStore:
 # ------------------------------------------------------------------------ writing
 
 
+def _pk(value: int | None) -> int:
+    """A primary key read back from the database: the models type it optional (None
+    until inserted), a row never holds NULL."""
+    if value is None:  # pragma: no cover - NOT NULL in the schema
+        raise RuntimeError("the database returned a NULL primary key")
+    return value
+
+
 def _get_or_create_dataset(conn: Connection, name: str) -> int:
-    found = conn.execute(sa.select(_D.c.pk).where(_D.c.name == name)).scalar_one_or_none()
+    found = conn.execute(
+        sa.select(col(Dataset.pk)).where(col(Dataset.name) == name)
+    ).scalar_one_or_none()
     if found is not None:
-        return int(found)
+        return found
     # Savepoint: a concurrent creator (PostgreSQL) makes the insert fail; then it exists.
     try:
         with conn.begin_nested():
-            conn.execute(_D.insert().values(name=name, created_at=datetime.now(UTC)))
+            conn.execute(sa.insert(Dataset).values(name=name, created_at=datetime.now(UTC)))
     except sa.exc.IntegrityError:
         pass
-    return int(conn.execute(sa.select(_D.c.pk).where(_D.c.name == name)).scalar_one())
+    return _pk(
+        conn.execute(sa.select(col(Dataset.pk)).where(col(Dataset.name) == name)).scalar_one()
+    )
 
 
 def _compute_id(conn: Connection, version_pk: int, header: ManifestHeader) -> tuple[str, int, int]:
@@ -266,8 +291,8 @@ def _seal(
     try:
         with conn.begin_nested():
             conn.execute(
-                _V.update()
-                .where(_V.c.pk == version_pk)
+                sa.update(Version)
+                .where(col(Version.pk) == version_pk)
                 .values(version_id=version_id, files=files, bytes=nbytes)
             )
     except sa.exc.IntegrityError:
@@ -280,21 +305,23 @@ def _seal(
 
 def _sealed_pk(conn: Connection, dataset_pk: int, version_id: str) -> int | None:
     found = conn.execute(
-        sa.select(_V.c.pk).where(_V.c.dataset_pk == dataset_pk, _V.c.version_id == version_id)
+        sa.select(col(Version.pk)).where(
+            col(Version.dataset_pk) == dataset_pk, col(Version.version_id) == version_id
+        )
     ).scalar_one_or_none()
-    return None if found is None else int(found)
+    return found
 
 
 def _move_label(conn: Connection, dataset_pk: int, name: str, version_pk: int) -> None:
     now = datetime.now(UTC)
     moved = conn.execute(
-        _L.update()
-        .where(_L.c.dataset_pk == dataset_pk, _L.c.name == name)
+        sa.update(Label)
+        .where(col(Label.dataset_pk) == dataset_pk, col(Label.name) == name)
         .values(version_pk=version_pk, updated_at=now)
     )
     if moved.rowcount == 0:
         conn.execute(
-            _L.insert().values(
+            sa.insert(Label).values(
                 dataset_pk=dataset_pk, name=name, version_pk=version_pk, updated_at=now
             )
         )
@@ -304,36 +331,42 @@ def _move_label(conn: Connection, dataset_pk: int, name: str, version_pk: int) -
 
 
 def _dataset_pk(conn: Connection, name: str) -> int:
-    found = conn.execute(sa.select(_D.c.pk).where(_D.c.name == name)).scalar_one_or_none()
+    found = conn.execute(
+        sa.select(col(Dataset.pk)).where(col(Dataset.name) == name)
+    ).scalar_one_or_none()
     if found is None:
         raise UnknownReference(f"unknown dataset {name!r}")
-    return int(found)
+    return found
 
 
 def _version_pk(conn: Connection, version: VersionSummary) -> int:
     found = conn.execute(
-        sa.select(_V.c.pk)
-        .join(_D, _D.c.pk == _V.c.dataset_pk)
-        .where(_D.c.name == version.dataset, _V.c.version_id == version.version_id)
+        sa.select(col(Version.pk))
+        .join(Dataset, col(Dataset.pk) == col(Version.dataset_pk))
+        .where(col(Dataset.name) == version.dataset, col(Version.version_id) == version.version_id)
     ).scalar_one_or_none()
     if found is None:
         raise UnknownReference(f"unknown version {version.dataset}@{version.version_id}")
-    return int(found)
+    return found
 
 
 def _resolve(conn: Connection, text: str) -> int:
     ref = parse_ref(text)
     dataset_pk = _dataset_pk(conn, ref.dataset)
     by_label = conn.execute(
-        sa.select(_L.c.version_pk).where(_L.c.dataset_pk == dataset_pk, _L.c.name == ref.ref)
+        sa.select(col(Label.version_pk)).where(
+            col(Label.dataset_pk) == dataset_pk, col(Label.name) == ref.ref
+        )
     ).scalar_one_or_none()
     if by_label is not None:
-        return int(by_label)
+        return by_label
     if is_id_prefix(ref.ref):
         matches = conn.execute(
-            sa.select(_V.c.pk, _V.c.version_id)
-            .where(_V.c.dataset_pk == dataset_pk, _V.c.version_id.startswith(ref.ref))
-            .order_by(_V.c.version_id)
+            sa.select(col(Version.pk), col(Version.version_id))
+            .where(
+                col(Version.dataset_pk) == dataset_pk, col(Version.version_id).startswith(ref.ref)
+            )
+            .order_by(col(Version.version_id))
             .limit(_AMBIGUOUS_SHOWN + 1)
         ).all()
         if len(matches) == 1:
@@ -345,35 +378,37 @@ def _resolve(conn: Connection, text: str) -> int:
                 f"{text}: id prefix {ref.ref!r} is ambiguous; it matches {shown}{more}"
             )
     labels = sorted(
-        conn.execute(sa.select(_L.c.name).where(_L.c.dataset_pk == dataset_pk)).scalars()
+        conn.execute(
+            sa.select(col(Label.name)).where(col(Label.dataset_pk) == dataset_pk)
+        ).scalars()
     )
     hint = f" (labels: {', '.join(labels)})" if labels else ""
     raise UnknownReference(f"{text}: no label or version id {ref.ref!r} in {ref.dataset}{hint}")
 
 
-def _summary_query() -> sa.Select[Any]:
+def _summary_query() -> sa.Select[*tuple[Any, ...]]:
     return (
         sa.select(
-            _V.c.pk,
-            _D.c.name.label("dataset"),
-            _V.c.version_id,
-            _V.c.files,
-            _V.c.bytes,
-            _V.c.chunk_size,
-            _V.c.created_at,
-            _V.c.verified,
+            col(Version.pk),
+            col(Dataset.name).label("dataset"),
+            col(Version.version_id),
+            col(Version.files),
+            col(Version.bytes),
+            col(Version.chunk_size),
+            col(Version.created_at),
+            col(Version.verified),
         )
-        .join(_D, _D.c.pk == _V.c.dataset_pk)
-        .where(_V.c.version_id.is_not(None))
+        .join(Dataset, col(Dataset.pk) == col(Version.dataset_pk))
+        .where(col(Version.version_id).is_not(None))
     )
 
 
 def _labels_by_version(conn: Connection, dataset_pk: int) -> dict[int, tuple[str, ...]]:
     out: dict[int, list[str]] = {}
     for version_pk, name in conn.execute(
-        sa.select(_L.c.version_pk, _L.c.name)
-        .where(_L.c.dataset_pk == dataset_pk)
-        .order_by(_L.c.name)
+        sa.select(col(Label.version_pk), col(Label.name))
+        .where(col(Label.dataset_pk) == dataset_pk)
+        .order_by(col(Label.name))
     ):
         out.setdefault(version_pk, []).append(name)
     return {pk: tuple(names) for pk, names in out.items()}

@@ -91,6 +91,28 @@ def test_register_a_server_directory_and_diff(client: TestClient, tmp_path: Path
     assert [c["path"] for c in body["changed"]] == [MUTATED[0], MUTATED[1]]
 
 
+def test_the_directory_route_takes_a_site_path_like_the_cli(tmp_path: Path, db_url: str) -> None:
+    """``SITE:path`` names a directory of a configured site (scanned by the same scanner);
+    URLs stay refused there: an API client must not make the server fetch arbitrary URLs."""
+    run = tmp_path / "site" / "out" / "run1"
+    generate(run)
+    config = tmp_path / "datasync.toml"
+    config.write_text(f'[sites.lustre]\nurl = "{tmp_path / "site"}"\n')
+    env = {
+        "DATASYNC_HOME": str(tmp_path / "home"),
+        "DATASYNC_DATABASE_URL": db_url,
+        "DATASYNC_CONFIG": str(config),
+    }
+    with bootstrap(load_settings(env=env)) as app, TestClient(create_app(app)) as client:
+        url = f"{V1}/datasets/drive/a/versions/directory"
+        by_site = client.post(url, json={"path": "lustre:out/run1", "chunk_size": 1 << 20})
+        assert by_site.status_code == 200, by_site.text
+        by_path = app.service.register_directory("drive/a", run, chunk_size=1 << 20)
+        assert not by_path.created and by_path.version_id == by_site.json()["version_id"]
+        refused = client.post(url, json={"path": f"file://{run}"})
+        assert refused.status_code == 400 and "not a directory" in refused.json()["error"]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "message"),
     [

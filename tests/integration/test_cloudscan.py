@@ -118,3 +118,11 @@ def test_ordering_window_reorders_and_refuses_what_it_cannot() -> None:
         list(ordered_objects(iter(_infos(nfd, "é")), window=10))
     with pytest.raises(InvalidPath):
         list(ordered_objects(iter(_infos("a/../b")), window=10))
+
+
+def test_skip_leaves_out_a_subtree_below_the_prefix_and_backslashes_are_refused() -> None:
+    keys = _infos("p/.datasync/blobs/x", "p/.datasync-x", "p/.datasyncx/y", "p/a")
+    got = [p for p, _ in ordered_objects(iter(keys), "p/", skip=(".datasync/",))]
+    assert got == [".datasync-x", ".datasyncx/y", "a"]
+    with pytest.raises(InvalidPath, match="backslash"):
+        list(ordered_objects(iter(_infos("a\\b")), window=10))

@@ -1,12 +1,15 @@
-"""Hostile input (issue 2, item 6), through the CLI and through the HTTP API.
+"""Hostile input (issue 2, item 6; issue 7), through the CLI and through the HTTP API.
 
 Every case must be rejected with a clear message naming the problem, a non-zero exit
 (CLI: 2) or a 4xx status (API), and NO state change: the row counts of every manifest
 table are compared before and after, with a version already registered in the dataset.
+The sources: producer and canonical manifests, local directories, ``SITE:path`` on a
+POSIX site (whose path part is checked), and an S3 prefix on moto.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -23,6 +26,8 @@ from datasync.api import API_PREFIX, create_app
 from datasync.bootstrap import App, bootstrap
 from datasync.cli import app as cli_app
 from datasync.config import load_settings
+from datasync.manifest.canonical import encode_entry, encode_header
+from datasync.models import FileEntry, ManifestHeader
 from tests.integration.manifest_helpers import counts, digest_of, row, write_producer
 
 MiB = 1024 * 1024
@@ -60,12 +65,29 @@ MANIFEST_CASES: dict[str, tuple[list[Any], str]] = {
     "missing-chunks": ([row("big", size=100 * MiB)], "needs 'chunks'"),
     "wrong-chunk-count": ([row("big", size=3 * MiB, chunks=[D])], "has 1 chunk digests"),
     "chunks-on-small-file": ([row("a", size=5, chunks=[D])], "has 1 chunk digests"),
+    # Unpublishable versions: a file that another path needs as a directory, a backslash.
+    "file-and-directory": (
+        [row("a/b/c"), row("a.txt"), row("a", 2)],
+        "'a' is a file, but 'a/b/c' needs 'a' to be a directory",
+    ),
+    "backslash": ([row("dir\\file.jpg")], "backslash"),
 }
+
+
+def _canonical(*paths: str) -> bytes:
+    header = ManifestHeader(chunk_size=1024 * 1024)
+    return encode_header(header) + b"".join(encode_entry(FileEntry(p, 1, D)) for p in paths)
+
+
 RAW_CASES: dict[str, tuple[bytes, str]] = {
     "no-header": (b"", "missing header"),
     "wrong-format": (b'{"format":"tar"}\n', "header format is 'tar'"),
     "bad-chunk-size": (b'{"format":"datasync-producer/1","chunk_size":5}\n', "bad chunk_size"),
     "header-not-json": (b"\xff\xfe\n", "line 1"),
+    "canonical-file-and-directory": (
+        _canonical("x", "x.y", "x/y"),
+        "line 4: 'x' is a file, but 'x/y' needs 'x' to be a directory",
+    ),
 }
 
 
@@ -110,6 +132,11 @@ def _non_utf8_name(root: Path) -> None:
         f.write(b"1")
 
 
+def _backslash_name(root: Path) -> None:
+    (root / "sub").mkdir()
+    (root / "sub" / "a\\b.jpg").write_bytes(b"1")
+
+
 DIRECTORY_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "symlink-escapes-absolute": (_escaping_link, "points outside the root"),
     "symlink-escapes-relative": (_relative_escape, "points outside the root"),
@@ -119,6 +146,7 @@ DIRECTORY_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "nfc-twins": (_nfc_twins, "café.jpg"),
     "control-char-name": (_control_name, "control character U+000A"),
     "non-utf8-name": (_non_utf8_name, "UTF-8"),
+    "backslash-name": (_backslash_name, "'a\\\\b.jpg': backslash"),
 }
 
 
@@ -138,14 +166,40 @@ class World:
         return result.exit_code, result.stderr
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def _world(tmp_path: Path, sites: dict[str, dict[str, Any]]) -> Iterator[World]:
+    """CLI and API over one database and one config file holding ``sites``."""
     url = f"sqlite:///{tmp_path / 'home' / 'datasync.db'}"
-    env = {"DATASYNC_HOME": str(tmp_path / "home"), "DATASYNC_DATABASE_URL": url}
+    config = tmp_path / "datasync.toml"
+    # JSON strings are valid TOML basic strings, and these options are flat.
+    config.write_text(
+        "".join(
+            f"[sites.{name}]\n"
+            + "".join(f"{key} = {_toml(value)}\n" for key, value in table.items())
+            for name, table in sites.items()
+        )
+    )
+    env = {
+        "DATASYNC_HOME": str(tmp_path / "home"),
+        "DATASYNC_DATABASE_URL": url,
+        "DATASYNC_CONFIG": str(config),
+    }
     with bootstrap(load_settings(env=env)) as app, TestClient(create_app(app)) as client:
         good = write_producer(tmp_path / "good.jsonl", [row("ok/a.bin"), row("ok/b.bin", 2)])
         app.service.register_manifest("drive/a", good, label="v1")
         yield World(app, client, CliRunner(), env, url, tmp_path)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    """With a POSIX site ``lustre`` rooted at ``tmp_path / "site"``."""
+    (tmp_path / "site").mkdir()
+    yield from _world(tmp_path, {"lustre": {"url": str(tmp_path / "site")}})
 
 
 def _manifest_bytes(world: World, name: str) -> tuple[Path, str]:
@@ -212,6 +266,7 @@ def test_hostile_directories_are_rejected_without_state_change(
         (["register", "drive/../x", "."], "invalid dataset name"),
         (["register", "DRIVE/x", "."], "invalid dataset name"),
         (["register", "a/b/c/d", "."], "invalid dataset name"),
+        (["register", f"drive/{'0a' * 32}", "."], "64 hex digits, which is what a version id"),
         (["register", "drive/a", ".", "--label", "../x"], "invalid label"),
         (["register", "drive/a", ".", "--label", "a" * 64], "invalid label"),
         (["register", "drive/a", ".", "--chunk-size", "0"], "out of range"),
@@ -227,3 +282,89 @@ def test_hostile_names_are_rejected_without_state_change(
     code, err = world.cli(*args)
     assert code == 2 and message in err
     assert counts(world.url) == before
+
+
+def _register_tree(world: World, via: str, source: str, status: int) -> str:
+    """Register ``source`` (CLI, or the API's directory route) expecting a refusal; the
+    error line."""
+    if via == "cli":
+        code, err = world.cli("register", "drive/a", source, "--label", "v2")
+        assert code == 2, err
+        assert err.startswith("datasync: error: ") and err.count("\n") == 1
+        return err
+    r = world.client.post(
+        f"{API_PREFIX}/datasets/drive/a/versions/directory", json={"path": source, "label": "v2"}
+    )
+    assert r.status_code == status, r.text
+    return str(r.json()["error"])
+
+
+@pytest.mark.parametrize("via", ["cli", "api"])
+@pytest.mark.parametrize(
+    ("rel", "why"),
+    [
+        ("../outside/d", "has a '..' segment"),
+        ("/abs", "is absolute"),
+        ("a/../b", "has a '..' segment"),
+        ("./a/b", "has a '.' segment"),
+        ("a//b", "has an empty segment"),
+        ("a\\b", "holds a backslash"),
+    ],
+)
+def test_hostile_site_paths_are_refused_without_state_change(
+    world: World, rel: str, why: str, via: str
+) -> None:
+    # They name real directories, so the refusal is the check and not a miss (``/abs`` is
+    # left alone: an absolute path is refused before anything is looked up).
+    site = world.tmp / "site"
+    for directory in (world.tmp / "outside" / "d", site / "a" / "b", site / "a\\b"):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "f").write_bytes(b"f")
+    before = counts(world.url)
+    message = _register_tree(world, via, f"lustre:{rel}", 400)
+    assert repr(f"lustre:{rel}") in message
+    assert why in message and "relative to the site's root" in message
+    assert counts(world.url) == before
+
+
+def test_hostile_url_prefixes_are_refused_without_state_change(world: World) -> None:
+    before = counts(world.url)
+    for source, why in [
+        ("s3://bucket/a/../b", "has a '..' segment"),
+        ("gs://bucket//x", "is absolute"),
+        (f"file://{world.tmp}/site/../outside", "has a '..' segment"),
+    ]:
+        code, err = world.cli("register", "drive/a", source)
+        assert code == 2 and why in err and "the URL's path" in err, err
+    assert counts(world.url) == before
+
+
+@pytest.fixture
+def s3_world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
+    """With an S3 site ``pipeline`` on moto holding an unpublishable prefix ``clash/``
+    (``a`` next to ``a/b``) and one holding a backslash key ``slash/``."""
+    from tests.fixtures.emulators import S3_KEYS, make_s3_backend
+
+    s3 = make_s3_backend(request)
+    for key in ("clash/a", "clash/a.txt", "clash/a/b", "slash/ok", "slash/a\\b"):
+        s3.client.put_object(Bucket=s3.bucket, Key=key, Body=key.encode())
+    options = {"endpoint_url": str(request.getfixturevalue("moto_server"))}
+    options |= {"region_name": "us-east-1", **S3_KEYS}
+    yield from _world(tmp_path, {"pipeline": {"url": f"s3://{s3.bucket}", "options": options}})
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("via", ["cli", "api"])
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [
+        ("clash", "'a' is a file, but 'a/b' needs 'a' to be a directory"),
+        ("slash/", "'a\\\\b': backslash"),
+    ],
+)
+def test_unpublishable_s3_prefixes_are_refused_without_state_change(
+    s3_world: World, prefix: str, message: str, via: str
+) -> None:
+    before = counts(s3_world.url)
+    assert message in _register_tree(s3_world, via, f"pipeline:{prefix}", 422)
+    assert counts(s3_world.url) == before

@@ -107,7 +107,7 @@ def test_large_unordered_input_and_far_apart_duplicates(store: ManifestStore, db
 
 
 def test_paths_are_ordered_bytewise_on_every_engine(store: ManifestStore) -> None:
-    names = ["Z", "a", "a.txt", "a/x", "a b", "é", "z", "日本/x", "😀", "e\u0301x"]
+    names = ["Z", "a0", "a.txt", "a/x", "a b", "é", "z", "日本/x", "😀", "e\u0301x"]
     given = [FileEntry(n, 1, digest_of(i)) for i, n in enumerate(names)]
     reg = store.register("drive/a", HEADER, given)
     got = [e.path for e in store.iter_entries(reg.summary)]

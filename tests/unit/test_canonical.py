@@ -10,11 +10,12 @@ import unicodedata
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datasync.errors import InvalidManifest, InvalidPath
 from datasync.manifest.canonical import (
+    FileDirClashCheck,
     VersionIdBuilder,
     encode_entry,
     encode_header,
@@ -84,7 +85,7 @@ def test_golden_version_id_pins_the_format() -> None:
 
 def test_builder_counts_and_rejects_disorder_and_duplicates() -> None:
     b = VersionIdBuilder(HEADER)
-    b.add(FileEntry("a", 1, D0))
+    b.add(FileEntry("a-", 1, D0))
     b.add(FileEntry("a.b", 2, D0))
     b.add(FileEntry("a/b", 3, D0))  # '.' < '/' bytewise
     assert (b.files, b.bytes) == (3, 6)
@@ -92,6 +93,20 @@ def test_builder_counts_and_rejects_disorder_and_duplicates() -> None:
         b.add(FileEntry("a/b", 3, D0))
     with pytest.raises(InvalidManifest, match="out of order"):
         b.add(FileEntry("a.c", 3, D0))
+
+
+def test_builder_refuses_a_file_that_another_path_needs_as_a_directory() -> None:
+    b = VersionIdBuilder(HEADER)
+    for path in ["a", "a b", "a.txt", "a.txt2/x"]:  # all between "a" and "a/..." bytewise
+        b.add(FileEntry(path, 1, D0))
+    with pytest.raises(InvalidPath) as info:
+        b.add(FileEntry("a/deep/er", 1, D0))
+    assert "'a' is a file, but 'a/deep/er' needs 'a' to be a directory" in str(info.value)
+    assert "rename or remove one of them" in str(info.value)
+    # Read back from canonical bytes, the same version is refused at the offending line.
+    lines = [encode_entry(FileEntry(p, 1, D0)) for p in ["a", "a.txt", "a/b"]]
+    with pytest.raises(InvalidPath, match="line 4: 'a' is a file, but 'a/b'"):
+        list(read_canonical(io.BytesIO(encode_header(HEADER) + b"".join(lines)))[1])
 
 
 def test_path_sort_key_is_utf8_bytes() -> None:
@@ -185,7 +200,9 @@ def test_read_canonical_rejects_non_canonical_bytes() -> None:
 
 # --- properties -------------------------------------------------------------------------
 
-path_chars = st.characters(blacklist_categories=["Cs", "Cc"], blacklist_characters=["/", "\x7f"])
+path_chars = st.characters(
+    blacklist_categories=["Cs", "Cc"], blacklist_characters=["/", "\x7f", "\\"]
+)
 paths = (
     st.lists(
         st.text(path_chars, min_size=1, max_size=6).filter(lambda s: s not in {".", ".."}),
@@ -210,9 +227,15 @@ def entries(draw: st.DrawFn, path: str | None = None) -> FileEntry:
     return FileEntry(p, size, draw(digests), chunks)
 
 
+def publishable(paths: list[str]) -> list[str]:
+    """Drop every path that another one needs as a directory (``a`` when ``a/b`` is there)."""
+    dirs = {p[:i] for p in paths for i, c in enumerate(p) if c == "/"}
+    return [p for p in paths if p not in dirs]
+
+
 @st.composite
 def manifests(draw: st.DrawFn) -> list[FileEntry]:
-    unique = draw(st.lists(paths, unique=True, max_size=12))
+    unique = publishable(draw(st.lists(paths, unique=True, max_size=12)))
     return sorted((draw(entries(p)) for p in unique), key=lambda e: path_sort_key(e.path))
 
 
@@ -220,6 +243,45 @@ def manifests(draw: st.DrawFn) -> list[FileEntry]:
 def test_encode_entry_equals_the_json_dumps_spelling(e: FileEntry) -> None:
     assert encode_entry(e) == reference_line(as_dict(e))
     assert entry_from_dict(json.loads(encode_entry(e)), MiB) == e
+
+
+clash_paths = st.lists(st.text("ab0.-!é", min_size=1, max_size=3), min_size=1, max_size=4).map(
+    "/".join
+)
+
+
+@settings(max_examples=500)
+@given(st.lists(clash_paths, unique=True, max_size=40))
+def test_streaming_clash_check_agrees_with_a_set_check(paths: list[str]) -> None:
+    """The stack-based check over the sorted stream finds exactly the first path (in
+    canonical order) that lies under another file, and the shortest such file."""
+    keys = sorted(p.encode() for p in paths)
+    files = set(keys)
+    expected = None
+    for key in keys:
+        # Brute force: every proper '/'-prefix of the path, looked up in the set of files.
+        under = [key[:i] for i, byte in enumerate(key) if byte == ord("/") and key[:i] in files]
+        if under:
+            expected = (min(under, key=len), key)
+            break
+    check = FileDirClashCheck()
+    got = None
+    for key in keys:
+        found = check.add(key)
+        if found is not None:
+            got = (found, key)
+            break
+    assert got == expected
+
+
+def test_clash_check_memory_stays_bounded_over_a_long_stream() -> None:
+    """The stack only holds paths that are prefixes of the current one."""
+    check = FileDirClashCheck()
+    depth = 0
+    for i in range(20_000):
+        assert check.add(f"cam{i // 100:04d}/{i:08d}.jpg".encode()) is None
+        depth = max(depth, len(check._stack))
+    assert depth == 1
 
 
 @given(manifests())

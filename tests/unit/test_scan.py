@@ -232,6 +232,29 @@ def test_root_must_be_a_directory(tmp_path: Path) -> None:
         scan_directory(tmp_path / "missing", chunk_size=MiB, workers=1)
 
 
+def test_exclude_skips_names_directly_under_the_root_only(tmp_path: Path) -> None:
+    """A site root's ``.datasync`` is not visited at all; deeper ones are content."""
+    (tmp_path / "f").write_bytes(b"f")
+    (tmp_path / ".datasync" / "blobs").mkdir(parents=True)
+    (tmp_path / ".datasync" / "blobs" / "x").write_bytes(b"x")
+    os.mkfifo(tmp_path / ".datasync" / "fifo")  # would be refused if it were visited
+    (tmp_path / "sub" / ".datasync").mkdir(parents=True)
+    (tmp_path / "sub" / ".datasync" / "y").write_bytes(b"yy")
+    got = [e.path for e in scan(tmp_path, exclude=(".datasync",))]
+    assert got == ["f", "sub/.datasync/y"]
+    assert scan_total(tmp_path, (".datasync",)) == (2, 3)
+    with pytest.raises(UnsupportedFileType, match="FIFO"):
+        scan(tmp_path)
+
+
+def test_a_backslash_in_a_name_is_refused_naming_the_directory(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a\\b.jpg").write_bytes(b"1")
+    with pytest.raises(InvalidPath, match=r"in directory 'd'.*backslash") as info:
+        scan(tmp_path)
+    assert "a\\\\b.jpg" in str(info.value)  # repr of the name
+
+
 def test_root_given_through_a_symlink_is_followed(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "f").write_bytes(b"x")

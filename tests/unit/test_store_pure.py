@@ -55,6 +55,16 @@ def test_bad_dataset_names(name: str) -> None:
         check_dataset_name(name)
 
 
+@pytest.mark.parametrize("name", ["ab" * 32, f"drive/{'0123456789abcdef' * 4}", f"x/y/{'f' * 64}"])
+def test_a_dataset_segment_that_looks_like_a_version_id_is_refused(name: str) -> None:
+    """Views live at <root>/<dataset>/<version-id>/: such a segment would collide."""
+    with pytest.raises(UserError, match=r"64 hex digits.*collide with a version directory"):
+        check_dataset_name(name)
+    # One digit fewer or one non-hex letter is an ordinary name.
+    assert check_dataset_name(name[:-1]) == name[:-1]
+    assert check_dataset_name(name[:-1] + "g") == name[:-1] + "g"
+
+
 def test_labels_may_not_look_like_full_ids() -> None:
     assert check_label("v3") == "v3" and check_label("2026-11-20") == "2026-11-20"
     with pytest.raises(UserError):
