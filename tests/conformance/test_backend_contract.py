@@ -34,7 +34,6 @@ from datasync.backends.base import (
 from datasync.backends.memory import MemoryBackend, drop_store
 from datasync.backends.registry import redact
 from datasync.backends.retrying import RetryingBackend
-from datasync.retry import RetryEvent, RetryPolicy
 from datasync.errors import (
     InvalidPath,
     NotFound,
@@ -44,6 +43,7 @@ from datasync.errors import (
     TransientError,
     Unsupported,
 )
+from datasync.retry import RetryEvent, RetryPolicy
 from tests.conformance.conftest import MakeBackend
 
 KiB = 1024
