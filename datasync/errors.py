@@ -15,6 +15,8 @@ translated at the backend boundary (one context manager per backend) and chained
         ├── NotFound                    permanent
         ├── PermissionDenied            permanent (also bad credentials)
         ├── NoSpace                     permanent (ENOSPC, quota)
+        ├── Conflict                    permanent: the key is occupied by something datasync
+        │                               did not make, or a file/directory clash
         ├── SourceChanged               permanent for this attempt: ETag/generation moved
         ├── ChecksumMismatch            bytes differ from the manifest digest
         ├── Unsupported                 capability missing on this backend/endpoint
@@ -27,6 +29,7 @@ from __future__ import annotations
 __all__ = [
     "ChecksumMismatch",
     "ConfigError",
+    "Conflict",
     "DatasyncError",
     "InvalidManifest",
     "InvalidPath",
@@ -99,6 +102,11 @@ class PermissionDenied(StorageError):
 
 class NoSpace(StorageError):
     pass
+
+
+class Conflict(StorageError):
+    """A key is taken by something else: a file where a directory is needed (or the
+    reverse), a non-empty directory, or an object datasync did not create."""
 
 
 class SourceChanged(StorageError):

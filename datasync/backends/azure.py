@@ -11,7 +11,7 @@ public containers. Also ``page_size`` (list page, default 5000), ``checksum`` (`
 Invariants:
 
 * No I/O at construction; the service client is built on first use. The SDK's retries are
-  off (``retry_total=0``): ``datasync.backends.retry`` decides, seeing every ``ServerBusy``.
+  off (``retry_total=0``): ``RetryingBackend`` decides, seeing every ``ServerBusy``.
 * Chunked writes stage one block per part and commit the block list. Block ids are
   ``f"{token}-{index:08d}"`` (the SDK base64-encodes them); ``token`` is 16 random hex
   characters per writer, so every id has the same length, ids are deterministic per part
@@ -458,3 +458,6 @@ class _AzureBlockWriter:
         """Mark the attempt dead; its blocks stay invisible until the service reaps them."""
         with azure_errors(self._url):
             self._b._blob(self._key).stage_block(tombstone_id(self._token), b"\0", length=1)
+
+    def close(self) -> None:
+        """Nothing local to release (the upload state lives in the store)."""

@@ -23,7 +23,11 @@ Contract (pinned by ``tests/conformance``):
   (``PartLayout`` checks this; violations are caller bugs and raise ``ValueError``).
   Nothing is visible at ``key`` before ``commit()``; ``commit()`` replaces any existing
   object atomically and returns what ``stat`` would; ``abort()`` leaves nothing behind and
-  may be called twice.
+  may be called twice; ``close()`` releases local resources (a POSIX descriptor) without
+  committing or aborting, so another writer can resume the token (a no-op for cloud
+  writers). ``commit()`` may be called again after it raised a retryable error: a commit
+  that took effect although its answer was lost returns the committed object where the
+  backend can tell (S3 compares the multipart ETag, POSIX the inode), else ``NotFound``.
 * Passing a previous writer's ``token`` resumes it. When ``capabilities.lists_parts`` is
   true, ``durable_parts()`` names the parts the store already holds and the caller rewrites
   the rest. When false (POSIX), ``durable_parts()`` is empty, the caller's own record of
@@ -32,8 +36,12 @@ Contract (pinned by ``tests/conformance``):
 * ``delete(key)`` is idempotent: deleting a missing key is not an error.
 * ``copy(src, dst)`` is a server-side copy producing an independent object; a backend
   without ``capabilities.server_side_copy`` raises ``Unsupported``.
-* Optional extras, declared by capabilities: ``rename`` (``atomic_rename``) and ``link``
-  (``hard_links``), see ``SupportsRename`` / ``SupportsLink``.
+* Optional extras, each declared by a capability flag: ``rename`` (``atomic_rename``),
+  ``link`` (``hard_links``), ``group_commit()`` (``group_commit``) and the local-tree
+  operations views are built with (``local_tree``); see ``SupportsRename``,
+  ``SupportsLink``, ``SupportsGroupCommit``, ``SupportsLocalTree``. Callers test the flag
+  (``backend.capabilities.local_tree``); ``isinstance`` against the protocol agrees with it
+  on every backend and on ``RetryingBackend``.
 
 Every method raises only ``datasync.errors.StorageError`` subclasses, plus ``InvalidPath``
 for bad keys and ``ValueError`` for caller bugs (bad part index or length). Error messages
@@ -43,7 +51,7 @@ carry the object's URL, never credentials.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -52,9 +60,12 @@ from datasync.errors import InvalidPath
 __all__ = [
     "Backend",
     "Capabilities",
+    "GroupCommit",
     "ObjectInfo",
     "PartLayout",
+    "SupportsGroupCommit",
     "SupportsLink",
+    "SupportsLocalTree",
     "SupportsReadInto",
     "SupportsRename",
     "Writer",
@@ -78,6 +89,8 @@ class Capabilities:
     max_part_size: int = 2**63 - 1
     max_parts: int = 2**31 - 1
     lustre_striping: bool = False
+    group_commit: bool = False  # has group_commit() (SupportsGroupCommit)
+    local_tree: bool = False  # keys are files under a local directory (SupportsLocalTree)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +172,10 @@ class Writer(Protocol):
 
     def abort(self) -> None: ...
 
+    def close(self) -> None:
+        """Release local resources without commit or abort (idempotent)."""
+        ...
+
 
 @runtime_checkable
 class Backend(Protocol):
@@ -209,6 +226,87 @@ class SupportsLink(Protocol):
     (a hard link, or an independent copy where linking is impossible)."""
 
     def link(self, src_key: str, dst_key: str) -> ObjectInfo: ...
+
+
+class GroupCommit(Protocol):
+    """Many new small objects made durable together with a few flushes.
+
+    ``begin`` writers, ``put_part`` as usual, ``stage(writer)`` each finished one (from any
+    thread), then ``commit_all()`` once. Nothing is visible before ``commit_all``; when it
+    returns, every returned name is durable, so the caller may record them. On an error
+    nothing staged after the failure becomes visible.
+    """
+
+    def begin(self, key: str, size: int, part_size: int) -> Writer: ...
+
+    def stage(self, writer: Writer) -> None: ...
+
+    def commit_all(self) -> Mapping[str, ObjectInfo]: ...
+
+
+@runtime_checkable
+class SupportsGroupCommit(Protocol):
+    """Optional (``capabilities.group_commit``): commit batches of small objects together."""
+
+    def group_commit(self) -> GroupCommit: ...
+
+
+@runtime_checkable
+class SupportsLocalTree(Protocol):
+    """Optional (``capabilities.local_tree``): keys are files under the local directory
+    ``root``, so views can be built from hard links. Keys may name directories too; all go
+    through ``check_key``. A clash with something datasync did not make raises ``Conflict``.
+    """
+
+    @property
+    def root(self) -> str:
+        """The filesystem path of the backend's root directory."""
+        ...
+
+    def make_durable(self, key: str) -> None:
+        """fsync the file at ``key`` and every directory from its own up to the root."""
+        ...
+
+    def link_new(self, src_key: str, dst_key: str, *, expect_digest: str) -> bool:
+        """Hard-link ``src`` at the new name ``dst`` (``Conflict`` if it exists), creating
+        parent directories, without fsync. Where hard links are impossible (EXDEV, EMLINK,
+        EPERM, ENOTSUP) write an independent copy instead: temp file, fsync, re-hashed
+        against ``expect_digest`` (``ChecksumMismatch`` otherwise), renamed in place.
+        Returns True when it copied."""
+        ...
+
+    def sync_tree(self, prefix_key: str) -> None:
+        """fsync every directory under ``prefix_key`` (deepest first) and its parent."""
+        ...
+
+    def rename_tree(self, src_key: str, dst_key: str) -> None:
+        """Rename a directory (``Conflict`` if ``dst`` exists and is not an empty
+        directory); creates ``dst``'s parents and fsyncs both parents."""
+        ...
+
+    def exchange(self, a_key: str, b_key: str) -> bool:
+        """Swap two paths atomically (``renameat2(RENAME_EXCHANGE)``) and fsync their
+        parents. False where the kernel or file system cannot (nothing changed)."""
+        ...
+
+    def set_symlink(self, key: str, target: str) -> None:
+        """Create or atomically replace the symlink ``key -> target`` (relative, no
+        ``..``). ``Conflict``, touching nothing, if ``key`` exists and is not a symlink."""
+        ...
+
+    def read_symlink(self, key: str) -> str | None:
+        """The target of symlink ``key``; None if absent; ``Conflict`` if not a symlink."""
+        ...
+
+    def remove_tree(self, prefix_key: str) -> None:
+        """Delete the directory tree at ``prefix_key`` (making its directories writable
+        first); a missing tree is not an error."""
+        ...
+
+    def set_tree_readonly(self, prefix_key: str, readonly: bool) -> None:
+        """Make every directory under ``prefix_key`` 0555 (or 0755 again); files keep their
+        mode."""
+        ...
 
 
 def read_range_into(

@@ -136,6 +136,9 @@ class SingleRequestWriter:
     def abort(self) -> None:
         pass  # nothing was sent
 
+    def close(self) -> None:
+        """Nothing to release; the buffer goes with the writer (nothing was sent)."""
+
 
 def check_pin(info: ObjectInfo, etag: str | None, url: str, *, what: str = "etag") -> ObjectInfo:
     """``info`` if it is still the version ``etag`` pinned (or nothing was pinned), else

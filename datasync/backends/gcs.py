@@ -9,7 +9,7 @@ Default Credentials; ``page_size`` (default 1000), ``max_pool_connections``, ``t
 Invariants:
 
 * No I/O at construction; the client is built on first use. Library retries are off
-  (``retry=None``): ``datasync.backends.retry`` decides.
+  (``retry=None``): ``RetryingBackend`` decides.
 * Chunked writes are parallel composite uploads: part ``i`` is written as the temporary
   object ``<prefix>/.datasync-parts/<token>/<i:08d>`` (CRC32C checked by the library against
   the server's value), ``durable_parts`` lists those objects (the resume story), ``commit``
@@ -468,3 +468,6 @@ class _GCSComposeWriter:
 
     def abort(self) -> None:
         self._cleanup()
+
+    def close(self) -> None:
+        """Nothing local to release (the upload state lives in the store)."""

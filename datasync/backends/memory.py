@@ -315,6 +315,9 @@ class MemoryWriter:
         with self._store.lock:
             self._store.uploads.pop(self._token, None)
 
+    def close(self) -> None:
+        """Nothing local to release (the upload state lives in the store)."""
+
     def _upload(self) -> _Upload:
         upload = self._store.uploads.get(self._token)
         if upload is None:

@@ -13,7 +13,7 @@ Invariants:
 
 * No I/O at construction: the client is created on first use, once, under a lock. boto3
   clients are thread-safe; the connection pool is sized for the worker's thread count.
-* botocore's own retries are off (one attempt): ``datasync.backends.retry`` owns retrying,
+* botocore's own retries are off (one attempt): ``RetryingBackend`` owns retrying,
   so it must see every ``SlowDown`` to pace the site.
 * Writer: an object that fits in one part is buffered and sent as one ``PutObject`` at
   commit (one request; nothing durable before). Larger ones are a multipart upload whose
@@ -30,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import base64
+import hashlib
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, Self
@@ -446,6 +447,7 @@ class _S3MultipartWriter:
         # None: resumed upload, learn from ListParts whether it was created with CRC32C.
         self._checksum = checksum
         self._lock = threading.Lock()
+        self._sent: list[dict[str, Any]] | None = None  # parts of the last Complete request
 
     @property
     def token(self) -> str:
@@ -509,7 +511,16 @@ class _S3MultipartWriter:
         return set(self._parts())
 
     def commit(self) -> ObjectInfo:
-        parts = self._parts()
+        """CompleteMultipartUpload. Called again after a lost answer, the upload is gone
+        (``NoSuchUpload``): the object at the key is ours if its ETag is the multipart ETag
+        of the parts we sent (md5 of their md5s, ``-N``), and that counts as committed."""
+        try:
+            parts = self._parts()
+        except NotFound:
+            done = self._already_committed()
+            if done is None:
+                raise
+            return done
         n = self._layout.count
         missing = sorted(set(range(n)) - set(parts))
         if missing:
@@ -523,6 +534,7 @@ class _S3MultipartWriter:
             if parts[index].get("ChecksumCRC32C"):
                 entry["ChecksumCRC32C"] = parts[index]["ChecksumCRC32C"]
             listed.append(entry)
+        self._sent = listed
         with s3_errors(self._url):
             done = self._b.client.complete_multipart_upload(
                 Bucket=self._b.bucket,
@@ -532,6 +544,20 @@ class _S3MultipartWriter:
             )
         return ObjectInfo(key=self._key, size=self._layout.size, etag=_strip_etag(done.get("ETag")))
 
+    def _already_committed(self) -> ObjectInfo | None:
+        """The object this writer completed earlier (its answer lost), or None."""
+        if self._sent is None:
+            return None
+        digests = b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in self._sent)
+        expected = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(self._sent)}"
+        try:
+            info = self._b.stat(self._key)
+        except NotFound:
+            return None
+        if info.etag != expected or info.size != self._layout.size:
+            return None
+        return info
+
     def abort(self) -> None:
         try:
             with s3_errors(self._url):
@@ -540,3 +566,6 @@ class _S3MultipartWriter:
                 )
         except NotFound:
             pass  # already aborted or completed: abort is idempotent
+
+    def close(self) -> None:
+        """Nothing local to release (the upload state lives in the store)."""

@@ -2,6 +2,8 @@
 
 * ``memory``: a fresh process-global store, dropped after the test.
 * ``posix``: an existing empty directory under ``tmp_path``.
+* ``retrying``: a posix backend behind ``RetryingBackend`` (which must pass the same suite
+  and expose the same optional protocols; sleeps are no-ops).
 * ``s3`` / ``azure`` / ``gcs``: a fresh bucket or container on an emulator started once per
   session, from ``tests/fixtures/emulators.py`` (imported lazily, so the memory and posix
   runs need no cloud SDK and no emulator).
@@ -23,16 +25,25 @@ import pytest
 from datasync.backends.base import Backend
 from datasync.backends.memory import MemoryBackend, drop_store
 from datasync.backends.posix import PosixBackend
+from datasync.backends.retrying import RetryingBackend
+from datasync.retry import RetryPolicy
 
 KINDS = [
     "memory",
     "posix",
+    "retrying",
     pytest.param("s3", marks=pytest.mark.emulator),
     pytest.param("azure", marks=pytest.mark.emulator),
     pytest.param("gcs", marks=pytest.mark.emulator),
 ]
 
 MakeBackend = Callable[..., Backend]
+
+# Which kinds declare each optional protocol. Optional tests are parametrized over these
+# kinds only (nothing is skipped), and test_optional_protocols_match_the_tables checks
+# every kind against them, so a table cannot drift from what a backend declares.
+GROUP_COMMIT_KINDS = ("posix", "retrying")
+LOCAL_TREE_KINDS = ("posix", "retrying")
 
 
 @pytest.fixture(params=KINDS)
@@ -53,11 +64,14 @@ def make_backend(
             if not missing_bucket:
                 stores.append(name)
             return MemoryBackend(name, "root", create=not missing_bucket)
-        if backend_kind == "posix":
+        if backend_kind in ("posix", "retrying"):
             root = tmp_path / f"root-{uuid.uuid4().hex[:8]}"
             if not missing_bucket:
                 root.mkdir()
-            return PosixBackend(root)
+            posix = PosixBackend(root)
+            if backend_kind == "posix":
+                return posix
+            return RetryingBackend(posix, RetryPolicy(sleep=lambda _s: None))
         emulators = importlib.import_module("tests.fixtures.emulators")
         factory: Callable[..., Backend] = getattr(emulators, f"make_{backend_kind}_backend")
         kwargs: dict[str, Any] = {}

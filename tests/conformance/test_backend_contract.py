@@ -33,7 +33,7 @@ from datasync.backends.base import (
 )
 from datasync.backends.memory import MemoryBackend, drop_store
 from datasync.backends.registry import redact
-from datasync.backends.retry import Retrying, RetryPolicy
+from datasync.backends.retrying import RetryingBackend
 from datasync.errors import (
     InvalidPath,
     NotFound,
@@ -43,6 +43,7 @@ from datasync.errors import (
     TransientError,
     Unsupported,
 )
+from datasync.retry import RetryEvent, RetryPolicy
 from tests.conformance.conftest import MakeBackend
 
 KiB = 1024
@@ -533,12 +534,13 @@ def test_bad_credentials_are_permission_denied(
         assert isinstance(backend, MemoryBackend)
         backend.inject(lambda: PermissionDenied("injected denial"), times=1)
         sleeps: list[float] = []
+        retrying = RetryingBackend(backend, RetryPolicy(sleep=sleeps.append))
         with pytest.raises(PermissionDenied):
-            Retrying(sleep=sleeps.append).call(backend.stat, "k")
+            retrying.stat("k")
         assert sleeps == []
         assert backend.stat("k").size == 1
         return
-    if backend_kind == "posix":
+    if backend_kind in ("posix", "retrying"):
         # POSIX credentials are the process's uid. Root bypasses modes, so the denied
         # access runs in a child that drops to nobody (65534): a real EACCES either way.
         outer = tempfile.mkdtemp(prefix="datasync-perm-")
@@ -575,26 +577,59 @@ def test_bad_credentials_are_permission_denied(
 
 
 def test_throttling_and_transient_errors_are_retried() -> None:
-    """Invariant 7: throttling and transient errors are retried, honouring Retry-After.
-    Memory fault hooks stand in for a throttling server here; real 503/429 responses
-    belong in the cloud backends' own tests (their translation of throttling replies)."""
+    """Invariant 7: throttling and transient errors are retried through ``RetryingBackend``,
+    honouring Retry-After; the hooks hear every throttle, retry and success. Memory fault
+    hooks stand in for a throttling server here; real 503/429 responses belong in the cloud
+    backends' own tests (their translation of throttling replies)."""
     name = f"throttle-{uuid.uuid4().hex}"
-    backend = MemoryBackend(name)
+    memory = MemoryBackend(name, page_size=2)
     try:
-        put(backend, "k", b"abc")
-        backend.inject(lambda: Throttled("slow down", retry_after=2.5), times=2, ops={"read_range"})
-        backend.inject(lambda: TransientError("connection reset"), times=1, ops={"stat"})
+        put(memory, "k", b"abc")
         sleeps: list[float] = []
-        retrying = Retrying(
-            RetryPolicy(initial_delay=0.1, max_delay=1.0), sleep=sleeps.append, random=lambda: 1.0
+        throttles: list[Throttled] = []
+        retries: list[RetryEvent] = []
+        successes: list[None] = []
+        policy = RetryPolicy(sleep=sleeps.append, random=lambda: 1.0)
+        backend = RetryingBackend(
+            memory,
+            policy,
+            on_throttled=throttles.append,
+            on_success=lambda: successes.append(None),
+            on_retry=retries.append,
         )
-        assert retrying.call(backend.read_range, "k", 0, 3) == b"abc"
+        memory.inject(lambda: Throttled("slow down", retry_after=2.5), times=2, ops={"read_range"})
+        memory.inject(lambda: TransientError("connection reset"), times=1, ops={"stat"})
+        assert backend.read_range("k", 0, 3) == b"abc"
         assert sleeps == [2.5, 2.5]  # Retry-After is a floor for the backoff
-        assert retrying.call(backend.stat, "k").size == 3
+        assert [t.retry_after for t in throttles] == [2.5, 2.5]
+        assert backend.stat("k").size == 3
         assert sleeps == [2.5, 2.5, 0.1]
-        backend.inject(lambda: Throttled("slow down"), times=100, ops={"stat"})
+        assert [(e.attempt, type(e.error)) for e in retries] == [
+            (1, Throttled),
+            (2, Throttled),
+            (1, TransientError),
+        ]
+        assert len(successes) == 2
+        # Writers are retried too: a part upload and a commit that fail once.
+        memory.inject(lambda: TransientError("reset"), times=1, ops={"put_part"})
+        memory.inject(lambda: TransientError("reset"), times=1, ops={"commit"})
+        writer = backend.begin("w", 3, 3)
+        writer.put_part(0, b"xyz")
+        writer.commit()
+        assert read_all(memory, "w") == b"xyz"
+        assert len(retries) == 5
+        # A listing that breaks midway resumes after the last key it yielded.
+        for i in range(5):
+            put(memory, f"l/{i}", b"x")
+        listing = backend.list("l/")
+        first = [next(listing).key for _ in range(3)]  # the second page is in hand
+        memory.inject(lambda: TransientError("reset"), times=1, ops={"list"})
+        retried = len(retries)
+        assert first + keys(listing) == [f"l/{i}" for i in range(5)]
+        assert len(retries) == retried + 1
+        memory.inject(lambda: Throttled("slow down"), times=100, ops={"stat"})
         with pytest.raises(Throttled) as caught:
-            Retrying(RetryPolicy(max_attempts=3), sleep=sleeps.append).call(backend.stat, "k")
-        assert "gave up after 3 attempt(s)" in "".join(caught.value.__notes__)
+            backend.stat("k")
+        assert "gave up after 8 attempt(s)" in "".join(caught.value.__notes__)
     finally:
         drop_store(name)

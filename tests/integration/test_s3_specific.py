@@ -22,6 +22,7 @@ from datasync.backends import s3
 from datasync.backends.s3 import S3Backend
 from datasync.errors import (
     ChecksumMismatch,
+    NotFound,
     PermissionDenied,
     SourceChanged,
     Throttled,
@@ -283,3 +284,27 @@ def test_resume_from_a_new_process_reads_checksum_mode(request: pytest.FixtureRe
     resumed.put_part(2, data[10 * MiB :])
     resumed.commit()
     assert second.read_range("resume", 0, len(data)) == data
+
+
+def test_a_commit_repeated_after_a_lost_answer_is_recognised(s3_backend: S3Backend) -> None:
+    """CompleteMultipartUpload took effect but its answer was lost: the retry finds the
+    upload gone (NoSuchUpload) and accepts the object only because its ETag is the
+    multipart ETag of the parts this writer sent."""
+    data = b"c" * (11 * MiB)
+    writer = s3_backend.begin("lost-answer", len(data), 5 * MiB)
+    for i, offset in enumerate(range(0, len(data), 5 * MiB)):
+        writer.put_part(i, data[offset : offset + 5 * MiB])
+    first = writer.commit()
+    assert first.etag and first.etag.endswith("-3")
+    again = writer.commit()
+    assert (again.etag, again.size) == (first.etag, len(data))
+    # Someone else's object at the key is not taken for ours.
+    _write(s3_backend, "lost-answer", b"other bytes", 5 * MiB)
+    with pytest.raises(NotFound):
+        writer.commit()
+    # An upload that never completed (aborted) is not committed either.
+    aborted = s3_backend.begin("never", len(data), 5 * MiB)
+    aborted.put_part(0, data[: 5 * MiB])
+    aborted.abort()
+    with pytest.raises(NotFound):
+        aborted.commit()

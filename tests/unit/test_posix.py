@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +29,11 @@ from datasync.backends.posix import (
     temp_name,
     translate_os_errors,
 )
+from datasync.backends.registry import open_backend
 from datasync.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    Conflict,
     InvalidPath,
     NoSpace,
     NotFound,
@@ -54,7 +60,10 @@ def backend(root: Path) -> PosixBackend:
     ("code", "kind", "retryable"),
     [
         (errno.ENOENT, NotFound, False),
-        (errno.ENOTDIR, NotFound, False),
+        (errno.ENOTDIR, Conflict, False),
+        (errno.EISDIR, Conflict, False),
+        (errno.EEXIST, Conflict, False),
+        (errno.ENOTEMPTY, Conflict, False),
         (errno.EACCES, PermissionDenied, False),
         (errno.EPERM, PermissionDenied, False),
         (errno.EROFS, PermissionDenied, False),
@@ -65,7 +74,7 @@ def backend(root: Path) -> PosixBackend:
         (errno.ESTALE, TransientError, True),
         (errno.ENOTCONN, TransientError, True),
         (errno.EAGAIN, TransientError, True),
-        (errno.EISDIR, StorageError, False),
+        (errno.EINVAL, StorageError, False),
     ],
 )
 def test_errno_translation(code: int, kind: type[StorageError], retryable: bool) -> None:
@@ -79,6 +88,13 @@ def test_errno_translation(code: int, kind: type[StorageError], retryable: bool)
     assert caught.value.url == "/root/key"
     assert os.strerror(code) in str(caught.value)
     assert type(os_error_to_storage(exc, "u")) is kind
+
+
+def test_a_file_in_the_way_of_a_lookup_is_not_found() -> None:
+    """Reading ``a/b`` where ``a`` is a file finds nothing; writing there is a clash."""
+    exc = OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    assert type(os_error_to_storage(exc, "u", lookup=True)) is NotFound
+    assert type(os_error_to_storage(exc, "u")) is Conflict
 
 
 def test_temp_files_are_hidden_deterministic_and_unlisted(
@@ -138,7 +154,7 @@ def test_a_file_cannot_hold_other_keys(backend: PosixBackend) -> None:
     writer = backend.begin("a", 1, 1)
     writer.put_part(0, b"x")
     writer.commit()
-    with pytest.raises(StorageError, match="cannot hold other keys") as caught:
+    with pytest.raises(Conflict, match="cannot hold other keys") as caught:
         backend.begin("a/b", 1, 1)
     assert not caught.value.retryable
     with pytest.raises(NotFound):
@@ -184,26 +200,105 @@ def test_copy_is_independent_and_link_shares_the_inode(backend: PosixBackend, ro
     assert sorted(p.name for p in (root / "v").iterdir()) == ["link"]  # no temp left
 
 
-def test_committed_file_mode_follows_umask(backend: PosixBackend, root: Path) -> None:
-    old = os.umask(0o022)
+def test_committed_files_are_read_only_whatever_the_umask(root: Path) -> None:
+    old = os.umask(0o000)
     try:
-        writer = backend.begin("m", 1, 1)
-        writer.put_part(0, b"x")
-        writer.commit()
+        for mode, backend in (
+            (0o444, PosixBackend(root, lustre=False)),
+            (0o640, PosixBackend(root, lustre=False, file_mode=0o640)),
+        ):
+            writer = backend.begin(f"m{mode:o}", 1, 1)
+            writer.put_part(0, b"x")
+            writer.commit()
+            assert (root / f"m{mode:o}").stat().st_mode & 0o777 == mode
     finally:
         os.umask(old)
-    assert (root / "m").stat().st_mode & 0o777 == 0o644
+    from_url = open_backend(f"file://{root}", {"file_mode": "0640"})
+    assert isinstance(from_url, PosixBackend) and from_url.files.file_mode == 0o640
+    with pytest.raises(ConfigError):
+        open_backend(f"file://{root}", {"file_mode": "rw"})
 
 
-@pytest.fixture
-def small_tmpfs(root: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs mounted inside the root: a real ENOSPC and a real cross-device link."""
+_APPEND_AS_NOBODY = """
+import json, os, sys
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+out = {}
+for path in sys.argv[1:]:
+    try:
+        with open(path, "ab") as fh:
+            fh.write(b"!")
+        out[path] = "ok"
+    except OSError as exc:
+        out[path] = exc.errno
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_a_normal_user_cannot_append_to_a_committed_file() -> None:
+    """Read-only bytes: ``>>`` on a committed file fails for its owner's peers too; a
+    0666 file beside it (the control) shows the directory itself is reachable."""
+    outer = tempfile.mkdtemp(prefix="datasync-mode-")
+    try:
+        os.chmod(outer, 0o755)
+        backend = PosixBackend(outer, lustre=False)
+        writer = backend.begin("committed", 1, 1)
+        writer.put_part(0, b"x")
+        writer.commit()
+        control = Path(outer, "control")
+        control.write_bytes(b"x")
+        control.chmod(0o666)
+        done = subprocess.run(
+            [sys.executable, "-c", _APPEND_AS_NOBODY, f"{outer}/committed", str(control)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {f"{outer}/committed": errno.EACCES, str(control): "ok"}
+        assert Path(outer, "committed").read_bytes() == b"x"
+    finally:
+        subprocess.run(["rm", "-rf", outer], check=True)
+
+
+def test_commit_can_be_repeated_after_a_failure_past_the_rename(
+    backend: PosixBackend, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that renamed but failed to flush the directory is finished by a retry
+    (the inode tells the rename already happened), not refused."""
+    from datasync.backends.posix import writer as writer_module
+
+    real = writer_module.fsync_dir
+    calls: list[str] = []
+
+    def flaky(path: str) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "injected")
+        real(path)
+
+    monkeypatch.setattr(writer_module, "fsync_dir", flaky)
+    w = backend.begin("retried", 3, 3)
+    w.put_part(0, b"abc")
+    with pytest.raises(TransientError):
+        w.commit()
+    info = w.commit()
+    assert info == backend.stat("retried")
+    assert (root / "retried").read_bytes() == b"abc"
+    assert list(backend.partial_uploads()) == []
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path, options: str) -> Iterator[Path]:
+    """A tmpfs at ``mnt`` (made here) with mount ``options``, unmounted afterwards."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (the CI machines run tests as root)")
-    mnt = root / "small"
     mnt.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", f"ds-{uuid.uuid4().hex[:6]}", str(mnt)],
+        ["mount", "-t", "tmpfs", "-o", options, f"ds-{uuid.uuid4().hex[:6]}", str(mnt)],
         capture_output=True,
         text=True,
         check=False,
@@ -214,6 +309,23 @@ def small_tmpfs(root: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def small_tmpfs(root: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted inside the root: a real ENOSPC and a real cross-device link."""
+    with mounted_tmpfs(root / "small", "size=1m") as mnt:
+        yield mnt
+
+
+def test_a_read_only_mount_is_permission_denied(backend: PosixBackend, root: Path) -> None:
+    """EROFS is permanent ``PermissionDenied``: a read-only mount refuses as a mode does."""
+    with mounted_tmpfs(root / "ro", "ro,size=1m"):
+        with pytest.raises(PermissionDenied) as caught:
+            backend.begin("ro/new.bin", 1, 1)
+        assert not caught.value.retryable
+        assert isinstance(caught.value.__cause__, OSError)
+        assert caught.value.__cause__.errno == errno.EROFS
 
 
 def test_no_space_is_reported_at_begin_and_leaves_nothing(
@@ -235,6 +347,48 @@ def test_link_across_devices_falls_back_to_a_copy(
     assert (small_tmpfs / "view").read_bytes() == b"abc"
     assert (small_tmpfs / "view").stat().st_dev != (root / "blob").stat().st_dev
     assert [p.name for p in small_tmpfs.iterdir()] == ["view"]
+
+
+def test_link_new_across_devices_copies_and_re_hashes(
+    backend: PosixBackend, root: Path, small_tmpfs: Path
+) -> None:
+    (root / "blob").write_bytes(b"abc")
+    good = f"xxh3-128:{xxhash.xxh3_128(b'abc').hexdigest()}"
+    assert backend.link_new("blob", "small/v/view", expect_digest=good) is True
+    copied = small_tmpfs / "v" / "view"
+    assert copied.read_bytes() == b"abc"
+    assert copied.stat().st_mode & 0o777 == 0o444
+    assert copied.stat().st_dev != (root / "blob").stat().st_dev
+    with pytest.raises(Conflict):
+        backend.link_new("blob", "small/v/view", expect_digest=good)
+    bad = f"xxh3-128:{xxhash.xxh3_128(b'abd').hexdigest()}"
+    with pytest.raises(ChecksumMismatch):
+        backend.link_new("blob", "small/v/other", expect_digest=bad)
+    assert sorted(p.name for p in (small_tmpfs / "v").iterdir()) == ["view"]  # no temp left
+
+
+def test_exchange_swaps_directories_on_a_file_system_that_can(
+    backend: PosixBackend, small_tmpfs: Path
+) -> None:
+    (small_tmpfs / "a").mkdir()
+    (small_tmpfs / "b").mkdir()
+    (small_tmpfs / "a" / "only-in-a").write_bytes(b"")
+    assert backend.exchange("small/a", "small/b") is True
+    assert [p.name for p in (small_tmpfs / "b").iterdir()] == ["only-in-a"]
+    assert list((small_tmpfs / "a").iterdir()) == []
+
+
+def test_rename_tree_onto_a_non_empty_directory_is_a_conflict(
+    backend: PosixBackend, root: Path
+) -> None:
+    (root / "src").mkdir()
+    (root / "dst").mkdir()
+    (root / "dst" / "keep").write_bytes(b"k")
+    with pytest.raises(Conflict) as caught:
+        backend.rename_tree("src", "dst")
+    assert isinstance(caught.value.__cause__, OSError)
+    assert caught.value.__cause__.errno in (errno.ENOTEMPTY, errno.EEXIST)
+    assert (root / "dst" / "keep").read_bytes() == b"k"
 
 
 _segment = st.text(alphabet="a-.0é_ +", min_size=1, max_size=3).filter(

@@ -16,8 +16,8 @@ from urllib.parse import SplitResult
 
 import pytest
 
-from datasync.backends.lustre import DEFAULT_LARGE_LAYOUT, detect_lustre
 from datasync.backends.posix import PosixBackend, is_temp_name
+from datasync.backends.posix.lustre import DEFAULT_LARGE_LAYOUT, detect_lustre
 from datasync.errors import ConfigError
 
 STAND_IN = """#!/bin/sh

@@ -1,25 +1,64 @@
 """Writers of the POSIX backend: one temp-file upload (``PosixWriter``) and a group commit
-of many small objects (``PosixGroupCommit``). The invariants are stated in ``posix.py``.
+of many small objects (``PosixGroupCommit``). Both work through ``PosixFiles``, never
+through the backend. The invariants are stated in the package docstring.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import threading
-from typing import TYPE_CHECKING
 
-from datasync.backends.base import ObjectInfo, PartLayout
-from datasync.backends.posix_io import (
+from datasync.backends.base import ObjectInfo, PartLayout, Writer
+from datasync.backends.posix.files import PosixFiles
+from datasync.backends.posix.io import (
+    TOKEN_RE,
     fsync_dir,
     start_writeback,
     syncfs_fd,
+    temp_name,
     translate_os_errors,
     unlink_quietly,
 )
+from datasync.errors import NotFound
 
-if TYPE_CHECKING:
-    from datasync.backends.posix import PosixBackend
+__all__ = ["PosixGroupCommit", "PosixWriter", "open_writer"]
+
+
+def open_writer(
+    files: PosixFiles,
+    key: str,
+    size: int,
+    part_size: int,
+    token: str | None = None,
+    defer: set[str] | None = None,
+) -> PosixWriter:
+    """A new upload (``token`` None) or the resumed upload ``token`` of ``key``.
+
+    ``defer``: a group commit's set of directories to flush later instead of now."""
+    layout = PartLayout(size, part_size)
+    path = files.path(key)
+    url = files.url(key)
+    dirpath, name = os.path.split(path)
+    if token is None:
+        token = secrets.token_hex(8)
+        tmp = os.path.join(dirpath, temp_name(name, token))
+        fd = files.create_temp(dirpath, tmp, size, url, defer)
+    else:
+        if not TOKEN_RE.match(token):
+            raise ValueError(f"not a posix upload token: {token!r}")
+        tmp = os.path.join(dirpath, temp_name(name, token))
+        with translate_os_errors(url, lookup=True):
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise NotFound(f"upload {token} no longer exists", url=url) from None
+            found = os.fstat(fd).st_size
+        if found != size:
+            os.close(fd)
+            raise ValueError(f"upload {token} holds {found} bytes, not {size}")
+    return PosixWriter(files, key, path, tmp, fd, layout, token)
 
 
 class PosixWriter:
@@ -27,7 +66,7 @@ class PosixWriter:
 
     def __init__(
         self,
-        backend: PosixBackend,
+        files: PosixFiles,
         key: str,
         path: str,
         tmp: str,
@@ -35,17 +74,17 @@ class PosixWriter:
         layout: PartLayout,
         token: str,
     ) -> None:
-        self._backend = backend
-        self._key = key
-        self._path = path
-        self._tmp = tmp
+        self._files = files
         self._fd: int | None = fd
         # Guards ``_fd``: abort() may run while other threads are in put_part, and a closed
         # descriptor number is soon reused by an unrelated open() in this process.
         self._fd_lock = threading.Lock()
         self._layout = layout
         self._token = token
-        self._url = backend._key_url(key)
+        self.key = key
+        self.path = path
+        self.temp_path = tmp
+        self.url = files.url(key)
 
     @property
     def token(self) -> str:
@@ -57,40 +96,45 @@ class PosixWriter:
         offset = self._layout.offset(index)
         # A private duplicate: if abort() closes the writer's fd meanwhile, this part still
         # lands in the (now unlinked) temp file, never in whatever reuses the number.
-        with translate_os_errors(self._url):
-            with self._fd_lock:
-                fd = os.dup(self._open_fd())
+        with translate_os_errors(self.url):
+            fd = self._dup()
             try:
                 done = 0
                 while done < len(view):
                     done += os.pwrite(fd, view[done:], offset + done)
-                if done >= self._backend.writeback_min_bytes:
+                if done >= self._files.writeback_min_bytes:
                     start_writeback(fd, offset, done)
             finally:
                 os.close(fd)
 
     def durable_parts(self) -> set[int]:
-        # See the module docstring: the engine's chunk map is authoritative on POSIX.
+        # The engine's chunk map is authoritative on POSIX (see the package docstring).
         return set()
 
     def commit(self) -> ObjectInfo:
-        fd = self._take_fd()
+        """Seal (mode, fsync), rename over the key, fsync the directory. Safe to call again
+        after a failure: the descriptor is kept until success, and a rename that already
+        happened is recognised by the inode."""
+        fd = self._dup()
         try:
-            with translate_os_errors(self._url):
-                os.fsync(fd)
+            self._files.seal(fd, self.url)
+            with translate_os_errors(self.url):
+                try:
+                    os.rename(self.temp_path, self.path)
+                except FileNotFoundError:
+                    if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+                        raise
+                fsync_dir(os.path.dirname(self.path))
+                st = os.stat(self.path)
         finally:
             os.close(fd)
-        # On failure the temp stays, so the same token can be resumed and committed again.
-        with translate_os_errors(self._url):
-            os.rename(self._tmp, self._path)
-            fsync_dir(os.path.dirname(self._path))
-            st = os.stat(self._path)
-        return self._backend._info(self._key, st)
+        self.close()
+        return self._files.info(self.key, st)
 
     def abort(self) -> None:
         self.close()
-        with translate_os_errors(self._url):
-            unlink_quietly(self._tmp)
+        with translate_os_errors(self.url):
+            unlink_quietly(self.temp_path)
 
     def close(self) -> None:
         """Release the descriptor, keep the temp file: the upload can be resumed by token
@@ -100,6 +144,22 @@ class PosixWriter:
         if fd is not None:
             os.close(fd)
 
+    def stage(self, *, sync: bool) -> None:
+        """For a group commit: give the temp its final mode, fsync it when ``sync``, and
+        release the descriptor. On failure the temp is removed."""
+        fd = self._dup()
+        try:
+            with translate_os_errors(self.url):
+                os.fchmod(fd, self._files.file_mode)
+                if sync:
+                    os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self.abort()
+            raise
+        os.close(fd)
+        self.close()
+
     def __del__(self) -> None:
         # A writer dropped without commit/abort/close must not leak its descriptor.
         fd = getattr(self, "_fd", None)
@@ -108,28 +168,11 @@ class PosixWriter:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _take_fd(self) -> int:
+    def _dup(self) -> int:
         with self._fd_lock:
-            fd = self._open_fd()
-            self._fd = None
-        return fd
-
-    @property
-    def temp_path(self) -> str:
-        return self._tmp
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    @property
-    def key(self) -> str:
-        return self._key
-
-    def _open_fd(self) -> int:
-        if self._fd is None:
-            raise ValueError(f"writer for {self._key} is already committed or aborted")
-        return self._fd
+            if self._fd is None:
+                raise ValueError(f"writer for {self.key} is already committed or aborted")
+            return os.dup(self._fd)
 
 
 class PosixGroupCommit:
@@ -144,8 +187,8 @@ class PosixGroupCommit:
     and calls ``make_durable`` before adopting them).
     """
 
-    def __init__(self, backend: PosixBackend) -> None:
-        self._backend = backend
+    def __init__(self, files: PosixFiles) -> None:
+        self._files = files
         self._lock = threading.Lock()
         self._staged: list[PosixWriter] = []
         self.dirs: set[str] = set()  # directories whose entries changed (flushed at the end)
@@ -153,24 +196,17 @@ class PosixGroupCommit:
 
     @property
     def mode(self) -> str:
-        return self._backend.group_sync
+        return self._files.group_sync
 
     def begin(self, key: str, size: int, part_size: int) -> PosixWriter:
-        return self._backend._begin(key, size, part_size, None, self)
+        return open_writer(self._files, key, size, part_size, defer=self.dirs)
 
-    def stage(self, writer: PosixWriter) -> None:
+    def stage(self, writer: Writer) -> None:
         """The writer is complete: make its bytes durable now (``fsync`` mode, in the
         caller's thread) or at ``commit_all`` (``syncfs``); release its descriptor."""
-        fd = writer._take_fd()
-        try:
-            if self.mode == "fsync":
-                with translate_os_errors(writer._url):
-                    os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            writer.abort()
-            raise
-        os.close(fd)
+        if not isinstance(writer, PosixWriter):
+            raise TypeError(f"not a writer of this group: {writer!r}")
+        writer.stage(sync=self.mode == "fsync")
         with self._lock:
             if self.mode == "fsync":
                 self.flushes += 1
@@ -190,11 +226,10 @@ class PosixGroupCommit:
             staged, self._staged = self._staged, []
         if not staged:
             return {}
-        backend = self._backend
         out: dict[str, ObjectInfo] = {}
         done = 0
         try:
-            with translate_os_errors(backend.root):
+            with translate_os_errors(self._files.root):
                 if self.mode == "syncfs":
                     self._syncfs()  # every staged byte durable before any rename
                 for w in staged:
@@ -210,7 +245,7 @@ class PosixGroupCommit:
                         self.flushes += 1
                 self.dirs.clear()
                 for w in staged:
-                    out[w.key] = backend._info(w.key, os.stat(w.path))
+                    out[w.key] = self._files.info(w.key, os.stat(w.path))
         except BaseException:
             for w in staged[done:]:
                 unlink_quietly(w.temp_path)
@@ -218,7 +253,7 @@ class PosixGroupCommit:
         return out
 
     def _syncfs(self) -> None:
-        fd = os.open(self._backend.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(self._files.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             syncfs_fd(fd)
         finally:

@@ -1,8 +1,9 @@
-"""POSIX system-call helpers shared by the POSIX backend and its writers.
+"""POSIX system-call helpers shared by the POSIX backend, its files helper and its writers.
 
-OS errors are translated here, in one place (``translate_os_errors``); temp-file names,
-preallocation, ``syncfs``, early write-back and directory fsyncs live here too, so the
-backend and the writers read as policy, not as system calls.
+OS errors are translated here, in one place (``translate_os_errors``), with one errno
+table (docs/backends.md, "Errors"); temp-file names, preallocation, ``syncfs``, early
+write-back, directory fsyncs and ``renameat2`` live here too, so the rest of the package
+reads as policy, not as system calls.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from datasync.errors import (
     ConfigError,
+    Conflict,
     NoSpace,
     NotFound,
     PermissionDenied,
@@ -33,11 +35,13 @@ __all__ = [
     "TOKEN_RE",
     "check_range",
     "copy_fd",
+    "exchange_paths",
     "fsync_dir",
     "is_temp_name",
     "option_bool",
     "os_error_to_storage",
     "preallocate_fd",
+    "rename_noreplace",
     "start_writeback",
     "syncfs_fd",
     "temp_name",
@@ -50,7 +54,10 @@ TEMP_RE = re.compile(r"^\.(.+)\.datasync-([0-9a-f]{16,64})\.part$", re.DOTALL)
 TOKEN_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _NAME_MAX = 255
 
-_NOT_FOUND = {errno.ENOENT, errno.ENOTDIR}
+_NOT_FOUND = {errno.ENOENT}
+# A name is taken by the wrong kind of thing (or a directory is not empty): a clash.
+_CLASH = {errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY}
+# EROFS too: a read-only mount refuses writes as firmly as a mode does.
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 # Network and cluster file systems report failover and lost connections with these.
@@ -78,12 +85,18 @@ _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, err
 _NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
-def os_error_to_storage(exc: OSError, url: str) -> StorageError:
-    """The ``StorageError`` for ``exc`` (caller chains it with ``from``)."""
+def os_error_to_storage(exc: OSError, url: str, *, lookup: bool = False) -> StorageError:
+    """The ``StorageError`` for ``exc`` (caller chains it with ``from``).
+
+    ``lookup``: the call only looks a key up (stat, open for reading, unlink), where a file
+    standing where a directory would be (ENOTDIR) means the key is absent, not a clash.
+    """
     code = exc.errno
     reason = exc.strerror or str(exc)
-    if code in _NOT_FOUND:
+    if code in _NOT_FOUND or (lookup and code == errno.ENOTDIR):
         return NotFound(reason, url=url)
+    if code in _CLASH:
+        return Conflict(reason, url=url)
     if code in _DENIED:
         return PermissionDenied(reason, url=url)
     if code in _NO_SPACE:
@@ -94,12 +107,13 @@ def os_error_to_storage(exc: OSError, url: str) -> StorageError:
 
 
 @contextlib.contextmanager
-def translate_os_errors(url: str) -> Iterator[None]:
-    """The one place where ``OSError`` becomes a ``StorageError``."""
+def translate_os_errors(url: str, *, lookup: bool = False) -> Iterator[None]:
+    """The one place where ``OSError`` becomes a ``StorageError`` (see
+    ``os_error_to_storage`` for ``lookup``)."""
     try:
         yield
     except OSError as exc:
-        raise os_error_to_storage(exc, url) from exc
+        raise os_error_to_storage(exc, url, lookup=lookup) from exc
 
 
 def temp_name(name: str, token: str) -> str:
@@ -174,6 +188,49 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         ctypes.c_int64(length),
         ctypes.c_uint(_SYNC_FILE_RANGE_WRITE),
     )
+
+
+_RENAME_NOREPLACE = 1  # <linux/fs.h>
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+# The kernel, libc or file system has no such rename: the caller falls back.
+_NO_RENAMEAT2 = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+def _renameat2(a: str, b: str, flags: int) -> bool:
+    """``renameat2(a, b, flags)``; False where it is unavailable, else True or OSError."""
+    fn = _libc_fn("renameat2")
+    if fn is None:
+        return False
+    rc = fn(
+        ctypes.c_int(_AT_FDCWD),
+        os.fsencode(a),
+        ctypes.c_int(_AT_FDCWD),
+        os.fsencode(b),
+        ctypes.c_uint(flags),
+    )
+    if rc == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_RENAMEAT2:
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def exchange_paths(a: str, b: str) -> bool:
+    """Atomically swap ``a`` and ``b`` (``RENAME_EXCHANGE``). False where the kernel, libc
+    or file system refuses it (nothing changed); other errors raise ``OSError``."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``, raising ``FileExistsError`` if ``dst`` exists. Without
+    ``RENAME_NOREPLACE`` the check and the rename are two steps (a narrow race)."""
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
 
 
 def fsync_dir(path: str) -> None:

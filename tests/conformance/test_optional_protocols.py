@@ -1,0 +1,216 @@
+"""The optional protocols of ``datasync/backends/base.py``: ``Writer.close``,
+``SupportsGroupCommit`` and ``SupportsLocalTree``.
+
+Tests of an optional protocol are parametrized over the kinds that declare it
+(``GROUP_COMMIT_KINDS``, ``LOCAL_TREE_KINDS``), so nothing is skipped;
+``test_optional_protocols_match_the_tables`` runs on every kind and fails when a backend
+declares something the tables do not say (or the reverse), or when its capability flag and
+``isinstance`` disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from datasync.backends.base import (
+    Backend,
+    PartLayout,
+    SupportsGroupCommit,
+    SupportsLocalTree,
+)
+from datasync.errors import Conflict, InvalidPath, NotFound
+from tests.conformance.conftest import GROUP_COMMIT_KINDS, LOCAL_TREE_KINDS
+from tests.conformance.test_backend_contract import part_size_for, payload, put, read_all
+
+
+def digest(data: bytes) -> str:
+    return f"xxh3-128:{xxhash.xxh3_128(data).hexdigest()}"
+
+
+def test_optional_protocols_match_the_tables(backend: Backend, backend_kind: str) -> None:
+    caps = backend.capabilities
+    assert caps.group_commit is (backend_kind in GROUP_COMMIT_KINDS)
+    assert isinstance(backend, SupportsGroupCommit) is caps.group_commit
+    assert caps.local_tree is (backend_kind in LOCAL_TREE_KINDS)
+    assert isinstance(backend, SupportsLocalTree) is caps.local_tree
+
+
+def test_writer_close_keeps_the_upload_resumable(backend: Backend) -> None:
+    """``close()`` releases the writer's local resources; another writer resumes the token."""
+    ps = part_size_for(backend, 64 * 1024)
+    size = ps + 10
+    layout = PartLayout(size, ps)
+    data = payload(30, size)
+    first = backend.begin("closed.bin", size, ps)
+    first.put_part(0, data[: layout.length(0)])
+    first.close()
+    first.close()  # idempotent
+    with pytest.raises(NotFound):
+        backend.stat("closed.bin")
+    second = backend.begin("closed.bin", size, ps, token=first.token)
+    second.put_part(1, data[layout.offset(1) :])
+    if backend.capabilities.lists_parts:
+        assert second.durable_parts() == {0, 1}
+    else:
+        second.put_part(0, data[: layout.length(0)])  # the engine's chunk map would say so
+    second.commit()
+    assert read_all(backend, "closed.bin") == data
+
+
+# -- group commit ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_kind", GROUP_COMMIT_KINDS)
+def test_group_commit_publishes_together(backend: Backend) -> None:
+    assert isinstance(backend, SupportsGroupCommit)
+    group = backend.group_commit()
+    blobs = {f"g/{i:02d}/blob": payload(40 + i, 100 + i) for i in range(12)}
+    for key, data in blobs.items():
+        writer = group.begin(key, len(data), len(data))
+        writer.put_part(0, data)
+        group.stage(writer)
+    assert list(backend.list("g/")) == []  # nothing visible before commit_all
+    infos = group.commit_all()
+    assert sorted(infos) == sorted(blobs)
+    for key, data in blobs.items():
+        assert read_all(backend, key) == data
+        assert infos[key] == backend.stat(key)
+
+
+# -- local tree ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tree(backend: Backend) -> SupportsLocalTree:
+    assert isinstance(backend, SupportsLocalTree)
+    return backend
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.mark.parametrize("backend_kind", LOCAL_TREE_KINDS)
+def test_keys_are_files_under_root_and_committed_bytes_are_read_only(
+    backend: Backend, tree: SupportsLocalTree
+) -> None:
+    """Committed files are 0444 (``file_mode``), whichever way they were made."""
+    root = Path(tree.root)
+    put(backend, "blobs/a", b"abc")
+    assert (root / "blobs/a").read_bytes() == b"abc"
+    backend.copy("blobs/a", "copies/a")
+    assert isinstance(backend, SupportsGroupCommit)
+    group = backend.group_commit()
+    writer = group.begin("grouped/a", 3, 3)
+    writer.put_part(0, b"xyz")
+    group.stage(writer)
+    group.commit_all()
+    for key in ("blobs/a", "copies/a", "grouped/a"):
+        assert _mode(root / key) == 0o444, key
+    tree.make_durable("blobs/a")
+    backend.delete("blobs/a")  # deleting needs the directory's permission only
+    assert not (root / "blobs/a").exists()
+
+
+@pytest.mark.parametrize("backend_kind", LOCAL_TREE_KINDS)
+def test_link_new_links_at_new_names_only(backend: Backend, tree: SupportsLocalTree) -> None:
+    root = Path(tree.root)
+    put(backend, "blobs/b", b"shared")
+    assert tree.link_new("blobs/b", "view/d/e/f", expect_digest=digest(b"shared")) is False
+    assert (root / "view/d/e/f").stat().st_ino == (root / "blobs/b").stat().st_ino
+    with pytest.raises(Conflict):  # an existing name is never replaced
+        tree.link_new("blobs/b", "view/d/e/f", expect_digest=digest(b"shared"))
+    put(backend, "other", b"mine")
+    with pytest.raises(Conflict):
+        tree.link_new("blobs/b", "other", expect_digest=digest(b"shared"))
+    assert read_all(backend, "other") == b"mine"
+    with pytest.raises(Conflict):  # a file where a directory is needed
+        tree.link_new("blobs/b", "other/below", expect_digest=digest(b"shared"))
+    with pytest.raises(NotFound):
+        tree.link_new("blobs/missing", "view/g", expect_digest=digest(b""))
+    with pytest.raises(InvalidPath):
+        tree.link_new("blobs/b", "view/../escape", expect_digest=digest(b"shared"))
+
+
+@pytest.mark.parametrize("backend_kind", LOCAL_TREE_KINDS)
+def test_trees_are_synced_renamed_and_exchanged(backend: Backend, tree: SupportsLocalTree) -> None:
+    root = Path(tree.root)
+    put(backend, "blobs/c", b"c")
+    for path in ("a/b/1", "a/b/c/2", "a/3"):
+        tree.link_new("blobs/c", f"ds/.staging/{path}", expect_digest=digest(b"c"))
+    tree.sync_tree("ds/.staging")
+    with pytest.raises(NotFound):
+        tree.sync_tree("ds/missing")
+    with pytest.raises(Conflict):
+        tree.sync_tree("blobs/c")
+    tree.rename_tree("ds/.staging", "ds/v1")
+    assert (root / "ds/v1/a/b/c/2").read_bytes() == b"c"
+    assert not (root / "ds/.staging").exists()
+    tree.link_new("blobs/c", "ds/.staging2/x", expect_digest=digest(b"c"))
+    with pytest.raises(Conflict):  # onto a non-empty directory
+        tree.rename_tree("ds/.staging2", "ds/v1")
+    with pytest.raises(NotFound):
+        tree.rename_tree("ds/nothing", "ds/v2")
+    if tree.exchange("ds/.staging2", "ds/v1"):
+        assert (root / "ds/v1/x").exists() and (root / "ds/.staging2/a/3").exists()
+    else:  # this file system cannot: nothing moved
+        assert (root / "ds/.staging2/x").exists() and (root / "ds/v1/a/3").exists()
+    with pytest.raises(NotFound):
+        tree.exchange("ds/v1", "ds/none")
+
+
+@pytest.mark.parametrize("backend_kind", LOCAL_TREE_KINDS)
+def test_symlinks_are_made_replaced_and_never_clobber(
+    backend: Backend, tree: SupportsLocalTree
+) -> None:
+    root = Path(tree.root)
+    assert tree.read_symlink("drive/tokyo@v1") is None
+    tree.set_symlink("drive/tokyo@v1", "tokyo/" + "a" * 64)
+    assert os.readlink(root / "drive/tokyo@v1") == "tokyo/" + "a" * 64
+    tree.set_symlink("drive/tokyo@v1", "tokyo/" + "b" * 64)  # atomic replace
+    tree.set_symlink("drive/tokyo@v1", "tokyo/" + "b" * 64)  # same target: nothing to do
+    assert tree.read_symlink("drive/tokyo@v1") == "tokyo/" + "b" * 64
+    assert sorted(p.name for p in (root / "drive").iterdir()) == ["tokyo@v1"]  # no temp left
+    put(backend, "drive/not-a-link", b"user data")
+    with pytest.raises(Conflict):
+        tree.set_symlink("drive/not-a-link", "tokyo/x")
+    with pytest.raises(Conflict):
+        tree.read_symlink("drive/not-a-link")
+    assert read_all(backend, "drive/not-a-link") == b"user data"
+    (root / "drive/adir").mkdir()
+    with pytest.raises(Conflict):
+        tree.set_symlink("drive/adir", "tokyo/x")
+    for bad in ("/etc", "../up", "a/../../b", ""):
+        with pytest.raises(InvalidPath):
+            tree.set_symlink("drive/l", bad)
+    assert list(backend.list("drive/")) == [backend.stat("drive/not-a-link")]
+
+
+@pytest.mark.parametrize("backend_kind", LOCAL_TREE_KINDS)
+def test_read_only_trees_and_their_removal(backend: Backend, tree: SupportsLocalTree) -> None:
+    root = Path(tree.root)
+    put(backend, "blobs/d", b"d")
+    for path in ("v/a/1", "v/a/b/2", "v/3"):
+        tree.link_new("blobs/d", path, expect_digest=digest(b"d"))
+    os.symlink("/", root / "v/a/outside")  # never followed by the walk
+    tree.set_tree_readonly("v", True)
+    dirs = [root / "v", root / "v/a", root / "v/a/b"]
+    assert [_mode(d) for d in dirs] == [0o555] * 3
+    assert _mode(root / "v/a/1") == 0o444  # files untouched
+    assert _mode(Path("/")) != 0o555
+    tree.set_tree_readonly("v", False)
+    assert [_mode(d) for d in dirs] == [0o755] * 3
+    tree.set_tree_readonly("v", True)
+    tree.remove_tree("v")  # read-only directories included
+    assert not (root / "v").exists()
+    assert (root / "blobs/d").read_bytes() == b"d"
+    tree.remove_tree("v")  # already gone: fine
+    with pytest.raises(Conflict):
+        tree.remove_tree("blobs/d")
+    with pytest.raises(NotFound):
+        tree.set_tree_readonly("v", True)
