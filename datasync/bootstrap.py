@@ -11,21 +11,23 @@ Event subscribers (metrics, logs, the dashboard) are registered on ``App.bus`` h
 from __future__ import annotations
 
 import concurrent.futures as cf
-import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from datasync.backends.base import Backend
+from datasync.backends.retrying import RetryingBackend
 from datasync.config import Settings, load_settings
 from datasync.db.engine import create_engine
 from datasync.db.migrate import upgrade_to_head
-from datasync.errors import ConfigError, DatasyncError, Throttled
+from datasync.errors import ConfigError
 from datasync.events import EventBus
 from datasync.manifest.remote import RemoteSources
 from datasync.manifest.statcache import StatCache
 from datasync.manifest.store import ManifestStore
+from datasync.retry import Backoff, RetryPolicy
 from datasync.service import DatasyncService
 from datasync.transfer.buffers import BufferPool
 from datasync.transfer.exec import ExecContext, Executor, SiteBackends
@@ -37,26 +39,6 @@ from datasync.transfer.state import EngineState, TaskStates
 from datasync.transfer.worker import MIB, WorkerLoop, WorkerOptions, WorkerParts
 
 __all__ = ["App", "bootstrap"]
-
-
-class _TaskRetry:
-    """Delay between task attempts: jittered exponential, ``retry_after`` as a floor."""
-
-    def __init__(self, base: float = 2.0, cap: float = 300.0) -> None:
-        self.base = base
-        self.cap = cap
-        self._rng = random.Random()
-
-    def task_retry_delay(
-        self, attempts: int, max_attempts: int, exc: BaseException
-    ) -> float | None:
-        retryable = exc.retryable if isinstance(exc, DatasyncError) else True
-        if not retryable or attempts >= max_attempts:
-            return None
-        delay = min(self.cap, self.base * 2.0 ** max(0, attempts - 1)) * self._rng.uniform(0.5, 1.5)
-        if isinstance(exc, Throttled) and exc.retry_after:
-            delay = max(delay, exc.retry_after)
-        return delay
 
 
 @dataclass
@@ -72,15 +54,27 @@ class App:
     state: EngineState
     planner: Planner
     replication: ReplicationService
+    retry: RetryPolicy
 
     def worker(self, options: WorkerOptions) -> WorkerLoop:
         """A worker loop for this process: backends, host-wide limits, buffers, I/O pool."""
         settings = self.settings
         chunk = max(settings.chunk_size, MIB)
-        backends = SiteBackends(settings.sites)
         limits = limits_from_settings(settings.home, settings.sites)
+        policy = replace(self.retry, task_backoff=Backoff(options.queue_backoff_base, 300.0))
+
+        def with_retries(site: str, backend: Backend) -> Backend:
+            # Throttling feeds the site's host-wide AIMD limit; every retry is the policy's.
+            return RetryingBackend(
+                backend,
+                policy,
+                on_throttled=lambda exc: limits.on_throttled(site, exc.retry_after),
+                on_success=lambda: limits.on_success(site),
+            )
+
+        backends = SiteBackends(settings.sites, wrap=with_retries)
         io = cf.ThreadPoolExecutor(options.io_threads, thread_name_prefix="datasync-io")
-        tasks = TaskStates(self.engine, self.bus, _TaskRetry(options.queue_backoff_base))
+        tasks = TaskStates(self.engine, self.bus, policy)
         ctx = ExecContext(
             state=self.state,
             index=SiteIndex(self.engine),
@@ -135,7 +129,8 @@ def bootstrap(settings: Settings | None = None) -> App:
     store = ManifestStore(engine)
     stat_cache = StatCache(settings.stat_cache_path)
     service = DatasyncService(settings, store, stat_cache, RemoteSources(settings))
-    state = EngineState(engine, bus, _TaskRetry())
+    retry = RetryPolicy()
+    state = EngineState(engine, bus, retry)
     planner = Planner(engine, settings, state)
     replication = ReplicationService(settings, engine, store, state, planner)
     return App(
@@ -148,4 +143,5 @@ def bootstrap(settings: Settings | None = None) -> App:
         state=state,
         planner=planner,
         replication=replication,
+        retry=retry,
     )

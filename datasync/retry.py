@@ -138,6 +138,16 @@ class RetryPolicy:
         """How many attempts a task failing with ``exc`` gets in all (1: fail it now)."""
         return self.budget(exc).attempts
 
+    def task_retry_delay(
+        self, attempts: int, max_attempts: int, exc: BaseException
+    ) -> float | None:
+        """The task queue's question: seconds before the next attempt of a task that failed
+        its ``attempts``-th attempt with ``exc``, or None when it must fail now (permanent,
+        or its class's budget or the task's own ``max_attempts`` is spent)."""
+        if attempts >= min(max_attempts, self.task_budget(exc)):
+            return None
+        return self.task_delay(attempts, exc)
+
     def _delay(self, backoff: Backoff, attempt: int, exc: BaseException) -> float:
         delay = self.random() * backoff.ceiling(attempt)
         if isinstance(exc, Throttled) and exc.retry_after is not None:

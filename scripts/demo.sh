@@ -159,14 +159,14 @@ replicate "$NAME@v1" lustre
 step "$DS status --all"
 "$DS" status --all
 
-step "the published view at lustre: <root>/<dataset>/<version-id>/..., labels are symlinks"
-ls -l "$LUSTRE/$NAME"
-V1="$(readlink "$LUSTRE/$NAME/v1")"
+step "the published view at lustre: <root>/<dataset>/<version-id>/..., labels <dataset>@<label>"
+ls -l "$(dirname "$LUSTRE/$NAME")"
+V1="$(basename "$(readlink "$LUSTRE/$NAME@v1")")"
 find "$LUSTRE/$NAME/$V1" -maxdepth 2 | sed "s|$LUSTRE/||" | sort | head -12
 echo "..."
-echo "hard links (link count, inode) between the view and the site's blob store:"
-SHARD="$LUSTRE/$NAME/v1/shards/train-00000.tar"
-stat -c '  %h links  inode %i  %n' "$SHARD" \
+echo "read-only hard links (mode, link count, inode) between the view and the blob store:"
+SHARD="$LUSTRE/$NAME@v1/shards/train-00000.tar"
+stat -c '  %A  %h links  inode %i  %n' "$SHARD" \
     "$(find "$LUSTRE/.datasync/blobs" -type f -samefile "$SHARD")" | sed "s|$LUSTRE/||"
 
 step "$DS replicate $NAME@v2 --to lustre --wait: only what v1 did not have moves"
@@ -174,7 +174,7 @@ replicate "$NAME@v2" lustre
 
 step "bytes moved for v2 against the bytes it changed"
 "$PY" -m datasync.demo moved "$NAME@v1" "$NAME@v2" lustre
-ls -l "$LUSTRE/$NAME"
+ls -l "$(dirname "$LUSTRE/$NAME")"
 
 # ---------------------------------------------------------------- part 3: S3 (moto)
 
@@ -193,10 +193,10 @@ s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                   aws_access_key_id="demo", aws_secret_access_key="demo")
 keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="demo-bucket")
         for o in page.get("Contents", [])]
-views = sorted(k for k in keys if k.startswith(name + "/"))
+views = sorted(k for k in keys if k.startswith((name + "/", name + "@")))
 print(f"{len(keys)} objects: {sum(k.startswith('.datasync/blobs/') for k in keys)} in the blob"
       f" store .datasync/blobs/, {len(views)} under {name}/")
-special = [k for k in views if "/." in k]  # labels and the completion marker
+special = [k for k in views if "/." in k or "@" in k]  # the completion marker, labels
 for k in [k for k in views if k not in special][:5] + ["..."] + special:
     print("  " + k)
 EOF

@@ -267,6 +267,20 @@ class SupportsLocalTree(Protocol):
         """fsync the file at ``key`` and every directory from its own up to the root."""
         ...
 
+    def make_dirs(self, key: str) -> None:
+        """Create the directory ``key`` and its missing parents, never following a
+        symlink: a component that exists as anything but a real directory (a file, a
+        symlink a user made) is a ``Conflict``, so nothing is ever written through it."""
+        ...
+
+    def is_dir(self, key: str) -> bool:
+        """Is ``key`` a real directory (not a symlink to one)?"""
+        ...
+
+    def list_dir(self, key: str) -> list[str]:
+        """The names in the directory ``key`` (empty when it does not exist), unsorted."""
+        ...
+
     def link_new(self, src_key: str, dst_key: str, *, expect_digest: str) -> bool:
         """Hard-link ``src`` at the new name ``dst`` (``Conflict`` if it exists), creating
         parent directories, without fsync. Where hard links are impossible (EXDEV, EMLINK,
@@ -292,6 +306,10 @@ class SupportsLocalTree(Protocol):
     def set_symlink(self, key: str, target: str) -> None:
         """Create or atomically replace the symlink ``key -> target`` (relative, no
         ``..``). ``Conflict``, touching nothing, if ``key`` exists and is not a symlink."""
+        ...
+
+    def remove_symlink(self, key: str) -> None:
+        """Remove the symlink ``key`` (nothing if absent; ``Conflict`` if not a symlink)."""
         ...
 
     def read_symlink(self, key: str) -> str | None:

@@ -261,6 +261,15 @@ class _LocalTree(RetryingBackend):
     def make_durable(self, key: str) -> None:
         self._call(self._tree.make_durable, key)
 
+    def make_dirs(self, key: str) -> None:
+        self._call(self._tree.make_dirs, key)
+
+    def is_dir(self, key: str) -> bool:
+        return self._call(self._tree.is_dir, key)
+
+    def list_dir(self, key: str) -> list[str]:
+        return self._call(self._tree.list_dir, key)
+
     def link_new(self, src_key: str, dst_key: str, *, expect_digest: str) -> bool:
         return self._once(self._tree.link_new, src_key, dst_key, expect_digest=expect_digest)
 
@@ -275,6 +284,9 @@ class _LocalTree(RetryingBackend):
 
     def set_symlink(self, key: str, target: str) -> None:
         self._call(self._tree.set_symlink, key, target)
+
+    def remove_symlink(self, key: str) -> None:
+        self._call(self._tree.remove_symlink, key)
 
     def read_symlink(self, key: str) -> str | None:
         return self._call(self._tree.read_symlink, key)

@@ -15,10 +15,9 @@ as proof of content.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from datasync.backends.base import Backend, read_range_into
+from datasync.backends.base import Backend, SupportsLocalTree, read_range_into
 from datasync.backends.posix import translate_os_errors
 from datasync.manifest.hashing import ChunkedHasher, hash_file
 from datasync.transfer.buffers import BufferPool
@@ -30,11 +29,10 @@ _WHOLE = 2**62  # a chunk size no object reaches: ChunkedHasher then yields the 
 
 
 def posix_root(backend: Backend) -> Path | None:
-    """The filesystem root of a POSIX backend that can hard-link, else None."""
-    root = getattr(backend, "root", None)
-    if not isinstance(root, str | os.PathLike) or not backend.capabilities.hard_links:
-        return None
-    return Path(root)
+    """The filesystem root of a backend whose keys are local files, else None."""
+    if backend.capabilities.local_tree and isinstance(backend, SupportsLocalTree):
+        return Path(backend.root)
+    return None
 
 
 def read_into(

@@ -132,12 +132,13 @@ def test_published_views_match_the_pipeline_runs(demo: DemoRun) -> None:
     views = demo.demo_dir / "lustre" / DATASET
     runs = demo.demo_dir / "pipeline" / "tokyo-urban"
     for label, run in (("v1", "run-1"), ("v2", "run-2")):
-        view = views / label
-        assert view.is_symlink() and (views / os.readlink(view)).is_dir()
+        view = views.with_name(f"{views.name}@{label}")
+        assert view.is_symlink() and (views.parent / os.readlink(view)).is_dir()
         assert _hashes(view) == _hashes(runs / run), label
-    assert os.readlink(views / "latest") == os.readlink(views / "v2")
-    # A view is hard links into the site's blob store, not copies.
-    shard = views / "v1" / "shards" / "train-00000.tar"
-    assert shard.stat().st_nlink >= 2
+    latest, v2 = (views.with_name(f"{views.name}@{label}") for label in ("latest", "v2"))
+    assert os.readlink(latest) == os.readlink(v2)
+    # A view is read-only hard links into the site's blob store, not copies.
+    shard = views.with_name(f"{views.name}@v1") / "shards" / "train-00000.tar"
+    assert shard.stat().st_nlink >= 2 and shard.stat().st_mode & 0o777 == 0o444
     leftovers = [p.name for p in views.iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from datasync.bootstrap import App, bootstrap
-from datasync.transfer.materialize import blob_key
+from datasync.transfer.layout import blob_key
 from datasync.transfer.supervisor import WorkerOptions, run_until_idle
 from tests.fixtures.replication import (
     Site,

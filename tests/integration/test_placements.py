@@ -277,7 +277,7 @@ def test_cli_and_api_serve_the_same_functions(
     assert done.exit_code == 0, done.output
     st = runner.invoke(cli_app, ["status", "--all", "--json"])
     assert json.loads(st.stdout)[0]["state"] == "READY"
-    view = tmp_path / "lustre" / "drive" / "cli" / "latest"
+    view = tmp_path / "lustre" / "drive" / "cli@latest"
     assert (view / "big.bin").read_bytes() == (runs / "big.bin").read_bytes()
 
     with bootstrap(local) as application, _serve(create_app(application)) as client:
@@ -345,7 +345,7 @@ def test_up_runs_api_scheduler_and_workers_together(
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=90)[0].decode(errors="replace")
     assert proc.returncode == 0, output
-    assert (tmp_path / "lustre" / "drive" / "up" / "latest" / "a.bin").read_bytes() == b"a" * 3000
+    assert (tmp_path / "lustre" / "drive" / "up@latest" / "a.bin").read_bytes() == b"a" * 3000
 
 
 def test_replicate_from_names_where_a_manifest_versions_files_are(

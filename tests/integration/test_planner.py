@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 
 from datasync.config import Settings
 from datasync.db.engine import write_transaction
-from datasync.transfer.materialize import blob_key
+from datasync.transfer.layout import blob_key
 from datasync.transfer.payloads import (
     BlobItem,
     BlobsPayload,

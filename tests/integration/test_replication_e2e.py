@@ -84,7 +84,7 @@ def _replicate_twice(
         # The first view is untouched by the second publish.
         assert_view_matches(dst, DATASET, versions[0][0], versions[0][1])
         if dst.root is not None:
-            assert (dst.root / DATASET / "latest").resolve().name == versions[1][0]
+            assert (dst.root / f"{DATASET}@latest").resolve().name == versions[1][0]
     finally:
         app.close()
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from datasync.bootstrap import _TaskRetry
 from datasync.config import Settings
 from datasync.errors import NotFound, Throttled, TransientError
+from datasync.retry import Backoff, RetryPolicy
 from datasync.transfer.supervisor import WorkerOptions, run_worker
 from tests.fixtures.transfer import (
     FixedRetry,
@@ -180,20 +180,20 @@ def test_throttled_retry_after_is_honoured(engine: Engine, placement: int) -> No
     assert queue.claim("w", 1, 60) == []
 
 
-def test_backoff_grows_and_is_jittered() -> None:
-    policy = _TaskRetry(base=2, cap=60)
-
-    def backoff(n: int, exc: Exception) -> float:
-        delay = policy.task_retry_delay(n, 99, exc)
-        assert delay is not None
-        return delay
-
-    delays = [backoff(n, TransientError("x")) for n in (1, 2, 3, 4, 10)]
-    assert 1 <= delays[0] <= 3
-    assert 2 <= delays[1] <= 6
-    assert 8 <= delays[3] <= 24
-    assert 30 <= delays[4] <= 90  # capped at 60, then jittered
-    assert len({backoff(3, TransientError("x")) for _ in range(20)}) > 1
+def test_task_retries_follow_the_retry_policy() -> None:
+    """The queue asks the one retry policy (datasync.retry): per-class budgets, then the
+    task's own max_attempts; growing, jittered delays with retry_after as a floor."""
+    policy = RetryPolicy(task_backoff=Backoff(2.0, 60.0), random=lambda: 1.0)
+    assert policy.task_retry_delay(1, 8, TransientError("x")) == 2.0
+    assert policy.task_retry_delay(3, 8, TransientError("x")) == 8.0
+    assert policy.task_retry_delay(4, 8, TransientError("x")) is None  # class budget: 4
+    assert policy.task_retry_delay(7, 8, Throttled("SlowDown")) == 60.0  # capped
+    assert policy.task_retry_delay(8, 8, Throttled("SlowDown")) is None  # max_attempts
+    assert policy.task_retry_delay(1, 8, Throttled("SlowDown", retry_after=99)) == 99
+    assert policy.task_retry_delay(1, 8, NotFound("gone")) is None  # permanent
+    assert policy.task_retry_delay(1, 8, KeyError("a bug")) is None  # unclassified
+    jittered = RetryPolicy(task_backoff=Backoff(2.0, 60.0))
+    assert len({jittered.task_retry_delay(3, 8, TransientError("x")) for _ in range(20)}) > 1
 
 
 def test_permanent_failure_fails_placement_and_cancels_queued_tasks(

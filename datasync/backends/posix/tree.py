@@ -67,6 +67,38 @@ class LocalTreeOps:
                 os.close(fd)
             self._sync_up(os.path.dirname(path))
 
+    def make_dirs(self, key: str) -> None:
+        path, url = self.files.path(key), self.files.url(key)
+        self.files.check_root()
+        current = self.files.root
+        with translate_os_errors(url):
+            for part in os.path.relpath(path, current).split(os.sep):
+                current = os.path.join(current, part)
+                try:
+                    os.mkdir(current)
+                    fsync_dir(os.path.dirname(current))
+                except FileExistsError:
+                    if not statmod.S_ISDIR(os.lstat(current).st_mode):
+                        kind = "a symlink" if os.path.islink(current) else "not a directory"
+                        raise Conflict(
+                            f"{current} is {kind}; datasync writes only into directories it made",
+                            url=url,
+                        ) from None
+
+    def is_dir(self, key: str) -> bool:
+        with translate_os_errors(self.files.url(key), lookup=True):
+            try:
+                return statmod.S_ISDIR(os.lstat(self.files.path(key)).st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+
+    def list_dir(self, key: str) -> list[str]:
+        with translate_os_errors(self.files.url(key), lookup=True):
+            try:
+                return os.listdir(self.files.path(key))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+
     def link_new(self, src_key: str, dst_key: str, *, expect_digest: str) -> bool:
         src, dst = self.files.path(src_key), self.files.path(dst_key)
         url = self.files.url(dst_key)
@@ -129,6 +161,14 @@ class LocalTreeOps:
                 os.rename(tmp, path)
             finally:
                 unlink_quietly(tmp)
+            fsync_dir(os.path.dirname(path))
+
+    def remove_symlink(self, key: str) -> None:
+        if self.read_symlink(key) is None:
+            return
+        path = self.files.path(key)
+        with translate_os_errors(self.files.url(key)):
+            unlink_quietly(path)
             fsync_dir(os.path.dirname(path))
 
     def read_symlink(self, key: str) -> str | None:

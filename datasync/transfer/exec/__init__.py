@@ -17,7 +17,7 @@ from datasync.errors import DatasyncError
 from datasync.transfer.exec.blobs import run_blobs
 from datasync.transfer.exec.chunked import run_chunks, run_finalize
 from datasync.transfer.exec.context import ExecContext, LeaseLost, ReplanNeeded, SiteBackends
-from datasync.transfer.exec.publish import run_publish
+from datasync.transfer.exec.publish import run_labels, run_publish
 from datasync.transfer.payloads import (
     BlobsPayload,
     ChunksPayload,
@@ -63,7 +63,8 @@ class Executor:
             case FinalizePayload():
                 return run_finalize(self.ctx, p, task, cancel)
             case PublishPayload():
-                run_publish(self.ctx, p)
+                run_publish(self.ctx, p, task)
                 return 0
             case LabelsPayload():
-                raise NotImplementedError("labels tasks")
+                run_labels(self.ctx, p)
+                return 0

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Mapping
-from typing import Any
 
-from datasync.backends.base import Backend
+from datasync.backends.base import Backend, GroupCommit, SupportsGroupCommit, SupportsLocalTree
 from datasync.errors import ChecksumMismatch, NotFound, StorageError
 from datasync.transfer.exec.context import ExecContext, check_cancel
 from datasync.transfer.exec.reader import VerifiedReader, whole_check
 from datasync.transfer.failpoints import failpoint
-from datasync.transfer.materialize import blob_key
+from datasync.transfer.layout import blob_key
 from datasync.transfer.payloads import BlobItem, BlobsPayload
 from datasync.transfer.state import ReplicaRow
 from datasync.transfer.tracing import traced_write
@@ -41,10 +39,11 @@ def retryable_mismatch(message: str, url: str) -> ChecksumMismatch:
     return exc
 
 
-def group_commit_of(backend: Backend) -> Any:
+def group_commit_of(backend: Backend) -> GroupCommit | None:
     """The backend's group commit for a batch of small objects, if it has one."""
-    factory = getattr(backend, "group_commit", None)
-    return factory() if callable(factory) else None
+    if backend.capabilities.group_commit and isinstance(backend, SupportsGroupCommit):
+        return backend.group_commit()
+    return None
 
 
 def adopt(ctx: ExecContext, dst: str, digest: str, size: int) -> bool:
@@ -60,9 +59,8 @@ def adopt(ctx: ExecContext, dst: str, digest: str, size: int) -> bool:
         backend.delete(key)  # never trusted, and in the way of the new upload
         return False
     # A killed group commit may have renamed it without flushing the name yet.
-    make_durable = getattr(backend, "make_durable", None)
-    if callable(make_durable):
-        make_durable(key)
+    if backend.capabilities.local_tree and isinstance(backend, SupportsLocalTree):
+        backend.make_durable(key)
     ctx.state.replicas.record(dst, [ReplicaRow(digest, size, key, info.etag)])
     return True
 
@@ -88,7 +86,7 @@ def run_blobs(
             error = error or exc
     if group is not None:
         try:
-            verified = _commit_group(ctx, reader, dst, group, verified)
+            verified = _commit_group(ctx, dst, group, verified)
         except BaseException as exc:
             error = error or exc
             verified = []
@@ -107,7 +105,7 @@ def _copy_blob(
     dst: str,
     item: BlobItem,
     cancel: threading.Event,
-    group: Any,
+    group: GroupCommit | None,
 ) -> ReplicaRow:
     """Copy, verify and return the replica row of one small blob (recorded by the caller).
 
@@ -150,7 +148,7 @@ def _copy_blob(
 
 
 def _commit_group(
-    ctx: ExecContext, reader: VerifiedReader, dst: str, group: Any, staged: list[ReplicaRow]
+    ctx: ExecContext, dst: str, group: GroupCommit, staged: list[ReplicaRow]
 ) -> list[ReplicaRow]:
     """Publish a batch's staged blobs at once, then re-read and re-hash each; return the
     replica rows to record (the names are durable when this returns).
@@ -162,8 +160,7 @@ def _commit_group(
         # Each object is written (renamed into place) here: trace it under its own key.
         for row in staged:
             traced.enter_context(traced_write(f"{dst}:{row.key}", "blob"))
-        with reader.throttle_guard(dst):
-            infos: Mapping[str, Any] = group.commit_all()
+        infos = group.commit_all()
     failpoint("after_commit")
 
     def check(row: ReplicaRow) -> str | None:

@@ -27,7 +27,7 @@ from datasync.transfer.exec.blobs import adopt, retryable_mismatch
 from datasync.transfer.exec.context import ExecContext, check_cancel
 from datasync.transfer.exec.reader import VerifiedReader
 from datasync.transfer.failpoints import failpoint
-from datasync.transfer.materialize import blob_key
+from datasync.transfer.layout import blob_key
 from datasync.transfer.payloads import ChunkedBlob, ChunksPayload, FinalizePayload
 from datasync.transfer.state import ClaimedTask, ReplicaRow
 from datasync.transfer.tracing import traced_write
@@ -72,13 +72,6 @@ def part_plan(backend: Backend, size: int, chunk_size: int) -> PartPlan:
             f"{caps.max_part_size}; use a smaller chunk size"
         )
     return PartPlan(PartLayout(size, k * chunk_size), chunk_size)
-
-
-def _close_writer(writer: Writer) -> None:
-    # Release local resources (a POSIX temp fd) of a writer we neither commit nor abort.
-    close = getattr(writer, "close", None)
-    if callable(close):
-        close()
 
 
 def _open_upload(
@@ -178,7 +171,7 @@ def run_chunks(ctx: ExecContext, payload: ChunksPayload, cancel: threading.Event
     try:
         return _send_parts(ctx, blob, lay, writer, [j for j in owned if j not in done], cancel)
     finally:
-        _close_writer(writer)
+        writer.close()  # keeps the upload for the other chunk tasks and finalize
 
 
 def run_finalize(
@@ -209,7 +202,7 @@ def run_finalize(
         )
         check_cancel(cancel)
         failpoint("before_commit")
-        with traced_write(f"{dst}:{key}", "commit"), VerifiedReader(ctx).throttle_guard(dst):
+        with traced_write(f"{dst}:{key}", "commit"):
             info = writer.commit()
     except BaseException:
         if one_part:  # an unrecorded one-part upload: nobody can resume it
@@ -217,7 +210,7 @@ def run_finalize(
                 writer.abort()
         raise
     finally:
-        _close_writer(writer)  # after commit a no-op; otherwise the retry resumes it
+        writer.close()  # after commit a no-op; otherwise the retry resumes it
     failpoint("after_commit")
     stored = hash_object(backend, key, size, buffers=ctx.buffers)
     if stored != digest:

@@ -1,4 +1,5 @@
-"""The ``publish`` task: build a placement's view from the site's blob store.
+"""The ``publish`` and ``labels`` tasks: a placement's view from the site's blob store, and
+the dataset's labels at the site.
 
 It runs when every other task of the placement is done, in two passes over the manifest:
 
@@ -8,8 +9,11 @@ It runs when every other task of the placement is done, in two passes over the m
    re-hashed (a mere ``touch`` passes and the token is refreshed). Blobs that are missing
    or hash wrong are marked bad and the placement is re-planned (``ReplanNeeded``): a
    store that lost or damaged acknowledged bytes heals instead of failing forever.
-2. Hand the files to ``datasync.transfer.materialize``, which builds the view atomically.
-   Only blob-store replicas are ever used: bytes datasync wrote and verified.
+2. Hand the files to ``datasync.transfer.views``, which builds the view atomically, then
+   point the dataset's labels at the site at what is published there. Only blob-store
+   replicas are ever used: bytes datasync wrote and verified. A blob found damaged while
+   copying (object stores) is handled as in step 1. When the publish fails for good, an
+   object-store view left without its completion marker is deleted.
 
 The queue's ``complete`` then makes the placement READY. A version registered from a
 producer manifest (unverified) is marked verified after its first publish, since every
@@ -18,24 +22,58 @@ blob was just checked against its digests.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
-from datasync.errors import NotFound
+from datasync.errors import DatasyncError, NotFound
 from datasync.transfer.exec.context import ExecContext, ReplanNeeded
 from datasync.transfer.failpoints import failpoint
-from datasync.transfer.materialize import PublishResult, ViewFile, publish_view
-from datasync.transfer.payloads import PublishPayload
+from datasync.transfer.labels import labels_at_site
+from datasync.transfer.payloads import LabelsPayload, PublishPayload
 from datasync.transfer.siteindex import BlobRow
-from datasync.transfer.state import ReplicaRow
+from datasync.transfer.state import ClaimedTask, ReplicaRow
 from datasync.transfer.verify import hash_object
+from datasync.transfer.views import (
+    BlobDamaged,
+    PublishResult,
+    ViewFile,
+    publish_view,
+    remove_unmarked_view,
+    sync_labels,
+)
 
-__all__ = ["run_publish"]
+__all__ = ["run_labels", "run_publish"]
 
 _BATCH = 500
 
 
-def run_publish(ctx: ExecContext, payload: PublishPayload) -> PublishResult:
-    """Build the view of the payload's version at its site (idempotent)."""
+def run_labels(ctx: ExecContext, payload: LabelsPayload) -> None:
+    """Make the dataset's labels at the site agree with the database."""
+    labels = labels_at_site(ctx.state.engine, payload.dataset, payload.dst_site)
+    sync_labels(ctx.backends[payload.dst_site], payload.dataset, labels)
+
+
+def run_publish(ctx: ExecContext, payload: PublishPayload, task: ClaimedTask) -> PublishResult:
+    """Build the view of the payload's version at its site, then its labels (idempotent)."""
+    try:
+        return _publish(ctx, payload)
+    except BlobDamaged as exc:
+        ctx.state.replicas.mark_bad(
+            payload.dst_site, exc.digest, exc.key, f"found at publish: {exc.why}"
+        )
+        raise ReplanNeeded(f"{payload.dataset}@{payload.version_id[:12]}: {exc}") from exc
+    except DatasyncError as exc:
+        final = not exc.retryable or task.attempts >= task.max_attempts
+        if final and not isinstance(exc, ReplanNeeded):
+            # Nothing half-written stays behind a failed placement (object stores).
+            with contextlib.suppress(DatasyncError):
+                backend = ctx.backends[payload.dst_site]
+                if not backend.capabilities.local_tree:
+                    remove_unmarked_view(backend, payload.dataset, payload.version_id)
+        raise
+
+
+def _publish(ctx: ExecContext, payload: PublishPayload) -> PublishResult:
     site = payload.dst_site
     version = ctx.manifests.resolve(f"{payload.dataset}@{payload.version_id}")
     backend = ctx.backends[site]
@@ -68,13 +106,10 @@ def run_publish(ctx: ExecContext, payload: PublishPayload) -> PublishResult:
                 yield ViewFile(path, digest, size, row.key)
 
     result = publish_view(
-        backend,
-        payload.dataset,
-        payload.version_id,
-        files,
-        labels=version.labels,
-        buffers=ctx.buffers,
+        backend, payload.dataset, payload.version_id, files, io=ctx.io, buffers=ctx.buffers
     )
+    labels = labels_at_site(ctx.state.engine, payload.dataset, site, publishing=payload.version_id)
+    sync_labels(backend, payload.dataset, labels)
     failpoint("after_publish")
     if not version.verified:
         ctx.manifests.mark_verified(version)

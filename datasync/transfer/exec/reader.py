@@ -13,17 +13,17 @@ still holding the transfer slots. Invariants:
 * A moved ETag (``SourceChanged``) is re-read unpinned: the digest comparison decides
   whether the new bytes are still the blob.
 * Each range holds one concurrency slot at the source, the destination and their link,
-  and passes through the bandwidth buckets; ``Throttled`` halves the throttled site's
-  concurrency (``Limits.on_throttled``) before it propagates.
+  and passes through the bandwidth buckets. Retries of each backend call, and the
+  throttling feedback to the sites' limits, happen in the retrying backends
+  (``datasync.backends.retrying``, wired by the composition root), not here.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from datasync.errors import ChecksumMismatch, NotFound, SourceChanged, Throttled
+from datasync.errors import ChecksumMismatch, NotFound, SourceChanged
 from datasync.manifest.hashing import digest_bytes
 from datasync.transfer.exec.context import ExecContext
 from datasync.transfer.payloads import SourceRef
@@ -49,16 +49,6 @@ class VerifiedReader:
     def __init__(self, ctx: ExecContext) -> None:
         self.ctx = ctx
 
-    @contextlib.contextmanager
-    def throttle_guard(self, site: str) -> Iterator[None]:
-        """Feed the site's AIMD limit: halve on ``Throttled``, probe up on success."""
-        try:
-            yield
-        except Throttled as exc:
-            self.ctx.limits.on_throttled(site, exc.retry_after)
-            raise
-        self.ctx.limits.on_success(site)
-
     def _sources(self, first: SourceRef, digest: str, dst: str) -> Iterator[SourceReplica]:
         """The payload's source first, then every other usable replica (bad ones last)."""
         seen = {(first.site, first.key)}
@@ -74,11 +64,10 @@ class VerifiedReader:
         self, src: SourceReplica, offset: int, mem: memoryview, check: Check
     ) -> tuple[memoryview, str | None]:
         backend = self.ctx.backends[src.site]
-        with self.throttle_guard(src.site):
-            try:
-                got = read_into(backend, src.key, offset, mem, etag=src.etag)
-            except SourceChanged:
-                got = read_into(backend, src.key, offset, mem, etag=None)
+        try:
+            got = read_into(backend, src.key, offset, mem, etag=src.etag)
+        except SourceChanged:
+            got = read_into(backend, src.key, offset, mem, etag=None)
         if len(got) != len(mem):
             return got, f"short read: {len(got)} of {len(mem)} bytes"
         return got, check(got)
@@ -109,8 +98,7 @@ class VerifiedReader:
                         if not src.ok:
                             self.ctx.state.replicas.restore(src.site, digest, src.key)
                         self.ctx.limits.take_bandwidth(len(got), dst, src=src.site)
-                        with self.throttle_guard(dst):
-                            return write(got)
+                        return write(got)
                     wrong = f"bytes {offset}..{offset + len(mem)}: {wrong} (read twice)"
             self.ctx.state.replicas.mark_bad(src.site, digest, src.key, wrong)
             problems.append(f"{src.site}:{src.key}: {wrong}")

@@ -7,11 +7,13 @@ conformance suite as the real ones) and on moto's S3 server.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import shutil
+import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,16 +22,17 @@ import xxhash
 from datasync.backends.base import Backend
 from datasync.backends.memory import MemoryBackend, drop_store
 from datasync.backends.posix import PosixBackend
-from datasync.errors import ChecksumMismatch, NotFound
-from datasync.transfer.materialize import (
-    COMPLETE_MARKER,
-    ViewFile,
-    blob_key,
-    publish_view,
-)
+from datasync.errors import Conflict, NotFound, TransientError
+from datasync.transfer.layout import COMPLETE_MARKER, blob_key, label_body
+from datasync.transfer.views import BlobDamaged, ViewFile, publish_view, sync_labels
 
 VID = "a" * 64
 VID2 = "b" * 64
+IO = cf.ThreadPoolExecutor(4)
+
+
+def publish(backend: Backend, views: Iterable[ViewFile], vid: str = VID) -> object:
+    return publish_view(backend, "drive/tokyo", vid, lambda: views, io=IO)
 
 
 def digest(data: bytes) -> str:
@@ -79,10 +82,10 @@ def tree(root: Path) -> dict[str, bytes]:
 # -- POSIX ------------------------------------------------------------------------------------
 
 
-def test_posix_view_is_hard_links_renamed_into_place(posix: PosixBackend) -> None:
+def test_posix_view_is_read_only_hard_links_renamed_into_place(posix: PosixBackend) -> None:
     views = stock(posix)
     root = Path(posix.root)
-    result = publish_view(posix, "drive/tokyo", VID, lambda: views, labels=["latest", "v1"])
+    result = publish_view(posix, "drive/tokyo", VID, lambda: views, io=IO)
     final = root / "drive/tokyo" / VID
     assert result.location == str(final) and not result.already
     assert (result.files, result.bytes, result.copied) == (
@@ -93,26 +96,62 @@ def test_posix_view_is_hard_links_renamed_into_place(posix: PosixBackend) -> Non
     assert tree(final) == FILES
     for v in views:
         assert os.stat(final / v.path).st_ino == os.stat(root / v.key).st_ino, "a hard link"
-    assert os.readlink(root / "drive/tokyo/latest") == VID
-    assert os.readlink(root / "drive/tokyo/v1") == VID
+        assert stat.S_IMODE(os.stat(final / v.path).st_mode) == 0o444
+    assert {stat.S_IMODE(os.stat(d).st_mode) for d in [final, *final.rglob("*")] if d.is_dir()} == {
+        0o555
+    }
     leftovers = [p.name for p in (root / "drive/tokyo").iterdir() if p.name.startswith(".")]
     assert leftovers == [], "no staging dir or temp symlink left"
 
 
-def test_posix_republish_is_a_noop_and_moves_labels(posix: PosixBackend) -> None:
+def test_posix_republish_rebuilds_and_swaps_atomically(posix: PosixBackend) -> None:
     views = stock(posix)
     root = Path(posix.root)
-    publish_view(posix, "drive/tokyo", VID, lambda: views, labels=["latest"])
-    before = os.stat(root / "drive/tokyo" / VID).st_ino
-    again = publish_view(posix, "drive/tokyo", VID, lambda: iter(()), labels=["latest"])
-    assert again.already and os.stat(root / "drive/tokyo" / VID).st_ino == before
+    publish(posix, views)
+    final = root / "drive/tokyo" / VID
+    (os.chmod(final / "cam0", 0o755), (final / "cam0/000002.jpg").unlink())  # root damages it
+    again = publish(posix, views)
+    assert not again.already and tree(final) == FILES  # the whole view, swapped in at once
+    assert [p.name for p in (root / "drive/tokyo").iterdir()] == [VID]
 
-    other = {"new.bin": b"second version"}
-    v2 = stock(posix, other)
-    publish_view(posix, "drive/tokyo", VID2, lambda: v2, labels=["latest"])
-    assert os.readlink(root / "drive/tokyo/latest") == VID2, "label replaced atomically"
-    assert tree(root / "drive/tokyo/latest") == other
+
+def test_posix_labels_are_symlinks_next_to_the_dataset(posix: PosixBackend) -> None:
+    root = Path(posix.root)
+    publish(posix, stock(posix))
+    v2 = stock(posix, {"new.bin": b"second version"})
+    publish(posix, v2, VID2)
+    sync_labels(posix, "drive/tokyo", {"latest": VID, "v1": VID, "gone": None})
+    assert os.readlink(root / "drive/tokyo@latest") == f"tokyo/{VID}"
+    assert tree(root / "drive/tokyo@v1") == FILES
+    sync_labels(posix, "drive/tokyo", {"latest": VID2, "v1": None})
+    assert os.readlink(root / "drive/tokyo@latest") == f"tokyo/{VID2}", "moved atomically"
+    assert not os.path.lexists(root / "drive/tokyo@v1"), "a label whose view is not here"
     assert tree(root / "drive/tokyo" / VID) == FILES, "the old version is untouched"
+
+
+def test_posix_labels_never_replace_what_datasync_did_not_make(posix: PosixBackend) -> None:
+    root = Path(posix.root)
+    publish(posix, stock(posix))
+    (root / "drive/tokyo@README").write_text("a user's notes")
+    (root / "drive/tokyo@mine").symlink_to("/etc")
+    for label in ("README", "mine"):
+        with pytest.raises(Conflict):
+            sync_labels(posix, "drive/tokyo", {label: VID})
+        with pytest.raises(Conflict):
+            sync_labels(posix, "drive/tokyo", {label: None})
+    assert (root / "drive/tokyo@README").read_text() == "a user's notes"
+    assert os.readlink(root / "drive/tokyo@mine") == "/etc"
+
+
+def test_posix_view_is_never_written_through_a_users_symlink(
+    posix: PosixBackend, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (Path(posix.root) / "drive").symlink_to(elsewhere)
+    with pytest.raises(Conflict, match="symlink"):
+        publish(posix, stock(posix))
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_posix_leftover_staging_of_a_killed_worker_is_cleaned(posix: PosixBackend) -> None:
@@ -123,7 +162,7 @@ def test_posix_leftover_staging_of_a_killed_worker_is_cleaned(posix: PosixBacken
     (stale / "cam0/000001.jpg").write_bytes(b"half")
     other_version = root / "drive/tokyo" / f".staging-{VID2}-cafe"
     other_version.mkdir()
-    publish_view(posix, "drive/tokyo", VID, lambda: views)
+    publish(posix, views)
     assert not stale.exists()
     assert other_version.exists(), "another version's staging dir is not ours to remove"
     assert tree(root / "drive/tokyo" / VID) == FILES
@@ -132,8 +171,8 @@ def test_posix_leftover_staging_of_a_killed_worker_is_cleaned(posix: PosixBacken
 def test_posix_missing_blob_publishes_nothing(posix: PosixBackend) -> None:
     views = stock(posix)
     views.append(ViewFile("ghost.bin", digest(b"ghost"), 5, blob_key(digest(b"ghost"))))
-    with pytest.raises(NotFound, match=r"ghost\.bin"):
-        publish_view(posix, "drive/tokyo", VID, lambda: views)
+    with pytest.raises(NotFound, match=blob_key(digest(b"ghost"))):
+        publish(posix, views)
     dataset_dir = Path(posix.root) / "drive/tokyo"
     assert not (dataset_dir / VID).exists(), "no partial version is ever visible"
 
@@ -150,7 +189,7 @@ def test_posix_cross_device_falls_back_to_copy(tmp_path: Path) -> None:
         (root / ".datasync").symlink_to(shm)
         posix = PosixBackend(root)
         views = stock(posix)
-        result = publish_view(posix, "drive/tokyo", VID, lambda: views)
+        result = publish(posix, views)
         final = root / "drive/tokyo" / VID
         assert result.copied == len(FILES)
         assert tree(final) == FILES
@@ -176,7 +215,7 @@ def test_posix_link_limit_falls_back_to_copy(posix: PosixBackend, tmp_path: Path
                 pytest.skip("this file system has no small link limit")
     except OSError as exc:
         assert exc.errno == __import__("errno").EMLINK
-    result = publish_view(posix, "drive/tokyo", VID, lambda: views)
+    result = publish(posix, views)
     assert result.copied == 1
     view_file = Path(posix.root) / "drive/tokyo" / VID / "popular.jpg"
     assert view_file.read_bytes() == data and os.stat(view_file).st_nlink == 1
@@ -201,14 +240,19 @@ def objects(backend: Backend, prefix: str) -> dict[str, bytes]:
 def _object_store_publish(backend: Backend) -> None:
     views = stock(backend)
     prefix = f"drive/tokyo/{VID}/"
-    result = publish_view(backend, "drive/tokyo", VID, lambda: views, labels=["latest"])
+    result = publish(backend, views)
     assert not result.already and result.files == len(FILES)
     got = objects(backend, prefix)
     marker = json.loads(got.pop(COMPLETE_MARKER))
     assert got == FILES
     assert marker["version_id"] == VID and marker["files"] == len(FILES)
-    assert backend.read_range("drive/tokyo/.labels/latest", 0, 100) == VID.encode()
-    assert publish_view(backend, "drive/tokyo", VID, lambda: views).already
+    sync_labels(backend, "drive/tokyo", {"latest": VID})
+    label = json.loads(backend.read_range("drive/tokyo@latest", 0, 1000))
+    assert label["version_id"] == VID
+    assert publish(backend, views).already
+    sync_labels(backend, "drive/tokyo", {"latest": None})
+    with pytest.raises(NotFound):
+        backend.stat("drive/tokyo@latest")
 
 
 def test_object_store_view_with_marker_last_memory(memory: MemoryBackend) -> None:
@@ -221,15 +265,25 @@ def test_object_store_view_on_s3(request: pytest.FixtureRequest) -> None:
     _object_store_publish(make_s3_backend(request))
 
 
+def test_object_store_labels_never_replace_a_users_object(memory: MemoryBackend) -> None:
+    put(memory, "drive/tokyo@prod", b"someone else's object")
+    with pytest.raises(Conflict):
+        sync_labels(memory, "drive/tokyo", {"prod": VID})
+    assert memory.read_range("drive/tokyo@prod", 0, 100) == b"someone else's object"
+    put(memory, "drive/tokyo@ours", label_body("drive/tokyo", "ours", VID2))
+    sync_labels(memory, "drive/tokyo", {"ours": VID})
+    assert json.loads(memory.read_range("drive/tokyo@ours", 0, 999))["version_id"] == VID
+
+
 def test_object_store_marker_is_written_after_every_file(memory: MemoryBackend) -> None:
     views = stock(memory)
     # A copy fails half-way: files may exist, the marker must not.
-    memory.inject(lambda: NotFound("injected: copy source vanished"), times=1, ops={"copy"})
-    with pytest.raises(NotFound):
-        publish_view(memory, "drive/tokyo", VID, lambda: views)
+    memory.inject(lambda: TransientError("injected: reset"), times=1, ops={"copy"})
+    with pytest.raises(TransientError):
+        publish(memory, views)
     with pytest.raises(NotFound):
         memory.stat(f"drive/tokyo/{VID}/{COMPLETE_MARKER}")
-    publish_view(memory, "drive/tokyo", VID, lambda: views)
+    publish(memory, views)
     memory.stat(f"drive/tokyo/{VID}/{COMPLETE_MARKER}")
 
 
@@ -237,14 +291,15 @@ def test_object_store_leftover_wrong_copy_is_replaced(memory: MemoryBackend) -> 
     views = stock(memory)
     # A killed publisher (or anything else) left wrong bytes at a view key.
     put(memory, f"drive/tokyo/{VID}/cam0/000001.jpg", b"X" * 600)
-    publish_view(memory, "drive/tokyo", VID, lambda: views)
+    publish(memory, views)
     assert objects(memory, f"drive/tokyo/{VID}/")["cam0/000001.jpg"] == FILES["cam0/000001.jpg"]
 
 
-def test_object_store_copy_that_does_not_verify_is_deleted(memory: MemoryBackend) -> None:
+def test_object_store_damaged_blob_is_reported_as_such(memory: MemoryBackend) -> None:
     data = b"true bytes"
     put(memory, blob_key(digest(data)), b"rotten bytes")  # the blob store itself is corrupt
     views = [ViewFile("f.bin", digest(data), len(data), blob_key(digest(data)))]
-    with pytest.raises(ChecksumMismatch, match=r"f\.bin"):
-        publish_view(memory, "drive/tokyo", VID, lambda: views)
+    with pytest.raises(BlobDamaged, match="no longer hashes") as caught:
+        publish(memory, views)
+    assert caught.value.digest == digest(data)
     assert list(memory.list(f"drive/tokyo/{VID}/")) == [], "nothing unverified is left"

@@ -1,0 +1,44 @@
+"""Views: a version published at a site, all or nothing, built only from its blob store.
+
+``publish_view`` picks the builder by what the backend can do: hard links and an atomic
+rename (``posix``, backends with ``SupportsLocalTree``) or server-side copies with a
+completion marker written last (``objects``). ``sync_labels`` points the dataset's labels
+at what is published (``labels``). The site layout is in ``datasync.transfer.layout``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections.abc import Callable, Iterable
+
+from datasync.backends.base import Backend, SupportsLocalTree
+from datasync.transfer.buffers import BufferPool
+from datasync.transfer.views.labels import sync_labels
+from datasync.transfer.views.model import BlobDamaged, PublishResult, ViewFile
+from datasync.transfer.views.objects import publish_objects, remove_unmarked_view
+from datasync.transfer.views.posix import publish_posix
+
+__all__ = [
+    "BlobDamaged",
+    "PublishResult",
+    "ViewFile",
+    "publish_view",
+    "remove_unmarked_view",
+    "sync_labels",
+]
+
+
+def publish_view(
+    backend: Backend,
+    dataset: str,
+    version_id: str,
+    files: Callable[[], Iterable[ViewFile]],
+    *,
+    io: cf.Executor,
+    buffers: BufferPool | None = None,
+) -> PublishResult:
+    """Publish ``dataset/version_id`` from the blobs in ``files()`` (called at most once
+    per attempt)."""
+    if backend.capabilities.local_tree and isinstance(backend, SupportsLocalTree):
+        return publish_posix(backend, dataset, version_id, files)
+    return publish_objects(backend, dataset, version_id, files, io=io, buffers=buffers)

@@ -1,0 +1,146 @@
+"""Object-store views: server-side copies of blobs, each re-verified, completion marker last.
+
+Each file's blob is copied server-side (or read and written where the store cannot) to
+``<dataset>/<version-id>/<path>``; every copied object is re-read and re-hashed (a
+server-side copy is trusted for nothing); ``.datasync-complete`` is written LAST, and a
+reader treats a version prefix without it as absent (invariant 3). Objects a killed
+publisher left are kept when they re-hash right. Files are processed in parallel batches
+on the worker's I/O pool.
+
+A copy whose blob is missing, or whose blob itself hashes wrong, raises ``BlobDamaged``:
+the blob is what must move again, not the view. A wrong copy of a right blob is a
+retryable ``ChecksumMismatch``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from itertools import islice
+
+from datasync.backends.base import Backend
+from datasync.errors import ChecksumMismatch, NotFound, StorageError
+from datasync.transfer.buffers import BufferPool
+from datasync.transfer.failpoints import failpoint
+from datasync.transfer.layout import COMPLETE_MARKER, view_prefix
+from datasync.transfer.verify import hash_object
+from datasync.transfer.views.model import BlobDamaged, PublishResult, ViewFile
+
+__all__ = ["publish_objects", "put_small", "remove_unmarked_view"]
+
+_PARALLEL = 64
+_STREAM_PART = 8 * 1024 * 1024
+
+
+def put_small(backend: Backend, key: str, data: bytes) -> None:
+    writer = backend.begin(key, len(data), max(len(data), 1))
+    try:
+        if data:
+            writer.put_part(0, data)
+        writer.commit()
+    except BaseException:
+        with contextlib.suppress(StorageError):
+            writer.abort()
+        raise
+
+
+def _copy_by_stream(backend: Backend, src: str, dst: str, size: int) -> None:
+    part = max(backend.capabilities.min_part_size, _STREAM_PART)
+    writer = backend.begin(dst, size, part)
+    try:
+        for i, off in enumerate(range(0, size, part)):
+            writer.put_part(i, backend.read_range(src, off, min(part, size - off)))
+        writer.commit()
+    except BaseException:
+        with contextlib.suppress(StorageError):
+            writer.abort()
+        raise
+
+
+def _holds(backend: Backend, key: str, f: ViewFile, buffers: BufferPool | None) -> bool:
+    try:
+        info = backend.stat(key)
+    except NotFound:
+        return False
+    return info.size == f.size and hash_object(backend, key, f.size, buffers=buffers) == f.digest
+
+
+def _place(backend: Backend, dst: str, f: ViewFile, buffers: BufferPool | None) -> bool:
+    """Make ``dst`` hold ``f``'s verified bytes; True when it had to be copied by stream."""
+    if _holds(backend, dst, f, buffers):  # left by a killed publisher, and right
+        return False
+    streamed = not backend.capabilities.server_side_copy
+    try:
+        if streamed:
+            _copy_by_stream(backend, f.key, dst, f.size)
+        else:
+            backend.copy(f.key, dst)
+    except NotFound as exc:
+        raise BlobDamaged(f.digest, f.key, f"missing: {exc}") from exc
+    if _holds(backend, dst, f, buffers):
+        return streamed
+    backend.delete(dst)
+    if not _holds(backend, f.key, f, buffers):
+        raise BlobDamaged(f.digest, f.key, "it no longer hashes to its digest")
+    raise ChecksumMismatch(
+        f"view copy of {f.path} does not hash to {f.digest}; deleted, will copy again",
+        url=f"{backend.url}/{dst}",
+    )
+
+
+def _batches(items: Iterable[ViewFile], size: int) -> Iterator[list[ViewFile]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def publish_objects(
+    backend: Backend,
+    dataset: str,
+    version_id: str,
+    files: Callable[[], Iterable[ViewFile]],
+    *,
+    io: cf.Executor,
+    buffers: BufferPool | None = None,
+) -> PublishResult:
+    prefix = view_prefix(dataset, version_id)
+    marker = f"{prefix}/{COMPLETE_MARKER}"
+    with contextlib.suppress(NotFound):
+        backend.stat(marker)
+        return PublishResult(f"{backend.url}/{prefix}", 0, 0, 0, already=True)
+    n = nbytes = copied = 0
+    for batch in _batches(files(), _PARALLEL):
+        placed = io.map(lambda f: _place(backend, f"{prefix}/{f.path}", f, buffers), batch)
+        copied += sum(placed)
+        n += len(batch)
+        nbytes += sum(f.size for f in batch)
+        failpoint("mid_publish")
+    failpoint("before_rename")
+    body = {
+        "dataset": dataset,
+        "version_id": version_id,
+        "files": n,
+        "bytes": nbytes,
+        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    put_small(backend, marker, json.dumps(body, sort_keys=True).encode())
+    return PublishResult(f"{backend.url}/{prefix}", n, nbytes, copied, already=False)
+
+
+def remove_unmarked_view(backend: Backend, dataset: str, version_id: str) -> int:
+    """Delete what a failed publish left under the version's prefix, unless the view is
+    complete (its marker exists). Returns the number of objects deleted."""
+    prefix = view_prefix(dataset, version_id)
+    try:
+        backend.stat(f"{prefix}/{COMPLETE_MARKER}")
+        return 0
+    except NotFound:
+        pass
+    gone = 0
+    for obj in list(backend.list(prefix + "/")):
+        backend.delete(obj.key)
+        gone += 1
+    return gone
