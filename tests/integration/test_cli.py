@@ -56,8 +56,15 @@ def _invoker(env: dict[str, str]) -> Invoke:
     return invoke
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    assert len(keys) == len(set(keys)), f"duplicate keys in a JSON object: {keys}"
+    return dict(pairs)
+
+
 def as_json(result: Result) -> Any:
-    return json.loads(result.stdout)
+    """The one JSON document on stdout, as a strict parser sees it (no duplicate keys)."""
+    return json.loads(result.stdout, object_pairs_hook=_unique_keys)
 
 
 def test_version_flag(sqlite_cli: Invoke) -> None:
@@ -96,8 +103,9 @@ def test_same_tree_twice_same_id_then_a_change_shows_in_diff(cli: Invoke, tmp_pa
     assert [v["version_id"] for v in listed] == [second["version_id"], first["version_id"]]
     assert "drive/tokyo" in as_json(cli("datasets", "--json"))
     shown = as_json(cli("show", "drive/tokyo@v2", "--files", "--json"))
-    assert shown["version_id"] == second["version_id"] and len(shown["files"]) == files
-    shards = [f for f in shown["files"] if f["path"].startswith("shards/")]
+    assert shown["version_id"] == second["version_id"] and shown["files"] == files
+    assert len(shown["entries"]) == files
+    shards = [f for f in shown["entries"] if f["path"].startswith("shards/")]
     assert len(shards) == 2 and all(len(f["chunks"]) == 4 for f in shards)
     assert "shards/train-00000.tar" in cli("show", "drive/tokyo", "--files").stdout
 

@@ -273,7 +273,7 @@ def test_cli_and_api_serve_the_same_functions(
     assert st.exit_code == 0 and json.loads(st.stdout)[0]["id"] == placement["id"]
     sites = runner.invoke(cli_app, ["sites", "--json"])
     assert {s["name"] for s in json.loads(sites.stdout)} == {"pipeline", "lustre"}
-    done = runner.invoke(cli_app, ["worker", "--once", "--processes", "0"])
+    done = runner.invoke(cli_app, ["worker", "--once", "--processes", "1"])
     assert done.exit_code == 0, done.output
     st = runner.invoke(cli_app, ["status", "--all", "--json"])
     assert json.loads(st.stdout)[0]["state"] == "READY"

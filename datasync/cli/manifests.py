@@ -1,24 +1,19 @@
-"""The ``datasync`` command line: thin typer commands over ``DatasyncService``.
+"""Manifest commands: register, datasets, versions, show, diff, label, export.
 
-Every command takes ``--json`` and then prints exactly one JSON document on stdout.
-Errors never show a traceback: a ``DatasyncError`` prints ``datasync: error: <message>``
-on stderr and exits 2 for bad input (``UserError``) or 1 for anything else.
-The progress bar appears only when stdout is a terminal and ``--json`` is off.
+Thin typer commands over ``DatasyncService`` (``App.service``). With ``--json`` each prints
+exactly one JSON document; the progress bar of ``register`` is drawn only on a terminal
+without ``--json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -30,70 +25,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from datasync import __version__
-from datasync.bootstrap import App, bootstrap
-from datasync.errors import DatasyncError, UserError
+from datasync.cli.helpers import JsonOpt, application, handle_errors, parse_size, print_json
+from datasync.errors import UserError
 from datasync.service import DiffResult, RegisterResult, VersionInfo
 from datasync.textfmt import human_bytes
 
-__all__ = ["app", "main", "parse_size"]
+__all__ = ["commands"]
 
-app = typer.Typer(
-    name="datasync",
-    help="Verified, content-addressed dataset versions and replication.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
-
-
-def parse_size(text: str) -> int:
-    """``64MiB``, ``64M`` and ``64mib`` are 64 * 2**20; ``64MB`` is 64 * 10**6; plain bytes."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise UserError(f"bad size {text!r}: use bytes or a unit like 64MiB, 1GiB, 512KiB")
-    number, unit, suffix = match.groups()
-    power = _POWERS[unit.lower()]
-    decimal = suffix.lower() == "b" and unit != ""
-    base = 1000 if decimal else 1024
-    return int(number) * int(base**power)
-
-
-# ----------------------------------------------------------------- plumbing
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"datasync: error: {message}", err=True)
-    return typer.Exit(code)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Turn every datasync error into one line on stderr and an exit code."""
-    try:
-        yield
-    except UserError as exc:
-        raise _fail(exc.message, 2) from None
-    except DatasyncError as exc:
-        raise _fail(exc.message, 1) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted; nothing was registered", 130) from None
-
-
-@contextmanager
-def _application() -> Iterator[App]:
-    with _errors(), bootstrap() as application:
-        yield application
-
-
-def _print_json(value: BaseModel | list[Any] | dict[str, Any]) -> None:
-    data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+commands = typer.Typer()
 
 
 def _describe(v: VersionInfo) -> str:
@@ -133,28 +72,7 @@ class _RichProgress:
         self._bar.stop()
 
 
-# ----------------------------------------------------------------- commands
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"datasync {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version_callback, is_eager=True, help="Print the version."
-        ),
-    ] = False,
-) -> None:
-    """Register dataset versions and inspect them. Config: $DATASYNC_HOME/datasync.toml."""
-
-
-@app.command()
+@commands.command()
 def register(
     dataset: Annotated[str, typer.Argument(help="Dataset name, e.g. drive/tokyo-urban.")],
     source: Annotated[
@@ -172,14 +90,14 @@ def register(
     as_json: JsonOpt = False,
 ) -> None:
     """Register a new version of DATASET from a directory or a producer manifest."""
-    with _errors():
+    with handle_errors():
         if (source is None) == (manifest is None):
             raise UserError("give exactly one SOURCE: a directory, or --manifest FILE.jsonl")
         chunk = parse_size(chunk_size) if chunk_size is not None else None
-    with _application() as application:
+    with application() as app:
         console = Console()
         progress = _RichProgress(console) if console.is_terminal and not as_json else None
-        service = application.service
+        service = app.service
         if manifest is not None:
             if chunk is not None:
                 raise UserError("--chunk-size does not apply to a producer manifest")
@@ -190,33 +108,33 @@ def register(
                 dataset, source, label=label, chunk_size=chunk, progress=progress
             )
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     verb = "registered" if result.created else "unchanged, already registered as"
     typer.echo(f"{verb} {_describe(result)}")
 
 
-@app.command()
+@commands.command()
 def datasets(as_json: JsonOpt = False) -> None:
     """List datasets."""
-    with _application() as application:
-        names = application.service.list_datasets()
+    with application() as app:
+        names = app.service.list_datasets()
     if as_json:
-        _print_json(names)
+        print_json(names)
         return
     for name in names:
         typer.echo(name)
 
 
-@app.command()
+@commands.command()
 def versions(
     dataset: Annotated[str, typer.Argument(help="Dataset name.")], as_json: JsonOpt = False
 ) -> None:
     """List the versions of DATASET, newest first."""
-    with _application() as application:
-        found = application.service.list_versions(dataset)
+    with application() as app:
+        found = app.service.list_versions(dataset)
     if as_json:
-        _print_json([v.model_dump(mode="json") for v in found])
+        print_json([v.model_dump(mode="json") for v in found])
         return
     table = Table("version id", "created", "files", "bytes", "labels", "verified")
     for v in found:
@@ -231,23 +149,24 @@ def versions(
     Console(width=max(120, Console().width)).print(table)
 
 
-@app.command()
+@commands.command()
 def show(
     ref: Annotated[str, typer.Argument(help="DATASET@REF: a label, a version id or id prefix.")],
     files: Annotated[bool, typer.Option("--files", help="Also list every file.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a version (and, with --files, its files in canonical order)."""
-    with _application() as application:
-        info = application.service.show(ref)
-        listing = application.service.iter_files(ref) if files else None
+    with application() as app:
+        info = app.service.show(ref)
+        listing = app.service.iter_files(ref) if files else None
         if as_json:
-            # Stream the file list: a million entries must not be held in memory.
+            # Stream the file list: a million entries must not be held in memory. It goes
+            # under "entries": "files" is already the count.
             head = json.dumps(info.model_dump(mode="json"), ensure_ascii=False)
             if listing is None:
                 sys.stdout.write(head + "\n")
                 return
-            sys.stdout.write(head[:-1] + ', "files": [')
+            sys.stdout.write(head[:-1] + ', "entries": [')
             for i, f in enumerate(listing):
                 sys.stdout.write(("," if i else "") + f.model_dump_json())
             sys.stdout.write("]}\n")
@@ -257,17 +176,17 @@ def show(
             typer.echo(f"{f.size:>14,}  {f.digest}  {f.path}")
 
 
-@app.command()
+@commands.command()
 def diff(
     ref_a: Annotated[str, typer.Argument(help="The older version, DATASET@REF.")],
     ref_b: Annotated[str, typer.Argument(help="The newer version, DATASET@REF.")],
     as_json: JsonOpt = False,
 ) -> None:
     """Show files added, removed and changed from REF_A to REF_B."""
-    with _application() as application:
-        result: DiffResult = application.service.diff(ref_a, ref_b)
+    with application() as app:
+        result: DiffResult = app.service.diff(ref_a, ref_b)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     typer.echo(f"--- {result.old.ref}\n+++ {result.new.ref}")
     for c in result.added:
@@ -281,22 +200,22 @@ def diff(
     )
 
 
-@app.command()
+@commands.command()
 def label(
     ref: Annotated[str, typer.Argument(help="DATASET@REF to point the label at.")],
     name: Annotated[str, typer.Argument(help="The label, e.g. v3 or 2026-11-20.")],
     as_json: JsonOpt = False,
 ) -> None:
     """Point label NAME of the dataset at the version REF resolves to (moves it if set)."""
-    with _application() as application:
-        info = application.service.set_label(ref, name)
+    with application() as app:
+        info = app.service.set_label(ref, name)
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     typer.echo(f"{info.dataset}@{name} -> {info.version_id}")
 
 
-@app.command()
+@commands.command()
 def export(
     ref: Annotated[str, typer.Argument(help="DATASET@REF to export.")],
     output: Annotated[
@@ -305,47 +224,23 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the canonical manifest (JSON Lines) of a version; its sha256 is the id."""
-    with _application() as application:
+    with application() as app:
         if output is None:
             if as_json:
                 raise UserError("--json needs --output FILE (stdout carries the manifest)")
-            application.service.export(ref, sys.stdout.buffer)
+            app.service.export(ref, sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
         tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
         try:
             with tmp.open("wb") as out:
-                result = application.service.export(ref, out)
+                result = app.service.export(ref, out)
             tmp.replace(output)  # readers never see a half-written manifest
         except OSError as exc:
             raise UserError(f"cannot write {output}: {exc.strerror}") from exc
         finally:
             tmp.unlink(missing_ok=True)
     if as_json:
-        _print_json({**result.model_dump(mode="json"), "output": str(output)})
+        print_json({**result.model_dump(mode="json"), "output": str(output)})
         return
     typer.echo(f"wrote {result.bytes_written:,} bytes to {output} ({result.version.ref})")
-
-
-@app.command()
-def serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8750,
-) -> None:
-    """Serve the HTTP API (/api/v1, OpenAPI at /docs) until interrupted."""
-    import uvicorn  # deferred: only this command needs the web server
-
-    from datasync.api.app import create_app
-
-    with _application() as application:
-        uvicorn.run(create_app(application), host=host, port=port, log_level="info")
-
-
-from datasync.cli_transfer import register_commands  # noqa: E402  (uses the helpers above)
-
-register_commands(app)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()

@@ -1,0 +1,55 @@
+"""The ``datasync`` command line: thin typer commands over the application's services.
+
+Every command that prints a result takes ``--json`` and then prints exactly one JSON
+document on stdout. Errors never show a traceback: ``datasync: error: <message>`` on
+stderr, exit 2 for bad input (``UserError``) or 1 for anything else (``helpers``).
+
+Commands live by area: ``manifests`` (register, datasets, versions, show, diff, label,
+export), ``replication`` (replicate, status, sites), ``daemons`` (serve, worker, up).
+They import ``helpers``; only this module imports them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from datasync import __version__
+from datasync.cli import daemons, manifests, replication
+from datasync.cli.helpers import parse_size
+
+__all__ = ["app", "main", "parse_size"]
+
+app = typer.Typer(
+    name="datasync",
+    help="Verified, content-addressed dataset versions and replication.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for _area in (manifests, replication, daemons):
+    app.add_typer(_area.commands)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"datasync {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Register dataset versions and inspect them. Config: $DATASYNC_HOME/datasync.toml."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
