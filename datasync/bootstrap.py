@@ -24,6 +24,7 @@ from datasync.db.engine import create_engine
 from datasync.db.migrate import upgrade_to_head
 from datasync.errors import ConfigError
 from datasync.events import EventBus
+from datasync.integrity.verify import Verifier
 from datasync.manifest.remote import RemoteSources
 from datasync.manifest.statcache import StatCache
 from datasync.manifest.store import ManifestStore
@@ -55,6 +56,8 @@ class App:
     planner: Planner
     replication: ReplicationService
     retry: RetryPolicy
+    backends: SiteBackends  # this process's own (services); workers open their own
+    verifier: Verifier
 
     def worker(self, options: WorkerOptions) -> WorkerLoop:
         """A worker loop for this process: backends, host-wide limits, buffers, I/O pool."""
@@ -94,6 +97,7 @@ class App:
         return WorkerLoop(parts, options)
 
     def close(self) -> None:
+        self.backends.close()
         self.stat_cache.close()
         self.engine.dispose()
 
@@ -128,11 +132,14 @@ def bootstrap(settings: Settings | None = None) -> App:
     bus = EventBus()
     store = ManifestStore(engine)
     stat_cache = StatCache(settings.stat_cache_path)
-    service = DatasyncService(settings, store, stat_cache, RemoteSources(settings))
+    service = DatasyncService(settings, store, stat_cache, RemoteSources(settings), bus)
     retry = RetryPolicy()
     state = EngineState(engine, bus, retry)
     planner = Planner(engine, settings, state)
     replication = ReplicationService(settings, engine, store, state, planner)
+    bus.subscribe(replication.on_event)  # sources refreshed, labels followed at every site
+    backends = SiteBackends(settings.sites, wrap=lambda _site, b: RetryingBackend(b, retry))
+    verifier = Verifier(engine, store, state, backends, replication)
     return App(
         settings=settings,
         engine=engine,
@@ -144,4 +151,6 @@ def bootstrap(settings: Settings | None = None) -> App:
         planner=planner,
         replication=replication,
         retry=retry,
+        backends=backends,
+        verifier=verifier,
     )

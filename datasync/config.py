@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from datasync.errors import ConfigError
 from datasync.models import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
-__all__ = ["Settings", "SiteConfig", "load_settings"]
+__all__ = ["MaintenanceSettings", "Settings", "SiteConfig", "load_settings"]
 
 
 class SiteConfig(BaseModel):
@@ -52,6 +52,19 @@ class SiteConfig(BaseModel):
     cost_per_gb: dict[str, float] = Field(default_factory=dict)
 
 
+class MaintenanceSettings(BaseModel):
+    """``[maintenance]``: the chores ``datasync up`` runs on a schedule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Re-hash blobs and check views at every site this often (0: never), repairing damage.
+    verify_interval_hours: float = Field(default=24.0, ge=0)
+    # At most this many bytes of blobs re-hashed per site and run (least recently first),
+    verify_budget_bytes: int = Field(default=1024**4, ge=0)
+    # at most this fast (bytes per second, per site).
+    verify_rate_bytes: int = Field(default=200 * 1024**2, ge=1)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -60,6 +73,7 @@ class Settings(BaseModel):
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
     hash_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     sites: dict[str, SiteConfig] = Field(default_factory=dict)
+    maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)
 
     @field_validator("sites")
     @classmethod

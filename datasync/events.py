@@ -24,6 +24,7 @@ __all__ = [
     "ChunkVerified",
     "Event",
     "EventBus",
+    "LabelMoved",
     "LabelsSynced",
     "PlacementCreated",
     "PlacementDamaged",
@@ -38,6 +39,7 @@ __all__ = [
     "TaskCompleted",
     "TaskFailed",
     "TaskRetried",
+    "VersionRegistered",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,27 @@ def _now() -> datetime:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
     at: datetime = field(default_factory=_now)
+
+
+# -- versions and labels (the manifest side) -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionRegistered(Event):
+    """A registration finished: a new version, or identical content found again."""
+
+    dataset: str
+    version_id: str
+    source: str  # "directory:/abs", a URL, "SITE:path" or "manifest:file"
+    verified: bool  # the registration hashed every file (not a producer manifest)
+    created: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LabelMoved(Event):
+    dataset: str
+    label: str
+    version_id: str
 
 
 # -- placements -----------------------------------------------------------------------------

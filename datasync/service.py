@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from datasync.config import Settings
 from datasync.errors import InvalidManifest, UserError
+from datasync.events import EventBus, LabelMoved, VersionRegistered
 from datasync.manifest.canonical import (
     MANIFEST_FORMAT,
     VersionIdBuilder,
@@ -151,13 +152,27 @@ class DatasyncService:
         self,
         settings: Settings,
         store: ManifestStore,
-        stat_cache: StatCache | None = None,
-        remote_sources: RemoteSources | None = None,
+        stat_cache: StatCache | None,
+        remote_sources: RemoteSources | None,
+        bus: EventBus,
     ) -> None:
         self.settings = settings
         self.store = store
         self.stat_cache = stat_cache
         self.remote_sources = remote_sources
+        self.bus = bus
+
+    def _registered(self, reg: Registration, source: str, verified: bool) -> RegisterResult:
+        self.bus.emit(
+            VersionRegistered(
+                dataset=reg.summary.dataset,
+                version_id=reg.summary.version_id,
+                source=source,
+                verified=verified,
+                created=reg.created,
+            )
+        )
+        return RegisterResult.of_registration(reg)
 
     # ------------------------------------------------------------ registration
 
@@ -226,10 +241,11 @@ class DatasyncService:
             raise UserError(f"{jsonl_path}: no such manifest file")
         with path.open("rb") as stream:
             header, entries = _read_manifest(stream)
+            source = f"manifest:{path}"
             reg = self.store.register(
-                dataset, header, entries, labels=labels, verified=False, source=f"manifest:{path}"
+                dataset, header, entries, labels=labels, verified=False, source=source
             )
-        return RegisterResult.of_registration(reg)
+        return self._registered(reg, source, verified=False)
 
     def _register_tree(
         self,
@@ -305,7 +321,7 @@ class DatasyncService:
                 verified=True,
                 source=source,
             )
-        return RegisterResult.of_registration(reg)
+        return self._registered(reg, source, verified=True)
 
     # ------------------------------------------------------------------ reading
 
@@ -344,7 +360,9 @@ class DatasyncService:
         )
 
     def set_label(self, ref: str, label: str) -> VersionInfo:
-        return VersionInfo.of(self.store.set_label(ref, label))
+        info = VersionInfo.of(self.store.set_label(ref, label))
+        self.bus.emit(LabelMoved(dataset=info.dataset, label=label, version_id=info.version_id))
+        return info
 
     def export(self, ref: str, out: BinaryIO) -> ExportResult:
         summary = self.store.resolve(ref)

@@ -9,6 +9,7 @@ tree, and the children die with a parent killed outright. ``--processes`` is 1 t
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import TYPE_CHECKING, Annotated
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from datasync.cli.helpers import application, handle_errors
-from datasync.errors import UserError
+from datasync.errors import DatasyncError, UserError
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from datasync.bootstrap import App
 
 __all__ = ["MAX_PROCESSES_PER_CPU", "commands", "start_maintenance"]
+
+log = logging.getLogger(__name__)
 
 commands = typer.Typer()
 MAX_PROCESSES_PER_CPU = 4
@@ -49,6 +52,21 @@ def _check_processes(processes: int, force: bool) -> None:
         )
 
 
+def _verify_every_site(app: App) -> None:
+    """The scheduled verify: each site, within the configured budget and rate, repairing."""
+    chores = app.settings.maintenance
+    for site in sorted(app.settings.sites):
+        try:
+            app.verifier.verify(
+                site,
+                repair=True,
+                rate=chores.verify_rate_bytes,
+                blob_budget=chores.verify_budget_bytes,
+            )
+        except DatasyncError:
+            log.warning("scheduled verify of %s failed", site, exc_info=True)
+
+
 def start_maintenance(app: App) -> BackgroundScheduler:
     """Periodic chores of ``datasync up``: reap dead leases, re-plan dead planners."""
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -65,6 +83,11 @@ def start_maintenance(app: App) -> BackgroundScheduler:
         seconds=REPLAN_EVERY_SECONDS,
         id="replan-stale",
     )
+    every = app.settings.maintenance.verify_interval_hours
+    if every > 0:
+        scheduler.add_job(
+            _verify_every_site, "interval", args=[app], hours=every, id="verify-sites"
+        )
     scheduler.start()
     return scheduler
 

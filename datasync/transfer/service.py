@@ -18,11 +18,14 @@ from datasync.config import Settings
 from datasync.db.tables import Dataset, Version
 from datasync.db.transfer_tables import Placement
 from datasync.errors import UserError
+from datasync.events import Event, LabelMoved, VersionRegistered
 from datasync.manifest.store import ManifestStore
 from datasync.models import PlacementState
+from datasync.transfer.labels import sites_showing
+from datasync.transfer.payloads import LabelsPayload
 from datasync.transfer.planner import Planner, PlannerConfig
 from datasync.transfer.sites import SiteInfo, list_sites, site_for_source
-from datasync.transfer.state import EngineState
+from datasync.transfer.state import EngineState, row_id
 from datasync.transfer.status import PlacementStatus, status
 
 __all__ = ["STALE_PLANNING", "ReplicationService"]
@@ -124,6 +127,36 @@ class ReplicationService:
 
     def sites(self, *, probe: bool = True, timeout: float = 5.0) -> list[SiteInfo]:
         return list_sites(self.settings, probe=probe, timeout=timeout)
+
+    def on_event(self, event: Event) -> None:
+        """Reactions to the manifest side (subscribed in ``bootstrap``): a registration that
+        hashed files under a site makes them good sources again (bad is not forever), and
+        labels that moved (``latest`` moves on each new version) follow at every site."""
+        if isinstance(event, VersionRegistered):
+            if event.verified:
+                self._refresh_sources(event.dataset, event.version_id, event.source)
+            self.follow_labels(event.dataset)
+        elif isinstance(event, LabelMoved):
+            self.follow_labels(event.dataset)
+
+    def follow_labels(self, dataset: str) -> int:
+        """File a ``labels`` task for every site showing a view of ``dataset``."""
+        filed = 0
+        for site, placement_id in sites_showing(self.engine, dataset).items():
+            filed += self.state.tasks.enqueue(placement_id, LabelsPayload(site, dataset))
+        return filed
+
+    def _refresh_sources(self, dataset: str, version_id: str, source: str) -> None:
+        found = site_for_source(self.settings, source)
+        if found is None:
+            return
+        with self.engine.connect() as conn:
+            pk = conn.execute(
+                sa.select(col(Version.pk))
+                .join(Dataset, col(Dataset.pk) == col(Version.dataset_pk))
+                .where(col(Dataset.name) == dataset, col(Version.version_id) == version_id)
+            ).scalar_one()
+        self.state.replicas.record_sources(found[0], found[1], row_id(pk), refresh=True)
 
     def repair(self, placement_id: int, reason: str) -> bool:
         """Re-plan a placement whose blobs were found missing or damaged at its site (they

@@ -25,9 +25,9 @@ from datasync.transfer.exec.reader import VerifiedReader, whole_check
 from datasync.transfer.failpoints import failpoint
 from datasync.transfer.layout import blob_key
 from datasync.transfer.payloads import BlobItem, BlobsPayload
+from datasync.transfer.readback import hash_object
 from datasync.transfer.state import ReplicaRow
 from datasync.transfer.tracing import traced_write
-from datasync.transfer.verify import hash_object
 
 __all__ = ["adopt", "group_commit_of", "run_blobs"]
 

@@ -29,9 +29,9 @@ from datasync.transfer.exec.reader import VerifiedReader
 from datasync.transfer.failpoints import failpoint
 from datasync.transfer.layout import blob_key
 from datasync.transfer.payloads import ChunkedBlob, ChunksPayload, FinalizePayload
+from datasync.transfer.readback import hash_object
 from datasync.transfer.state import ClaimedTask, ReplicaRow
 from datasync.transfer.tracing import traced_write
-from datasync.transfer.verify import hash_object
 
 __all__ = ["PartPlan", "part_plan", "run_chunks", "run_finalize"]
 

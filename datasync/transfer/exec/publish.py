@@ -25,14 +25,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from datasync.errors import DatasyncError, NotFound
+from datasync.errors import Conflict, DatasyncError, NotFound
 from datasync.transfer.exec.context import ExecContext, ReplanNeeded
 from datasync.transfer.failpoints import failpoint
 from datasync.transfer.labels import labels_at_site
 from datasync.transfer.payloads import LabelsPayload, PublishPayload
+from datasync.transfer.readback import hash_object
 from datasync.transfer.siteindex import BlobRow
 from datasync.transfer.state import ClaimedTask, ReplicaRow
-from datasync.transfer.verify import hash_object
 from datasync.transfer.views import (
     BlobDamaged,
     PublishResult,
@@ -109,7 +109,12 @@ def _publish(ctx: ExecContext, payload: PublishPayload) -> PublishResult:
         backend, payload.dataset, payload.version_id, files, io=ctx.io, buffers=ctx.buffers
     )
     labels = labels_at_site(ctx.state.engine, payload.dataset, site, publishing=payload.version_id)
-    sync_labels(backend, payload.dataset, labels)
+    try:
+        sync_labels(backend, payload.dataset, labels)
+    except Conflict:
+        # The view is complete: a label in the way of something a user made must not fail
+        # it. A labels task of its own keeps the refusal, with the reason, in the errors.
+        ctx.state.tasks.enqueue(payload.placement_id, LabelsPayload(site, payload.dataset))
     failpoint("after_publish")
     if not version.verified:
         ctx.manifests.mark_verified(version)

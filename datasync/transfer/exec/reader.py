@@ -27,8 +27,8 @@ from datasync.errors import ChecksumMismatch, NotFound, SourceChanged
 from datasync.manifest.hashing import digest_bytes
 from datasync.transfer.exec.context import ExecContext
 from datasync.transfer.payloads import SourceRef
+from datasync.transfer.readback import read_into
 from datasync.transfer.siteindex import SourceReplica
-from datasync.transfer.verify import read_into
 
 __all__ = ["Check", "VerifiedReader", "whole_check"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 
 from datasync.events import EventBus
-from datasync.transfer.state._core import as_utc
+from datasync.transfer.state._core import as_utc, row_id
 from datasync.transfer.state.placements import PlacementStates
 from datasync.transfer.state.replicas import DEFAULT_RECHECK, ReplicaRow, ReplicaStates
 from datasync.transfer.state.tasks import (
@@ -43,6 +43,7 @@ __all__ = [
     "UploadState",
     "as_utc",
     "error_entry",
+    "row_id",
 ]
 
 

@@ -66,6 +66,9 @@ __all__ = [
 ]
 
 ERROR_HISTORY = 50
+# Tasks filed outside a placement's plan (``enqueue``): their failure is theirs alone, it
+# never fails the placement (a label in the way of a user's file leaves the view READY).
+_OUTSIDE_PLAN = frozenset({TaskKind.LABELS})
 MAX_MESSAGE = 2000
 _TS = sa.DateTime(timezone=True)
 
@@ -330,6 +333,36 @@ class TaskStates(StateBase):
         super().__init__(engine, bus)
         self.retry = retry
 
+    def enqueue(self, placement_id: int, payload: Payload, *, max_attempts: int = 8) -> bool:
+        """File one task outside any plan (a ``labels`` sync) under ``placement_id``, with
+        its priority and deadline, unless an identical one is still queued. True if filed."""
+        kind = kind_of(payload)
+        with self._write() as txn:
+            queued = txn.conn.execute(
+                sa.select(col(Task.payload)).where(
+                    col(Task.placement_id) == placement_id,
+                    col(Task.kind) == kind,
+                    col(Task.state) == TaskState.QUEUED,
+                )
+            ).scalars()
+            if any(p == encode(payload) for p in queued):
+                return False
+            row = txn.conn.execute(
+                sa.select(col(Placement.priority), col(Placement.deadline)).where(
+                    col(Placement.id) == placement_id
+                )
+            ).one()
+            insert_tasks(
+                txn,
+                placement_id,
+                [NewTask(payload)],
+                parent=None,
+                priority=int(row.priority),
+                deadline=row.deadline or NO_DEADLINE,
+                max_attempts=max_attempts,
+            )
+            return True
+
     # -- claim ---------------------------------------------------------------------------
 
     def claim(self, owner: str, limit: int, lease_seconds: float) -> list[ClaimedTask]:
@@ -559,7 +592,8 @@ class TaskStates(StateBase):
                     message=history[-1]["message"],
                 )
             )
-            fail_placement(txn, placement_id, reason)
+            if kind not in _OUTSIDE_PLAN:
+                fail_placement(txn, placement_id, reason)
             return TaskState.FAILED
 
     def reap(self) -> int:
@@ -610,9 +644,10 @@ class TaskStates(StateBase):
                         message=message,
                     )
                 )
-                fail_placement(
-                    txn,
-                    placement_id,
-                    f"{kind} task {task_id} failed: its worker died or hung on every attempt",
-                )
+                if kind not in _OUTSIDE_PLAN:
+                    fail_placement(
+                        txn,
+                        placement_id,
+                        f"{kind} task {task_id} failed: its worker died or hung on every attempt",
+                    )
             return len(rows)

@@ -30,18 +30,29 @@ _MAX_LABEL_OBJECT = 4096
 
 
 def sync_labels(backend: Backend, dataset: str, labels: Mapping[str, str | None]) -> None:
-    """Point each ``label`` at its version id, or remove it where the value is None."""
+    """Point each ``label`` at its version id, or remove it where the value is None.
+
+    Every label that can be set is; then one ``Conflict`` names those that could not."""
     tree = backend if backend.capabilities.local_tree else None
+    refused: list[str] = []
     for label, version_id in sorted(labels.items()):
         key = label_key(dataset, label)
-        if isinstance(tree, SupportsLocalTree):
-            _posix(tree, dataset, key, version_id)
-        else:
-            _object(backend, dataset, label, key, version_id)
+        try:
+            if isinstance(tree, SupportsLocalTree):
+                _posix(tree, dataset, key, version_id)
+            else:
+                _object(backend, dataset, label, key, version_id)
+        except Conflict as exc:
+            refused.append(str(exc))
+    if refused:
+        raise Conflict("; ".join(refused))
 
 
 def _posix(tree: SupportsLocalTree, dataset: str, key: str, version_id: str | None) -> None:
-    current = tree.read_symlink(key)  # Conflict when a user's file or directory is there
+    try:
+        current = tree.read_symlink(key)
+    except Conflict as exc:  # a file or directory someone made
+        raise Conflict(f"{key} was not made by datasync; not replacing it ({exc})") from exc
     if current is not None and label_version(dataset, current) is None:
         raise Conflict(f"symlink {key} -> {current} was not made by datasync; not replacing it")
     if version_id is not None:

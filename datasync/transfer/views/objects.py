@@ -26,7 +26,7 @@ from datasync.errors import ChecksumMismatch, NotFound, StorageError
 from datasync.transfer.buffers import BufferPool
 from datasync.transfer.failpoints import failpoint
 from datasync.transfer.layout import COMPLETE_MARKER, view_prefix
-from datasync.transfer.verify import hash_object
+from datasync.transfer.readback import hash_object
 from datasync.transfer.views.model import BlobDamaged, PublishResult, ViewFile
 
 __all__ = ["publish_objects", "put_small", "remove_unmarked_view"]

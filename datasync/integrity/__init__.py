@@ -1,0 +1,1 @@
+"""Integrity: find damage at a site and have it repaired (``verify``: re-hash)."""
