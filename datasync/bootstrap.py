@@ -136,9 +136,9 @@ def bootstrap(settings: Settings | None = None) -> App:
     retry = RetryPolicy()
     state = EngineState(engine, bus, retry)
     planner = Planner(engine, settings, state)
-    replication = ReplicationService(settings, engine, store, state, planner)
-    bus.subscribe(replication.on_event)  # sources refreshed, labels followed at every site
     backends = SiteBackends(settings.sites, wrap=lambda _site, b: RetryingBackend(b, retry))
+    replication = ReplicationService(settings, engine, store, state, planner, backends)
+    bus.subscribe(replication.on_event)  # sources refreshed, labels followed at every site
     verifier = Verifier(engine, store, state, backends, replication)
     return App(
         settings=settings,

@@ -105,11 +105,7 @@ class MovedReport:
 def moved(old_ref: str, new_ref: str, site: str) -> MovedReport:
     """Bytes moved by the placement of ``new_ref`` at ``site`` and the diff's new bytes."""
     # Deferred imports: ``generate``/``mutate`` must not pay for the database stack.
-    import sqlalchemy as sa
-    from sqlmodel import col
-
     from datasync.bootstrap import bootstrap
-    from datasync.db.transfer_tables import Task
     from datasync.errors import UserError
 
     with bootstrap() as app:
@@ -128,18 +124,12 @@ def moved(old_ref: str, new_ref: str, site: str) -> MovedReport:
         if not rows:
             raise UserError(f"{new_ref} has no placement at site {site!r}")
         placement = rows[0]
-        with app.engine.connect() as conn:
-            count, total = conn.execute(
-                sa.select(
-                    sa.func.count(), sa.func.coalesce(sa.func.sum(col(Task.bytes_moved)), 0)
-                ).where(col(Task.placement_id) == placement.id)
-            ).one()
     return MovedReport(
         placement_id=placement.id,
         state=placement.state,
         files_total=placement.files_total,
-        tasks=int(count),
-        bytes_moved=int(total),
+        tasks=sum(placement.tasks.values()),
+        bytes_moved=placement.bytes_moved,
         new_blobs=len(fresh),
         new_bytes=sum(fresh.values()),
     )

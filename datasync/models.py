@@ -103,11 +103,18 @@ class PlacementState(StrEnum):
     FAILED = "FAILED"
     # The view was found damaged (by verify or publish); not READY until repaired.
     DAMAGED = "DAMAGED"
+    # Unpublished and its unshared blobs deleted to make room (``gc``); replicate brings it back.
+    EVICTED = "EVICTED"
 
     @property
     def final(self) -> bool:
         """No worker will move it on by itself."""
-        return self in (PlacementState.READY, PlacementState.FAILED, PlacementState.DAMAGED)
+        return self in (
+            PlacementState.READY,
+            PlacementState.FAILED,
+            PlacementState.DAMAGED,
+            PlacementState.EVICTED,
+        )
 
 
 class TaskState(StrEnum):

@@ -303,7 +303,7 @@ class DatasyncService:
         The spool is written through a ``VersionIdBuilder`` so that what the store would
         refuse (a file that is also a directory, a duplicate) stops the scan when it shows
         up, not after hours of hashing."""
-        with self._spool() as spool:
+        with self.spool() as spool:
             if progress is not None:
                 progress.start(*totals)
             checker = VersionIdBuilder(ManifestHeader(chunk_size=chunk))
@@ -385,7 +385,9 @@ class DatasyncService:
             )
         return chunk
 
-    def _spool(self) -> tempfile._TemporaryFileWrapper[bytes]:
+    def spool(self) -> tempfile._TemporaryFileWrapper[bytes]:
+        """A temporary file in ``$DATASYNC_HOME/tmp`` for a scan or an upload, deleted on
+        close: registration reads from it, so no database lock waits on the network."""
         spool_dir = self.settings.home / "tmp"
         spool_dir.mkdir(parents=True, exist_ok=True)
         return tempfile.NamedTemporaryFile(dir=spool_dir, prefix="scan-", suffix=".jsonl")

@@ -11,7 +11,6 @@ server process; clients elsewhere upload a producer manifest instead.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -122,9 +121,7 @@ def create_app(application: App) -> FastAPI:
         check_dataset_name(dataset)
         if label is not None:
             check_label(label)
-        spool_dir = application.settings.home / "tmp"
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=spool_dir, prefix="upload-", suffix=".jsonl") as f:
+        with service.spool() as f:
             async for chunk in request.stream():
                 f.write(chunk)
             f.flush()

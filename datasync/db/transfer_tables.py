@@ -119,6 +119,12 @@ class Placement(SQLModel, table=True):
     bytes_total: int = Field(default=0, sa_type=sa.BigInteger, nullable=False)
     files_done: int = Field(default=0, sa_type=sa.BigInteger, nullable=False)
     bytes_done: int = Field(default=0, sa_type=sa.BigInteger, nullable=False)
+    # Who asked: "operator", "policy:<name>" or "stage" (the first to create it).
+    origin: str = Field(default="operator", sa_type=sa.String(160), nullable=False)
+    # When a job last asked for it (stage) or it was published: LRU order for eviction.
+    last_used_at: datetime | None = Field(default=None, sa_type=_TS)
+    # The ETA passes the deadline (set by the scheduler; its tasks are boosted meanwhile).
+    at_risk: bool = Field(default=False, sa_type=sa.Boolean, nullable=False)
 
 
 class Task(SQLModel, table=True):

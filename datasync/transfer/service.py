@@ -21,12 +21,14 @@ from datasync.errors import UserError
 from datasync.events import Event, LabelMoved, VersionRegistered
 from datasync.manifest.store import ManifestStore
 from datasync.models import PlacementState
+from datasync.transfer.exec.context import SiteBackends
 from datasync.transfer.labels import sites_showing
 from datasync.transfer.payloads import LabelsPayload
 from datasync.transfer.planner import Planner, PlannerConfig
 from datasync.transfer.sites import SiteInfo, list_sites, site_for_source
 from datasync.transfer.state import EngineState, row_id
 from datasync.transfer.status import PlacementStatus, status
+from datasync.transfer.views import view_present
 
 __all__ = ["STALE_PLANNING", "ReplicationService"]
 
@@ -43,12 +45,14 @@ class ReplicationService:
         store: ManifestStore,
         state: EngineState,
         planner: Planner,
+        backends: SiteBackends,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
         self.state = state
         self.planner = planner
+        self.backends = backends
 
     def replicate(
         self,
@@ -96,6 +100,8 @@ class ReplicationService:
             priority=priority,
             deadline=deadline,
         )
+        if not created:
+            self._check_ready_view(placement_id, summary.dataset, summary.version_id, site)
         must_plan = created or self.state.placements.reopen(
             placement_id, stale_after=STALE_PLANNING
         )
@@ -108,6 +114,18 @@ class ReplicationService:
         if must_plan:
             self.planner.plan(placement_id, planner)
         return self.status(placement_id=placement_id)[0]
+
+    def _check_ready_view(
+        self, placement_id: int, dataset: str, version_id: str, site: str
+    ) -> None:
+        """A READY placement whose view is gone from the site (deleted by hand, a store that
+        lost it) is DAMAGED, so this replicate re-plans it instead of doing nothing."""
+        (st,) = self.status(placement_id=placement_id)
+        if st.state is not PlacementState.READY:
+            return
+        if not view_present(self.backends[site], dataset, version_id):
+            where = f"{dataset}@{version_id[:12]} at {site}"
+            self.state.placements.damage(placement_id, f"the view of {where} is missing")
 
     def status(
         self,

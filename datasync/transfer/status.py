@@ -45,6 +45,7 @@ class PlacementStatus(BaseModel):
     eta_seconds: float | None
     at_risk: bool
     tasks: dict[str, int]
+    bytes_moved: int  # written at the site by the placement's tasks (0 for blobs it had)
     error: str | None
     last_errors: list[dict[str, Any]]
     # What it is doing or waiting for, in words ("2 task(s) backing off until ...").
@@ -102,11 +103,14 @@ def status(
         ids = [int(r["id"]) for r in rows]
         if not ids:
             return []
-        counts = _task_counts(conn, ids)
+        counts, written = _task_counts(conn, ids)
         recent = _recent(conn, ids, now - timedelta(seconds=THROUGHPUT_WINDOW))
         waits = _waits(conn, ids, now)
         errors = _last_errors(conn, ids)
-    return [_one(row, counts.get(int(row["id"]), {}), recent, waits, errors, now) for row in rows]
+    return [
+        _one(row, counts.get(int(row["id"]), {}), written, recent, waits, errors, now)
+        for row in rows
+    ]
 
 
 _FINAL = (PlacementState.READY, PlacementState.FAILED, PlacementState.DAMAGED)
@@ -116,6 +120,7 @@ _Waits = dict[int, tuple[int, datetime | None, int]]
 def _one(
     row: Any,
     counts: dict[str, int],
+    written: dict[int, int],
     recent: dict[int, tuple[int, int]],
     waits: _Waits,
     errors: dict[int, list[dict[str, Any]]],
@@ -159,21 +164,32 @@ def _one(
         eta_seconds=eta,
         at_risk=at_risk,
         tasks=counts,
+        bytes_moved=written.get(pid, 0),
         error=row["error"],
         last_errors=errors.get(pid, []),
         phase=_phase(state, counts, waits.get(pid, (0, None, 0)), now),
     )
 
 
-def _task_counts(conn: Connection, ids: list[int]) -> dict[int, dict[str, int]]:
-    out: dict[int, dict[str, int]] = {}
-    for pid, state, n in conn.execute(
-        sa.select(col(Task.placement_id), col(Task.state), sa.func.count())
+def _task_counts(
+    conn: Connection, ids: list[int]
+) -> tuple[dict[int, dict[str, int]], dict[int, int]]:
+    """Tasks per state, and bytes written, of each placement."""
+    counts: dict[int, dict[str, int]] = {}
+    moved: dict[int, int] = {}
+    for pid, state, n, nbytes in conn.execute(
+        sa.select(
+            col(Task.placement_id),
+            col(Task.state),
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(col(Task.bytes_moved)), 0),
+        )
         .where(col(Task.placement_id).in_(ids))
         .group_by(col(Task.placement_id), col(Task.state))
     ):
-        out.setdefault(int(pid), {})[str(state)] = int(n)
-    return out
+        counts.setdefault(int(pid), {})[str(state)] = int(n)
+        moved[int(pid)] = moved.get(int(pid), 0) + int(nbytes)
+    return counts, moved
 
 
 def _recent(conn: Connection, ids: list[int], since: datetime) -> dict[int, tuple[int, int]]:

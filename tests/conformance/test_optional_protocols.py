@@ -214,3 +214,39 @@ def test_read_only_trees_and_their_removal(backend: Backend, tree: SupportsLocal
         tree.remove_tree("blobs/d")
     with pytest.raises(NotFound):
         tree.set_tree_readonly("v", True)
+
+
+@pytest.mark.parametrize("backend_kind", LOCAL_TREE_KINDS)
+def test_directories_are_made_never_through_a_symlink(
+    backend: Backend, tree: SupportsLocalTree, tmp_path: Path
+) -> None:
+    root = Path(tree.root)
+    assert not tree.is_dir("drive/tokyo") and tree.list_dir("drive/tokyo") == []
+    tree.make_dirs("drive/tokyo/.staging-x")
+    tree.make_dirs("drive/tokyo/.staging-x")  # idempotent
+    assert tree.is_dir("drive/tokyo") and tree.list_dir("drive/tokyo") == [".staging-x"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "linked").symlink_to(elsewhere)
+    assert not tree.is_dir("linked"), "a symlink to a directory is not one of ours"
+    with pytest.raises(Conflict, match="symlink"):
+        tree.make_dirs("linked/sub")
+    put(backend, "afile", b"x")
+    with pytest.raises(Conflict):
+        tree.make_dirs("afile/sub")
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend_kind", LOCAL_TREE_KINDS)
+def test_symlinks_are_removed_only_when_they_are_symlinks(
+    backend: Backend, tree: SupportsLocalTree
+) -> None:
+    root = Path(tree.root)
+    tree.set_symlink("ds@v1", "ds/" + "a" * 64)
+    tree.remove_symlink("ds@v1")
+    assert not os.path.lexists(root / "ds@v1")
+    tree.remove_symlink("ds@v1")  # absent: nothing to do
+    put(backend, "ds@notes", b"user")
+    with pytest.raises(Conflict):
+        tree.remove_symlink("ds@notes")
+    assert read_all(backend, "ds@notes") == b"user"

@@ -11,12 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from sqlmodel import col
 
 from datasync.backends.base import Capabilities
 from datasync.backends.memory import MemoryBackend, drop_store
 from datasync.backends.posix import PosixBackend
 from datasync.bootstrap import App, bootstrap
 from datasync.config import Settings, SiteConfig
+from datasync.db.transfer_tables import Task
 from datasync.errors import Throttled, TransientError
 from datasync.transfer.exec.chunked import part_plan
 from datasync.transfer.limits import limits_from_settings
@@ -186,5 +189,37 @@ def test_posix_chunk_tasks_and_group_commits_leave_no_open_descriptors(
         assert_view_matches(dst, "drive/fd", v.version_id, files)
         assert _fds_under(dst.root) == []
         assert list(PosixBackend(dst.root, lustre=False).partial_uploads()) == []
+    finally:
+        app.close()
+
+
+def test_transient_errors_are_retried_inside_the_call_by_the_one_policy(
+    tmp_path: Path, sqlite_url: str, stores: tuple[str, str]
+) -> None:
+    """Every site's backend is wrapped by the retry policy (datasync.retry): a few resets
+    are absorbed inside the failing call, so no task needs a second attempt. Bypass the
+    wrapper and the tasks fail and retry instead, which this test would see."""
+    app, settings, _src, dst, vid, files = _setup(tmp_path, sqlite_url, stores)
+    try:
+        MemoryBackend(stores[0]).inject(
+            lambda: TransientError("connection reset"),
+            times=2,
+            ops={"read_range", "read_range_into"},
+        )
+        MemoryBackend(stores[1]).inject(
+            lambda: TransientError("connection reset"), times=2, ops={"put_part"}
+        )
+        placement = app.replication.replicate(f"drive/mem@{vid}", "dst")
+        run_until_idle(settings, [placement.id], options=FAST)
+        (st,) = app.replication.status(placement_id=placement.id)
+        assert st.state == "READY", st.error
+        _views(dst, vid, files)
+        with app.engine.connect() as conn:
+            attempts = conn.execute(
+                sa.select(col(Task.kind), col(Task.attempts)).where(
+                    col(Task.placement_id) == placement.id
+                )
+            ).all()
+        assert attempts and all(n == 1 for _kind, n in attempts), attempts
     finally:
         app.close()

@@ -426,3 +426,18 @@ def test_verify_finds_a_damaged_object_view_and_repair_mends_it(
         assert app.replication.status(dataset="drive/o")[0].state == "READY"
     finally:
         app.close()
+
+
+def test_replicate_rebuilds_a_view_deleted_by_hand(lab: tuple[App, Site, Site]) -> None:
+    app, pipeline, lustre = lab
+    assert pipeline.root is not None and lustre.root is not None
+    files = make_tree(pipeline.root / "run")
+    v = app.service.register("drive/gone", str(pipeline.root / "run"))
+    assert replicate(app, f"drive/gone@{v.version_id}", "lustre") == "READY: "
+    view = lustre.root / "drive/gone" / v.version_id
+    for d in [view, *view.rglob("*")]:
+        if d.is_dir():
+            os.chmod(d, 0o755)
+    shutil.rmtree(view)
+    assert replicate(app, f"drive/gone@{v.version_id}", "lustre") == "READY: "
+    assert_posix_view(lustre.root, "drive/gone", v.version_id, files)

@@ -12,7 +12,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
-import datasync.db.transfer_tables  # noqa: F401  (registers every table in the metadata)
+import datasync.db.ops_tables
+import datasync.db.transfer_tables  # noqa: F401
 from datasync.db.engine import create_engine
 from datasync.db.migrate import current_revision, head_revision, run_migrations, upgrade_to_head
 

@@ -29,6 +29,7 @@ from datasync.db.transfer_tables import Placement
 from datasync.errors import TransientError, UnknownReference, UserError
 from datasync.events import EventBus
 from datasync.manifest.store import ManifestStore
+from datasync.transfer.exec import SiteBackends
 from datasync.transfer.planner import Planner
 from datasync.transfer.service import ReplicationService
 from datasync.transfer.siteindex import SiteIndex
@@ -67,7 +68,8 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
 def replication(engine: Engine, settings: Settings) -> ReplicationService:
     state = make_state(engine, EventBus())
     planner = Planner(engine, settings, state)
-    return ReplicationService(settings, engine, ManifestStore(engine), state, planner)
+    backends = SiteBackends(settings.sites)
+    return ReplicationService(settings, engine, ManifestStore(engine), state, planner, backends)
 
 
 def test_site_for_source_finds_the_site_root(settings: Settings, tmp_path: Path) -> None:

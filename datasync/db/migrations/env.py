@@ -16,7 +16,7 @@ from sqlmodel import SQLModel
 
 # Every module that declares tables. A module that does not exist yet is skipped, so a
 # later migration's tables can land in their own module without touching this file.
-TABLE_MODULES = ("datasync.db.tables", "datasync.db.transfer_tables")
+TABLE_MODULES = ("datasync.db.tables", "datasync.db.transfer_tables", "datasync.db.ops_tables")
 
 for _name in TABLE_MODULES:
     if importlib.util.find_spec(_name) is not None:

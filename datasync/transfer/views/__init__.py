@@ -12,7 +12,9 @@ import concurrent.futures as cf
 from collections.abc import Callable, Iterable
 
 from datasync.backends.base import Backend, SupportsLocalTree
+from datasync.errors import NotFound
 from datasync.transfer.buffers import BufferPool
+from datasync.transfer.layout import COMPLETE_MARKER, view_prefix
 from datasync.transfer.views.labels import sync_labels
 from datasync.transfer.views.model import BlobDamaged, PublishResult, ViewFile
 from datasync.transfer.views.objects import publish_objects, remove_unmarked_view
@@ -25,7 +27,20 @@ __all__ = [
     "publish_view",
     "remove_unmarked_view",
     "sync_labels",
+    "view_present",
 ]
+
+
+def view_present(backend: Backend, dataset: str, version_id: str) -> bool:
+    """Is the view there at all (one stat; ``verify`` checks what is in it)?"""
+    prefix = view_prefix(dataset, version_id)
+    if backend.capabilities.local_tree and isinstance(backend, SupportsLocalTree):
+        return backend.is_dir(prefix)
+    try:
+        backend.stat(f"{prefix}/{COMPLETE_MARKER}")
+    except NotFound:
+        return False
+    return True
 
 
 def publish_view(
