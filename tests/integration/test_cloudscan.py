@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,11 @@ pytestmark = pytest.mark.emulator
 
 MiB = 1024 * 1024
 CHUNK = MiB  # the smallest chunk size a manifest allows: multi-chunk files stay small
-FACTORIES = {"s3": make_s3_backend, "azure": make_azure_backend, "gcs": make_gcs_backend}
+FACTORIES: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "s3": make_s3_backend,
+    "azure": make_azure_backend,
+    "gcs": make_gcs_backend,
+}
 
 TREE = {
     "big/chunked.bin": 3 * MiB + 12_345,  # four chunks, read in several ranges
