@@ -11,6 +11,7 @@ import random
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -106,7 +107,7 @@ def test_object_changed_during_scan_is_source_changed(
             return iter(listed)
 
     with pytest.raises(SourceChanged):
-        list(scan_backend(StaleListing(), "f", chunk_size=CHUNK))  # type: ignore[arg-type]
+        list(scan_backend(cast(Backend, StaleListing()), "f", chunk_size=CHUNK))
 
 
 def _infos(*keys: str) -> list[ObjectInfo]:
