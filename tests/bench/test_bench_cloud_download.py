@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,10 @@ from pathlib import Path
 import pytest
 import xxhash
 
+from datasync.backends.azure import AzureBackend
 from datasync.backends.base import Backend
+from datasync.backends.gcs import GCSBackend
+from datasync.backends.s3 import S3Backend
 from tests.fixtures.emulators import (
     AZURITE_ACCOUNT,
     AZURITE_KEY,
@@ -104,7 +108,8 @@ def _rclone_env(kind: str, backend: Backend, request: pytest.FixtureRequest) -> 
 
         from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 
-        container = backend.container  # type: ignore[attr-defined]
+        assert isinstance(backend, AzureBackend)
+        container = backend.container
         sas = generate_container_sas(
             AZURITE_ACCOUNT,
             container,
@@ -132,8 +137,12 @@ def test_bench_cloud_download(kind: str, request: pytest.FixtureRequest, tmp_pat
     rclone = shutil.which("rclone")
     if rclone is None:
         pytest.skip("rclone not installed: apt-get install rclone (make bench does)")
-    factory = {"s3": make_s3_backend, "azure": make_azure_backend, "gcs": make_gcs_backend}[kind]
-    backend = factory(request)
+    factories: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+        "s3": make_s3_backend,
+        "azure": make_azure_backend,
+        "gcs": make_gcs_backend,
+    }
+    backend = factories[kind](request)
     expected = _upload(backend, "bench.bin")
 
     ours = tmp_path / "ours.bin"
@@ -148,11 +157,13 @@ def test_bench_cloud_download(kind: str, request: pytest.FixtureRequest, tmp_pat
         # API has strings: "json: invalid use of ,string struct tag"), so rclone reads the
         # same object from the same emulator through its media URL, in a single stream.
         endpoint = request.getfixturevalue("gcs_emulator")
-        media = f"{endpoint}/download/storage/v1/b/{backend.bucket_name}/o/bench.bin?alt=media"  # type: ignore[attr-defined]
+        assert isinstance(backend, GCSBackend)
+        media = f"{endpoint}/download/storage/v1/b/{backend.bucket_name}/o/bench.bin?alt=media"
         cmd = [rclone, "copyurl", media, str(out / "bench.bin"), *opts]
     else:
         # The container is the remote's root for an Azure SAS URL; S3 paths start at the bucket.
-        root = backend.container if kind == "azure" else backend.bucket  # type: ignore[attr-defined]
+        assert isinstance(backend, AzureBackend | S3Backend)
+        root = backend.container if isinstance(backend, AzureBackend) else backend.bucket
         streams = ["--multi-thread-streams", str(WORKERS), "--multi-thread-cutoff", "64M"]
         cmd = [rclone, "copy", f"emu:{root}/bench.bin", str(out), *streams, *opts]
     start = time.perf_counter()

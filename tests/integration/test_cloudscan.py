@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import random
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -25,7 +27,11 @@ pytestmark = pytest.mark.emulator
 
 MiB = 1024 * 1024
 CHUNK = MiB  # the smallest chunk size a manifest allows: multi-chunk files stay small
-FACTORIES = {"s3": make_s3_backend, "azure": make_azure_backend, "gcs": make_gcs_backend}
+FACTORIES: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "s3": make_s3_backend,
+    "azure": make_azure_backend,
+    "gcs": make_gcs_backend,
+}
 
 TREE = {
     "big/chunked.bin": 3 * MiB + 12_345,  # four chunks, read in several ranges
@@ -101,7 +107,7 @@ def test_object_changed_during_scan_is_source_changed(
             return iter(listed)
 
     with pytest.raises(SourceChanged):
-        list(scan_backend(StaleListing(), "f", chunk_size=CHUNK))  # type: ignore[arg-type]
+        list(scan_backend(cast(Backend, StaleListing()), "f", chunk_size=CHUNK))
 
 
 def _infos(*keys: str) -> list[ObjectInfo]:

@@ -51,10 +51,12 @@ MANIFEST_CASES: dict[str, tuple[list[Any], str]] = {
     "sha256-digest": ([row("a", digest="sha256:" + "0" * 64)], "bad digest"),
     "short-digest": ([row("a", digest="xxh3-128:" + "0" * 31)], "bad digest"),
     "upper-hex-digest": ([row("a", digest="xxh3-128:" + "A" * 32)], "bad digest"),
-    "digest-not-string": ([row("a", digest=12)], "digest must be a string"),
+    # A wrong type on purpose: the parser must refuse a digest that is not a string.
+    "digest-not-string": ([row("a", digest=12)], "digest must be a string"),  # type: ignore[arg-type]
     "negative-size": ([row("a", size=-1)], "outside 0.."),
     "absurd-size": ([row("a", size=10 * 1024**5)], "outside 0.."),
-    "float-size": ([row("a", size=1.5)], "size must be an integer"),
+    # A wrong type on purpose: the parser must refuse a size that is not an integer.
+    "float-size": ([row("a", size=1.5)], "size must be an integer"),  # type: ignore[arg-type]
     "bool-size": ([row("a", size=True)], "size must be an integer"),
     "missing-digest": ([{"path": "a", "size": 1}], "missing required key 'digest'"),
     "unknown-key": ([row("a", owner="me")], "unknown key(s) ['owner']"),
@@ -348,7 +350,7 @@ def s3_world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
     s3 = make_s3_backend(request)
     for key in ("clash/a", "clash/a.txt", "clash/a/b", "slash/ok", "slash/a\\b"):
         s3.client.put_object(Bucket=s3.bucket, Key=key, Body=key.encode())
-    options = {"endpoint_url": str(request.getfixturevalue("moto_server"))}
+    options: dict[str, Any] = {"endpoint_url": str(request.getfixturevalue("moto_server"))}
     options |= {"region_name": "us-east-1", **S3_KEYS}
     yield from _world(tmp_path, {"pipeline": {"url": f"s3://{s3.bucket}", "options": options}})
 

@@ -71,9 +71,9 @@ def lab(tmp_path: Path, db_url: str) -> Iterator[tuple[App, Site, Site]]:
         app.close()
 
 
-def replicate(app: App, ref: str, site: str, **kw: str) -> str:
+def replicate(app: App, ref: str, site: str, *, source: str | None = None) -> str:
     """Replicate and run workers until idle; return the final state."""
-    placement = app.replication.replicate(ref, site, **kw)
+    placement = app.replication.replicate(ref, site, source=source)
     run_until_idle(app.settings, [placement.id], options=FAST)
     (st,) = app.replication.status(placement_id=placement.id)
     return f"{st.state}: {st.error or ''}"
@@ -373,11 +373,11 @@ def test_verify_finds_a_damaged_posix_view_and_repair_mends_it(
     blob = lustre.root / blob_key("xxh3-128:" + xxh(files["cam0/000002.jpg"]))
     os.chmod(blob, 0o644)
     with open(blob, "r+b") as f:  # ... and flips a byte in a blob, keeping its mtime
-        st = os.fstat(f.fileno())
+        times = os.fstat(f.fileno())
         first = f.read(1)
         f.seek(0)
         f.write(bytes([first[0] ^ 1]))
-    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(blob, ns=(times.st_atime_ns, times.st_mtime_ns))
     report = _verify(app, "lustre")
     assert len(report["bad_blobs"]) == 1 and report["damaged"][0]["problems"] >= 1
     assert any("cam1/000007.jpg is missing" in p for p in report["damaged"][0]["first"])

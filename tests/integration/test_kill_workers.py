@@ -36,6 +36,7 @@ import sqlalchemy as sa
 
 from datasync.bootstrap import App, bootstrap
 from datasync.config import Settings
+from datasync.db.tables import table_of
 from datasync.db.transfer_tables import Task
 from datasync.transfer.failpoints import reset_failpoints
 from datasync.transfer.supervisor import WorkerOptions, run_worker
@@ -57,7 +58,7 @@ OPTIONS = WorkerOptions(
     lease_seconds=LEASE, queue_backoff_base=0.0, idle_sleep=0.05, task_slots=3, io_threads=4
 )
 DATASET = "drive/kill"
-_T: sa.Table = Task.__table__  # type: ignore[attr-defined]
+_T = table_of(Task)
 # (failpoint or "random", whether a recorded part must have been skipped afterwards)
 SCENARIOS = [
     ("after_put_part:3", False),  # parts in flight on other threads may be unrecorded

@@ -14,6 +14,7 @@ import os
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -158,10 +159,10 @@ def test_a_file_changed_while_hashed_is_refused_both_ways(
     run = root / "out" / "run1"
     write_tree(run, {"a.bin": b"a" * 1000, "log": b"x" * 1000})
 
-    def append_then_hash(fd: int, *args: object, **kwargs: object) -> HashResult:
+    def append_then_hash(fd: int, *args: Any, **kwargs: Any) -> HashResult:
         with (run / "log").open("ab") as f:  # a writer sneaks in after the fstat
             f.write(b"more")
-        return hash_fd(fd, *args, **kwargs)  # type: ignore[arg-type]
+        return hash_fd(fd, *args, **kwargs)
 
     monkeypatch.setattr(scan_module, "hash_fd", append_then_hash)
     for source in (str(run), "lustre:out/run1"):

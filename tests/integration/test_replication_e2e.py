@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from datasync.bootstrap import bootstrap
+from datasync.db.tables import table_of
 from datasync.db.transfer_tables import Replica
 from datasync.transfer.supervisor import WorkerOptions, run_until_idle
 from tests.fixtures.replication import (
@@ -127,7 +128,7 @@ def test_azure_to_gcs(tmp_path: Path, request: pytest.FixtureRequest, sqlite_url
 
 # -- bad sources --------------------------------------------------------------------------------
 
-_R: sa.Table = Replica.__table__  # type: ignore[attr-defined]
+_R = table_of(Replica)
 
 
 def _replica_states(engine: sa.Engine, site: str) -> dict[str, tuple[str, str | None]]:

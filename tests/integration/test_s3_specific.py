@@ -115,11 +115,11 @@ def proxy(moto_server: str) -> Iterator[Proxy]:
     server.server_close()
 
 
-def _proxied(request: pytest.FixtureRequest, proxy: Proxy, **options: object) -> S3Backend:
+def _proxied(request: pytest.FixtureRequest, proxy: Proxy, **options: Any) -> S3Backend:
     backend = make_s3_backend(request, **options)  # bucket created through moto directly
     routed = S3Backend(
         backend.bucket, "", endpoint_url=proxy.url, region_name="us-east-1", **S3_KEYS, **options
-    )  # type: ignore[arg-type]
+    )
     request.addfinalizer(routed.close)
     return routed
 

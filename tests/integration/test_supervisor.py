@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -32,6 +33,9 @@ import pytest
 from datasync.bootstrap import bootstrap
 from datasync.config import Settings
 from datasync.transfer.supervisor import ParentWatch, WorkerOptions, WorkerPool
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc (Linux)")
 
@@ -272,10 +276,10 @@ def test_force_allows_more_processes_than_the_bound(home: Path) -> None:
     assert not _with_home(home)
 
 
-def _parent_gone_child(reader: object, parent_pid: int, out: object) -> None:
+def _parent_gone_child(reader: Connection, parent_pid: int, out: Connection) -> None:
     """A process whose parent watch reports, through ``out``, when it saw the parent go."""
-    watch = ParentWatch(reader, parent_pid)  # type: ignore[arg-type]
-    out.send(watch.wait(30))  # type: ignore[attr-defined]
+    watch = ParentWatch(reader, parent_pid)
+    out.send(watch.wait(30))
 
 
 def test_parent_watch_sees_the_parent_end_of_the_pipe_close() -> None:

@@ -24,14 +24,20 @@ from datasync.backends.memory import MemoryBackend, drop_store
 from datasync.backends.posix import PosixBackend
 from datasync.errors import Conflict, NotFound, TransientError
 from datasync.transfer.layout import COMPLETE_MARKER, blob_key, label_body
-from datasync.transfer.views import BlobDamaged, ViewFile, publish_view, sync_labels
+from datasync.transfer.views import (
+    BlobDamaged,
+    PublishResult,
+    ViewFile,
+    publish_view,
+    sync_labels,
+)
 
 VID = "a" * 64
 VID2 = "b" * 64
 IO = cf.ThreadPoolExecutor(4)
 
 
-def publish(backend: Backend, views: Iterable[ViewFile], vid: str = VID) -> object:
+def publish(backend: Backend, views: Iterable[ViewFile], vid: str = VID) -> PublishResult:
     return publish_view(backend, "drive/tokyo", vid, lambda: views, io=IO)
 
 
@@ -109,7 +115,8 @@ def test_posix_republish_rebuilds_and_swaps_atomically(posix: PosixBackend) -> N
     root = Path(posix.root)
     publish(posix, views)
     final = root / "drive/tokyo" / VID
-    (os.chmod(final / "cam0", 0o755), (final / "cam0/000002.jpg").unlink())  # root damages it
+    os.chmod(final / "cam0", 0o755)  # root damages it
+    (final / "cam0/000002.jpg").unlink()
     again = publish(posix, views)
     assert not again.already and tree(final) == FILES  # the whole view, swapped in at once
     assert [p.name for p in (root / "drive/tokyo").iterdir()] == [VID]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ class FakeTime:
     def __init__(self) -> None:
         self.now = 1000.0
         self.slept: list[float] = []
-        self.on_sleep: list[object] = []
+        self.on_sleep: list[Callable[[], object]] = []
 
     def clock(self) -> float:
         return self.now
@@ -29,7 +30,7 @@ class FakeTime:
         self.slept.append(s)
         self.now += s
         for hook in list(self.on_sleep):
-            hook()  # type: ignore[operator]
+            hook()
 
 
 def make(tmp_path: Path, t: FakeTime, **sites: LimitSpec) -> Limits:

@@ -17,6 +17,9 @@ import pytest
 from datasync.db.transfer_tables import TASK_KINDS
 from datasync.transfer import payloads as pl
 
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "task-states.md"
 BLOB = pl.ChunkedBlob("dst", "xxh3-128:" + "a" * 32, 10, 4, ("x", "y", "z"), pl.SourceRef("s", "k"))
 EXAMPLES: list[pl.Payload] = [
@@ -28,7 +31,7 @@ EXAMPLES: list[pl.Payload] = [
 ]
 
 
-def _shape(cls: type) -> str:
+def _shape(cls: DataclassInstance | type[DataclassInstance]) -> str:
     """``a, b: {c, d}, e: [{f}]`` for a dataclass, recursively."""
     hints = typing.get_type_hints(cls)
     out = []
@@ -36,9 +39,9 @@ def _shape(cls: type) -> str:
         hint = hints[f.name]
         args = typing.get_args(hint)
         if dataclasses.is_dataclass(hint):
-            out.append(f"{f.name}: {{{_shape(hint)}}}")  # type: ignore[arg-type]
+            out.append(f"{f.name}: {{{_shape(hint)}}}")
         elif typing.get_origin(hint) is tuple and args and dataclasses.is_dataclass(args[0]):
-            out.append(f"{f.name}: [{{{_shape(args[0])}}}]")  # type: ignore[arg-type]
+            out.append(f"{f.name}: [{{{_shape(args[0])}}}]")
         else:
             out.append(f.name)
     return ", ".join(out)

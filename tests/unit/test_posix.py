@@ -270,8 +270,8 @@ def test_commit_can_be_repeated_after_a_failure_past_the_rename(
     """A commit that renamed but failed to flush the directory is finished by a retry
     (the inode tells the rename already happened), not refused."""
     from datasync.backends.posix import writer as writer_module
+    from datasync.backends.posix.io import fsync_dir as real
 
-    real = writer_module.fsync_dir
     calls: list[str] = []
 
     def flaky(path: str) -> None:

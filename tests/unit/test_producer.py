@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import types
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,8 @@ def test_a_path_argument_is_closed_after_reading(tmp_path: Path) -> None:
     p.write_text(HEAD + line({"path": "a", "size": 1, "digest": D0}))
     _, entries = read_producer_manifest(p)
     assert [e.path for e in entries] == ["a"]
-    assert entries.gi_frame is None  # type: ignore[attr-defined]
+    assert isinstance(entries, types.GeneratorType)
+    assert entries.gi_frame is None
 
 
 # --- the hand-written validator agrees with the JSON Schema -----------------------------

@@ -7,7 +7,9 @@ import os
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,10 +45,10 @@ def make_tree(root: Path) -> dict[str, bytes]:
     return files
 
 
-def scan(root: Path, **kw: object) -> list[FileEntry]:
+def scan(root: Path, **kw: Any) -> list[FileEntry]:
     kw.setdefault("chunk_size", MiB)
     kw.setdefault("workers", 2)
-    return list(scan_directory(root, **kw))  # type: ignore[arg-type]
+    return list(scan_directory(root, **kw))
 
 
 def test_scan_yields_every_file_in_bytewise_order_with_digests(tmp_path: Path) -> None:
@@ -121,10 +123,10 @@ def test_a_file_growing_while_hashed_is_refused(
 ) -> None:
     (tmp_path / "log").write_bytes(b"x" * 1000)
 
-    def append_then_hash(fd: int, *args: object, **kwargs: object) -> HashResult:
+    def append_then_hash(fd: int, *args: Any, **kwargs: Any) -> HashResult:
         with (tmp_path / "log").open("ab") as f:  # a writer sneaks in after the fstat
             f.write(b"more")
-        return hash_fd(fd, *args, **kwargs)  # type: ignore[arg-type]
+        return hash_fd(fd, *args, **kwargs)
 
     monkeypatch.setattr(scan_module, "hash_fd", append_then_hash)
     with pytest.raises(SourceChanged, match="'log' changed while it was being hashed"):
@@ -167,14 +169,16 @@ def link_to_fifo(root: Path) -> None:
         ),
     ],
 )
-def test_rejected_links_and_special_files(tmp_path: Path, make: object, match: str) -> None:
+def test_rejected_links_and_special_files(
+    tmp_path: Path, make: Callable[[Path, Path], object], match: str
+) -> None:
     root = tmp_path / "root"
     out = tmp_path / "outside"
     (root / "d").mkdir(parents=True)
     out.mkdir()
     (out / "secret").write_bytes(b"s")
     (root / "ok").write_bytes(b"ok")
-    make(root, out)  # type: ignore[operator]
+    make(root, out)
     with pytest.raises(UnsupportedFileType, match=match):
         scan(root)
 
