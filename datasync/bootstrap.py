@@ -87,7 +87,7 @@ class App:
 
         backends = SiteBackends(settings.sites, wrap=with_retries)
         io = cf.ThreadPoolExecutor(options.io_threads, thread_name_prefix="datasync-io")
-        tasks = TaskStates(self.engine, self.bus, policy)
+        tasks = TaskStates(self.engine, self.bus, policy, settings.link_caps())
         ctx = ExecContext(
             state=self.state,
             index=SiteIndex(self.engine),
@@ -145,7 +145,7 @@ def bootstrap(settings: Settings | None = None) -> App:
     stat_cache = StatCache(settings.stat_cache_path)
     service = DatasyncService(settings, store, stat_cache, RemoteSources(settings), bus)
     retry = RetryPolicy()
-    state = EngineState(engine, bus, retry)
+    state = EngineState(engine, bus, retry, settings.link_caps())
     planner = Planner(engine, settings, state)
     backends = SiteBackends(settings.sites, wrap=lambda _site, b: RetryingBackend(b, retry))
     scheduler = Scheduler(engine, settings, state)

@@ -42,6 +42,8 @@ class LinkConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Most tasks on the link at once: the claim enforces it across every worker and host
+    # (FTS3's per-link "max active"); each host's slot files enforce it per host as well.
     concurrency: int | None = Field(default=None, ge=1, le=1024)
     bandwidth_mbps: float | None = Field(default=None, gt=0)
 
@@ -97,6 +99,15 @@ class Settings(BaseModel):
             if unknown:
                 raise ValueError(f"sites.{name}.links names unknown site(s) {unknown}")
         return v
+
+    def link_caps(self) -> dict[tuple[str, str], int]:
+        """Most live leases per link (``[sites.SRC.links.DST] concurrency``), cluster-wide."""
+        return {
+            (src, dst): link.concurrency
+            for src, site in self.sites.items()
+            for dst, link in site.links.items()
+            if link.concurrency is not None
+        }
 
     @property
     def stat_cache_path(self) -> Path:

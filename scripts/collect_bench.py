@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-ORDER = ["hashing", "scale", "cloud-download", "fsspec", "replication"]
+ORDER = ["hashing", "scale", "cloud-download", "fsspec", "replication", "scheduler"]
 
 PREAMBLE = """# Benchmarks
 

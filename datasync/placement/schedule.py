@@ -19,6 +19,17 @@ Each ``tick`` (every worker, and ``datasync up``'s scheduler, run it; it is idem
    flags it, emits ``PlacementAtRisk``, and boosts its tasks' priority; the flag drops when
    it is back in time. Only changes are written.
 
+A placement serves every job that asked for it (its open stage requests), so it is
+scheduled for the earliest of their deadlines that it can still meet (its *target*): when
+the first job's start can no longer be met, the next job's still can, and the placement
+keeps its place for that one instead of making every job that shares it late.
+
+One exception to least-slack-first: a placement that cannot meet any of its deadlines,
+even with every link to itself, left first in line would only make others late too (the
+domino effect that makes pure slack or deadline ordering collapse under overload). Its
+tasks go behind every placement that can still make it, in deadline order, but before work
+without a deadline (``HOPELESS_SHIFT``). It stays at risk and is reported so.
+
 Time is injected (``now``), so the ordering and at-risk detection are tested on a
 simulated clock.
 """
@@ -35,24 +46,30 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col
 
 from datasync.config import Settings
+from datasync.db.ops_tables import StageRequest
 from datasync.db.transfer_tables import Placement, Task
 from datasync.models import PlacementState, TaskState
 from datasync.transfer.links import Links, load_links
 from datasync.transfer.state import EngineState, as_utc, row_id
 
-__all__ = ["Estimate", "Scheduler"]
+__all__ = ["HOPELESS_SHIFT", "Estimate", "Scheduler"]
 
 _ACTIVE = (PlacementState.PLANNING, PlacementState.TRANSFERRING, PlacementState.PUBLISHING)
 # Smaller moves of a latest start are not worth a write (tasks would churn every tick).
 _RESCHEDULE_AFTER = timedelta(seconds=30)
+# How far a placement that can no longer meet its deadline moves back in the claim order:
+# past every latest start a feasible placement can have, still before NO_DEADLINE.
+HOPELESS_SHIFT = timedelta(days=3650)
 
 
 @dataclass(frozen=True, slots=True)
 class Estimate:
     placement_id: int
-    deadline: datetime | None
+    deadline: datetime | None  # the earliest of its deadlines (at risk: the ETA passes it)
     remaining_bytes: int
-    latest_start: datetime | None  # None without a deadline
+    # The claim's sort key: deadline - own time needed (None without a deadline), moved back
+    # by HOPELESS_SHIFT once it has passed.
+    latest_start: datetime | None
     eta: datetime
     at_risk: bool
 
@@ -144,6 +161,17 @@ class Scheduler:
                     )
                 )
             }
+            asked: dict[int, list[datetime]] = defaultdict(list)
+            for pid, deadline in conn.execute(
+                sa.select(col(StageRequest.placement_id), col(StageRequest.deadline))
+                .join(Placement, col(Placement.id) == col(StageRequest.placement_id))
+                .where(
+                    col(Placement.state).in_(_ACTIVE),
+                    col(StageRequest.released_at).is_(None),
+                    col(StageRequest.deadline).is_not(None),
+                )
+            ):
+                asked[row_id(pid)].append(as_utc(deadline) or now)
             work = conn.execute(
                 sa.select(
                     col(Task.placement_id),
@@ -161,13 +189,26 @@ class Scheduler:
         for pid, src, dst, nbytes in work:
             if pid in placements:
                 per_link[int(pid)][(str(src), str(dst))] = int(nbytes)
-        own: dict[int, float] = {
-            pid: max((b / links.rate(*link) for link, b in per_link[pid].items()), default=0.0)
+        own: dict[int, timedelta] = {
+            pid: timedelta(
+                seconds=max((b / links.rate(*link) for link, b in per_link[pid].items()), default=0)
+            )
             for pid in placements
         }
-        latest = {
-            pid: (None if deadline is None else deadline - timedelta(seconds=own[pid]))
-            for pid, deadline in placements.items()
+        # The deadline each placement is scheduled for, and whether none can be met.
+        target: dict[int, datetime | None] = {}
+        hopeless: set[int] = set()
+        for pid, deadline in placements.items():
+            mine = sorted({*asked.get(pid, ()), *((deadline,) if deadline else ())})
+            feasible = [d for d in mine if d - own[pid] >= now]
+            target[pid] = feasible[0] if feasible else (mine[0] if mine else None)
+            if mine and not feasible and own[pid]:
+                hopeless.add(pid)
+        claim_at = {
+            pid: None
+            if d is None
+            else d - own[pid] + (HOPELESS_SHIFT if pid in hopeless else timedelta(0))
+            for pid, d in target.items()
         }
         # Each link as a queue, earliest deadline first: the feasibility test (see above).
         finish: dict[int, datetime] = {pid: now for pid in placements}
@@ -179,7 +220,11 @@ class Scheduler:
         for link, pids in queues.items():
             rate = links.rate(*link)
             done = 0.0
-            for pid in sorted(pids, key=lambda p: (placements[p] or far, p)):
+            # Feasible placements earliest target first, then the hopeless ones, then those
+            # without a deadline: the claim's order.
+            for pid in sorted(
+                pids, key=lambda p: (target[p] is None, p in hopeless, target[p] or far, p)
+            ):
                 done += per_link[pid][link] / rate
                 finish[pid] = max(finish[pid], now + timedelta(seconds=done))
         return {
@@ -187,7 +232,7 @@ class Scheduler:
                 placement_id=pid,
                 deadline=deadline,
                 remaining_bytes=sum(per_link[pid].values()),
-                latest_start=latest[pid],
+                latest_start=claim_at[pid],
                 eta=finish[pid],
                 at_risk=deadline is not None and finish[pid] > deadline,
             )

@@ -17,7 +17,7 @@ from datasync.config import Settings
 from datasync.db.ops_tables import PlacementHistory
 from datasync.events import EventBus, PlacementAtRisk
 from datasync.models import PlacementState
-from datasync.placement.schedule import Scheduler
+from datasync.placement.schedule import HOPELESS_SHIFT, Scheduler
 from datasync.transfer.payloads import BlobsPayload
 from datasync.transfer.planner import Planner, PlannerConfig
 from datasync.transfer.state import AT_RISK_BOOST
@@ -102,15 +102,18 @@ def test_slack_orders_the_claim_and_late_placements_are_flagged_at_risk(
     claimed = state.tasks.claim("w", 10, 60)
     blobs = [t for t in claimed if t.kind == "blobs"]
     assert [t.placement_id for t in blobs] == [b, a, c]
-    # The link turns out slower, 5 MiB/s: A ends at 25 s (in time), B at 145 s (due at
-    # 100 s: at risk, flagged and announced), a new D (due at 200 s) after B at 165 s.
+    # The link turns out slower, 5 MiB/s: B needs 120 s, due at 100 s, so it cannot make it
+    # even alone. It goes behind those that can: A ends at 25 s (in time), a new D (due at
+    # 200 s) at 45 s, then B at 165 s (at risk, flagged and announced), before C.
     d = _placement(engine, settings, "drive/d", 100 * MIB, T0 + timedelta(seconds=200))
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE link_stats SET bytes_per_second = 5242880")
     est = scheduler.tick(T0 + timedelta(seconds=5))
     assert est[a].eta == T0 + timedelta(seconds=25) and not est[a].at_risk
-    assert est[b].eta == T0 + timedelta(seconds=145) and est[b].at_risk
-    assert est[d].eta == T0 + timedelta(seconds=165) and not est[d].at_risk
+    assert est[d].eta == T0 + timedelta(seconds=45) and not est[d].at_risk
+    assert est[b].eta == T0 + timedelta(seconds=165) and est[b].at_risk
+    assert est[c].eta == T0 + timedelta(seconds=175)
+    assert est[b].latest_start == T0 + timedelta(seconds=100 - 120) + HOPELESS_SHIFT
     assert [placement_row(engine, p).at_risk for p in (a, b, d)] == [False, True, False]
     assert [ev.placement_id for ev in recorder.of(PlacementAtRisk)] == [b]
     # A fresh placement due very soon is at risk at once: flagged, event, tasks boosted.
@@ -125,6 +128,30 @@ def test_slack_orders_the_claim_and_late_placements_are_flagged_at_risk(
     scheduler.tick(T0 + timedelta(seconds=6))
     assert placement_row(engine, e).at_risk is False
     assert {t.priority for t in tasks_of(engine, e) if t.state == "queued"} == {0}
+
+
+def test_a_shared_placement_is_scheduled_for_the_first_job_it_can_still_serve(
+    engine: Engine, settings: Settings
+) -> None:
+    state = make_state(engine)
+    state.staging.record_link("cheap", "dst", RATE)
+    # 600 MiB at 10 MiB/s: 60 s. The first job starts at 30 s (too soon whatever happens),
+    # the second at 200 s: the placement keeps its place for the second job.
+    shared = _placement(engine, settings, "drive/shared", 600 * MIB, T0 + timedelta(seconds=30))
+    state.staging.request("job-1", shared, T0 + timedelta(seconds=30))
+    state.staging.request("job-2", shared, T0 + timedelta(seconds=200))
+    other = _placement(engine, settings, "drive/other", 100 * MIB, T0 + timedelta(seconds=300))
+    est = Scheduler(engine, settings, state).tick(T0)
+    assert est[shared].latest_start == T0 + timedelta(seconds=140)
+    assert est[shared].at_risk  # job-1 will be late, and is told so
+    assert est[shared].eta == T0 + timedelta(seconds=60)
+    assert est[other].eta == T0 + timedelta(seconds=70)
+    # Once job-2 is gone too (released), nothing it serves can be met: it yields.
+    state.staging.release("job-2")
+    est = Scheduler(engine, settings, state).tick(T0)
+    assert est[shared].latest_start == T0 + timedelta(seconds=30 - 60) + HOPELESS_SHIFT
+    assert est[other].eta == T0 + timedelta(seconds=10)
+    assert est[shared].eta == T0 + timedelta(seconds=70)
 
 
 def test_the_source_is_the_cheapest_that_meets_the_deadline(

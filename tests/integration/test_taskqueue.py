@@ -72,6 +72,39 @@ def test_claim_order_is_slack_then_priority_then_age(engine: Engine, placement: 
     assert one_by_one == [fresh[2], fresh[1], fresh[0]]
 
 
+def test_a_full_link_keeps_its_tasks_queued_while_free_workers_take_other_links(
+    engine: Engine, placement: int
+) -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    aws, gcp, azure = ("aws", "gaggle"), ("gcp", "gaggle"), ("azure", "gaggle")
+    # The most urgent work is all on one link: a long queue, longer than the claim window.
+    urgent = [
+        add_task(engine, placement, latest_start=t0 + timedelta(seconds=i), link=aws)
+        for i in range(150)
+    ]
+    later = [
+        add_task(engine, placement, latest_start=t0 + timedelta(hours=1, seconds=i), link=gcp)
+        for i in range(3)
+    ]
+    uncapped = add_task(engine, placement, latest_start=t0 + timedelta(hours=2), link=azure)
+    queue = make_state(engine, link_caps={aws: 2, gcp: 1}).tasks
+    assert [t.id for t in queue.claim("w", 3, 60)] == [urgent[0], urgent[1], later[0]]
+    # Both capped links are full: only the link without a cap has room.
+    assert [t.id for t in queue.claim("w", 10, 60)] == [uncapped]
+    assert queue.claim("w", 10, 60) == []
+    # A finished task frees its link's place for the next in claim order...
+    assert queue.complete("w", urgent[0])
+    assert [t.id for t in queue.claim("w", 10, 60)] == [urgent[2]]
+    # ...and so does a lease that expired (its task is the first taken over).
+    assert queue.fail("w", later[0], Throttled("slow down", retry_after=3600)) is not None
+    (dying,) = queue.claim("dying", 1, lease_seconds=-1)
+    assert dying.id == later[1]
+    assert [t.id for t in queue.claim("w", 10, 60)] == [later[1]]
+    # Without caps the same queue is claimed in plain claim order.
+    plain = make_state(engine).tasks
+    assert [t.id for t in plain.claim("w", 2, 60)] == [urgent[3], urgent[4]]
+
+
 def test_concurrent_processes_never_claim_the_same_task(
     engine: Engine, placement: int, db_url: str
 ) -> None:

@@ -11,6 +11,8 @@ transaction committed, to the subscribers the composition root registered.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from sqlalchemy.engine import Engine
 
 from datasync.events import EventBus
@@ -54,11 +56,17 @@ __all__ = [
 class EngineState:
     """The state owner's four parts over one engine and one event bus."""
 
-    def __init__(self, engine: Engine, bus: EventBus, retry: RetryDecider) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        bus: EventBus,
+        retry: RetryDecider,
+        link_caps: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
         self.engine = engine
         self.bus = bus
         self.placements = PlacementStates(engine, bus)
-        self.tasks = TaskStates(engine, bus, retry)
+        self.tasks = TaskStates(engine, bus, retry, link_caps)
         self.replicas = ReplicaStates(engine, bus)
         self.uploads = ChunkMap(engine, bus)
         self.staging = StagingStates(engine, bus)

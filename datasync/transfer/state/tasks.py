@@ -10,9 +10,12 @@ State machine (``docs/task-states.md`` draws it)::
 
 Invariants:
 
-* A claim is ONE statement. PostgreSQL: ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
-  SKIP LOCKED LIMIT n) RETURNING``. SQLite: the same UPDATE inside ``BEGIN IMMEDIATE``
-  (the database write lock), so two claimers never get the same task.
+* A claim is ONE statement (``claim_sql``). PostgreSQL: ``UPDATE ... WHERE id IN (SELECT
+  ... FOR UPDATE SKIP LOCKED LIMIT n) RETURNING``. SQLite: the same UPDATE inside ``BEGIN
+  IMMEDIATE`` (the database write lock), so two claimers never get the same task. A link
+  with a cap (``link_caps``) never gets more live leases than it; its tasks wait in the
+  queue while others' are claimed (then the claim is a few such statements, one
+  transaction).
 * Claimable = queued, unblocked (``blocked_by = 0``) and due (``not_before <= now``), or
   leased with an expired lease and attempts left. Order: deadline slack first
   (``latest_start`` ASC: the deadline minus the remaining bytes over the link's observed
@@ -33,7 +36,7 @@ Invariants:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -54,6 +57,7 @@ from datasync.events import (
 from datasync.models import PlacementState, TaskState
 from datasync.transfer.payloads import Payload, TaskKind, encode, kind_of, link_of
 from datasync.transfer.state._core import StateBase, Txn, as_utc, row_id
+from datasync.transfer.state.claim_sql import claim_statement
 
 __all__ = [
     "ERROR_HISTORY",
@@ -73,90 +77,6 @@ ERROR_HISTORY = 50
 _OUTSIDE_PLAN = frozenset({TaskKind.LABELS})
 MAX_MESSAGE = 2000
 _TS = sa.DateTime(timezone=True)
-
-_RETURNING = (
-    "id, placement_id, parent_id, kind, payload, attempts, max_attempts, lease_expires_at,"
-    " priority, deadline, created_at, latest_start"
-)
-# Claimable rows, as one SQL predicate (``{now}`` is ``now()`` or ``:now``).
-_CLAIMABLE = """((state = 'queued' AND blocked_by = 0 AND not_before <= {now})
-       OR (state = 'leased' AND lease_expires_at < {now} AND attempts < max_attempts))"""
-# Candidates: the head of each claim index (queued in claim order; expired leases), so a
-# claim reads O(window) rows however long the queue is, instead of sorting the whole OR.
-_CANDIDATES = """
-    SELECT id FROM (SELECT id FROM tasks
-                     WHERE state = 'queued' AND blocked_by = 0 AND not_before <= {now}
-                     ORDER BY latest_start, priority DESC, created_at, id
-                     LIMIT :window) AS queued
-    UNION ALL
-    SELECT id FROM (SELECT id FROM tasks
-                     WHERE state = 'leased' AND lease_expires_at < {now}
-                       AND attempts < max_attempts
-                     ORDER BY lease_expires_at
-                     LIMIT :window) AS expired"""
-_TAKEOVER_NOTE = "'lease of ' || {t}lease_owner || ' expired'"
-
-# The claim, PostgreSQL: ONE statement. The middle SELECT re-checks the candidates, locks
-# the ones nobody else holds (SKIP LOCKED) in claim order, and the UPDATE leases them.
-# Taking over an expired lease records why that attempt ended in the error history.
-CLAIM_PG = sa.text(
-    f"""
-UPDATE tasks AS t
-   SET state = 'leased',
-       lease_owner = :owner,
-       lease_expires_at = now() + make_interval(secs => :lease_seconds),
-       started_at = now(),
-       attempts = t.attempts + 1,
-       errors = CASE WHEN t.state = 'leased'
-                THEN (t.errors::jsonb || jsonb_build_array(jsonb_build_object(
-                        'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'),
-                        'class', 'LeaseExpired',
-                        'message', {_TAKEOVER_NOTE.format(t="t.")})))::json
-                ELSE t.errors END
- WHERE t.id IN (
-        SELECT id FROM tasks
-         WHERE id IN ({_CANDIDATES.format(now="now()")})
-           AND {_CLAIMABLE.format(now="now()")}
-         ORDER BY latest_start, priority DESC, created_at, id
-           FOR UPDATE SKIP LOCKED
-         LIMIT :n)
-RETURNING {_RETURNING}
-"""
-)
-
-# The claim, SQLite: the same statement without row locks; it runs inside BEGIN IMMEDIATE,
-# which already excludes every other writer.
-CLAIM_SQLITE = sa.text(
-    f"""
-UPDATE tasks
-   SET state = 'leased',
-       lease_owner = :owner,
-       lease_expires_at = :until,
-       started_at = :now,
-       attempts = attempts + 1,
-       errors = CASE WHEN state = 'leased'
-                THEN json_insert(errors, '$[#]', json_object(
-                        'at', strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now'),
-                        'class', 'LeaseExpired',
-                        'message', {_TAKEOVER_NOTE.format(t="")}))
-                ELSE errors END
- WHERE id IN (
-        SELECT id FROM tasks
-         WHERE id IN ({_CANDIDATES.format(now=":now")})
-           AND {_CLAIMABLE.format(now=":now")}
-         ORDER BY latest_start, priority DESC, created_at, id
-         LIMIT :n)
-RETURNING {_RETURNING}
-"""
-).bindparams(sa.bindparam("now", type_=_TS), sa.bindparam("until", type_=_TS))
-
-_CLAIM_COLUMNS: dict[str, sa.types.TypeEngine[Any]] = {
-    "payload": sa.JSON(),
-    "lease_expires_at": _TS,
-    "deadline": _TS,
-    "created_at": _TS,
-    "latest_start": _TS,
-}
 
 HEARTBEAT_PG = sa.text(
     """
@@ -265,6 +185,23 @@ def _deadline(value: datetime) -> datetime | None:
     return None if aware is None or aware.year == NO_DEADLINE.year else aware
 
 
+def _claimed(r: sa.RowMapping) -> ClaimedTask:
+    return ClaimedTask(
+        id=r["id"],
+        placement_id=r["placement_id"],
+        parent_id=r["parent_id"],
+        kind=TaskKind(r["kind"]),
+        payload=r["payload"],
+        attempts=r["attempts"],
+        max_attempts=r["max_attempts"],
+        lease_expires_at=as_utc(r["lease_expires_at"]) or datetime.now(UTC),
+        priority=r["priority"],
+        deadline=_deadline(r["deadline"]),
+        created_at=as_utc(r["created_at"]) or datetime.now(UTC),
+        latest_start=_deadline(r["latest_start"]),
+    )
+
+
 def _claim_order(task: ClaimedTask) -> tuple[datetime, int, datetime, int]:
     return (task.latest_start or NO_DEADLINE, -task.priority, task.created_at, task.id)
 
@@ -344,9 +281,17 @@ def insert_tasks(
 class TaskStates(StateBase):
     """Every write to ``tasks`` (and the placement changes a task's end causes)."""
 
-    def __init__(self, engine: sa.engine.Engine, bus: Any, retry: RetryDecider) -> None:
+    def __init__(
+        self,
+        engine: sa.engine.Engine,
+        bus: Any,
+        retry: RetryDecider,
+        link_caps: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
         super().__init__(engine, bus)
         self.retry = retry
+        # Most live leases per link (src, dst), cluster-wide: see ``claim_sql``.
+        self.link_caps = dict(link_caps or {})
 
     def enqueue(self, placement_id: int, payload: Payload, *, max_attempts: int = 8) -> bool:
         """File one task outside any plan (a ``labels`` sync) under ``placement_id``, with
@@ -385,36 +330,28 @@ class TaskStates(StateBase):
         if limit <= 0:
             return []
         with self._write() as txn:
+            caps = self.link_caps
+            stmt = claim_statement(self.pg, bool(caps))
+            params: dict[str, Any] = {"owner": owner}
             if self.pg:
-                stmt = CLAIM_PG.columns(**_CLAIM_COLUMNS)
-                params: dict[str, Any] = {"owner": owner, "lease_seconds": lease_seconds}
+                params["lease_seconds"] = lease_seconds
             else:
-                stmt = CLAIM_SQLITE.columns(**_CLAIM_COLUMNS)
-                now = txn.now
-                params = {
-                    "owner": owner,
-                    "now": now,
-                    "until": now + timedelta(seconds=lease_seconds),
-                }
-            window = max(4 * limit, limit + 64)  # room to skip rows other claimers lock
-            rows = txn.conn.execute(stmt, {**params, "n": limit, "window": window}).mappings()
-            tasks = [
-                ClaimedTask(
-                    id=r["id"],
-                    placement_id=r["placement_id"],
-                    parent_id=r["parent_id"],
-                    kind=TaskKind(r["kind"]),
-                    payload=r["payload"],
-                    attempts=r["attempts"],
-                    max_attempts=r["max_attempts"],
-                    lease_expires_at=as_utc(r["lease_expires_at"]) or datetime.now(UTC),
-                    priority=r["priority"],
-                    deadline=_deadline(r["deadline"]),
-                    created_at=as_utc(r["created_at"]) or datetime.now(UTC),
-                    latest_start=_deadline(r["latest_start"]),
+                params |= {"now": txn.now, "until": txn.now + timedelta(seconds=lease_seconds)}
+            if caps:
+                params["caps"] = json.dumps(
+                    [{"src": s, "dst": d, "n": n} for (s, d), n in sorted(caps.items())]
                 )
-                for r in rows.all()
-            ]
+            tasks: list[ClaimedTask] = []
+            # With caps, a round stops at the links it fills; the next round's scan leaves
+            # them out and reaches the others' tasks (at most one round per capped link).
+            while len(tasks) < limit:
+                n = limit - len(tasks)
+                window = max(4 * n, n + 64)  # room to skip rows other claimers lock
+                rows = txn.conn.execute(stmt, {**params, "n": n, "window": window}).mappings()
+                got = [_claimed(r) for r in rows.all()]
+                tasks += got
+                if not caps or not got:
+                    break
             publishing = [t.placement_id for t in tasks if t.kind is TaskKind.PUBLISH]
             if publishing:
                 moved = txn.conn.execute(

@@ -1,0 +1,167 @@
+"""The claim statement, for PostgreSQL and SQLite, with or without per-link caps.
+
+A claim is ONE statement (``TaskStates.claim`` runs it):
+
+* PostgreSQL: ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n)
+  RETURNING``; the middle SELECT re-checks the candidates and locks the ones nobody else
+  holds, in claim order.
+* SQLite: the same UPDATE without row locks, inside ``BEGIN IMMEDIATE`` (the database write
+  lock), so two claimers never get the same task.
+
+Candidates are the head of each claim index (queued tasks in claim order; leases that may
+have expired), so a claim reads O(window) rows however long the queue is.
+
+**Link caps** (``[sites.SRC.links.DST] concurrency``, as FTS3's per-link "max active"):
+the claim never leases more tasks on a link than its cap, counting live leases of every
+worker on every host. Without them, claiming by least slack sends every free worker to the
+most urgent link while the others idle (the tasks of one placement share a link), and a
+worker holding a task whose link is full would wait with nothing to do. With caps, free
+workers go down the queue to the next link with room. One statement leases at most a
+link's room (its candidates ranked per link); full links are left out of the candidate scan
+itself, so ``TaskStates.claim`` repeats the statement in the same transaction while it
+fills links, and a long queue on a full link cannot hide the others' tasks. That scan walks
+past the full links' queued rows (cost: their queue length, only when caps are
+configured). On PostgreSQL two concurrent claimers read the same live count, so a link can
+exceed its cap by one claim batch for the length of a lease; the host-wide slot files
+(``datasync.transfer.limits``) still bound each host.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import sqlalchemy as sa
+
+__all__ = ["CLAIM_COLUMNS", "claim_statement"]
+
+_TS = sa.DateTime(timezone=True)
+_ORDER = "latest_start, priority DESC, created_at, id"
+_RETURNING = (
+    "id, placement_id, parent_id, kind, payload, attempts, max_attempts, lease_expires_at,"
+    " priority, deadline, created_at, latest_start"
+)
+# Claimable rows, as one SQL predicate (``{now}`` is ``now()`` or ``:now``).
+_CLAIMABLE = """((state = 'queued' AND blocked_by = 0 AND not_before <= {now})
+       OR (state = 'leased' AND lease_expires_at < {now} AND attempts < max_attempts))"""
+_TAKEOVER_NOTE = "'lease of ' || {t}lease_owner || ' expired'"
+
+# The caps as rows (src, dst, n) from the JSON parameter :caps, per dialect.
+_CAPS = {
+    "pg": "SELECT src, dst, n FROM json_to_recordset(CAST(:caps AS json))"
+    " AS c(src text, dst text, n integer)",
+    "sqlite": "SELECT json_extract(value, '$.src') AS src, json_extract(value, '$.dst') AS dst,"
+    " json_extract(value, '$.n') AS n FROM json_each(:caps)",
+}
+# Live leases per link, and the links that are full.
+_LINK_CTES = """caps AS ({caps}),
+busy AS (SELECT src_site, dst_site, count(*) AS n FROM tasks
+          WHERE state = 'leased' AND lease_expires_at >= {now} AND src_site IS NOT NULL
+          GROUP BY src_site, dst_site),
+full_links AS (SELECT caps.src, caps.dst FROM caps
+                 JOIN busy ON busy.src_site = caps.src AND busy.dst_site = caps.dst
+                WHERE busy.n >= caps.n)"""
+_NOT_FULL = """AND NOT EXISTS (SELECT 1 FROM full_links f
+                            WHERE f.src = tasks.src_site AND f.dst = tasks.dst_site)"""
+
+
+def _candidates(now: str, not_full: str) -> str:
+    return f"""
+    SELECT id FROM (SELECT id FROM tasks
+                     WHERE state = 'queued' AND blocked_by = 0 AND not_before <= {now}
+                       {not_full}
+                     ORDER BY {_ORDER}
+                     LIMIT :window) AS queued
+    UNION ALL
+    SELECT id FROM (SELECT id FROM tasks
+                     WHERE state = 'leased' AND lease_expires_at < {now}
+                       AND attempts < max_attempts {not_full}
+                     ORDER BY lease_expires_at
+                     LIMIT :window) AS expired"""
+
+
+def _chosen(now: str, capped: bool, lock: str) -> str:
+    """The ids to lease, in claim order: claimable candidates, at most a link's room each."""
+    claimable = _CLAIMABLE.format(now=now)
+    if not capped:
+        return f"""SELECT id FROM tasks
+         WHERE id IN ({_candidates(now, "")})
+           AND {claimable}
+         ORDER BY {_ORDER}{lock}
+         LIMIT :n"""
+    # Rank each link's candidates in claim order; a link with cap c and b live leases
+    # takes its first c - b.
+    ranked = f"""SELECT c.id FROM (
+            SELECT id, src_site, dst_site, latest_start, priority, created_at,
+                   ROW_NUMBER() OVER (PARTITION BY src_site, dst_site ORDER BY {_ORDER}) AS rn
+              FROM tasks
+             WHERE id IN ({_candidates(now, _NOT_FULL)})
+               AND {claimable}) AS c
+          LEFT JOIN caps ON caps.src = c.src_site AND caps.dst = c.dst_site
+          LEFT JOIN busy ON busy.src_site = c.src_site AND busy.dst_site = c.dst_site
+         WHERE caps.n IS NULL OR COALESCE(busy.n, 0) + c.rn <= caps.n"""
+    if not lock:
+        return f"""SELECT id FROM ({ranked}) AS r
+          JOIN tasks USING (id)
+         ORDER BY {_ORDER}
+         LIMIT :n"""
+    # PostgreSQL allows no FOR UPDATE next to a window function: lock in an outer SELECT.
+    return f"""SELECT id FROM tasks
+         WHERE id IN ({ranked})
+           AND {claimable}
+         ORDER BY {_ORDER}{lock}
+         LIMIT :n"""
+
+
+@cache
+def claim_statement(pg: bool, capped: bool) -> sa.TextualSelect:
+    """The claim for a dialect; ``capped`` adds the per-link caps (parameter ``:caps``,
+    a JSON list of ``{"src", "dst", "n"}``)."""
+    now = "now()" if pg else ":now"
+    ctes = f"WITH {_LINK_CTES.format(caps=_CAPS['pg' if pg else 'sqlite'], now=now)}\n"
+    if pg:
+        sql = f"""{ctes if capped else ""}UPDATE tasks AS t
+   SET state = 'leased',
+       lease_owner = :owner,
+       lease_expires_at = now() + make_interval(secs => :lease_seconds),
+       started_at = now(),
+       attempts = t.attempts + 1,
+       errors = CASE WHEN t.state = 'leased'
+                THEN (t.errors::jsonb || jsonb_build_array(jsonb_build_object(
+                        'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'),
+                        'class', 'LeaseExpired',
+                        'message', {_TAKEOVER_NOTE.format(t="t.")})))::json
+                ELSE t.errors END
+ WHERE t.id IN ({_chosen(now, capped, lock=" FOR UPDATE SKIP LOCKED")})
+RETURNING {_RETURNING}
+"""
+        return sa.text(sql).columns(**CLAIM_COLUMNS)
+    sql = f"""{ctes if capped else ""}UPDATE tasks
+   SET state = 'leased',
+       lease_owner = :owner,
+       lease_expires_at = :until,
+       started_at = :now,
+       attempts = attempts + 1,
+       errors = CASE WHEN state = 'leased'
+                THEN json_insert(errors, '$[#]', json_object(
+                        'at', strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now'),
+                        'class', 'LeaseExpired',
+                        'message', {_TAKEOVER_NOTE.format(t="")}))
+                ELSE errors END
+ WHERE id IN ({_chosen(now, capped, lock="")})
+RETURNING {_RETURNING}
+"""
+    return (
+        sa.text(sql)
+        .bindparams(sa.bindparam("now", type_=_TS), sa.bindparam("until", type_=_TS))
+        .columns(**CLAIM_COLUMNS)
+    )
+
+
+CLAIM_COLUMNS: dict[str, sa.types.TypeEngine[Any]] = {
+    "payload": sa.JSON(),
+    "lease_expires_at": _TS,
+    "deadline": _TS,
+    "created_at": _TS,
+    "latest_start": _TS,
+}
