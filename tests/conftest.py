@@ -15,6 +15,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.databases",
     "tests.fixtures.emulators",
+    "tests.fixtures.slurm",
     "tests.fixtures.transfer",
 ]
 
