@@ -28,6 +28,8 @@ from datasync.integrity.verify import Verifier
 from datasync.manifest.remote import RemoteSources
 from datasync.manifest.statcache import StatCache
 from datasync.manifest.store import ManifestStore
+from datasync.placement.schedule import Scheduler
+from datasync.placement.staging import StageService
 from datasync.retry import Backoff, RetryPolicy
 from datasync.service import DatasyncService
 from datasync.transfer.buffers import BufferPool
@@ -55,6 +57,8 @@ class App:
     state: EngineState
     planner: Planner
     replication: ReplicationService
+    scheduler: Scheduler
+    staging: StageService
     retry: RetryPolicy
     backends: SiteBackends  # this process's own (services); workers open their own
     verifier: Verifier
@@ -92,6 +96,7 @@ class App:
             tasks=tasks,
             executor=Executor(ctx),
             replan=self.replication.repair,
+            chores=(tasks.reap, self.scheduler.tick),
             closers=(lambda: io.shutdown(wait=True), backends.close, limits.close),
         )
         return WorkerLoop(parts, options)
@@ -137,7 +142,11 @@ def bootstrap(settings: Settings | None = None) -> App:
     state = EngineState(engine, bus, retry)
     planner = Planner(engine, settings, state)
     backends = SiteBackends(settings.sites, wrap=lambda _site, b: RetryingBackend(b, retry))
-    replication = ReplicationService(settings, engine, store, state, planner, backends)
+    scheduler = Scheduler(engine, settings, state)
+    replication = ReplicationService(
+        settings, engine, store, state, planner, backends, scheduler.tick
+    )
+    staging = StageService(replication, state, store)
     bus.subscribe(replication.on_event)  # sources refreshed, labels followed at every site
     verifier = Verifier(engine, store, state, backends, replication)
     return App(
@@ -150,6 +159,8 @@ def bootstrap(settings: Settings | None = None) -> App:
         state=state,
         planner=planner,
         replication=replication,
+        scheduler=scheduler,
+        staging=staging,
         retry=retry,
         backends=backends,
         verifier=verifier,

@@ -26,14 +26,19 @@ __all__ = [
     "EventBus",
     "LabelMoved",
     "LabelsSynced",
+    "LinkMeasured",
+    "PlacementAtRisk",
     "PlacementCreated",
     "PlacementDamaged",
+    "PlacementEvicted",
     "PlacementFailed",
     "PlacementPlanned",
     "PlacementPublishing",
     "PlacementReady",
     "PlacementReopened",
     "ReplicaMarkedBad",
+    "StageReleased",
+    "StageRequested",
     "Subscriber",
     "TaskClaimed",
     "TaskCompleted",
@@ -129,6 +134,46 @@ class PlacementReopened(Event):
 
     placement_id: int
     previous: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlacementAtRisk(Event):
+    """The placement's ETA passed its deadline (or stopped doing so: ``at_risk`` False)."""
+
+    placement_id: int
+    at_risk: bool
+    eta: datetime | None
+    deadline: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlacementEvicted(Event):
+    placement_id: int
+    site: str
+    bytes_freed: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageRequested(Event):
+    request_id: int
+    job_id: str
+    placement_id: int
+    created: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageReleased(Event):
+    job_id: str
+    placement_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkMeasured(Event):
+    """The scheduler's current estimate of a link's throughput."""
+
+    src_site: str
+    dst_site: str
+    bytes_per_second: float
 
 
 # -- tasks ----------------------------------------------------------------------------------

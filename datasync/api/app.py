@@ -166,9 +166,11 @@ def create_app(application: App) -> FastAPI:
         """Point a label at a version (moving it if it exists)."""
         return service.set_label(body.ref, body.label)
 
+    from datasync.api.staging_routes import staging_router  # stage requests
     from datasync.api.transfer_routes import transfer_router  # placements, sites
 
     api.include_router(transfer_router(application, API_PREFIX))
+    api.include_router(staging_router(application, API_PREFIX))
     return api
 
 

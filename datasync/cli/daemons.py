@@ -83,6 +83,7 @@ def start_maintenance(app: App) -> BackgroundScheduler:
         seconds=REPLAN_EVERY_SECONDS,
         id="replan-stale",
     )
+    scheduler.add_job(app.scheduler.tick, "interval", seconds=15, id="deadlines")
     every = app.settings.maintenance.verify_interval_hours
     if every > 0:
         scheduler.add_job(

@@ -64,6 +64,9 @@ class LinkStat(SQLModel, table=True):
     bytes_per_second: float = Field(sa_type=sa.Float, nullable=False)
     samples: int = Field(default=0, sa_type=sa.BigInteger, nullable=False)
     updated_at: datetime = Field(default_factory=_utc_now, sa_type=_TS, nullable=False)
+    # Reads from the source failed for good recently: the planner and readers avoid the
+    # link until then (another source first).
+    penalty_until: datetime | None = Field(default=None, sa_type=_TS)
 
 
 class PolicyRow(SQLModel, table=True):

@@ -150,9 +150,26 @@ class Task(SQLModel, table=True):
     kind: str = Field(sa_type=sa.String(16), nullable=False)
     state: str = Field(default=TaskState.QUEUED, sa_type=sa.String(16), nullable=False)
     priority: int = Field(default=0, sa_type=sa.Integer, nullable=False)
-    # NO_DEADLINE when none: a NOT NULL column lets "deadline ASC NULLS LAST" use the claim
-    # index on SQLite too (where NULLs sort first).
+    # NO_DEADLINE when none: NOT NULL columns let "ASC NULLS LAST" use the claim index on
+    # SQLite too (where NULLs sort first).
     deadline: datetime = Field(default=NO_DEADLINE, sa_type=_TS, nullable=False)
+    # The latest time this task can start and its placement still meet its deadline:
+    # deadline - remaining bytes / link throughput (the scheduler keeps it current). The
+    # claim takes the smallest first: least slack, then priority, then age.
+    latest_start: datetime = Field(
+        default=NO_DEADLINE,
+        sa_type=_TS,
+        nullable=False,
+        sa_column_kwargs={"server_default": sa.text("'9999-12-31 00:00:00+00:00'")},
+    )
+    # The link it moves bytes on (None for publish/labels), and when its attempt began.
+    src_site: str | None = Field(default=None, sa_type=sa.String(64))
+    dst_site: str | None = Field(default=None, sa_type=sa.String(64))
+    started_at: datetime | None = Field(default=None, sa_type=_TS)
+    # Bytes the task will move on its link (physical: a blob under three paths counts once).
+    move_bytes: int = Field(
+        default=0, sa_type=sa.BigInteger, nullable=False, sa_column_kwargs={"server_default": "0"}
+    )
     created_at: datetime = Field(default_factory=_utc_now, sa_type=_TS, nullable=False)
     not_before: datetime = Field(default_factory=_utc_now, sa_type=_TS, nullable=False)
     blocked_by: int = Field(default=0, sa_type=sa.Integer, nullable=False)
@@ -200,11 +217,18 @@ class UploadPart(SQLModel, table=True):
 # Claim path 1: queued and unblocked, in claim order. Partial, so it stays small.
 _partial(
     "ix_tasks_claim_queued",
+    col(Task.latest_start),
     col(Task.priority).desc(),
-    col(Task.deadline),
     col(Task.created_at),
     col(Task.id),
     where="state = 'queued' AND blocked_by = 0",
+)
+# Link throughput over recent completions (the scheduler's measurement).
+_partial(
+    "ix_tasks_link_finished",
+    col(Task.dst_site),
+    col(Task.finished_at),
+    where="state = 'done'",
 )
 # The planner pages a version's distinct digests in digest order (dedupe is adjacency).
 sa.Index("ix_entries_version_digest", col(Entry.version_pk), col(Entry.digest))

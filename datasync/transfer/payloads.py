@@ -31,6 +31,7 @@ __all__ = [
     "decode",
     "encode",
     "kind_of",
+    "link_of",
 ]
 
 
@@ -119,6 +120,18 @@ _ADAPTERS: dict[TaskKind, TypeAdapter[Any]] = {
 
 def kind_of(payload: Payload) -> TaskKind:
     return _KINDS[type(payload)]
+
+
+def link_of(payload: Payload) -> tuple[str | None, str]:
+    """``(source site, destination site)`` of the bytes a task moves (no source: it moves
+    none). A batch is filed under its first item's source, the planner's usual choice."""
+    match payload:
+        case BlobsPayload():
+            return (payload.items[0].src.site if payload.items else None), payload.dst_site
+        case ChunksPayload() | FinalizePayload():
+            return payload.blob.src.site, payload.blob.dst_site
+        case PublishPayload() | LabelsPayload():
+            return None, payload.dst_site
 
 
 def encode(payload: Payload) -> dict[str, Any]:

@@ -10,12 +10,15 @@ How it plans (Rucio derives transfers from rules the same way):
    site, in digest order (``entries (version_pk, digest)`` index; duplicates are adjacent,
    so one digest under many paths is one blob, and keyset paging never revisits a digest).
    Blobs the site holds for ANY version are skipped.
-3. For each page, choose a source per blob (``rank_source``): ok replicas before bad ones
-   whose re-check time has come, then the lowest ``cost_per_gb`` from the source to the
-   destination (a source at the destination itself costs nothing), then blob-store copies
-   (immutable) before registration sources, then site and key. A registration source AT
-   the destination site is a source like any other: its bytes are copied into the blob
-   store and verified there, never linked into a view. A blob larger than one chunk gets
+3. For each page, choose a source per blob (``SourceRanking``): ok replicas before bad ones
+   whose re-check time has come, links not penalized after recent failures first; then
+   cost and speed, subject to the deadline: the cheapest source whose link can still move
+   the placement's bytes before its deadline (by the link's observed throughput), else,
+   when none can, the fastest; without a deadline, the cheapest and then the fastest (a
+   source at the destination itself costs nothing); then blob-store copies (immutable)
+   before registration sources, then site and key. A registration source AT the
+   destination site is a source like any other: its bytes are copied into the blob store
+   and verified there, never linked into a view. A blob larger than one chunk gets
    ``chunks`` tasks of ``chunks_per_task`` chunks each under one ``finalize``; small blobs
    are batched into ``blobs`` tasks (at most ``batch_items`` items or ``batch_bytes``).
 4. ``finish_planning`` releases the planning hold: TRANSFERRING, or FAILED when some blob
@@ -29,10 +32,9 @@ tasks while planning goes on. The planner itself only reads.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -46,6 +48,7 @@ from datasync.db.transfer_tables import Placement, Replica
 from datasync.errors import UserError
 from datasync.events import PlacementPlanned
 from datasync.models import ReplicaKind, ReplicaState
+from datasync.transfer.links import Links, load_links
 from datasync.transfer.payloads import (
     BlobItem,
     BlobsPayload,
@@ -56,9 +59,9 @@ from datasync.transfer.payloads import (
     SourceRef,
     kind_of,
 )
-from datasync.transfer.state import EngineState, NewTask
+from datasync.transfer.state import EngineState, NewTask, as_utc
 
-__all__ = ["PlanResult", "Planner", "PlannerConfig", "rank_source", "source_cost"]
+__all__ = ["PlanResult", "Planner", "PlannerConfig", "SourceRanking"]
 
 MIB = 1024 * 1024
 
@@ -96,28 +99,37 @@ class _Blob:
     chunks: tuple[str, ...]
 
 
-def source_cost(settings: Settings, src: str, dst: str) -> float:
-    """Cost per GB from ``src`` to ``dst`` as configured; a local copy is free, unknown is
-    infinite (last resort)."""
-    if src == dst:
-        return 0.0
-    site = settings.sites.get(src)
-    if site is None:
-        return math.inf
-    return site.cost_per_gb.get(dst, math.inf)
+class SourceRanking:
+    """Orders candidate source replicas of one placement (smaller sorts first)."""
 
+    def __init__(
+        self, links: Links, dst: str, deadline: datetime | None, remaining: int, now: datetime
+    ) -> None:
+        self.links = links
+        self.dst = dst
+        self.deadline = deadline
+        self.remaining = remaining
+        self.now = now
 
-def rank_source(
-    settings: Settings, dst: str, site: str, key: str, kind: str, state: str
-) -> tuple[bool, float, bool, str, str]:
-    """Sort key of a candidate source replica; smaller is better."""
-    return (
-        state != ReplicaState.OK,
-        source_cost(settings, site, dst),
-        kind != ReplicaKind.BLOB,
-        site,
-        key,
-    )
+    def key(
+        self, site: str, key: str, kind: str, state: str
+    ) -> tuple[bool, bool, int, float, float, bool, str, str]:
+        cost = self.links.cost(site, self.dst)
+        rate = self.links.rate(site, self.dst)
+        seconds = self.remaining / rate
+        late = self.deadline is not None and self.now + timedelta(seconds=seconds) > self.deadline
+        # In time: the cheapest, then the fastest. Too late whatever: the fastest.
+        first, second = (seconds, cost) if late else (cost, seconds)
+        return (
+            state != ReplicaState.OK,
+            self.links.penalized(site, self.dst, self.now),
+            int(late),
+            first,
+            second,
+            kind != ReplicaKind.BLOB,
+            site,
+            key,
+        )
 
 
 def _usable_source(now: datetime) -> sa.ColumnElement[bool]:
@@ -176,6 +188,7 @@ class _Plan:
                     col(Version.files),
                     col(Version.bytes),
                 )
+                .add_columns(col(Placement.deadline))
                 .join(Version, col(Version.pk) == col(Placement.version_pk))
                 .where(col(Placement.id) == placement_id)
             ).one_or_none()
@@ -189,7 +202,10 @@ class _Plan:
         self.version_id: str = row.version_id
         self.chunk_size: int = row.chunk_size
         self.totals = (int(row.files), int(row.bytes))
+        self.deadline = as_utc(row.deadline)
         self.publish_id = 0
+        self.links = load_links(engine, settings)
+        self.ranking = SourceRanking(self.links, self.dst, self.deadline, 0, datetime.now(UTC))
 
     def _count(self, kind: str, n: int = 1) -> None:
         self.result.tasks[kind] = self.result.tasks.get(kind, 0) + n
@@ -221,6 +237,7 @@ class _Plan:
                 )
             ).one()
         self.result.files_present, self.result.bytes_present = int(files), int(nbytes)
+        self.ranking.remaining = max(1, self.totals[1] - int(nbytes))
         publish = PublishPayload(self.placement_id, self.dst, self.dataset, self.version_id)
         self.publish_id = self.state.placements.begin_planning(
             self.placement_id,
@@ -284,11 +301,12 @@ class _Plan:
                 ),
             )
         ).all()
-        best: dict[str, tuple[tuple[bool, float, bool, str, str], SourceRef]] = {}
+        best: dict[str, tuple[tuple[bool, bool, int, float, float, bool, str, str], SourceRef]]
+        best = {}
         for digest, site, key, etag, kind, state in replicas:
             if site not in self.settings.sites:
                 continue  # a site this process cannot open
-            rank = rank_source(self.settings, self.dst, site, key, kind, state)
+            rank = self.ranking.key(site, key, kind, state)
             if digest not in best or rank < best[digest][0]:
                 best[digest] = (rank, SourceRef(site, key, etag))
         return blobs, {d: s for d, (_, s) in best.items()}
@@ -339,7 +357,9 @@ class _Plan:
         for first in range(0, parts, per):
             last = min(parts, first + per)
             span = min(blob.size, last * self.chunk_size) - first * self.chunk_size
-            children.append(NewTask(ChunksPayload(big, first, last), nbytes=span * blob.files))
+            children.append(
+                NewTask(ChunksPayload(big, first, last), nbytes=span * blob.files, move_bytes=span)
+            )
         self._count("chunks", len(children))
         self._count("finalize")
         return NewTask(FinalizePayload(big), files=blob.files, children=tuple(children))
@@ -349,6 +369,7 @@ class _Plan:
             BlobsPayload(self.dst, tuple(self.batch)),
             files=self.batch_files,
             nbytes=self.batch_logical,
+            move_bytes=self.batch_bytes,
         )
         self._count("blobs")
         self.batch, self.batch_files, self.batch_bytes, self.batch_logical = [], 0, 0, 0

@@ -8,6 +8,7 @@ owner; every check of the input happens before the first write.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -46,6 +47,7 @@ class ReplicationService:
         state: EngineState,
         planner: Planner,
         backends: SiteBackends,
+        reschedule: Callable[[], object],
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -53,6 +55,8 @@ class ReplicationService:
         self.state = state
         self.planner = planner
         self.backends = backends
+        # The scheduler's tick: new tasks get their deadline slack before any worker claims.
+        self.reschedule = reschedule
 
     def replicate(
         self,
@@ -63,6 +67,7 @@ class ReplicationService:
         deadline: datetime | None = None,
         source: str | None = None,
         planner: PlannerConfig | None = None,
+        origin: str = "operator",
     ) -> PlacementStatus:
         """Make sure version ``ref`` will be (or is) at ``site``; return its status.
 
@@ -99,6 +104,8 @@ class ReplicationService:
             site=site,
             priority=priority,
             deadline=deadline,
+            origin=origin,
+            earliest=origin == "stage",
         )
         if not created:
             self._check_ready_view(placement_id, summary.dataset, summary.version_id, site)
@@ -113,6 +120,7 @@ class ReplicationService:
                 self.state.replicas.record_sources(found[0], found[1], version.pk, refresh=refresh)
         if must_plan:
             self.planner.plan(placement_id, planner)
+            self.reschedule()
         return self.status(placement_id=placement_id)[0]
 
     def _check_ready_view(
@@ -182,6 +190,7 @@ class ReplicationService:
         if not self.state.placements.reopen_for_repair(placement_id, reason):
             return False
         self.planner.plan(placement_id)
+        self.reschedule()
         return True
 
     def replan_stale(self, *, older_than: timedelta = STALE_PLANNING) -> int:

@@ -112,6 +112,9 @@ class WorkerParts:
     executor: Executor
     # Re-plan a placement whose blobs were found missing or damaged (``ReplanNeeded``).
     replan: Callable[[int, str], object]
+    # Periodic chores every worker runs too (reap dead leases, keep deadlines current), so
+    # a `serve` + `worker` deployment without `datasync up` still does them.
+    chores: tuple[Callable[[], object], ...]
     closers: tuple[Callable[[], None], ...]  # pools, backends, limits: closed in order
 
 
@@ -137,14 +140,13 @@ class WorkerLoop:
         period = max(0.2, self.options.lease_seconds / 3)
         next_reap = 0.0
         while not self._beat_stop.wait(period):
-            # Every worker also reaps dead leases, so a `serve` + `worker` deployment
-            # without `datasync up` still fails tasks whose last attempt died.
             if time.monotonic() >= next_reap:
                 next_reap = time.monotonic() + REAP_EVERY_SECONDS
-                try:
-                    self.queue.reap()
-                except DB_UNAVAILABLE:
-                    log.warning("reaping expired leases failed", exc_info=True)
+                for chore in self.parts.chores:
+                    try:
+                        chore()
+                    except DB_UNAVAILABLE:
+                        log.warning("periodic chore %s failed", chore, exc_info=True)
             with self._lock:
                 ids = list(self._running)
             if not ids:

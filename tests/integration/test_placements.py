@@ -69,7 +69,8 @@ def replication(engine: Engine, settings: Settings) -> ReplicationService:
     state = make_state(engine, EventBus())
     planner = Planner(engine, settings, state)
     backends = SiteBackends(settings.sites)
-    return ReplicationService(settings, engine, ManifestStore(engine), state, planner, backends)
+    store = ManifestStore(engine)
+    return ReplicationService(settings, engine, store, state, planner, backends, lambda: None)
 
 
 def test_site_for_source_finds_the_site_root(settings: Settings, tmp_path: Path) -> None:

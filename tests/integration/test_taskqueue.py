@@ -37,27 +37,29 @@ def placement(engine: Engine) -> int:
     return add_placement(engine, version)
 
 
-def test_claim_order_is_priority_then_deadline_then_age(engine: Engine, placement: int) -> None:
+def test_claim_order_is_slack_then_priority_then_age(engine: Engine, placement: int) -> None:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     old_low = add_task(engine, placement, priority=0, created_at=t0)
     new_high = add_task(engine, placement, priority=5, created_at=t0 + timedelta(hours=2))
-    high_late = add_task(
-        engine, placement, priority=5, deadline=t0 + timedelta(days=2), created_at=t0
+    # A far deadline still has less slack than none; the latest start is what counts.
+    late_start = add_task(
+        engine, placement, deadline=t0 + timedelta(days=2), created_at=t0 + timedelta(hours=3)
     )
-    high_soon = add_task(
+    soon_start = add_task(
         engine,
         placement,
-        priority=5,
-        deadline=t0 + timedelta(days=1),
+        deadline=t0 + timedelta(days=3),
+        latest_start=t0 + timedelta(hours=20),  # much to move: it must start before late_start
         created_at=t0 + timedelta(hours=1),
     )
     old_high = add_task(engine, placement, priority=5, created_at=t0 + timedelta(hours=1))
     queue = make_state(engine).tasks
     tasks = queue.claim("w", 10, 60)
     claimed = [t.id for t in tasks]
-    assert claimed == [high_soon, high_late, old_high, new_high, old_low]
-    assert tasks[0].deadline == t0 + timedelta(days=1)
-    assert tasks[2].deadline is None  # stored as NO_DEADLINE, reported as none
+    assert claimed == [soon_start, late_start, old_high, new_high, old_low]
+    assert tasks[0].deadline == t0 + timedelta(days=3)
+    assert tasks[0].latest_start == t0 + timedelta(hours=20)
+    assert tasks[2].deadline is None and tasks[2].latest_start is None  # NO_DEADLINE
     # One at a time gives the same order (the database orders, not Python).
     for task_id in claimed:
         queue.fail("w", task_id, NotFound("x"))

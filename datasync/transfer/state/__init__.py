@@ -1,11 +1,12 @@
 """THE owner of every replication state change: placements, tasks, replicas, uploads.
 
-No other module writes the ``placements``, ``tasks`` or ``replicas`` tables
+No other module writes the ``placements``, ``tasks``, ``replicas``, ``stage_requests``,
+``pins`` or ``link_stats`` tables
 (``tests/unit/test_state_owner.py`` scans the package for writes elsewhere). Each
 transition is a method; each emits a typed event (``datasync.events``) after its
 transaction committed, to the subscribers the composition root registered.
 
-``EngineState`` groups the four parts; build it once per process (``bootstrap``).
+``EngineState`` groups the parts; build it once per process (``bootstrap``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from datasync.events import EventBus
 from datasync.transfer.state._core import as_utc, row_id
 from datasync.transfer.state.placements import PlacementStates
 from datasync.transfer.state.replicas import DEFAULT_RECHECK, ReplicaRow, ReplicaStates
+from datasync.transfer.state.staging import AT_RISK_BOOST, StagingStates
 from datasync.transfer.state.tasks import (
     ERROR_HISTORY,
     Cancelled,
@@ -28,6 +30,7 @@ from datasync.transfer.state.tasks import (
 from datasync.transfer.state.uploads import ChunkMap, UploadState
 
 __all__ = [
+    "AT_RISK_BOOST",
     "DEFAULT_RECHECK",
     "ERROR_HISTORY",
     "Cancelled",
@@ -39,6 +42,7 @@ __all__ = [
     "ReplicaRow",
     "ReplicaStates",
     "RetryDecider",
+    "StagingStates",
     "TaskStates",
     "UploadState",
     "as_utc",
@@ -57,3 +61,4 @@ class EngineState:
         self.tasks = TaskStates(engine, bus, retry)
         self.replicas = ReplicaStates(engine, bus)
         self.uploads = ChunkMap(engine, bus)
+        self.staging = StagingStates(engine, bus)

@@ -37,7 +37,7 @@ from datasync.events import (
 )
 from datasync.models import PlacementState, TaskState
 from datasync.transfer.payloads import PublishPayload
-from datasync.transfer.state._core import StateBase, Txn, row_id
+from datasync.transfer.state._core import StateBase, Txn, as_utc, row_id
 from datasync.transfer.state.tasks import NewTask, fail_placement, insert_tasks
 
 __all__ = ["PlacementStates"]
@@ -57,11 +57,14 @@ class PlacementStates(StateBase):
         site: str,
         priority: int | None,
         deadline: datetime | None,
+        origin: str = "operator",
+        earliest: bool = False,
     ) -> tuple[int, bool]:
         """The placement of ``version_pk`` at ``site``, created if needed: ``(id, created)``.
 
         An existing placement takes the given priority and deadline (and so do its
-        unfinished tasks, so the queue reorders at once)."""
+        unfinished tasks, so the queue reorders at once); with ``earliest`` the deadline
+        only moves earlier (many jobs asking for one version: the first start counts)."""
         with self._write() as txn:
             found = txn.conn.execute(
                 sa.select(col(Placement.id)).where(
@@ -69,6 +72,12 @@ class PlacementStates(StateBase):
                 )
             ).scalar_one_or_none()
             if found is not None:
+                if earliest and deadline is not None:
+                    current = txn.conn.execute(
+                        sa.select(col(Placement.deadline)).where(col(Placement.id) == found)
+                    ).scalar_one()
+                    if current is not None and as_utc(current) is not None:
+                        deadline = min(deadline, as_utc(current) or deadline)
                 self._reprioritize(txn, row_id(found), priority, deadline)
                 return row_id(found), False
             values: dict[str, Any] = {
@@ -81,6 +90,7 @@ class PlacementStates(StateBase):
                 "state": PlacementState.PLANNING,
                 "created_at": txn.now,
                 "updated_at": txn.now,
+                "origin": origin,
             }
             try:
                 with txn.conn.begin_nested():

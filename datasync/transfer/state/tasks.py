@@ -14,9 +14,11 @@ Invariants:
   SKIP LOCKED LIMIT n) RETURNING``. SQLite: the same UPDATE inside ``BEGIN IMMEDIATE``
   (the database write lock), so two claimers never get the same task.
 * Claimable = queued, unblocked (``blocked_by = 0``) and due (``not_before <= now``), or
-  leased with an expired lease and attempts left. Order: priority DESC, deadline ASC NULLS
-  LAST (stored as ``NO_DEADLINE``), created_at, id. Each branch reads the head of its own
-  partial index, so a claim costs the same with ten tasks queued or ten million.
+  leased with an expired lease and attempts left. Order: deadline slack first
+  (``latest_start`` ASC: the deadline minus the remaining bytes over the link's observed
+  throughput, ``NO_DEADLINE`` without one; the scheduler keeps it current), then priority
+  DESC, then age. Each branch reads the head of its own partial index, so a claim costs the
+  same with ten tasks queued or ten million.
 * Only the lease owner can heartbeat, complete or fail a task; a worker whose lease was
   taken over learns it from the return value and must stop (its work is idempotent).
 * Completing a task decrements its parent's ``blocked_by`` and adds the task's logical
@@ -50,7 +52,7 @@ from datasync.events import (
     TaskRetried,
 )
 from datasync.models import PlacementState, TaskState
-from datasync.transfer.payloads import Payload, TaskKind, encode, kind_of
+from datasync.transfer.payloads import Payload, TaskKind, encode, kind_of, link_of
 from datasync.transfer.state._core import StateBase, Txn, as_utc, row_id
 
 __all__ = [
@@ -74,7 +76,7 @@ _TS = sa.DateTime(timezone=True)
 
 _RETURNING = (
     "id, placement_id, parent_id, kind, payload, attempts, max_attempts, lease_expires_at,"
-    " priority, deadline, created_at"
+    " priority, deadline, created_at, latest_start"
 )
 # Claimable rows, as one SQL predicate (``{now}`` is ``now()`` or ``:now``).
 _CLAIMABLE = """((state = 'queued' AND blocked_by = 0 AND not_before <= {now})
@@ -84,7 +86,7 @@ _CLAIMABLE = """((state = 'queued' AND blocked_by = 0 AND not_before <= {now})
 _CANDIDATES = """
     SELECT id FROM (SELECT id FROM tasks
                      WHERE state = 'queued' AND blocked_by = 0 AND not_before <= {now}
-                     ORDER BY priority DESC, deadline, created_at, id
+                     ORDER BY latest_start, priority DESC, created_at, id
                      LIMIT :window) AS queued
     UNION ALL
     SELECT id FROM (SELECT id FROM tasks
@@ -103,6 +105,7 @@ UPDATE tasks AS t
    SET state = 'leased',
        lease_owner = :owner,
        lease_expires_at = now() + make_interval(secs => :lease_seconds),
+       started_at = now(),
        attempts = t.attempts + 1,
        errors = CASE WHEN t.state = 'leased'
                 THEN (t.errors::jsonb || jsonb_build_array(jsonb_build_object(
@@ -114,7 +117,7 @@ UPDATE tasks AS t
         SELECT id FROM tasks
          WHERE id IN ({_CANDIDATES.format(now="now()")})
            AND {_CLAIMABLE.format(now="now()")}
-         ORDER BY priority DESC, deadline, created_at, id
+         ORDER BY latest_start, priority DESC, created_at, id
            FOR UPDATE SKIP LOCKED
          LIMIT :n)
 RETURNING {_RETURNING}
@@ -129,6 +132,7 @@ UPDATE tasks
    SET state = 'leased',
        lease_owner = :owner,
        lease_expires_at = :until,
+       started_at = :now,
        attempts = attempts + 1,
        errors = CASE WHEN state = 'leased'
                 THEN json_insert(errors, '$[#]', json_object(
@@ -140,7 +144,7 @@ UPDATE tasks
         SELECT id FROM tasks
          WHERE id IN ({_CANDIDATES.format(now=":now")})
            AND {_CLAIMABLE.format(now=":now")}
-         ORDER BY priority DESC, deadline, created_at, id
+         ORDER BY latest_start, priority DESC, created_at, id
          LIMIT :n)
 RETURNING {_RETURNING}
 """
@@ -151,6 +155,7 @@ _CLAIM_COLUMNS: dict[str, sa.types.TypeEngine[Any]] = {
     "lease_expires_at": _TS,
     "deadline": _TS,
     "created_at": _TS,
+    "latest_start": _TS,
 }
 
 HEARTBEAT_PG = sa.text(
@@ -200,6 +205,7 @@ class NewTask:
     files: int = 0  # logical progress completing it brings to its placement
     nbytes: int = 0
     children: tuple[NewTask, ...] = ()
+    move_bytes: int = 0  # physical bytes it moves on its link
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +223,7 @@ class ClaimedTask:
     priority: int
     deadline: datetime | None
     created_at: datetime
+    latest_start: datetime | None = None  # None: no deadline
 
 
 class Cancelled(Exception):
@@ -257,8 +264,8 @@ def _deadline(value: datetime) -> datetime | None:
     return None if aware is None or aware.year == NO_DEADLINE.year else aware
 
 
-def _claim_order(task: ClaimedTask) -> tuple[int, datetime, datetime, int]:
-    return (-task.priority, task.deadline or NO_DEADLINE, task.created_at, task.id)
+def _claim_order(task: ClaimedTask) -> tuple[datetime, int, datetime, int]:
+    return (task.latest_start or NO_DEADLINE, -task.priority, task.created_at, task.id)
 
 
 def insert_tasks(
@@ -271,6 +278,7 @@ def insert_tasks(
     deadline: datetime,
     max_attempts: int,
     hold: int = 0,
+    latest_start: datetime | None = None,
 ) -> list[int]:
     """Insert ``tasks`` (and, recursively, their children) under ``parent``, whose
     ``blocked_by`` grows by one per task. ``hold`` adds extra blocks (the planning hold).
@@ -280,7 +288,12 @@ def insert_tasks(
     now = txn.now
 
     def row(task: NewTask) -> dict[str, Any]:
+        src, dst = link_of(task.payload)
         return {
+            "src_site": src,
+            "dst_site": dst,
+            "move_bytes": task.move_bytes,
+            "latest_start": latest_start or deadline,
             "placement_id": placement_id,
             "parent_id": parent,
             "kind": kind_of(task.payload),
@@ -316,6 +329,7 @@ def insert_tasks(
                 priority=priority,
                 deadline=deadline,
                 max_attempts=max_attempts,
+                latest_start=latest_start,
             )
     if parent is not None:
         txn.conn.execute(
@@ -396,6 +410,7 @@ class TaskStates(StateBase):
                     priority=r["priority"],
                     deadline=_deadline(r["deadline"]),
                     created_at=as_utc(r["created_at"]) or datetime.now(UTC),
+                    latest_start=_deadline(r["latest_start"]),
                 )
                 for r in rows.all()
             ]

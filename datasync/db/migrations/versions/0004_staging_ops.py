@@ -1,5 +1,6 @@
 """Staging, scheduling and operations: stage requests, pins, link statistics, policies,
-workers, API tokens; placement origin, last use and risk; EVICTED placements.
+workers, API tokens; placement origin, last use and risk; EVICTED placements; tasks know
+their link and start time, and are claimed by deadline slack (``latest_start``).
 
 Mirrors ``datasync/db/ops_tables.py`` and ``datasync/db/transfer_tables.py``.
 
@@ -32,6 +33,17 @@ def _placement_fk() -> sa.ForeignKey:
 
 def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _claim_index(columns: list[sa.TextClause | str]) -> None:
+    where = "state = 'queued' AND blocked_by = 0"
+    op.create_index(
+        "ix_tasks_claim_queued",
+        "tasks",
+        columns,
+        postgresql_where=sa.text(where),
+        sqlite_where=sa.text(where),
+    )
 
 
 def upgrade() -> None:
@@ -70,6 +82,7 @@ def upgrade() -> None:
         sa.Column("bytes_per_second", sa.Float, nullable=False),
         sa.Column("samples", sa.BigInteger, nullable=False),
         sa.Column("updated_at", _TS, nullable=False),
+        sa.Column("penalty_until", _TS, nullable=True),
     )
     op.create_table(
         "policies",
@@ -98,6 +111,29 @@ def upgrade() -> None:
         sa.Column("revoked_at", _TS, nullable=True),
         sa.Column("last_used_at", _TS, nullable=True),
     )
+    op.drop_index("ix_tasks_claim_queued", table_name="tasks")
+    with op.batch_alter_table("tasks") as batch:  # adding columns needs no rebuild
+        batch.add_column(sa.Column("src_site", sa.String(64), nullable=True))
+        batch.add_column(sa.Column("dst_site", sa.String(64), nullable=True))
+        batch.add_column(sa.Column("started_at", _TS, nullable=True))
+        batch.add_column(sa.Column("move_bytes", sa.BigInteger, nullable=False, server_default="0"))
+        batch.add_column(
+            sa.Column(
+                "latest_start",
+                _TS,
+                nullable=False,
+                server_default=sa.text("'9999-12-31 00:00:00+00:00'"),
+            )
+        )
+    op.execute("UPDATE tasks SET latest_start = deadline")
+    _claim_index(["latest_start", sa.text("priority DESC"), "created_at", "id"])
+    op.create_index(
+        "ix_tasks_link_finished",
+        "tasks",
+        ["dst_site", "finished_at"],
+        postgresql_where=sa.text("state = 'done'"),
+        sqlite_where=sa.text("state = 'done'"),
+    )
     with op.batch_alter_table("placements", recreate="auto") as batch:
         batch.add_column(
             sa.Column("origin", sa.String(160), nullable=False, server_default="operator")
@@ -121,6 +157,12 @@ def downgrade() -> None:
         batch.drop_column("at_risk")
         batch.drop_column("last_used_at")
         batch.drop_column("origin")
+    op.drop_index("ix_tasks_link_finished", table_name="tasks")
+    op.drop_index("ix_tasks_claim_queued", table_name="tasks")
+    with op.batch_alter_table("tasks") as batch:
+        for column in ("latest_start", "move_bytes", "started_at", "dst_site", "src_site"):
+            batch.drop_column(column)
+    _claim_index([sa.text("priority DESC"), "deadline", "created_at", "id"])
     for table in ("api_tokens", "workers", "policies", "link_stats", "pins"):
         op.drop_table(table)
     op.drop_index("ix_stage_requests_job_id", table_name="stage_requests")

@@ -1,0 +1,61 @@
+"""Job-facing routes: stage requests and their release (the same service as ``datasync stage``).
+
+``POST /stage`` records (idempotently) and returns at once; hooks poll ``GET /stage/{id}``
+until ``state`` is READY (``path`` is the view) or FAILED (``reason``).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from datasync.bootstrap import App
+from datasync.placement.staging import StageResult
+from datasync.transfer.status import parse_deadline
+
+__all__ = ["StageRequestBody", "staging_router"]
+
+
+class StageRequestBody(BaseModel):
+    ref: str = Field(description="DATASET@REF the job needs.")
+    site: str = Field(description="The site the job runs at.")
+    deadline: str | None = Field(
+        default=None, description="When the job starts: ISO 8601, or +90s/+30m/+2h/+1d."
+    )
+    job_id: str | None = Field(default=None, description="Requests are idempotent per job.")
+
+
+class ReleaseBody(BaseModel):
+    job_id: str
+    ref: str | None = None
+    site: str | None = None
+
+
+class Released(BaseModel):
+    job_id: str
+    released: list[int]
+
+
+def staging_router(application: App, prefix: str = "/api/v1") -> APIRouter:
+    staging = application.staging
+    router = APIRouter(prefix=prefix, tags=["staging"])
+
+    @router.post("/stage")
+    def create_stage_request(body: StageRequestBody) -> StageResult:
+        """Make sure ``ref`` is (or will be) at ``site`` for the job, and pin it there."""
+        return staging.stage(
+            body.ref, body.site, deadline=parse_deadline(body.deadline), job_id=body.job_id
+        )
+
+    @router.get("/stage/{request_id}")
+    def get_stage_request(request_id: int) -> StageResult:
+        return staging.status(request_id)
+
+    @router.post("/stage/release")
+    def release_stage_requests(body: ReleaseBody) -> Released:
+        """Drop the job's pins (all, or those of ``ref`` and/or ``site``)."""
+        return Released(
+            job_id=body.job_id, released=staging.release(body.job_id, body.ref, body.site)
+        )
+
+    return router

@@ -1,0 +1,1 @@
+"""Placement: deadline scheduling, stage requests, policies, eviction and explain."""
