@@ -181,6 +181,11 @@ def test_job_pends_in_stage_in_then_reads_its_view(world: World) -> None:
     ), samples
     # ... and never running before the view was READY.
     assert all(placement == "READY" for state, _, placement in samples if state == "RUNNING")
+    # On 22.05 stage-in completes inside slurm_bb_data_in (run by slurmscriptd), not through
+    # slurm_bb_paths' fallback inside slurmctld, which is only the safety net.
+    log = cluster.log()
+    assert f"slurmscriptd: lua: datasync burst_buffer.lua: job {job_id}: 1 version(s) ready" in log
+    assert f"paths for JobId={job_id} failed" not in log
     lines = out.read_text().splitlines()
     view = world.root / "lustre" / "drive" / "cam" / version_id
     assert lines[0] == f"path={view}"
