@@ -28,6 +28,9 @@ from datasync.integrity.verify import Verifier
 from datasync.manifest.remote import RemoteSources
 from datasync.manifest.statcache import StatCache
 from datasync.manifest.store import ManifestStore
+from datasync.placement.eviction import Evictor
+from datasync.placement.explain import Explainer
+from datasync.placement.policies import PolicyEngine
 from datasync.placement.schedule import Scheduler
 from datasync.placement.staging import StageService
 from datasync.retry import Backoff, RetryPolicy
@@ -59,6 +62,9 @@ class App:
     replication: ReplicationService
     scheduler: Scheduler
     staging: StageService
+    explainer: Explainer
+    evictor: Evictor
+    policies: PolicyEngine
     retry: RetryPolicy
     backends: SiteBackends  # this process's own (services); workers open their own
     verifier: Verifier
@@ -143,10 +149,14 @@ def bootstrap(settings: Settings | None = None) -> App:
     planner = Planner(engine, settings, state)
     backends = SiteBackends(settings.sites, wrap=lambda _site, b: RetryingBackend(b, retry))
     scheduler = Scheduler(engine, settings, state)
+    evictor = Evictor(engine, settings, state, backends)
     replication = ReplicationService(
-        settings, engine, store, state, planner, backends, scheduler.tick
+        settings, engine, store, state, planner, backends, scheduler.tick, evictor.make_room
     )
     staging = StageService(replication, state, store)
+    explainer = Explainer(engine, store, scheduler, staging)
+    policies = PolicyEngine(engine, settings, state, store, replication)
+    bus.subscribe(policies.on_event)  # a new version goes where its policies say, at once
     bus.subscribe(replication.on_event)  # sources refreshed, labels followed at every site
     verifier = Verifier(engine, store, state, backends, replication)
     return App(
@@ -161,6 +171,9 @@ def bootstrap(settings: Settings | None = None) -> App:
         replication=replication,
         scheduler=scheduler,
         staging=staging,
+        explainer=explainer,
+        evictor=evictor,
+        policies=policies,
         retry=retry,
         backends=backends,
         verifier=verifier,

@@ -34,7 +34,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from datasync.errors import ConfigError
 from datasync.models import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
-__all__ = ["MaintenanceSettings", "Settings", "SiteConfig", "load_settings"]
+__all__ = ["LinkConfig", "MaintenanceSettings", "Settings", "SiteConfig", "load_settings"]
+
+
+class LinkConfig(BaseModel):
+    """``[sites.SRC.links.DST]``: limits of the link from SRC to DST, on top of each site's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    concurrency: int | None = Field(default=None, ge=1, le=1024)
+    bandwidth_mbps: float | None = Field(default=None, gt=0)
 
 
 class SiteConfig(BaseModel):
@@ -50,6 +59,8 @@ class SiteConfig(BaseModel):
     bandwidth_mbps: float | None = Field(default=None, gt=0)
     quota_bytes: int | None = Field(default=None, ge=0)
     cost_per_gb: dict[str, float] = Field(default_factory=dict)
+    # Outgoing links by destination site: [sites.aws.links.gaggle] concurrency = 4
+    links: dict[str, LinkConfig] = Field(default_factory=dict)
 
 
 class MaintenanceSettings(BaseModel):
@@ -81,6 +92,10 @@ class Settings(BaseModel):
         for name in v:
             if not name or not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"site name {name!r} must be letters, digits, '-' or '_'")
+        for name, site in v.items():
+            unknown = sorted(set(site.links) - set(v))
+            if unknown:
+                raise ValueError(f"sites.{name}.links names unknown site(s) {unknown}")
         return v
 
     @property

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from datasync.bootstrap import App
 from datasync.errors import UnknownReference
+from datasync.placement.explain import Explanation
 from datasync.transfer.sites import SiteInfo
 from datasync.transfer.status import PlacementStatus, parse_deadline
 
@@ -65,6 +66,11 @@ def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
         if not rows:
             raise UnknownReference(f"no placement {placement_id}")
         return rows[0]
+
+    @router.get("/placements/{placement_id}/explain")
+    def explain_placement(placement_id: int) -> Explanation:
+        """Why the placement is where it is: phases, queue position, blockers, errors."""
+        return application.explainer.explain(placement_id)
 
     @router.get("/sites")
     def get_sites(

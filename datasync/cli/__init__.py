@@ -5,8 +5,8 @@ document on stdout. Errors never show a traceback: ``datasync: error: <message>`
 stderr, exit 2 for bad input (``UserError``) or 1 for anything else (``helpers``).
 
 Commands live by area: ``manifests`` (register, datasets, versions, show, diff, label,
-export), ``replication`` (replicate, status, sites), ``staging`` (stage, release),
-``integrity`` (verify), ``daemons`` (serve, worker, up).
+export), ``replication`` (replicate, status, sites), ``placement`` (stage, release,
+explain, gc, policy), ``integrity`` (verify), ``daemons`` (serve, worker, up).
 They import ``helpers``; only this module imports them.
 """
 
@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from datasync import __version__
-from datasync.cli import daemons, integrity, manifests, replication, staging
+from datasync.cli import daemons, integrity, manifests, placement, replication
 from datasync.cli.helpers import parse_size
 
 __all__ = ["app", "main", "parse_size"]
@@ -29,7 +29,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for _area in (manifests, replication, staging, integrity, daemons):
+for _area in (manifests, replication, placement, integrity, daemons):
     app.add_typer(_area.commands)
 
 

@@ -84,6 +84,7 @@ def start_maintenance(app: App) -> BackgroundScheduler:
         id="replan-stale",
     )
     scheduler.add_job(app.scheduler.tick, "interval", seconds=15, id="deadlines")
+    scheduler.add_job(app.policies.evaluate, "interval", minutes=10, id="policies")
     every = app.settings.maintenance.verify_interval_hours
     if every > 0:
         scheduler.add_job(

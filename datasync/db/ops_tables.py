@@ -21,7 +21,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-__all__ = ["ApiToken", "LinkStat", "Pin", "PolicyRow", "StageRequest", "WorkerRow"]
+__all__ = [
+    "ApiToken",
+    "LinkStat",
+    "Pin",
+    "PlacementHistory",
+    "PolicyRow",
+    "StageRequest",
+    "WorkerRow",
+]
 
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _TS = sa.DateTime(timezone=True)
@@ -54,6 +62,20 @@ class Pin(SQLModel, table=True):
     holder: str = Field(primary_key=True, sa_type=sa.String(255))
     created_at: datetime = Field(default_factory=_utc_now, sa_type=_TS, nullable=False)
     expires_at: datetime | None = Field(default=None, sa_type=_TS)
+
+
+class PlacementHistory(SQLModel, table=True):
+    """Every state a placement entered, and when: ``explain``'s per-phase timings."""
+
+    __tablename__ = "placement_history"
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=_ID)
+    placement_id: int = Field(
+        foreign_key="placements.id", ondelete="CASCADE", sa_type=_ID, nullable=False, index=True
+    )
+    state: str = Field(sa_type=sa.String(16), nullable=False)
+    at: datetime = Field(default_factory=_utc_now, sa_type=_TS, nullable=False)
+    note: str | None = Field(default=None, sa_type=sa.Text)
 
 
 class LinkStat(SQLModel, table=True):

@@ -10,8 +10,11 @@ Each ``tick`` (every worker, and ``datasync up``'s scheduler, run it; it is idem
    ``move_bytes`` of its queued and leased tasks), the time they need at each link's rate,
    and so its *latest start* ``deadline - max over links(remaining / rate)``. The claim
    orders tasks by it: least slack first (``slack = latest start - now``), then priority,
-   then age. Its ETA models each link as a queue served in that same order: a placement
-   finishes when every placement before it on its links and its own bytes are through.
+   then age. Its ETA models each link as a queue served earliest deadline first (no
+   deadline: last): EDF is the feasibility test, since if any order of the work meets every
+   deadline EDF does, and so does least-slack-first as its slack is kept current (a
+   running placement's slack holds while a waiting one's shrinks, so they take turns at
+   task boundaries). A placement that EDF cannot finish by its deadline is at risk.
 3. **Record.** A placement whose ETA passes its deadline is *at risk*: the state owner
    flags it, emits ``PlacementAtRisk``, and boosts its tasks' priority; the flag drops when
    it is back in time. Only changes are written.
@@ -166,7 +169,7 @@ class Scheduler:
             pid: (None if deadline is None else deadline - timedelta(seconds=own[pid]))
             for pid, deadline in placements.items()
         }
-        # Each link serves its placements in claim order: least slack first.
+        # Each link as a queue, earliest deadline first: the feasibility test (see above).
         finish: dict[int, datetime] = {pid: now for pid in placements}
         queues: dict[tuple[str, str], list[int]] = defaultdict(list)
         for pid, links_of in per_link.items():
@@ -176,7 +179,7 @@ class Scheduler:
         for link, pids in queues.items():
             rate = links.rate(*link)
             done = 0.0
-            for pid in sorted(pids, key=lambda p: (latest[p] or far, p)):
+            for pid in sorted(pids, key=lambda p: (placements[p] or far, p)):
                 done += per_link[pid][link] / rate
                 finish[pid] = max(finish[pid], now + timedelta(seconds=done))
         return {

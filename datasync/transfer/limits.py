@@ -272,14 +272,16 @@ class Limits:
             self._shared.clear()
 
 
-def limits_from_settings(
-    home: Path,
-    sites: Mapping[str, SiteConfig],
-    links: Mapping[tuple[str, str], LimitSpec] | None = None,
-) -> Limits:
-    """Limits for the configured sites, sharing ``home/locks`` with every process on the host."""
+def limits_from_settings(home: Path, sites: Mapping[str, SiteConfig]) -> Limits:
+    """Limits for the configured sites and links (``[sites.SRC.links.DST]``), sharing
+    ``home/locks`` with every process on the host."""
     specs = {
         name: LimitSpec(concurrency=s.concurrency, bandwidth_mbps=s.bandwidth_mbps)
         for name, s in sites.items()
+    }
+    links = {
+        (src, dst): LimitSpec(concurrency=link.concurrency, bandwidth_mbps=link.bandwidth_mbps)
+        for src, s in sites.items()
+        for dst, link in s.links.items()
     }
     return Limits(Path(home) / "locks", specs, links)

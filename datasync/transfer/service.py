@@ -48,6 +48,7 @@ class ReplicationService:
         planner: Planner,
         backends: SiteBackends,
         reschedule: Callable[[], object],
+        make_room: Callable[[str, int, int], str | None],
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -57,6 +58,9 @@ class ReplicationService:
         self.backends = backends
         # The scheduler's tick: new tasks get their deadline slack before any worker claims.
         self.reschedule = reschedule
+        # (site, bytes needed, placement) -> None when it fits (after evicting what must go),
+        # else the reason it cannot: the site's quota is enforced at planning time.
+        self.make_room = make_room
 
     def replicate(
         self,
@@ -105,7 +109,7 @@ class ReplicationService:
             priority=priority,
             deadline=deadline,
             origin=origin,
-            earliest=origin == "stage",
+            merge=origin != "operator",
         )
         if not created:
             self._check_ready_view(placement_id, summary.dataset, summary.version_id, site)
@@ -119,9 +123,17 @@ class ReplicationService:
             if found is not None:
                 self.state.replicas.record_sources(found[0], found[1], version.pk, refresh=refresh)
         if must_plan:
-            self.planner.plan(placement_id, planner)
-            self.reschedule()
+            self._plan(placement_id, planner)
         return self.status(placement_id=placement_id)[0]
+
+    def _plan(self, placement_id: int, config: PlannerConfig | None = None) -> None:
+        result = self.planner.plan(placement_id, config)
+        if result.state == PlacementState.TRANSFERRING and result.bytes_to_move:
+            (st,) = self.status(placement_id=placement_id)
+            short = self.make_room(st.site, result.bytes_to_move, placement_id)
+            if short is not None:
+                self.state.placements.fail(placement_id, short)
+        self.reschedule()
 
     def _check_ready_view(
         self, placement_id: int, dataset: str, version_id: str, site: str
@@ -189,8 +201,7 @@ class ReplicationService:
         were marked bad): the missing ones move again, then the view is published anew."""
         if not self.state.placements.reopen_for_repair(placement_id, reason):
             return False
-        self.planner.plan(placement_id)
-        self.reschedule()
+        self._plan(placement_id)
         return True
 
     def replan_stale(self, *, older_than: timedelta = STALE_PLANNING) -> int:
@@ -208,6 +219,6 @@ class ReplicationService:
             if placement_id is not None and self.state.placements.reopen(
                 placement_id, stale_after=older_than
             ):
-                self.planner.plan(placement_id)
+                self._plan(placement_id)
                 planned += 1
         return planned

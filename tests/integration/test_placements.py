@@ -70,7 +70,9 @@ def replication(engine: Engine, settings: Settings) -> ReplicationService:
     planner = Planner(engine, settings, state)
     backends = SiteBackends(settings.sites)
     store = ManifestStore(engine)
-    return ReplicationService(settings, engine, store, state, planner, backends, lambda: None)
+    return ReplicationService(
+        settings, engine, store, state, planner, backends, lambda: None, lambda *_: None
+    )
 
 
 def test_site_for_source_finds_the_site_root(settings: Settings, tmp_path: Path) -> None:

@@ -138,3 +138,38 @@ def test_stage_exit_codes_for_bad_input_timeout_and_failure(
     code, doc, err = _stage(app, "drive/gone@v1", "--site", "lustre", "--wait", "--timeout", "5")
     assert code == 4 and doc is not None and doc["state"] == "FAILED"
     assert "no usable replica" in err
+
+
+def test_explain_says_why_the_data_is_not_there_yet(
+    lab: tuple[App, Site, Site, dict[str, bytes]],
+) -> None:
+    app, pipeline, _lustre, _files = lab
+    assert pipeline.root is not None
+    make_tree(pipeline.root / "other", seed=9)
+    app.service.register("drive/other", str(pipeline.root / "other"), label="v1")
+    _, first, _ = _stage(app, "drive/other@v1", "--site", "lustre", "--deadline", "+10m")
+    _, mine, _ = _stage(app, "drive/cam@v1", "--site", "lustre", "--deadline", "+2h")
+    assert first is not None and mine is not None
+    result = CliRunner().invoke(
+        cli_app,
+        ["explain", "drive/cam@v1", "--site", "lustre", "--json"],
+        env=_env(app),
+        catch_exceptions=False,
+    )
+    why = json.loads(result.stdout)
+    assert [p["phase"] for p in why["phases"]] == ["PLANNING", "TRANSFERRING"]
+    assert why["queue_position"] >= 1, "the other placement, due sooner, is ahead"
+    assert any("no worker has claimed a task" in b for b in why["blockers"])
+    assert any("ahead in the queue" in b for b in why["blockers"])
+    assert why["pins"] == ["1 stage request(s) not released", f"job:{mine['job_id']}"]
+    assert why["slack_seconds"] is not None and why["slack_seconds"] > 3600
+    text = (
+        CliRunner()
+        .invoke(cli_app, ["explain", "drive/cam@v1", "--site", "lustre"], env=_env(app))
+        .stdout
+    )
+    assert "queue position:" in text and "blocked: no worker has claimed" in text
+    missing = CliRunner().invoke(
+        cli_app, ["explain", "drive/cam@v1", "--site", "pipeline"], env=_env(app)
+    )
+    assert missing.exit_code == 2 and "has no placement at 'pipeline'" in missing.stderr

@@ -10,8 +10,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from datasync.config import SiteConfig
+from datasync.config import LinkConfig, Settings, SiteConfig
 from datasync.transfer.limits import Limits, LimitSpec, limits_from_settings
 
 
@@ -181,9 +182,34 @@ def test_token_bucket_shared_between_processes_uses_the_slowest(tmp_path: Path) 
 
 
 def test_limits_from_settings(tmp_path: Path) -> None:
+    aws = SiteConfig(url="s3://b", links={"lustre": LinkConfig(concurrency=1)})
     lim = limits_from_settings(
-        tmp_path, {"lustre": SiteConfig(url="/x", concurrency=3, bandwidth_mbps=100)}
+        tmp_path, {"lustre": SiteConfig(url="/x", concurrency=3, bandwidth_mbps=100), "aws": aws}
     )
     assert lim.current_limit("lustre") == 3
     assert (tmp_path / "locks").is_dir()
+    # The link aws -> lustre allows one stream: a second one waits for the first.
+    order: list[str] = []
+    with lim.slot("lustre", src="aws"):
+        waiter = threading.Thread(target=lambda: _slot(lim, order))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive(), "the link's one slot is held"
+        order.append("first done")
+    waiter.join(5)
+    assert order == ["first done", "second"]
     lim.close()
+
+
+def _slot(lim: Limits, order: list[str]) -> None:
+    with lim.slot("lustre", src="aws"):
+        order.append("second")
+
+
+def test_links_to_unknown_sites_are_refused() -> None:
+    with pytest.raises(ValidationError, match="unknown site"):
+        Settings(
+            home=Path("/tmp/x"),
+            database_url="sqlite://",
+            sites={"aws": SiteConfig(url="s3://b", links={"mars": LinkConfig(concurrency=1)})},
+        )

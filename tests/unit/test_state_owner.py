@@ -1,4 +1,5 @@
-"""Only the state owner (``datasync/transfer/state/``) writes placements, tasks, replicas.
+"""Only the state owner (``datasync/transfer/state/``) writes placements, tasks, replicas
+and the scheduling tables (stage requests, pins, link statistics, placement history).
 
 The scan reads every module of the package and flags two forms of a write outside the
 owner: SQL text (``UPDATE tasks``, ``INSERT INTO replicas``, ``DELETE FROM placements``)
@@ -16,8 +17,16 @@ import datasync
 
 PACKAGE = Path(datasync.__file__).parent
 OWNER = PACKAGE / "transfer" / "state"
-TABLES = ("placements", "tasks", "replicas")
-MODELS = ("Placement", "Task", "Replica")
+TABLES = (
+    "placements",
+    "tasks",
+    "replicas",
+    "stage_requests",
+    "pins",
+    "link_stats",
+    "placement_history",
+)
+MODELS = ("Placement", "Task", "Replica", "StageRequest", "Pin", "LinkStat", "PlacementHistory")
 _SQL = re.compile(
     r"\b(UPDATE|INSERT\s+INTO|DELETE\s+FROM)\s+(" + "|".join(TABLES) + r")\b", re.IGNORECASE
 )

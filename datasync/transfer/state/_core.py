@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from datasync.db.engine import is_postgresql, write_transaction
+from datasync.db.ops_tables import PlacementHistory
 from datasync.events import Event, EventBus
 
 __all__ = ["StateBase", "Txn", "as_utc", "row_id"]
@@ -58,6 +59,14 @@ class Txn:
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
+
+    def entered(self, placement_id: int, state: str, note: str | None = None) -> None:
+        """Record that the placement entered ``state`` now (its history, for ``explain``)."""
+        self.conn.execute(
+            sa.insert(PlacementHistory).values(
+                placement_id=placement_id, state=state, at=self.now, note=note
+            )
+        )
 
 
 class StateBase:

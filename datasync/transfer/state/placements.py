@@ -42,7 +42,7 @@ from datasync.transfer.state.tasks import NewTask, fail_placement, insert_tasks
 
 __all__ = ["PlacementStates"]
 
-_REOPENABLE = (PlacementState.FAILED, PlacementState.DAMAGED)
+_REOPENABLE = (PlacementState.FAILED, PlacementState.DAMAGED, PlacementState.EVICTED)
 
 
 class PlacementStates(StateBase):
@@ -58,13 +58,14 @@ class PlacementStates(StateBase):
         priority: int | None,
         deadline: datetime | None,
         origin: str = "operator",
-        earliest: bool = False,
+        merge: bool = False,
     ) -> tuple[int, bool]:
         """The placement of ``version_pk`` at ``site``, created if needed: ``(id, created)``.
 
         An existing placement takes the given priority and deadline (and so do its
-        unfinished tasks, so the queue reorders at once); with ``earliest`` the deadline
-        only moves earlier (many jobs asking for one version: the first start counts)."""
+        unfinished tasks, so the queue reorders at once). With ``merge`` (many jobs or
+        policies asking for one version) the deadline only moves earlier and the priority
+        only up: the most urgent asker counts."""
         with self._write() as txn:
             found = txn.conn.execute(
                 sa.select(col(Placement.id)).where(
@@ -72,12 +73,17 @@ class PlacementStates(StateBase):
                 )
             ).scalar_one_or_none()
             if found is not None:
-                if earliest and deadline is not None:
-                    current = txn.conn.execute(
-                        sa.select(col(Placement.deadline)).where(col(Placement.id) == found)
-                    ).scalar_one()
-                    if current is not None and as_utc(current) is not None:
-                        deadline = min(deadline, as_utc(current) or deadline)
+                if merge:
+                    now = txn.conn.execute(
+                        sa.select(col(Placement.deadline), col(Placement.priority)).where(
+                            col(Placement.id) == found
+                        )
+                    ).one()
+                    current = as_utc(now.deadline)
+                    if deadline is not None and current is not None:
+                        deadline = min(deadline, current)
+                    if priority is not None and priority < int(now.priority):
+                        priority = None
                 self._reprioritize(txn, row_id(found), priority, deadline)
                 return row_id(found), False
             values: dict[str, Any] = {
@@ -104,6 +110,7 @@ class PlacementStates(StateBase):
                     )
                 ).scalar_one()
                 return row_id(existing), False
+            txn.entered(row_id(new_id), PlacementState.PLANNING, f"created by {origin}")
             txn.emit(
                 PlacementCreated(
                     placement_id=row_id(new_id),
@@ -142,8 +149,8 @@ class PlacementStates(StateBase):
         )
 
     def reopen(self, placement_id: int, *, stale_after: timedelta) -> bool:
-        """Take a FAILED or DAMAGED placement, or one whose planner died (PLANNING untouched
-        for ``stale_after``), back to PLANNING. True if this caller won it and must plan."""
+        """Take a FAILED, DAMAGED or EVICTED placement, or one whose planner died (PLANNING
+        untouched for ``stale_after``), back to PLANNING. True if this caller won it."""
         with self._write() as txn:
             row = txn.conn.execute(
                 sa.select(col(Placement.state)).where(col(Placement.id) == placement_id)
@@ -164,6 +171,7 @@ class PlacementStates(StateBase):
             )
             if taken.rowcount != 1:
                 return False
+            txn.entered(placement_id, PlacementState.PLANNING, f"re-planned after {row}")
             txn.emit(PlacementReopened(placement_id=placement_id, previous=str(row)))
             return True
 
@@ -191,6 +199,7 @@ class PlacementStates(StateBase):
             )
             if taken.rowcount != 1:
                 return False
+            txn.entered(placement_id, PlacementState.PLANNING, reason)
             txn.emit(PlacementReopened(placement_id=placement_id, previous=str(row)))
             return True
 
@@ -286,7 +295,7 @@ class PlacementStates(StateBase):
             if failure is not None:
                 fail_placement(txn, placement_id, failure)
                 return PlacementState.FAILED
-            txn.conn.execute(
+            moved = txn.conn.execute(
                 sa.update(Placement)
                 .where(
                     col(Placement.id) == placement_id,
@@ -294,6 +303,8 @@ class PlacementStates(StateBase):
                 )
                 .values(state=PlacementState.TRANSFERRING, error=None, updated_at=txn.now)
             )
+            if moved.rowcount:
+                txn.entered(placement_id, PlacementState.TRANSFERRING)
             txn.emit(planned)
             return PlacementState.TRANSFERRING
 
@@ -313,5 +324,6 @@ class PlacementStates(StateBase):
                 .values(state=PlacementState.DAMAGED, error=reason, updated_at=txn.now)
             )
             if hit.rowcount:
+                txn.entered(placement_id, PlacementState.DAMAGED, reason)
                 txn.emit(PlacementDamaged(placement_id=placement_id, reason=reason))
             return bool(hit.rowcount)

@@ -166,6 +166,21 @@ class ReplicaStates(StateBase):
                     ReplicaMarkedBad(site=site, digest=digest, key=key, kind=found, reason=reason)
                 )
 
+    def forget_blobs(self, site: str, digests: list[str]) -> int:
+        """Drop the blob-store rows of ``digests`` at ``site`` (their objects were deleted to
+        make room). Returns how many rows went."""
+        if not digests:
+            return 0
+        with self._write() as txn:
+            gone = txn.conn.execute(
+                sa.delete(Replica).where(
+                    col(Replica.site) == site,
+                    col(Replica.kind) == ReplicaKind.BLOB,
+                    col(Replica.digest).in_(digests),
+                )
+            )
+            return int(gone.rowcount or 0)
+
     def restore(self, site: str, digest: str, key: str) -> bool:
         """A bad source read back the right bytes again: ok once more. True if it was bad."""
         with self._write() as txn:

@@ -22,7 +22,13 @@ from sqlmodel import col
 
 from datasync.db.ops_tables import LinkStat, Pin, StageRequest
 from datasync.db.transfer_tables import NO_DEADLINE, Placement, Task
-from datasync.events import LinkMeasured, PlacementAtRisk, StageReleased, StageRequested
+from datasync.events import (
+    LinkMeasured,
+    PlacementAtRisk,
+    PlacementEvicted,
+    StageReleased,
+    StageRequested,
+)
 from datasync.models import PlacementState, TaskState
 from datasync.transfer.state._core import StateBase, Txn, row_id
 
@@ -253,7 +259,7 @@ class StagingStates(StateBase):
 
     # -- eviction ------------------------------------------------------------------------
 
-    def evicted(self, placement_id: int) -> bool:
+    def evicted(self, placement_id: int, site: str, bytes_freed: int) -> bool:
         """The placement's view was unpublished and its blobs freed: EVICTED."""
         with self._write() as txn:
             hit = txn.conn.execute(
@@ -264,4 +270,9 @@ class StagingStates(StateBase):
                 )
                 .values(state=PlacementState.EVICTED, error=None, updated_at=txn.now)
             )
+            if hit.rowcount:
+                txn.entered(placement_id, PlacementState.EVICTED, f"{bytes_freed} bytes freed")
+                txn.emit(
+                    PlacementEvicted(placement_id=placement_id, site=site, bytes_freed=bytes_freed)
+                )
             return bool(hit.rowcount)

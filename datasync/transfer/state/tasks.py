@@ -256,6 +256,7 @@ def fail_placement(txn: Txn, placement_id: int, reason: str) -> None:
         .values(state=PlacementState.FAILED, error=reason, updated_at=now)
     )
     if failed.rowcount:
+        txn.entered(placement_id, PlacementState.FAILED, reason)
         txn.emit(PlacementFailed(placement_id=placement_id, reason=reason))
 
 
@@ -426,6 +427,7 @@ class TaskStates(StateBase):
                     .returning(col(Placement.id))
                 ).scalars()
                 for pid in moved:
+                    txn.entered(row_id(pid), PlacementState.PUBLISHING)
                     txn.emit(PlacementPublishing(placement_id=row_id(pid)))
             for t in tasks:
                 txn.emit(
@@ -522,9 +524,10 @@ class TaskStates(StateBase):
                             (PlacementState.PUBLISHING, PlacementState.TRANSFERRING)
                         ),
                     )
-                    .values(state=PlacementState.READY, error=None, **values)
+                    .values(state=PlacementState.READY, error=None, last_used_at=txn.now, **values)
                 )
                 if became_ready.rowcount:
+                    txn.entered(placement_id, PlacementState.READY)
                     txn.emit(PlacementReady(placement_id=placement_id))
                     return True
             txn.conn.execute(

@@ -76,6 +76,15 @@ def upgrade() -> None:
         sa.Column("expires_at", _TS, nullable=True),
     )
     op.create_table(
+        "placement_history",
+        sa.Column("id", _id(), primary_key=True),
+        sa.Column("placement_id", _id(), _placement_fk(), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("at", _TS, nullable=False),
+        sa.Column("note", sa.Text, nullable=True),
+    )
+    op.create_index("ix_placement_history_placement_id", "placement_history", ["placement_id"])
+    op.create_table(
         "link_stats",
         sa.Column("src_site", sa.String(64), primary_key=True),
         sa.Column("dst_site", sa.String(64), primary_key=True),
@@ -163,7 +172,8 @@ def downgrade() -> None:
         for column in ("latest_start", "move_bytes", "started_at", "dst_site", "src_site"):
             batch.drop_column(column)
     _claim_index([sa.text("priority DESC"), "deadline", "created_at", "id"])
-    for table in ("api_tokens", "workers", "policies", "link_stats", "pins"):
+    op.drop_index("ix_placement_history_placement_id", table_name="placement_history")
+    for table in ("api_tokens", "workers", "policies", "link_stats", "placement_history", "pins"):
         op.drop_table(table)
     op.drop_index("ix_stage_requests_job_id", table_name="stage_requests")
     op.drop_table("stage_requests")
