@@ -141,7 +141,9 @@ def _wait_for(job_id: int, cluster: SlurmCluster, done: set[str], timeout: float
         if job["state"] in done:
             return job
         time.sleep(0.5)
-    raise AssertionError(f"job {job_id} not in {done} after {timeout} s: {job}\n{cluster.log()[-4000:]}")
+    raise AssertionError(
+        f"job {job_id} not in {done} after {timeout} s: {job}\n{cluster.log()[-4000:]}"
+    )
 
 
 def _manifest_digests(world: World, ref: str) -> dict[str, str]:
@@ -162,7 +164,7 @@ def test_job_pends_in_stage_in_then_reads_its_view(world: World) -> None:
         'echo "path=$DATASYNC_CAM_PATH"\n'
         # xxh128sum draws progress on stderr: keep it out of the digests.
         f'cd "$DATASYNC_CAM_PATH" && find . -type f -printf "%P\\0" | sort -z'
-        f' | xargs -0 xxh128sum 2>{err}\n',
+        f" | xargs -0 xxh128sum 2>{err}\n",
     )
     assert job_id is not None, submitted.stderr
     samples: list[tuple[str, str, str | None]] = []
@@ -213,7 +215,9 @@ def test_job_pends_in_stage_in_then_reads_its_view(world: World) -> None:
     ],
 )
 def test_bad_directive_is_refused_at_submit(world: World, directive: str, message: str) -> None:
-    job_id, result = world.cluster.sbatch("refused", f"#!/bin/bash\n#BB_LUA datasync {directive}\ntrue\n")
+    job_id, result = world.cluster.sbatch(
+        "refused", f"#!/bin/bash\n#BB_LUA datasync {directive}\ntrue\n"
+    )
     assert job_id is None and result.returncode != 0
     assert "Burst Buffer request invalid" in result.stderr
     # Slurm 22.05 passes the lua's message on to sbatch.

@@ -67,9 +67,7 @@ def _one(kind: str, name: str) -> dict[str, Any]:
 def _pod_templates() -> list[tuple[str, dict[str, Any]]]:
     out = []
     for label, doc in DOCS:
-        if doc["kind"] == "Deployment":
-            out.append((label, doc["spec"]["template"]))
-        elif doc["kind"] == "Job":
+        if doc["kind"] in {"Deployment", "Job"}:
             out.append((label, doc["spec"]["template"]))
     return out
 
@@ -123,13 +121,18 @@ def test_selectors_and_references_agree() -> None:
         assert selector.items() <= labels.items(), deployment["metadata"]["name"]
     service = _one("Service", "datasync")
     server = _one("Deployment", "datasync-server")
-    assert service["spec"]["selector"].items() <= server["spec"]["template"]["metadata"][
-        "labels"
-    ].items()
-    container_ports = {p["name"] for p in server["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert (
+        service["spec"]["selector"].items()
+        <= server["spec"]["template"]["metadata"]["labels"].items()
+    )
+    container_ports = {
+        p["name"] for p in server["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
     monitor = _one("ServiceMonitor", "datasync")
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
         p["name"] for p in service["spec"]["ports"]
     }
