@@ -464,7 +464,8 @@ function D.check(conf, d)
 				end
 			end
 		end
-		return string.format("unknown site %q (sites: %s)", d.site, table.concat(names, ", "))
+		-- The CLI's words, so both modes read alike.
+		return string.format("unknown site '%s' (sites: %s)", d.site, table.concat(names, ", "))
 	end
 	local code, out, err = D.run(string.format("%s stage %s --site %s --dry-run --json",
 		cli_prefix(conf), D.shell_quote(d.ref), D.shell_quote(d.site)))

@@ -40,6 +40,7 @@ from datasync.config import load_settings
 from datasync.db.engine import create_engine
 from datasync.db.ops_tables import Pin, StageRequest
 from datasync.transfer.status import status
+from tests.fixtures.emulators import _free_port
 from tests.fixtures.slurm import SlurmCluster
 
 pytestmark = pytest.mark.slurm
@@ -259,14 +260,18 @@ HARNESS = r"""
 slurm = { SUCCESS = 0, ERROR = -1, SLURM_BB_BUSY = "BUSY",
           log_info = function(...) end }
 dofile(arg[1] .. "/burst_buffer.lua")
-local job_id, script, path_file = arg[2], arg[3], arg[4]
+local job_id, script, path_file, bad_script = arg[2], arg[3], arg[4], arg[5]
 local job_info = { start_time = os.time() + 120 }
 local function show(what, rc, msg, seconds)
   io.write(string.format("%s %d %s %.1f\n", what, rc, tostring(msg), seconds))
   io.flush()
 end
 local t = os.time()
-local rc, msg = slurm_bb_data_in(job_id, script, "1000", "1000", job_info)
+local rc, msg = slurm_bb_job_process(bad_script, "1000", "1000", job_info)
+show("job_process(bad)", rc, msg, 0)
+rc, msg = slurm_bb_job_process(script, "1000", "1000", job_info)
+show("job_process", rc, msg, 0)
+rc, msg = slurm_bb_data_in(job_id, script, "1000", "1000", job_info)
 show("data_in", rc, msg, os.time() - t)
 for i = 1, 240 do
   rc, msg = slurm_bb_test_data_in(job_id, script, "1000", "1000", job_info)
@@ -281,32 +286,74 @@ show("teardown", rc, msg, os.time() - t)
 """
 
 
-def test_polling_hooks_of_newer_slurm(world: World, tmp_path: Path) -> None:
+@pytest.fixture
+def api_url(world: World) -> Iterator[str]:
+    """``datasync serve`` on a free loopback port, for the lua's ``api=`` mode."""
+    port = _free_port()
+    with (world.root / "serve.log").open("ab") as log:
+        server = subprocess.Popen(
+            [DATASYNC, "serve", "--port", str(port)], env=world.env, stdout=log, stderr=log
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(
+            ["curl", "-sf", f"{url}/api/v1/sites"], capture_output=True
+        ).returncode:
+            assert time.monotonic() < deadline and server.poll() is None, (
+                "datasync serve did not start"
+            )
+            time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["cli", "api"])
+def test_polling_hooks_of_newer_slurm(
+    world: World, tmp_path: Path, request: pytest.FixtureRequest, mode: str
+) -> None:
     lua = shutil.which("lua5.1")
     if lua is None:
         pytest.skip("lua5.1 not installed: run `make system-deps`")
-    version_id = world.register("drive/poll", {f"p{i}.bin": 2 * MIB for i in range(4)}, "poll")
-    job_id = "990001"
-    script = tmp_path / "script"
-    script.write_text("#!/bin/bash\n#BB_LUA datasync dataset=drive/poll@v1 site=lustre name=POLL\n")
+    dataset = f"drive/poll-{mode}"
+    version_id = world.register(dataset, {f"p{i}.bin": 2 * MIB for i in range(4)}, f"poll-{mode}")
+    job_id = {"cli": "990001", "api": "990002"}[mode]
+    here = world.cluster.dir
+    if mode == "api":
+        # The same script beside slurm.conf, with datasync-bb.conf naming the HTTP API.
+        here = tmp_path / "slurm"
+        here.mkdir()
+        for name in ("burst_buffer.lua", "slurm.conf", "burst_buffer.conf"):
+            shutil.copy(world.cluster.dir / name, here / name)
+        (tmp_path / "token").write_text("not-checked-yet\n")
+        (here / "datasync-bb.conf").write_text(
+            f"api={request.getfixturevalue('api_url')}/\ntoken_file={tmp_path / 'token'}\n"
+        )
+    script, bad = tmp_path / "script", tmp_path / "bad"
+    script.write_text(f"#!/bin/bash\n#BB_LUA datasync dataset={dataset}@v1 site=lustre name=POLL\n")
+    bad.write_text(f"#!/bin/bash\n#BB_LUA datasync dataset={dataset}@v1 site=mars name=POLL\n")
     # Slurm's own state directory for the job: stage-in leaves the view's path there.
     job_dir = world.cluster.dir / "state" / f"hash.{int(job_id) % 10}" / f"job.{job_id}"
     job_dir.mkdir(parents=True)
     harness = tmp_path / "harness.lua"
     harness.write_text(HARNESS)
-    started = time.monotonic()
-    result = subprocess.run(
-        [lua, str(harness), str(world.cluster.dir), job_id, str(script), str(job_dir / "path")],
-        capture_output=True, text=True, timeout=150,
-    )  # fmt: skip
+    argv = [lua, str(harness), str(here), job_id, str(script), str(job_dir / "path"), str(bad)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=150)
     assert result.returncode == 0, result.stderr
-    calls = [line.split(" ", 3) for line in result.stdout.splitlines()]
-    assert calls[0][:3] == ["data_in", "0", "nil"]
+    calls = [line.split(" ", 2) for line in result.stdout.splitlines()]
+    assert calls[0][:2] == ["job_process(bad)", "-1"]
+    assert "unknown site 'mars' (sites: lustre, pipeline)" in calls[0][2], calls[0]
+    assert calls[1][:3] == ["job_process", "0", "nil 0.0"]
+    data_in = calls[2]
+    assert data_in[:2] == ["data_in", "0"] and data_in[2].startswith("nil "), calls
     # data_in only records the request: it returns before the bytes have moved.
-    assert float(calls[0][3]) < 5 < time.monotonic() - started
     polls = [c for c in calls if c[0] == "test_data_in"]
-    assert polls[0][1:3] == ["0", "BUSY"] and polls[-1][1:3] == ["0", "nil"], calls
-    assert calls[-2][:3] == ["paths", "0", "nil"] and calls[-1][:3] == ["teardown", "0", "nil"]
-    view = world.root / "lustre" / "drive" / "poll" / version_id
+    assert polls[0][1:2] == ["0"] and polls[0][2].startswith("BUSY "), calls
+    assert polls[-1][1] == "0" and polls[-1][2].startswith("nil "), calls
+    assert float(data_in[2].split()[1]) < float(polls[-1][2].split()[1])
+    assert [c[:2] for c in calls[-2:]] == [["paths", "0"], ["teardown", "0"]], calls
+    view = world.root / "lustre" / "drive" / f"poll-{mode}" / version_id
     assert (job_dir / "path").read_text() == f"DATASYNC_POLL_PATH={view}\n"
     assert world.pins_of(f"slurm:dstest:{job_id}") == (0, 0)
