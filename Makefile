@@ -21,10 +21,18 @@ $(AZURITE):
 	mkdir -p $(TOOLS)
 	cd $(TOOLS) && npm install --silent --no-audit --no-fund --prefix . azurite@3 >/dev/null
 
-# Debian packages the tests compare against (xxh128sum). Needs root, as on CI machines.
+# Debian packages the tests run against: xxh128sum (independent hashes), Slurm 22.05 and
+# munge (the burst-buffer E2E test), lua5.1 (the burst_buffer.lua unit tests, the same Lua
+# as Slurm's), systemd-analyze (unit files). Needs root, as on CI machines.
+SYSTEM_DEPS := xxh128sum:xxhash slurmctld:slurm-wlm munged:munge lua5.1:lua5.1 \
+	systemd-analyze:systemd
 system-deps:
-	@command -v xxh128sum >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xxhash >/dev/null)
+	@missing=""; for dep in $(SYSTEM_DEPS); do \
+	  PATH="$$PATH:/usr/sbin" command -v $${dep%%:*} >/dev/null || missing="$$missing $${dep#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 tools: $(AZURITE) system-deps
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 pytest_plugins = [
     "tests.fixtures.databases",
     "tests.fixtures.emulators",
+    "tests.fixtures.slurm",
     "tests.fixtures.transfer",
 ]
 
