@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,6 +78,9 @@ class WorkerOptions:
     idle_sleep: float = 0.5  # longest pause between empty claims
     grace: float = 30.0  # seconds running tasks get to finish on SIGTERM
     queue_backoff_base: float = 2.0  # TaskQueue retry backoff (tests use 0)
+    # The sites this worker can reach (None: all). It claims only tasks whose source and
+    # destination are among them: a POSIX site is mounted on its own hosts only.
+    sites: frozenset[str] | None = None
 
 
 @dataclass(slots=True)
@@ -92,13 +95,20 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def pending_tasks(engine: Engine, placements: Sequence[int] | None) -> int:
-    """Tasks still queued or leased (of ``placements``, or all)."""
+def pending_tasks(
+    engine: Engine, placements: Sequence[int] | None, sites: Collection[str] | None = None
+) -> int:
+    """Tasks still queued or leased (of ``placements``, or all; within reach of ``sites``)."""
     query = sa.select(sa.func.count()).where(
         col(Task.state).in_((TaskState.QUEUED, TaskState.LEASED))
     )
     if placements is not None:
         query = query.where(col(Task.placement_id).in_(list(placements)))
+    if sites is not None:
+        query = query.where(
+            col(Task.dst_site).in_(list(sites)),
+            sa.or_(col(Task.src_site).is_(None), col(Task.src_site).in_(list(sites))),
+        )
     with engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
 
@@ -226,7 +236,9 @@ class WorkerLoop:
                 with self._lock:
                     free = self.options.task_slots - len(self._running)
                 try:
-                    claimed = self.queue.claim(self.owner, free, self.options.lease_seconds)
+                    claimed = self.queue.claim(
+                        self.owner, free, self.options.lease_seconds, self.options.sites
+                    )
                 except DB_UNAVAILABLE:  # database restart or network blip: try again shortly
                     log.warning("claim failed; retrying", exc_info=True)
                     claimed = []
@@ -257,7 +269,7 @@ class WorkerLoop:
 
     def _idle(self, placements: Sequence[int] | None) -> bool:
         try:
-            return pending_tasks(self.engine, placements) == 0
+            return pending_tasks(self.engine, placements, self.options.sites) == 0
         except DB_UNAVAILABLE:
             log.warning("cannot count pending tasks; retrying", exc_info=True)
             return False

@@ -16,6 +16,7 @@ from datasync.config import Settings
 from datasync.errors import NotFound, Throttled, TransientError
 from datasync.retry import Backoff, RetryPolicy
 from datasync.transfer.supervisor import WorkerOptions, run_worker
+from datasync.transfer.worker import pending_tasks
 from tests.fixtures.transfer import (
     FixedRetry,
     add_placement,
@@ -103,6 +104,21 @@ def test_a_full_link_keeps_its_tasks_queued_while_free_workers_take_other_links(
     # Without caps the same queue is claimed in plain claim order.
     plain = make_state(engine).tasks
     assert [t.id for t in plain.claim("w", 2, 60)] == [urgent[3], urgent[4]]
+
+
+def test_a_worker_claims_only_tasks_within_its_reach(engine: Engine, placement: int) -> None:
+    to_lustre = add_task(engine, placement, link=("aws", "lustre"))
+    cloud_copy = add_task(engine, placement, link=("aws", "gcs"))
+    publish_lustre = add_task(engine, placement, kind="publish", link=(None, "lustre"))
+    from_lustre = add_task(engine, placement, link=("lustre", "gcs"))
+    queue = make_state(engine, link_caps={("aws", "gcs"): 4}).tasks
+    # A cloud worker: the on-prem file system is not mounted there.
+    cloud = queue.claim("cloud", 10, 60, sites={"aws", "gcs"})
+    assert [t.id for t in cloud] == [cloud_copy]
+    assert pending_tasks(engine, None, {"aws", "gcs"}) == 1  # its own, leased
+    onprem = queue.claim("onprem", 10, 60, sites={"aws", "gcs", "lustre"})
+    assert sorted(t.id for t in onprem) == sorted([to_lustre, publish_lustre, from_lustre])
+    assert queue.claim("anyone", 10, 60) == []
 
 
 def test_concurrent_processes_never_claim_the_same_task(

@@ -21,9 +21,13 @@ link's room (its candidates ranked per link); full links are left out of the can
 itself, so ``TaskStates.claim`` repeats the statement in the same transaction while it
 fills links, and a long queue on a full link cannot hide the others' tasks. That scan walks
 past the full links' queued rows (cost: their queue length, only when caps are
-configured). On PostgreSQL two concurrent claimers read the same live count, so a link can
-exceed its cap by one claim batch for the length of a lease; the host-wide slot files
+configured). On PostgreSQL two concurrent claimers read the same live count, so a link
+can exceed its cap by one claim batch for the length of a lease; the host-wide slot files
 (``datasync.transfer.limits``) still bound each host.
+
+**Reach**: a worker that can reach only some sites (``datasync worker --sites``: the
+on-prem POSIX site is mounted only on-prem) claims only tasks whose source and destination
+are among them.
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ full_links AS (SELECT caps.src, caps.dst FROM caps
                 WHERE busy.n >= caps.n)"""
 _NOT_FULL = """AND NOT EXISTS (SELECT 1 FROM full_links f
                             WHERE f.src = tasks.src_site AND f.dst = tasks.dst_site)"""
+# The sites a worker can reach (parameter :sites, a JSON list of names), per dialect.
+_SITES = {
+    "pg": "SELECT json_array_elements_text(CAST(:sites AS json))",
+    "sqlite": "SELECT value FROM json_each(:sites)",
+}
+_IN_REACH = """AND dst_site IN ({sites})
+                       AND (src_site IS NULL OR src_site IN ({sites}))"""
 
 
 def _candidates(now: str, not_full: str) -> str:
@@ -80,12 +91,12 @@ def _candidates(now: str, not_full: str) -> str:
                      LIMIT :window) AS expired"""
 
 
-def _chosen(now: str, capped: bool, lock: str) -> str:
+def _chosen(now: str, capped: bool, reach: str, lock: str) -> str:
     """The ids to lease, in claim order: claimable candidates, at most a link's room each."""
     claimable = _CLAIMABLE.format(now=now)
     if not capped:
         return f"""SELECT id FROM tasks
-         WHERE id IN ({_candidates(now, "")})
+         WHERE id IN ({_candidates(now, reach)})
            AND {claimable}
          ORDER BY {_ORDER}{lock}
          LIMIT :n"""
@@ -95,7 +106,7 @@ def _chosen(now: str, capped: bool, lock: str) -> str:
             SELECT id, src_site, dst_site, latest_start, priority, created_at,
                    ROW_NUMBER() OVER (PARTITION BY src_site, dst_site ORDER BY {_ORDER}) AS rn
               FROM tasks
-             WHERE id IN ({_candidates(now, _NOT_FULL)})
+             WHERE id IN ({_candidates(now, f"{_NOT_FULL} {reach}")})
                AND {claimable}) AS c
           LEFT JOIN caps ON caps.src = c.src_site AND caps.dst = c.dst_site
           LEFT JOIN busy ON busy.src_site = c.src_site AND busy.dst_site = c.dst_site
@@ -114,10 +125,12 @@ def _chosen(now: str, capped: bool, lock: str) -> str:
 
 
 @cache
-def claim_statement(pg: bool, capped: bool) -> sa.TextualSelect:
+def claim_statement(pg: bool, capped: bool, scoped: bool = False) -> sa.TextualSelect:
     """The claim for a dialect; ``capped`` adds the per-link caps (parameter ``:caps``,
-    a JSON list of ``{"src", "dst", "n"}``)."""
+    a JSON list of ``{"src", "dst", "n"}``); ``scoped`` only takes tasks whose sites are
+    all in ``:sites`` (a JSON list: the sites the worker can reach)."""
     now = "now()" if pg else ":now"
+    reach = _IN_REACH.format(sites=_SITES["pg" if pg else "sqlite"]) if scoped else ""
     ctes = f"WITH {_LINK_CTES.format(caps=_CAPS['pg' if pg else 'sqlite'], now=now)}\n"
     if pg:
         sql = f"""{ctes if capped else ""}UPDATE tasks AS t
@@ -132,7 +145,7 @@ def claim_statement(pg: bool, capped: bool) -> sa.TextualSelect:
                         'class', 'LeaseExpired',
                         'message', {_TAKEOVER_NOTE.format(t="t.")})))::json
                 ELSE t.errors END
- WHERE t.id IN ({_chosen(now, capped, lock=" FOR UPDATE SKIP LOCKED")})
+ WHERE t.id IN ({_chosen(now, capped, reach, lock=" FOR UPDATE SKIP LOCKED")})
 RETURNING {_RETURNING}
 """
         return sa.text(sql).columns(**CLAIM_COLUMNS)
@@ -148,7 +161,7 @@ RETURNING {_RETURNING}
                         'class', 'LeaseExpired',
                         'message', {_TAKEOVER_NOTE.format(t="")}))
                 ELSE errors END
- WHERE id IN ({_chosen(now, capped, lock="")})
+ WHERE id IN ({_chosen(now, capped, reach, lock="")})
 RETURNING {_RETURNING}
 """
     return (

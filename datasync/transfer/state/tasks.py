@@ -36,7 +36,7 @@ Invariants:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -325,14 +325,23 @@ class TaskStates(StateBase):
 
     # -- claim ---------------------------------------------------------------------------
 
-    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[ClaimedTask]:
-        """Lease up to ``limit`` claimable tasks to ``owner``, in claim order."""
+    def claim(
+        self,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        sites: Collection[str] | None = None,
+    ) -> list[ClaimedTask]:
+        """Lease up to ``limit`` claimable tasks to ``owner``, in claim order; with ``sites``,
+        only tasks whose source and destination are among them (what the worker reaches)."""
         if limit <= 0:
             return []
         with self._write() as txn:
             caps = self.link_caps
-            stmt = claim_statement(self.pg, bool(caps))
+            stmt = claim_statement(self.pg, bool(caps), sites is not None)
             params: dict[str, Any] = {"owner": owner}
+            if sites is not None:
+                params["sites"] = json.dumps(sorted(sites))
             if self.pg:
                 params["lease_seconds"] = lease_seconds
             else:
