@@ -102,7 +102,7 @@ class App:
             tasks=tasks,
             executor=Executor(ctx),
             replan=self.replication.repair,
-            chores=(tasks.reap, self.scheduler.tick),
+            chores=(tasks.reap, self.scheduler.tick, self.replication.settle_shared),
             closers=(lambda: io.shutdown(wait=True), backends.close, limits.close),
         )
         return WorkerLoop(parts, options)
@@ -154,7 +154,7 @@ def bootstrap(settings: Settings | None = None) -> App:
         settings, engine, store, state, planner, backends, scheduler.tick, evictor.make_room
     )
     staging = StageService(replication, state, store)
-    explainer = Explainer(engine, store, scheduler, staging)
+    explainer = Explainer(engine, store, scheduler, staging, state.sharing)
     policies = PolicyEngine(engine, settings, state, store, replication)
     bus.subscribe(policies.on_event)  # a new version goes where its policies say, at once
     bus.subscribe(replication.on_event)  # sources refreshed, labels followed at every site

@@ -19,6 +19,12 @@ Only ``datasync.transfer.state`` writes ``replicas``, ``placements`` and ``tasks
   lease is claimable again (the claim takes it over and counts an attempt).
 * ``uploads`` holds at most one in-flight chunked write per ``(site, digest)``;
   ``upload_parts`` lists its verified parts (the chunk map used for resume on POSIX).
+* ``blob_moves`` names the task last filed to move a blob to a site (the row is stale once
+  that task is no longer queued or leased); ``blob_waits`` rows are placements waiting for
+  another placement's task to move a blob they need instead of moving it again. Each wait
+  holds one count in the waiter's publish ``blocked_by`` and one in the mover's
+  ``waiters``, until the mover completes (the waiter is credited) or ends otherwise (the
+  waiter is planned again).
 
 Times are UTC, ``timestamp with time zone`` on PostgreSQL (naive UTC text on SQLite).
 The partial indexes serve the two claim predicates and the planner's per-digest paging.
@@ -38,6 +44,8 @@ from datasync.models import PlacementState, ReplicaKind, ReplicaState, TaskState
 __all__ = [
     "NO_DEADLINE",
     "TASK_KINDS",
+    "BlobMove",
+    "BlobWait",
     "Placement",
     "Replica",
     "Task",
@@ -187,6 +195,11 @@ class Task(SQLModel, table=True):
     # Bytes actually written by the worker (0 when the blob was already there).
     bytes_moved: int = Field(default=0, sa_type=sa.BigInteger, nullable=False)
     finished_at: datetime | None = Field(default=None, sa_type=_TS)
+    # Blob waits of other placements on this task (``blob_waits``): completing spares the
+    # lookup when there are none.
+    waiters: int = Field(
+        default=0, sa_type=sa.Integer, nullable=False, sa_column_kwargs={"server_default": "0"}
+    )
 
 
 class Upload(SQLModel, table=True):
@@ -212,6 +225,39 @@ class UploadPart(SQLModel, table=True):
     site: str = Field(primary_key=True, sa_type=sa.String(64))
     digest: str = Field(primary_key=True, sa_type=sa.String(64))
     idx: int = Field(primary_key=True, sa_type=sa.Integer)
+
+
+class BlobMove(SQLModel, table=True):
+    """The task last filed to move ``digest`` into ``site``'s blob store."""
+
+    __tablename__ = "blob_moves"
+
+    site: str = Field(primary_key=True, sa_type=sa.String(64))
+    digest: str = Field(primary_key=True, sa_type=sa.String(64))
+    task_id: int = Field(
+        foreign_key="tasks.id", ondelete="CASCADE", sa_type=_ID, nullable=False, index=True
+    )
+
+
+class BlobWait(SQLModel, table=True):
+    """A placement waiting for another's task to move a blob it needs."""
+
+    __tablename__ = "blob_waits"
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=_ID)
+    # SET NULL, not CASCADE: a deleted mover leaves the wait behind, to be settled.
+    mover_id: int | None = Field(
+        default=None, foreign_key="tasks.id", ondelete="SET NULL", sa_type=_ID, index=True
+    )
+    publish_id: int = Field(
+        foreign_key="tasks.id", ondelete="CASCADE", sa_type=_ID, nullable=False, index=True
+    )
+    placement_id: int = Field(
+        foreign_key="placements.id", ondelete="CASCADE", sa_type=_ID, nullable=False
+    )
+    digest: str = Field(sa_type=sa.String(64), nullable=False)
+    files: int = Field(default=0, sa_type=sa.BigInteger, nullable=False)
+    bytes: int = Field(default=0, sa_type=sa.BigInteger, nullable=False)
 
 
 # Claim path 1: queued and unblocked, in claim order. Partial, so it stays small.

@@ -31,7 +31,7 @@ from datasync.models import PlacementState, TaskState
 from datasync.placement.schedule import Scheduler
 from datasync.placement.staging import StageService
 from datasync.transfer.links import load_links
-from datasync.transfer.state import as_utc
+from datasync.transfer.state import BlobSharing, as_utc
 from datasync.transfer.status import PlacementStatus, status
 
 __all__ = ["Explainer", "Explanation", "Phase"]
@@ -58,12 +58,18 @@ class Explanation(BaseModel):
 
 class Explainer:
     def __init__(
-        self, engine: Engine, store: ManifestStore, scheduler: Scheduler, staging: StageService
+        self,
+        engine: Engine,
+        store: ManifestStore,
+        scheduler: Scheduler,
+        staging: StageService,
+        sharing: BlobSharing,
     ) -> None:
         self.engine = engine
         self.store = store
         self.scheduler = scheduler
         self.staging = staging
+        self.sharing = sharing
 
     def explain_ref(self, ref: str, site: str) -> Explanation:
         version = self.store.resolve(ref)
@@ -133,6 +139,11 @@ class Explainer:
         if "depend on" in st.phase:
             out.append(
                 "waiting for the tasks it depends on (chunks before finalize, all before publish)"
+            )
+        for other, n in sorted(self.sharing.waiting_on(st.id).items()):
+            out.append(
+                f"waiting for {n} blob(s) placement {other} is moving to {st.site}"
+                " (shared, not moved twice)"
             )
         if position:
             out.append(f"{position} task(s) of other placements are ahead in the queue")

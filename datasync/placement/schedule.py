@@ -17,7 +17,9 @@ Each ``tick`` (every worker, and ``datasync up``'s scheduler, run it; it is idem
    task boundaries). A placement that EDF cannot finish by its deadline is at risk.
 3. **Record.** A placement whose ETA passes its deadline is *at risk*: the state owner
    flags it, emits ``PlacementAtRisk``, and boosts its tasks' priority; the flag drops when
-   it is back in time. Only changes are written.
+   it is back in time. Only changes are written. Then a task moving a blob that other
+   placements wait for (``transfer/state/sharing.py``) inherits the smallest latest start
+   and highest priority among them.
 
 A placement serves every job that asked for it (its open stage requests), so it is
 scheduled for the earliest of their deadlines that it can still meet (its *target*): when
@@ -119,6 +121,8 @@ class Scheduler:
             self._written[est.placement_id] = (est.latest_start, est.at_risk)
         for gone in set(self._written) - set(estimates):
             del self._written[gone]
+        # A task moving a blob others wait for is as urgent as the most urgent of them.
+        self.state.sharing.inherit_urgency()
         return estimates
 
     def measure_links(self, now: datetime) -> dict[tuple[str, str], float]:

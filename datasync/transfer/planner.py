@@ -10,7 +10,9 @@ How it plans (Rucio derives transfers from rules the same way):
    site, in digest order (``entries (version_pk, digest)`` index; duplicates are adjacent,
    so one digest under many paths is one blob, and keyset paging never revisits a digest).
    Blobs the site holds for ANY version are skipped.
-3. For each page, choose a source per blob (``SourceRanking``): ok replicas before bad ones
+3. Blobs another placement's queued or leased task is already moving to the site are not
+   moved again: the placement waits for that task (``transfer/state/sharing.py``).
+   For each other blob, choose a source (``SourceRanking``): ok replicas before bad ones
    whose re-check time has come, links not penalized after recent failures first; then
    cost and speed, subject to the deadline: the cheapest source whose link can still move
    the placement's bytes before its deadline (by the link's observed throughput), else,
@@ -59,7 +61,7 @@ from datasync.transfer.payloads import (
     SourceRef,
     kind_of,
 )
-from datasync.transfer.state import EngineState, NewTask, as_utc
+from datasync.transfer.state import BlobWant, EngineState, NewTask, as_utc
 
 __all__ = ["PlanResult", "Planner", "PlannerConfig", "SourceRanking"]
 
@@ -88,6 +90,7 @@ class PlanResult:
     files_present: int = 0
     bytes_present: int = 0
     no_source: int = 0
+    blobs_shared: int = 0  # in flight for another placement: waited for, not moved again
     state: str = "TRANSFERRING"
 
 
@@ -319,35 +322,59 @@ class _Plan:
             return None
         self.result.pages += 1
         self.result.max_page_rows = max(self.result.max_page_rows, len(blobs))
+        # Blobs another placement's task is moving here already: wait for them instead.
+        movers = self.state.sharing.in_flight(
+            self.dst, [b.digest for b in blobs], self.placement_id
+        )
+        shared = {b.digest: b for b in blobs if b.digest in movers}
+        wants = [
+            BlobWant(b.digest, b.files, b.size * b.files, movers[b.digest]) for b in shared.values()
+        ]
+        self.result.blobs_shared += len(wants)
         tasks: list[NewTask] = []
         for blob in blobs:
-            src = sources.get(blob.digest)
-            if src is None:
-                self.result.no_source += 1
-                self.first_missing = self.first_missing or blob.digest
-                continue
-            self.result.blobs += 1
-            self.result.bytes_to_move += blob.size
-            if blob.chunks and blob.size > self.chunk_size:
-                tasks.append(self._chunked(blob, src))
-                continue
-            self.batch.append(BlobItem(blob.digest, blob.size, src))
-            self.batch_files += blob.files
-            self.batch_bytes += blob.size
-            self.batch_logical += blob.size * blob.files
-            if (
-                len(self.batch) >= self.config.batch_items
-                or self.batch_bytes >= self.config.batch_bytes
-            ):
-                tasks.append(self._flush())
-        self._add(tasks)
+            if blob.digest not in shared:
+                self._plan_blob(blob, sources.get(blob.digest), tasks)
+        gone = self._add(tasks, wants)
+        if gone:  # their movers ended meanwhile: move them here after all
+            self.result.blobs_shared -= len(gone)
+            tasks = []
+            for want in gone:
+                self._plan_blob(shared[want.digest], sources.get(want.digest), tasks)
+            self._add(tasks)
         return blobs[-1].digest
 
-    def _add(self, tasks: Sequence[NewTask]) -> None:
-        if tasks:
-            self.state.placements.add_tasks(
-                self.placement_id, self.publish_id, tasks, max_attempts=self.config.max_attempts
-            )
+    def _plan_blob(self, blob: _Blob, src: SourceRef | None, tasks: list[NewTask]) -> None:
+        """File the blob: its own chunked task tree, or into the open batch."""
+        if src is None:
+            self.result.no_source += 1
+            self.first_missing = self.first_missing or blob.digest
+            return
+        self.result.blobs += 1
+        self.result.bytes_to_move += blob.size
+        if blob.chunks and blob.size > self.chunk_size:
+            tasks.append(self._chunked(blob, src))
+            return
+        self.batch.append(BlobItem(blob.digest, blob.size, src))
+        self.batch_files += blob.files
+        self.batch_bytes += blob.size
+        self.batch_logical += blob.size * blob.files
+        if (
+            len(self.batch) >= self.config.batch_items
+            or self.batch_bytes >= self.config.batch_bytes
+        ):
+            tasks.append(self._flush())
+
+    def _add(self, tasks: Sequence[NewTask], wants: Sequence[BlobWant] = ()) -> list[BlobWant]:
+        if not (tasks or wants):
+            return []
+        return self.state.placements.add_tasks(
+            self.placement_id,
+            self.publish_id,
+            tasks,
+            max_attempts=self.config.max_attempts,
+            wants=wants,
+        )
 
     def _chunked(self, blob: _Blob, src: SourceRef) -> NewTask:
         big = ChunkedBlob(self.dst, blob.digest, blob.size, self.chunk_size, blob.chunks, src)

@@ -135,6 +135,14 @@ class ReplicationService:
                 self.state.placements.fail(placement_id, short)
         self.reschedule()
 
+    def settle_shared(self) -> int:
+        """Plan again the placements that waited for a blob another placement's task was
+        moving, when that task ended without it (a worker chore)."""
+        replan = self.state.sharing.settle_orphans()
+        for placement_id in replan:
+            self._plan(placement_id)
+        return len(replan)
+
     def _check_ready_view(
         self, placement_id: int, dataset: str, version_id: str, site: str
     ) -> None:

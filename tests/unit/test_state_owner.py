@@ -25,8 +25,20 @@ TABLES = (
     "pins",
     "link_stats",
     "placement_history",
+    "blob_moves",
+    "blob_waits",
 )
-MODELS = ("Placement", "Task", "Replica", "StageRequest", "Pin", "LinkStat", "PlacementHistory")
+MODELS = (
+    "Placement",
+    "Task",
+    "Replica",
+    "StageRequest",
+    "Pin",
+    "LinkStat",
+    "PlacementHistory",
+    "BlobMove",
+    "BlobWait",
+)
 _SQL = re.compile(
     r"\b(UPDATE|INSERT\s+INTO|DELETE\s+FROM)\s+(" + "|".join(TABLES) + r")\b", re.IGNORECASE
 )

@@ -1,7 +1,7 @@
 """THE owner of every replication state change: placements, tasks, replicas, uploads.
 
 No other module writes the ``placements``, ``tasks``, ``replicas``, ``stage_requests``,
-``pins`` or ``link_stats`` tables
+``pins``, ``link_stats``, ``blob_moves`` or ``blob_waits`` tables
 (``tests/unit/test_state_owner.py`` scans the package for writes elsewhere). Each
 transition is a method; each emits a typed event (``datasync.events``) after its
 transaction committed, to the subscribers the composition root registered.
@@ -19,6 +19,7 @@ from datasync.events import EventBus
 from datasync.transfer.state._core import as_utc, row_id
 from datasync.transfer.state.placements import PlacementStates
 from datasync.transfer.state.replicas import DEFAULT_RECHECK, ReplicaRow, ReplicaStates
+from datasync.transfer.state.sharing import BlobSharing, BlobWant
 from datasync.transfer.state.staging import AT_RISK_BOOST, StagingStates
 from datasync.transfer.state.tasks import (
     ERROR_HISTORY,
@@ -35,6 +36,8 @@ __all__ = [
     "AT_RISK_BOOST",
     "DEFAULT_RECHECK",
     "ERROR_HISTORY",
+    "BlobSharing",
+    "BlobWant",
     "Cancelled",
     "ChunkMap",
     "ClaimedTask",
@@ -70,3 +73,4 @@ class EngineState:
         self.replicas = ReplicaStates(engine, bus)
         self.uploads = ChunkMap(engine, bus)
         self.staging = StagingStates(engine, bus)
+        self.sharing = BlobSharing(engine, bus)

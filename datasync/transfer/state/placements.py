@@ -36,8 +36,9 @@ from datasync.events import (
     PlacementReopened,
 )
 from datasync.models import PlacementState, TaskState
-from datasync.transfer.payloads import PublishPayload
+from datasync.transfer.payloads import PublishPayload, link_of
 from datasync.transfer.state._core import StateBase, Txn, as_utc, row_id
+from datasync.transfer.state.sharing import BlobWant, attach_waits, moved_blobs, record_moves
 from datasync.transfer.state.tasks import NewTask, fail_placement, insert_tasks
 
 __all__ = ["PlacementStates"]
@@ -254,15 +255,19 @@ class PlacementStates(StateBase):
         tasks: Sequence[NewTask],
         *,
         max_attempts: int,
-    ) -> None:
-        """One page of planned tasks, children of the publish task, in one transaction."""
+        wants: Sequence[BlobWant] = (),
+    ) -> list[BlobWant]:
+        """One page of planned tasks, children of the publish task, in one transaction;
+        each ``blobs``/``finalize`` task becomes its blobs' mover at the site. The placement
+        waits for ``wants`` (blobs other placements' tasks are moving, see ``sharing``);
+        returns those whose mover is gone, for the planner to move itself."""
         with self._write() as txn:
             row = txn.conn.execute(
                 sa.select(col(Placement.priority), col(Placement.deadline)).where(
                     col(Placement.id) == placement_id
                 )
             ).one()
-            insert_tasks(
+            ids = insert_tasks(
                 txn,
                 placement_id,
                 tasks,
@@ -271,11 +276,16 @@ class PlacementStates(StateBase):
                 deadline=row.deadline or NO_DEADLINE,
                 max_attempts=max_attempts,
             )
+            for task, task_id in zip(tasks, ids, strict=True):
+                _src, dst = link_of(task.payload)
+                record_moves(txn, dst, ((d, task_id) for d in moved_blobs(task.payload)))
+            unresolved = attach_waits(txn, placement_id, publish_id, wants) if wants else []
             txn.conn.execute(
                 sa.update(Placement)
                 .where(col(Placement.id) == placement_id)
                 .values(updated_at=txn.now)
             )
+            return unresolved
 
     def finish_planning(
         self,

@@ -58,6 +58,7 @@ from datasync.models import PlacementState, TaskState
 from datasync.transfer.payloads import Payload, TaskKind, encode, kind_of, link_of
 from datasync.transfer.state._core import StateBase, Txn, as_utc, row_id
 from datasync.transfer.state.claim_sql import claim_statement
+from datasync.transfer.state.sharing import settle_completed
 
 __all__ = [
     "ERROR_HISTORY",
@@ -431,11 +432,14 @@ class TaskStates(StateBase):
                     col(Task.kind),
                     col(Task.files),
                     col(Task.bytes),
+                    col(Task.waiters),
                 )
             ).one_or_none()
             if row is None:
                 return False
-            parent_id, placement_id, kind, files, nbytes = row
+            parent_id, placement_id, kind, files, nbytes, waiters = row
+            if waiters:  # other placements waited for the blobs this task moved
+                settle_completed(txn, task_id)
             txn.emit(
                 TaskCompleted(
                     task_id=task_id,
