@@ -23,6 +23,10 @@ class StageRequestBody(BaseModel):
         default=None, description="When the job starts: ISO 8601, or +90s/+30m/+2h/+1d."
     )
     job_id: str | None = Field(default=None, description="Requests are idempotent per job.")
+    dry_run: bool = Field(
+        default=False,
+        description="Check ref, site, deadline and job id; record nothing (state VALID).",
+    )
 
 
 class ReleaseBody(BaseModel):
@@ -44,7 +48,11 @@ def staging_router(application: App, prefix: str = "/api/v1") -> APIRouter:
     def create_stage_request(body: StageRequestBody) -> StageResult:
         """Make sure ``ref`` is (or will be) at ``site`` for the job, and pin it there."""
         return staging.stage(
-            body.ref, body.site, deadline=parse_deadline(body.deadline), job_id=body.job_id
+            body.ref,
+            body.site,
+            deadline=parse_deadline(body.deadline),
+            job_id=body.job_id,
+            dry_run=body.dry_run,
         )
 
     @router.get("/stage/{request_id}")
