@@ -21,10 +21,14 @@ $(AZURITE):
 	mkdir -p $(TOOLS)
 	cd $(TOOLS) && npm install --silent --no-audit --no-fund --prefix . azurite@3 >/dev/null
 
-# Debian packages the tests compare against (xxh128sum). Needs root, as on CI machines.
+# Debian packages the tests use: xxh128sum (digests compared), prometheus + promtool (the
+# real-Prometheus test, alert rules), chromium (the dashboard's browser test, driven by
+# Playwright through /usr/bin/chromium; never `playwright install`). Needs root, as on CI.
+SYSTEM_TOOLS := xxh128sum prometheus promtool chromium
 system-deps:
-	@command -v xxh128sum >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xxhash >/dev/null)
+	@for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	  [ -z "$$missing" ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq xxhash prometheus chromium fonts-dejavu-core >/dev/null)
 
 tools: $(AZURITE) system-deps
 
