@@ -223,6 +223,7 @@ def _fold(directory: Path, typ: str, dead: list[Path]) -> None:
 def _recover(directory: Path, typ: str) -> None:
     """Finish or undo a fold that a crash interrupted."""
     _archive, tmp, journal = _paths(directory, typ)
+    journal.with_suffix(".new").unlink(missing_ok=True)
     if not journal.exists():
         tmp.unlink(missing_ok=True)  # never committed: the dead files still count once
         return

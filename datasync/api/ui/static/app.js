@@ -93,16 +93,18 @@ function renderPlacements(rows) {
 
 // -- throughput chart ---------------------------------------------------------------------
 
+// Rates over a sliding window: counters move when a task completes, so rates between two
+// polls alone would be spikes and zeros.
+const RATE_WINDOW_MS = 10_000;
+
 function recordLinks(now, links) {
-  const previous = state.history.length ? state.history[state.history.length - 1] : null;
   const totals = new Map(links.map((l) => [`${l.src} → ${l.dst}`, l.bytes]));
+  const base = state.history.find((h) => now - h.t <= RATE_WINDOW_MS) ?? state.history[state.history.length - 1];
   const rates = new Map();
-  if (previous) {
-    const dt = (now - previous.t) / 1000;
-    for (const [link, total] of totals) {
-      const before = previous.totals.get(link) ?? total;
-      rates.set(link, dt > 0 ? Math.max(0, total - before) / dt : 0);
-    }
+  for (const [link, total] of totals) {
+    const before = base ? base.totals.get(link) ?? 0 : total;
+    const dt = base ? (now - base.t) / 1000 : 0;
+    rates.set(link, dt > 0 ? Math.max(0, total - before) / dt : 0);
   }
   state.history.push({ t: now, totals, rates });
   while (state.history.length && now - state.history[0].t > HISTORY_MS) state.history.shift();
@@ -113,7 +115,7 @@ function renderChart() {
   const ns = "http://www.w3.org/2000/svg";
   const W = 600, H = 220, now = Date.now();
   const links = [...new Set(state.history.flatMap((h) => [...h.rates.keys()]))].sort();
-  const peak = Math.max(1, ...state.history.flatMap((h) => [...h.rates.values()]));
+  const peak = Math.max(1024, ...state.history.flatMap((h) => [...h.rates.values()]));
   const nodes = [];
   for (let i = 1; i <= 3; i++) {
     const y = H - (H - 20) * i / 3;
