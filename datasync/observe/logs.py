@@ -11,7 +11,8 @@ unless the level is DEBUG.
 
 ``EventLog`` is an event subscriber: every domain event becomes one record whose
 ``action`` key is stable (``ACTIONS``: ``task.claimed``, ``chunk.verified``,
-``view.published``, ...), at a level that says whether someone should look.
+``view.published``, ...), at a level that says whether someone should look. URLs in
+event fields are redacted, as everywhere else.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from datasync.backends.registry import redact
 from datasync.events import (
     BlobReplicated,
     ChunkVerified,
@@ -194,7 +196,9 @@ class EventLog:
         if not event_log.isEnabledFor(level):
             return  # no lookups for records nobody keeps
         fields = {
-            f.name: getattr(event, f.name) for f in dataclasses.fields(event) if f.name != "at"
+            f.name: _safe(getattr(event, f.name))
+            for f in dataclasses.fields(event)
+            if f.name != "at"
         }
         placement_id = fields.get("placement_id")
         if isinstance(placement_id, int) and "site" not in fields:
@@ -202,6 +206,11 @@ class EventLog:
             fields["ref"], fields["site"] = info.ref, info.site
         text = " ".join(f"{k}={_short(v)}" for k, v in fields.items())
         event_log.log(level, "%s %s", action, text, extra={"action": action, "event": fields})
+
+
+def _safe(value: Any) -> Any:
+    """URLs with their passwords and signatures masked (a registration source may be one)."""
+    return redact(value) if isinstance(value, str) and "://" in value else value
 
 
 def _short(value: Any) -> str:

@@ -138,7 +138,7 @@ def test_dashboard_shows_progress_failure_and_explain(
         pct, state = _pct(page, to_s3)
         if not seen or pct != seen[-1]:
             seen.append(pct)
-        if 15 < pct < 85 and not shot.exists():
+        if 45 < pct < 90 and not shot.exists():
             page.wait_for_timeout(400)  # one more refresh: the chart has two points
             page.screenshot(path=str(shot), full_page=True)
         if state == "READY":

@@ -114,6 +114,8 @@ function renderChart() {
   const svg = document.getElementById("chart");
   const ns = "http://www.w3.org/2000/svg";
   const W = 600, H = 220, now = Date.now();
+  // The time axis spans what the page has seen: at least a minute, at most HISTORY_MS.
+  const span = Math.min(HISTORY_MS, Math.max(60_000, state.history.length ? now - state.history[0].t : 0));
   const links = [...new Set(state.history.flatMap((h) => [...h.rates.keys()]))].sort();
   const peak = Math.max(1024, ...state.history.flatMap((h) => [...h.rates.values()]));
   const nodes = [];
@@ -130,7 +132,7 @@ function renderChart() {
   links.forEach((link, i) => {
     const color = COLORS[i % COLORS.length];
     const points = state.history.filter((h) => h.rates.has(link)).map((h) => {
-      const x = W - (now - h.t) / HISTORY_MS * W;
+      const x = W - (now - h.t) / span * W;
       const y = H - (H - 20) * h.rates.get(link) / peak;
       return `${x.toFixed(1)},${y.toFixed(1)}`;
     });
