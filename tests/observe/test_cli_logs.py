@@ -7,17 +7,23 @@ is refused, and ``status`` shows a failed placement's whole reason, wrapped.
 
 from __future__ import annotations
 
+import io
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
+from rich.console import Console
 from sqlmodel import col
 from typer.testing import CliRunner
 
 from datasync.cli import app as cli_app
+from datasync.cli import replication
 from datasync.db.engine import create_engine, write_transaction
 from datasync.db.transfer_tables import Placement
+from datasync.transfer.status import PlacementStatus
 from tests.observe.servers import datasync_env, make_files, run, run_json, write_config
 
 
@@ -94,3 +100,32 @@ def test_status_shows_the_whole_reason_wrapped(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     flat = "".join(result.output.split())  # wrapped over several lines, never cut
     assert "".join(reason.split()) in "".join(flat.split("│"))
+
+
+def _status(state: str, done: int, phase: str) -> PlacementStatus:
+    now = datetime.now(UTC)
+    return PlacementStatus(
+        id=7, dataset="drive/w", version_id="ab" * 32, site="lustre", state=state, priority=0,
+        deadline=None, created_at=now, updated_at=now, files_done=done // 10, files_total=10,
+        bytes_done=done, bytes_total=100, throughput_bytes_per_second=10.0, eta_seconds=1.0,
+        at_risk=False, tasks={}, bytes_moved=done, error=None, last_errors=[], phase=phase,
+    )  # fmt: skip
+
+
+def test_replicate_wait_draws_a_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replication.time, "sleep", lambda _s: None)
+    polls = iter([_status("TRANSFERRING", 40, "2 task(s) running"), _status("READY", 100, "ready")])
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160)
+    first = _status("PLANNING", 0, "planning: comparing the version with what the site holds")
+    first = first.model_copy(update={"bytes_total": 0, "files_total": 0})
+    last = replication.watch(first, lambda: next(polls), console=console)
+    assert last.state == "READY"
+    text = out.getvalue()
+    assert "#7 drive/w@abababababab -> lustre" in text and "100%" in text and "READY: ready" in text
+    # Not a terminal: one plain status line per poll, the planning one without a percentage.
+    plain = io.StringIO()
+    polls = iter([_status("READY", 100, "ready")])
+    replication.watch(first, lambda: next(polls), console=Console(file=plain, width=160))
+    assert plain.getvalue().startswith("#7 drive/w@abababababab -> lustre: PLANNING")
+    assert "(-)" in plain.getvalue()

@@ -73,16 +73,18 @@ def _run_worker(app: App) -> list[int]:
     return [*seen, count()]
 
 
+def _app(tmp_path: Path, db_url: str) -> App:
+    """An App over a "pipeline" POSIX site (sources under ``pipeline/run``) and "lustre"."""
+    sites = [posix_site(name, tmp_path / name) for name in ("pipeline", "lustre")]
+    return bootstrap(settings_for(tmp_path / "home", db_url, sites))
+
+
 def test_a_replication_counts_what_the_database_says(
     tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="datasync.events")
-    src, dst = (
-        posix_site("pipeline", tmp_path / "pipeline"),
-        posix_site("lustre", tmp_path / "lustre"),
-    )
-    files = make_tree(src.root / "run" if src.root else tmp_path, shards=(3 * MIB + 5,))
-    app = bootstrap(settings_for(tmp_path / "home", db_url, [src, dst]))
+    files = make_tree(tmp_path / "pipeline" / "run", shards=(3 * MIB + 5,))
+    app = _app(tmp_path, db_url)
     try:
         reg = app.service.register_directory(
             "drive/obs", tmp_path / "pipeline" / "run", chunk_size=MIB
@@ -175,13 +177,9 @@ def test_a_failing_replication_counts_and_logs_its_errors(
     tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="datasync.events")
-    src, dst = (
-        posix_site("pipeline", tmp_path / "pipeline"),
-        posix_site("lustre", tmp_path / "lustre"),
-    )
     run = tmp_path / "pipeline" / "run"
     files = make_tree(run)
-    app = bootstrap(settings_for(tmp_path / "home", db_url, [src, dst]))
+    app = _app(tmp_path, db_url)
     try:
         reg = app.service.register_directory("drive/bad", run, chunk_size=MIB)
         victim = "cam0/000004.jpg"
