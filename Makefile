@@ -23,9 +23,12 @@ $(AZURITE):
 
 # Debian packages the tests run against: xxh128sum (independent hashes), Slurm 22.05 and
 # munge (the burst-buffer E2E test), lua5.1 (the burst_buffer.lua unit tests, the same Lua
-# as Slurm's), systemd-analyze (unit files). Needs root, as on CI machines.
+# as Slurm's), systemd-analyze (unit files), prometheus + promtool (the real-Prometheus
+# test, alert rules), chromium (the dashboard's browser test, driven by Playwright through
+# /usr/bin/chromium; never `playwright install`). Needs root, as on CI machines.
 SYSTEM_DEPS := xxh128sum:xxhash slurmctld:slurm-wlm munged:munge lua5.1:lua5.1 \
-	systemd-analyze:systemd
+	systemd-analyze:systemd prometheus:prometheus promtool:prometheus chromium:chromium \
+	fc-list:fonts-dejavu-core
 system-deps:
 	@missing=""; for dep in $(SYSTEM_DEPS); do \
 	  PATH="$$PATH:/usr/sbin" command -v $${dep%%:*} >/dev/null || missing="$$missing $${dep#*:}"; \

@@ -28,6 +28,8 @@ from datasync.integrity.verify import Verifier
 from datasync.manifest.remote import RemoteSources
 from datasync.manifest.statcache import StatCache
 from datasync.manifest.store import ManifestStore
+from datasync.observe import Observability, build_observability
+from datasync.observe.workers import WorkerLiveness
 from datasync.placement.eviction import Evictor
 from datasync.placement.explain import Explainer
 from datasync.placement.policies import PolicyEngine
@@ -68,6 +70,7 @@ class App:
     retry: RetryPolicy
     backends: SiteBackends  # this process's own (services); workers open their own
     verifier: Verifier
+    observability: Observability  # metrics, event logs, the lookups they share
 
     def worker(self, options: WorkerOptions) -> WorkerLoop:
         """A worker loop for this process: backends, host-wide limits, buffers, I/O pool."""
@@ -103,6 +106,7 @@ class App:
             executor=Executor(ctx),
             replan=self.replication.repair,
             chores=(tasks.reap, self.scheduler.tick, self.replication.settle_shared),
+            liveness=WorkerLiveness(self.engine),
             closers=(lambda: io.shutdown(wait=True), backends.close, limits.close),
         )
         return WorkerLoop(parts, options)
@@ -141,6 +145,9 @@ def bootstrap(settings: Settings | None = None) -> App:
         reason = " ".join(str(exc.orig).split())  # one line: psycopg adds hint lines
         raise ConfigError(f"cannot open database {where}: {reason}") from exc
     bus = EventBus()
+    observability = build_observability(engine, settings)
+    bus.subscribe(observability.recorder)  # metrics
+    bus.subscribe(observability.event_log)  # one log record per event, with an action key
     store = ManifestStore(engine)
     stat_cache = StatCache(settings.stat_cache_path)
     service = DatasyncService(settings, store, stat_cache, RemoteSources(settings), bus)
@@ -177,4 +184,5 @@ def bootstrap(settings: Settings | None = None) -> App:
         retry=retry,
         backends=backends,
         verifier=verifier,
+        observability=observability,
     )

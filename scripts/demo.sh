@@ -4,9 +4,11 @@
 #  1. manifests: generate a sample driving dataset in the "pipeline" site (run-1), register
 #     it, register it again (same id, nothing created), copy it to run-2 and change a few
 #     files there, register that as v2, show versions and the diff;
-#  2. replication, with one `datasync worker` running in the background: v1 -> the
-#     "lustre" POSIX site, status, the published view (hard links, `latest`/label
-#     symlinks); then v2, which moves only the changed bytes;
+#  2. replication, with `datasync up` (API, dashboard, metrics and one worker process)
+#     running in the background on a free loopback port: v1 -> the "lustre" POSIX site,
+#     status, the published view (hard links, `latest`/label symlinks); then v2, which
+#     moves only the changed bytes. The dashboard URL and the metrics endpoint are printed;
+#     open them while the demo runs;
 #  3. where moto_server is installed ($VENV/bin/moto_server): v1 -> an "s3" site on a moto
 #     server on a free loopback port (started at the beginning, stopped on exit).
 #
@@ -47,7 +49,7 @@ cleanup() {
     if [[ -n "$WORKER_PID" ]] && kill -0 "$WORKER_PID" 2>/dev/null; then
         kill -TERM "$WORKER_PID" 2>/dev/null || true
         wait "$WORKER_PID" 2>/dev/null || true
-        echo "stopped datasync worker (pid $WORKER_PID)"
+        echo "stopped datasync worker and API (datasync up, pid $WORKER_PID)"
     fi
     if [[ -n "$MOTO_PID" ]] && kill -0 "$MOTO_PID" 2>/dev/null; then
         kill -TERM "$MOTO_PID" 2>/dev/null || true
@@ -57,14 +59,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rm -rf "$DATASYNC_HOME" "$PIPELINE" "$LUSTRE" "$DEMO_DIR/moto.log" "$DEMO_DIR/worker.log"
+rm -rf "$DATASYNC_HOME" "$PIPELINE" "$LUSTRE" "$DEMO_DIR/moto.log" "$DEMO_DIR/datasync-up.log"
 mkdir -p "$DATASYNC_HOME" "$PIPELINE" "$LUSTRE"
+
+free_port() {
+    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
 # moto boots in the background while the manifest part runs.
 S3=0
 if [[ "${DEMO_S3:-1}" != "0" && -x "$MOTO" ]]; then
     S3=1
-    PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    PORT="$(free_port)"
     ENDPOINT="http://127.0.0.1:$PORT"
     "$MOTO" -H 127.0.0.1 -p "$PORT" >"$DEMO_DIR/moto.log" 2>&1 &
     MOTO_PID=$!
@@ -125,10 +131,18 @@ step "$DS show $NAME@latest --files"
 # ---------------------------------------------------------------- part 2: replication
 
 # The worker starts first: it boots while the bucket is created and the sites are probed.
-step "start one worker process in the background: $DS worker"
-"$DS" worker >"$DEMO_DIR/worker.log" 2>&1 &
+UI_PORT="$(free_port)"
+UI="http://127.0.0.1:$UI_PORT"
+step "start the API, the dashboard and one worker process in the background: $DS up --port $UI_PORT"
+"$DS" up --port "$UI_PORT" --log-format json >"$DEMO_DIR/datasync-up.log" 2>&1 &
 WORKER_PID=$!
-echo "datasync worker pid $WORKER_PID (log: $DEMO_DIR/worker.log)"
+for _ in $(seq 1 150); do
+    "$PY" -c "import urllib.request as u; u.urlopen('$UI/ui/data', timeout=1)" 2>/dev/null && break
+    kill -0 "$WORKER_PID" 2>/dev/null || { cat "$DEMO_DIR/datasync-up.log"; exit 1; }
+    sleep 0.2
+done
+echo "datasync up pid $WORKER_PID (JSON logs: $DEMO_DIR/datasync-up.log)"
+printf '\033[1mdashboard: %s/ui   metrics: %s/metrics\033[0m (open them while the demo runs)\n' "$UI" "$UI"
 
 if [[ "$S3" == 1 ]]; then
     step "moto_server (S3 emulator) at $ENDPOINT: create the bucket"
@@ -206,6 +220,10 @@ fi
 
 step "$DS status --all"
 "$DS" status --all
+
+step "what Prometheus would scrape: $UI/metrics (bytes per link, placements by state)"
+"$PY" -c "import urllib.request as u; print(u.urlopen('$UI/metrics', timeout=10).read().decode())" \
+    | grep -E '^datasync_(transfer_bytes_total|placements\{)' || true
 
 step "done in $((SECONDS - START)) s"
 printf 'state is in %s; try: DATASYNC_HOME=%s %s status --all\n' \

@@ -7,6 +7,9 @@ file type, request body) is 422, other bad input 400, anything else 500. OpenAPI
 
 Registering a *directory* names a path on the server's file system, scanned by the
 server process; clients elsewhere upload a producer manifest instead.
+
+Outside ``/api/v1``: ``/metrics`` (Prometheus) and the dashboard at ``/ui``
+(``datasync.api.ui``).
 """
 
 from __future__ import annotations
@@ -171,6 +174,9 @@ def create_app(application: App) -> FastAPI:
 
     api.include_router(transfer_router(application, API_PREFIX))
     api.include_router(staging_router(application, API_PREFIX))
+    from datasync.api.ui import ops_router  # /metrics, /ui
+
+    api.include_router(ops_router(application))
     return api
 
 

@@ -12,6 +12,7 @@ They import ``helpers``; only this module imports them.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
@@ -52,5 +53,15 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: this process logs (``DATASYNC_LOG``, at WARNING by
+    default; daemons raise it to INFO) and counts its events in the host's metrics."""
+    from datasync.observe.exposition import record_host_metrics
+    from datasync.observe.logs import setup_logging
+
+    try:
+        setup_logging(default_level=logging.WARNING)
+    except ValueError as exc:
+        typer.echo(f"datasync: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    record_host_metrics()
     app()

@@ -5,6 +5,12 @@ worker processes (``datasync.transfer.supervisor``): SIGTERM or SIGINT stops the
 tree, and the children die with a parent killed outright. ``--processes`` is 1 to
 ``MAX_PROCESSES_PER_CPU`` per CPU; more needs ``--force``. The in-process mode
 (``processes=0``) is for Python callers only.
+
+They log at INFO (``--log-level``, else ``DATASYNC_LOG``), as JSON lines unless stderr is a
+terminal (``--log-format``, else ``DATASYNC_LOG_FORMAT``); their worker processes log the
+same way. ``serve`` and ``up`` serve ``/metrics`` (every datasync process of the host, and
+the database's state) and the dashboard at ``/ui``; ``worker --metrics-port`` serves the
+host's event metrics for hosts without an API server.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from datasync.cli.helpers import application, handle_errors
 from datasync.errors import DatasyncError, UserError
 
 if TYPE_CHECKING:
+    import uvicorn
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from datasync.bootstrap import App
@@ -39,6 +46,38 @@ ProcessesOpt = Annotated[
 ForceOpt = Annotated[
     bool, typer.Option("--force", help=f"Allow more worker processes than {_PER_CPU}.")
 ]
+LogLevelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-level", help="DEBUG, INFO, WARNING or ERROR (default: $DATASYNC_LOG or INFO)."
+    ),
+]
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        help="json, human or auto (human on a terminal; default: $DATASYNC_LOG_FORMAT or auto).",
+    ),
+]
+
+
+def _logging(level: str | None, fmt: str | None) -> None:
+    from datasync.observe.logs import setup_logging
+
+    with handle_errors():
+        try:
+            setup_logging(level, fmt, default_level=logging.INFO)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+
+def _uvicorn_config(app: App, host: str, port: int) -> uvicorn.Config:
+    import uvicorn
+
+    from datasync.api.app import create_app
+
+    # log_config=None: uvicorn's loggers go through the handler _logging installed.
+    return uvicorn.Config(create_app(app), host=host, port=port, log_config=None)
 
 
 def _check_processes(processes: int, force: bool) -> None:
@@ -98,14 +137,16 @@ def start_maintenance(app: App) -> BackgroundScheduler:
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8750,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
-    """Serve the HTTP API (/api/v1, OpenAPI at /docs) until interrupted."""
+    """Serve the HTTP API (/api/v1, OpenAPI at /docs), /metrics and /ui until interrupted."""
     import uvicorn  # deferred: only the daemons need the web server
 
-    from datasync.api.app import create_app
-
+    _logging(log_level, log_format)
     with application() as app:
-        uvicorn.run(create_app(app), host=host, port=port, log_level="info")
+        log.info("dashboard at http://%s:%s/ui, metrics at /metrics", host, port)
+        uvicorn.Server(_uvicorn_config(app, host, port)).run()
 
 
 @commands.command()
@@ -115,14 +156,32 @@ def worker(
         bool, typer.Option("--once", help="Exit when no task is queued or leased.")
     ] = False,
     force: ForceOpt = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", help="Serve this host's event metrics on this port."),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address for --metrics-port.")
+    ] = "127.0.0.1",
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run worker processes that claim and execute transfer tasks (SIGTERM stops them)."""
     from datasync.transfer.supervisor import run_worker
 
+    _logging(log_level, log_format)
     with handle_errors():
         _check_processes(processes, force)
     with application() as app:
         settings = app.settings
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            # Event metrics only: the database's gauges come from the API servers.
+            start_http_server(
+                metrics_port, metrics_host, registry=app.observability.exposition_events()
+            )
+            log.info("metrics at http://%s:%s/metrics", metrics_host, metrics_port)
     with handle_errors():
         run_worker(settings, processes=processes, once=once)
 
@@ -133,19 +192,20 @@ def up(
     port: Annotated[int, typer.Option(help="API port.")] = 8750,
     processes: ProcessesOpt = 1,
     force: ForceOpt = False,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run the API, the maintenance scheduler and workers together (embedded defaults)."""
     import uvicorn
 
-    from datasync.api.app import create_app
     from datasync.transfer.supervisor import WorkerPool, stop_on_signals
 
+    _logging(log_level, log_format)
     with handle_errors():
         _check_processes(processes, force)
     with application() as app:
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(app), host=host, port=port, log_level="info")
-        )
+        server = uvicorn.Server(_uvicorn_config(app, host, port))
+        log.info("dashboard at http://%s:%s/ui, metrics at /metrics", host, port)
 
         def shut_down() -> None:
             server.should_exit = True

@@ -1,17 +1,29 @@
 """Replication commands: replicate, status, sites.
 
 ``replicate`` records the placement and plans it; the bytes are moved by workers
-(``datasync worker`` or ``datasync up``). ``--wait`` polls until READY or FAILED.
-Every command calls ``App.replication`` (``datasync.transfer.service``).
+(``datasync worker`` or ``datasync up``). ``--wait`` polls until READY or FAILED: a rich
+progress bar on a terminal (``watch``), one status line per second elsewhere. Every
+command calls ``App.replication`` (``datasync.transfer.service``). The ``status`` table
+wraps long notes (a failure's whole reason) instead of cutting them.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from datasync.cli.helpers import JsonOpt, application, print_json
@@ -19,7 +31,7 @@ from datasync.textfmt import human_bytes
 from datasync.transfer.sites import SiteInfo
 from datasync.transfer.status import PlacementStatus, parse_deadline
 
-__all__ = ["commands"]
+__all__ = ["commands", "watch"]
 
 commands = typer.Typer()
 WAIT_POLL_SECONDS = 1.0
@@ -33,13 +45,18 @@ def _eta(seconds: float | None) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def _percent(p: PlacementStatus) -> str:
+    if p.state == "PLANNING" and not p.bytes_total:
+        return "-"  # nothing is known yet, certainly not 100%
+    return f"{100.0 * p.bytes_done / p.bytes_total if p.bytes_total else 100.0:.0f}%"
+
+
 def _line(p: PlacementStatus) -> str:
-    pct = 100.0 * p.bytes_done / p.bytes_total if p.bytes_total else 100.0
     risk = "  AT RISK" if p.at_risk else ""
     text = (
         f"#{p.id} {p.dataset}@{p.version_id[:12]} -> {p.site}: {p.state}  "
         f"{p.files_done:,}/{p.files_total:,} files  "
-        f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)} ({pct:.0f}%)  "
+        f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)} ({_percent(p)})  "
         f"{human_bytes(p.throughput_bytes_per_second)}/s  ETA {_eta(p.eta_seconds)}{risk}"
     )
     if p.state not in ("READY", "FAILED"):
@@ -53,7 +70,9 @@ def _line(p: PlacementStatus) -> str:
 
 
 def _status_table(rows: list[PlacementStatus]) -> Table:
-    table = Table("id", "version", "site", "state", "files", "bytes", "rate", "ETA", "note")
+    table = Table("id", "version", "site", "state", "files", "bytes", "rate", "ETA")
+    # The note takes the room left and wraps: a failure's reason is shown whole.
+    table.add_column("note", overflow="fold", ratio=1, min_width=30)
     for p in rows:
         note = p.error or p.phase
         if p.last_errors and not p.error:
@@ -69,7 +88,7 @@ def _status_table(rows: list[PlacementStatus]) -> Table:
             f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)}",
             f"{human_bytes(p.throughput_bytes_per_second)}/s",
             _eta(p.eta_seconds),
-            note[:120],
+            note,
         )
     return table
 
@@ -89,6 +108,53 @@ def _sites_table(rows: list[SiteInfo]) -> Table:
             limits += f", {s.bandwidth_mbps:g} Mb/s"
         table.add_row(s.name, s.url, s.backend, health, " ".join(flags) or "-", limits)
     return table
+
+
+def watch(
+    first: PlacementStatus,
+    poll: Callable[[], PlacementStatus],
+    *,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> PlacementStatus:
+    """Poll a placement until READY or FAILED, drawing its progress on stderr: a progress
+    bar (bytes, rate, ETA) and the phase on a terminal, a status line per poll elsewhere,
+    nothing when ``quiet``. Returns the last status."""
+    console = console or Console(stderr=True)
+    current = first
+    if current.state in ("READY", "FAILED"):
+        return current
+    if quiet or not console.is_terminal:
+        while current.state not in ("READY", "FAILED"):
+            if not quiet:
+                console.print(_line(current), highlight=False, soft_wrap=True)
+            time.sleep(WAIT_POLL_SECONDS)
+            current = poll()
+        return current
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[phase]}", style="dim"),
+    )
+    label = f"#{current.id} {current.dataset}@{current.version_id[:12]} -> {current.site}"
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(label, total=current.bytes_total or None, phase=current.phase)
+        while True:
+            bar.update(
+                task,
+                total=current.bytes_total or None,
+                completed=current.bytes_done,
+                phase=f"{current.state}: {current.phase}"
+                + ("  AT RISK" if current.at_risk else ""),
+            )
+            if current.state in ("READY", "FAILED"):
+                return current
+            time.sleep(WAIT_POLL_SECONDS)
+            current = poll()
 
 
 @commands.command()
@@ -119,12 +185,9 @@ def replicate(
         replication = app.replication
         when = parse_deadline(deadline)
         result = replication.replicate(ref, to, priority=priority, deadline=when, source=source)
-        console = Console(stderr=True)
-        while wait and result.state not in ("READY", "FAILED"):
-            if not as_json:
-                console.print(_line(result), highlight=False)
-            time.sleep(WAIT_POLL_SECONDS)
-            result = replication.status(placement_id=result.id)[0]
+        if wait:
+            pid = result.id
+            result = watch(result, lambda: replication.status(placement_id=pid)[0], quiet=as_json)
     if as_json:
         print_json(result)
     else:

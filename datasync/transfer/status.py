@@ -16,9 +16,11 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import col
 
+from datasync.db.ops_tables import WorkerRow
 from datasync.db.transfer_tables import Placement, Task
 from datasync.errors import UserError
 from datasync.models import PlacementState, TaskState
+from datasync.observe.workers import live_since
 from datasync.transfer.state import as_utc
 
 __all__ = ["THROUGHPUT_WINDOW", "PlacementStatus", "parse_deadline", "status"]
@@ -106,9 +108,10 @@ def status(
         counts, written = _task_counts(conn, ids)
         recent = _recent(conn, ids, now - timedelta(seconds=THROUGHPUT_WINDOW))
         waits = _waits(conn, ids, now)
+        orphaned = _orphaned(conn, ids, now)
         errors = _last_errors(conn, ids)
     return [
-        _one(row, counts.get(int(row["id"]), {}), written, recent, waits, errors, now)
+        _one(row, counts.get(int(row["id"]), {}), written, recent, waits, orphaned, errors, now)
         for row in rows
     ]
 
@@ -123,6 +126,7 @@ def _one(
     written: dict[int, int],
     recent: dict[int, tuple[int, int]],
     waits: _Waits,
+    orphaned: dict[int, int],
     errors: dict[int, list[dict[str, Any]]],
     now: datetime,
 ) -> PlacementStatus:
@@ -167,7 +171,7 @@ def _one(
         bytes_moved=written.get(pid, 0),
         error=row["error"],
         last_errors=errors.get(pid, []),
-        phase=_phase(state, counts, waits.get(pid, (0, None, 0)), now),
+        phase=_phase(state, counts, waits.get(pid, (0, None, 0)), orphaned.get(pid, 0), now),
     )
 
 
@@ -228,23 +232,49 @@ def _waits(conn: Connection, ids: list[int], now: datetime) -> _Waits:
     return {int(pid): (int(w), as_utc(until), int(h)) for pid, w, until, h in rows}
 
 
+def _orphaned(conn: Connection, ids: list[int], now: datetime) -> dict[int, int]:
+    """Leased tasks whose worker stopped heartbeating (``datasync.observe.workers``)."""
+    rows = conn.execute(
+        sa.select(col(Task.placement_id), sa.func.count())
+        .select_from(Task)
+        .outerjoin(WorkerRow, col(WorkerRow.owner) == col(Task.lease_owner))
+        .where(
+            col(Task.placement_id).in_(ids),
+            col(Task.state) == TaskState.LEASED,
+            sa.or_(col(WorkerRow.owner).is_(None), col(WorkerRow.last_seen) < live_since(now)),
+        )
+        .group_by(col(Task.placement_id))
+    )
+    return {int(pid): int(n) for pid, n in rows}
+
+
 def _phase(
     state: PlacementState,
     counts: dict[str, int],
     waits: tuple[int, datetime | None, int],
+    orphaned: int,
     now: datetime,
 ) -> str:
     """Explain a placement's wait (Rucio users ask for exactly this: rucio#7598)."""
     if state.final:
         return state.lower()
     if state is PlacementState.PLANNING:
-        return f"planning ({sum(counts.values())} task(s) so far)"
+        planned = sum(counts.values())
+        if not planned:
+            return "planning: comparing the version with what the site holds"
+        return f"planning ({planned} task(s) so far)"
     if state is PlacementState.PUBLISHING:
         return "publishing the view"
     waiting, until, held = waits
     parts = []
-    if counts.get(TaskState.LEASED):
-        parts.append(f"{counts[TaskState.LEASED]} task(s) running")
+    running = counts.get(TaskState.LEASED, 0) - orphaned
+    if running > 0:
+        parts.append(f"{running} task(s) running")
+    if orphaned:
+        parts.append(
+            f"{orphaned} task(s) held by a worker that stopped heartbeating"
+            " (taken over when the lease expires)"
+        )
     due = counts.get(TaskState.QUEUED, 0) - waiting - held
     if due:
         parts.append(f"{due} task(s) waiting for a worker")

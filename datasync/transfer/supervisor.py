@@ -19,6 +19,10 @@ Invariants:
   parent send SIGTERM to every child and wait ``grace + STOP_MARGIN_SECONDS``; children
   still alive then are SIGKILLed (their leases expire: invariant 4) and reaped.
 
+Children log and count like their parent: the parent's log setup and host metrics
+directory travel with the spawn arguments (``ChildObservability``) and are applied before
+the child builds anything (prometheus_client must see the directory first).
+
 Linux sends the death signal when the *thread* that spawned the child ends, so a pool is
 started and stopped by the same thread, which outlives it.
 """
@@ -40,6 +44,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType, TracebackType
 
 from datasync.config import Settings
+from datasync.observe import ChildObservability
 from datasync.transfer.worker import (
     StopSignal,
     WorkerOptions,
@@ -122,6 +127,7 @@ def _process_main(
     placements: Sequence[int] | None,
     parent_pipe: Connection,
     parent_pid: int,
+    observability: ChildObservability,
 ) -> None:
     """Entry point of a spawned worker process."""
     # Until the handlers below are installed, SIGTERM kills this process outright: it has
@@ -136,6 +142,7 @@ def _process_main(
     signal.signal(signal.SIGINT, on_signal)
     if stop.is_set():
         return
+    observability.apply()  # logs and the metrics directory, before any metric exists
     from datasync.bootstrap import bootstrap
 
     app = bootstrap(Settings.model_validate_json(settings_json))
@@ -180,6 +187,7 @@ class WorkerPool:
             placements,
             self._pipe_r,
             os.getpid(),
+            ChildObservability.of_this_process(),
         )
         self.children: list[BaseProcess] = [
             ctx.Process(target=_process_main, args=args, name=f"datasync-worker-{i}")

@@ -10,6 +10,9 @@ nothing inherited but the settings; each builds its own engine, backends and poo
   retry and permanent failure);
 * a heartbeat thread extends the leases of running tasks every ``lease_seconds / 3``; a
   lease found lost (taken over after a stall) cancels the task, so it stops writing;
+* the process's row in ``workers`` (``datasync.observe.workers``) is written when the loop
+  starts, refreshed by the same thread every ``WORKER_BEAT_SECONDS`` (or more often) and
+  deleted when the loop ends, so others can tell a running task from a dead worker's;
 * SIGTERM (or ``stop_event``): stop claiming, let running tasks finish for ``grace``
   seconds, then cancel the rest and hand them back (a retryable failure);
 * SIGKILL at any instant is safe by design: leases expire, the next claim takes the task
@@ -43,6 +46,7 @@ from datasync.db.engine import DB_UNAVAILABLE
 from datasync.db.transfer_tables import Task
 from datasync.errors import DatasyncError
 from datasync.models import TaskState
+from datasync.observe.workers import WORKER_BEAT_SECONDS, WorkerLiveness
 from datasync.transfer.exec import Executor, ReplanNeeded
 from datasync.transfer.state import ClaimedTask, TaskStates
 
@@ -125,6 +129,7 @@ class WorkerParts:
     # Periodic chores every worker runs too (reap dead leases, keep deadlines current), so
     # a `serve` + `worker` deployment without `datasync up` still does them.
     chores: tuple[Callable[[], object], ...]
+    liveness: WorkerLiveness  # this process's row in ``workers``
     closers: tuple[Callable[[], None], ...]  # pools, backends, limits: closed in order
 
 
@@ -148,8 +153,18 @@ class WorkerLoop:
 
     def _heartbeat(self) -> None:
         period = max(0.2, self.options.lease_seconds / 3)
+        tick = min(period, WORKER_BEAT_SECONDS)
+        next_lease = time.monotonic() + period
         next_reap = 0.0
-        while not self._beat_stop.wait(period):
+        while not self._beat_stop.wait(tick):
+            with self._lock:
+                running = len(self._running)
+            self.parts.liveness.beat(self.owner, running)
+            if time.monotonic() < next_lease:
+                continue
+            next_lease = time.monotonic() + period
+            # Every worker also reaps dead leases, so a `serve` + `worker` deployment
+            # without `datasync up` still fails tasks whose last attempt died.
             if time.monotonic() >= next_reap:
                 next_reap = time.monotonic() + REAP_EVERY_SECONDS
                 for chore in self.parts.chores:
@@ -228,6 +243,7 @@ class WorkerLoop:
         once: bool = False,
         placements: Sequence[int] | None = None,
     ) -> WorkerStats:
+        self.parts.liveness.register(self.owner)
         beat = threading.Thread(target=self._heartbeat, name="datasync-heartbeat", daemon=True)
         beat.start()
         idle = 0.01
@@ -265,6 +281,7 @@ class WorkerLoop:
         finally:
             self._beat_stop.set()
             beat.join(5)
+            self.parts.liveness.deregister(self.owner)
         return self.stats
 
     def _idle(self, placements: Sequence[int] | None) -> bool:
