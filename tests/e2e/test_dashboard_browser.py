@@ -168,6 +168,8 @@ def test_dashboard_shows_progress_failure_and_explain(
     # Explain: the panel opens for the failed placement and shows its errors.
     failed_row.click()
     page.wait_for_selector("#explain:not([hidden])", timeout=10_000)
+    # The panel opens at once; its body arrives with the explain response.
+    page.wait_for_selector('#explain [data-role="summary"]', timeout=10_000)
     panel = page.locator("#explain").inner_text()
     assert f"#{failing}" in panel and "ChecksumMismatch" in panel, panel
     page.screenshot(path=str(tmp / "dashboard-explain.png"), full_page=True)
