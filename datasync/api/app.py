@@ -1,27 +1,40 @@
 """The HTTP API under ``/api/v1``: thin FastAPI routes over ``DatasyncService``.
 
-Same operations, same results as the CLI (both call the service). Errors come back as
-``{"error": "<message>"}``: ``UnknownReference`` is 404, invalid content (path, manifest,
-file type, request body) is 422, other bad input 400, anything else 500. OpenAPI is at
-``/api/v1/openapi.json`` and interactive docs at ``/docs``.
+Same operations, same results as the CLI (both call the service). Every route but
+``GET /api/v1/health`` needs ``Authorization: Bearer <token>``, and the token's role must
+allow the route's action (``datasync.api.auth``; roles in ``datasync.auth.roles``).
 
-Registering a *directory* names a path on the server's file system, scanned by the
-server process; clients elsewhere upload a producer manifest instead.
+Errors come back as ``{"error": "<message>"}``: 401 without a valid token, 403 outside the
+token's rights, ``UnknownReference`` 404, invalid content (path, manifest, file type,
+request body) 422, other bad input 400, a body over the route's size limit 413. OpenAPI is
+at ``/api/v1/openapi.json`` and interactive docs at ``/docs``.
+
+Registering a *directory* names a directory of a configured site (``SITE:path``, or an
+absolute path under a POSIX site's root), scanned by the server process; clients elsewhere
+upload a producer manifest instead.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Annotated
 
+import sqlalchemy as sa
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from datasync import __version__
+from datasync.api.auth import ReadDatasets, WriteDatasets
+from datasync.api.limits import BodyLimits, LimitBodies
+from datasync.auth.roles import Action, Forbidden, Unauthorized
+from datasync.backends.registry import parse_url
 from datasync.bootstrap import App
+from datasync.config import Settings
 from datasync.errors import (
     DatasyncError,
     InvalidManifest,
@@ -30,14 +43,17 @@ from datasync.errors import (
     UnsupportedFileType,
     UserError,
 )
-from datasync.manifest.refs import check_dataset_name, check_label
+from datasync.manifest.refs import check_dataset_name, check_label, parse_ref
+from datasync.manifest.remote import parse_source
 from datasync.service import DiffResult, RegisterResult, VersionInfo
+from datasync.transfer.sites import site_for_source
 
-__all__ = ["API_PREFIX", "create_app"]
+__all__ = ["API_PREFIX", "ERROR_RESPONSES", "ErrorBody", "create_app"]
 
 API_PREFIX = "/api/v1"
 NDJSON = "application/x-ndjson"
 _UPLOAD_CHUNK = 1 << 20
+MANIFEST_UPLOAD = rf"{API_PREFIX}/datasets/.+/versions/manifest"
 
 
 class ErrorBody(BaseModel):
@@ -45,7 +61,10 @@ class ErrorBody(BaseModel):
 
 
 class DirectoryRequest(BaseModel):
-    path: str = Field(description="A directory on the SERVER's file system.")
+    path: str = Field(
+        description="A directory on the SERVER: SITE:path, or an absolute path under the "
+        "root of a configured POSIX site."
+    )
     label: str | None = None
     chunk_size: int | None = Field(default=None, description="Bytes; default from config.")
 
@@ -55,7 +74,15 @@ class LabelRequest(BaseModel):
     label: str
 
 
+class Health(BaseModel):
+    status: str
+
+
 def _status(exc: DatasyncError) -> int:
+    if isinstance(exc, Unauthorized):
+        return 401
+    if isinstance(exc, Forbidden):
+        return 403
     if isinstance(exc, UnknownReference):
         return 404
     if isinstance(exc, InvalidManifest | InvalidPath | UnsupportedFileType):
@@ -65,14 +92,22 @@ def _status(exc: DatasyncError) -> int:
     return 500
 
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorBody, "description": "Bad input; nothing changed."},
-    404: {"model": ErrorBody, "description": "Unknown dataset, label or version."},
-    422: {"model": ErrorBody, "description": "Invalid manifest, path or request body."},
+def _error(description: str) -> dict[str, object]:
+    return {"model": ErrorBody, "description": description}
+
+
+# Documented on every route (the OpenAPI document is what clients and schemathesis check).
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: _error("Bad input; nothing changed."),
+    401: _error("No token, or an unknown, revoked or expired one."),
+    403: _error("The token's role or namespaces do not allow this."),
+    404: _error("Unknown dataset, label, version or placement."),
+    413: _error("The request body is over the route's size limit."),
+    422: _error("Invalid manifest, path or request body."),
 }
 
 
-def create_app(application: App) -> FastAPI:
+def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
     """Build the FastAPI app over an already bootstrapped ``App``."""
     service = application.service
     api = FastAPI(
@@ -80,11 +115,24 @@ def create_app(application: App) -> FastAPI:
         version=__version__,
         description=__doc__,
         openapi_url=f"{API_PREFIX}/openapi.json",
+        responses=ERROR_RESPONSES,
+    )
+    api.state.tokens = application.tokens
+    api.add_middleware(
+        LimitBodies, limits=limits or BodyLimits(), uploads=[("POST", MANIFEST_UPLOAD)]
     )
 
     @api.exception_handler(DatasyncError)
     async def _datasync_error(_request: Request, exc: DatasyncError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=_status(exc))
+        status = _status(exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"error": exc.message}, status_code=status, headers=headers)
+
+    @api.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -94,18 +142,33 @@ def create_app(application: App) -> FastAPI:
         ]
         return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
 
-    @api.get(f"{API_PREFIX}/datasets", responses=_ERRORS)
-    def list_datasets() -> list[str]:
-        return service.list_datasets()
+    @api.get(
+        f"{API_PREFIX}/health",
+        response_model=Health,
+        responses={503: _error("The database does not answer.")},
+    )
+    def health() -> JSONResponse:
+        """Liveness for load balancers: no token needed; 503 when the database is down."""
+        try:
+            with application.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError:
+            return JSONResponse({"error": "database unavailable"}, status_code=503)
+        return JSONResponse(Health(status="ok").model_dump())
 
-    @api.get(f"{API_PREFIX}/datasets/{{dataset:path}}/versions", responses=_ERRORS)
-    def list_versions(dataset: str) -> list[VersionInfo]:
+    @api.get(f"{API_PREFIX}/datasets")
+    def list_datasets(who: ReadDatasets) -> list[str]:
+        """Datasets (an owner token sees those of its namespaces)."""
+        return [d for d in service.list_datasets() if who.sees(d)]
+
+    @api.get(f"{API_PREFIX}/datasets/{{dataset:path}}/versions")
+    def list_versions(dataset: str, who: ReadDatasets) -> list[VersionInfo]:
         """Versions of a dataset, newest first."""
+        who.require(Action.READ_DATASETS, dataset)
         return service.list_versions(dataset)
 
     @api.post(
         f"{API_PREFIX}/datasets/{{dataset:path}}/versions/manifest",
-        responses=_ERRORS,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -115,10 +178,17 @@ def create_app(application: App) -> FastAPI:
         },
     )
     async def register_manifest(
-        dataset: str, request: Request, label: Annotated[str | None, Query()] = None
+        dataset: str,
+        request: Request,
+        who: WriteDatasets,
+        label: Annotated[str | None, Query()] = None,
     ) -> RegisterResult:
-        """Register an uploaded producer manifest (stored unverified; nothing is hashed)."""
+        """Register an uploaded producer manifest (stored unverified; nothing is hashed).
+
+        The body is streamed to a spool file, then read line by line: a manifest of
+        millions of entries is never held in memory."""
         check_dataset_name(dataset)
+        who.require(Action.WRITE_DATASETS, dataset)
         if label is not None:
             check_label(label)
         with service.spool() as f:
@@ -127,49 +197,83 @@ def create_app(application: App) -> FastAPI:
             f.flush()
             return await run_in_threadpool(service.register_manifest, dataset, f.name, label=label)
 
-    @api.post(f"{API_PREFIX}/datasets/{{dataset:path}}/versions/directory", responses=_ERRORS)
+    @api.post(f"{API_PREFIX}/datasets/{{dataset:path}}/versions/directory")
     def register_directory(
-        dataset: str, body: Annotated[DirectoryRequest, Body()]
+        dataset: str, body: Annotated[DirectoryRequest, Body()], who: WriteDatasets
     ) -> RegisterResult:
-        """Scan and hash a directory ON THE SERVER and register it (may take long)."""
+        """Scan and hash a directory of a configured site ON THE SERVER and register it
+        (may take long)."""
+        check_dataset_name(dataset)
+        who.require(Action.WRITE_DATASETS, dataset)
+        source = site_directory(application.settings, body.path)
         return service.register_directory(
-            dataset, body.path, label=body.label, chunk_size=body.chunk_size
+            dataset, source, label=body.label, chunk_size=body.chunk_size
         )
 
     # Declared before /versions/{ref} so the greedy path converter does not swallow it.
     @api.get(
         f"{API_PREFIX}/versions/{{ref:path}}/manifest",
-        responses={**_ERRORS, 200: {"content": {NDJSON: {}}}},
+        responses={200: {"content": {NDJSON: {}}}},
         response_class=StreamingResponse,
     )
-    def export_manifest(ref: str) -> StreamingResponse:
+    def export_manifest(ref: str, who: ReadDatasets) -> StreamingResponse:
         """The canonical manifest (JSON Lines); its sha256 is the version id."""
+        who.require(Action.READ_DATASETS, parse_ref(ref).dataset)
         info, lines = service.export_stream(ref)
         headers = {"X-Datasync-Version-Id": info.version_id}
         return StreamingResponse(_iterate(lines), media_type=NDJSON, headers=headers)
 
-    @api.get(f"{API_PREFIX}/versions/{{ref:path}}", responses=_ERRORS)
-    def show(ref: str) -> VersionInfo:
+    @api.get(f"{API_PREFIX}/versions/{{ref:path}}")
+    def show(ref: str, who: ReadDatasets) -> VersionInfo:
         """Resolve DATASET@REF (label, id or unique id prefix) and describe the version."""
+        who.require(Action.READ_DATASETS, parse_ref(ref).dataset)
         return service.show(ref)
 
-    @api.get(f"{API_PREFIX}/diff", responses=_ERRORS)
+    @api.get(f"{API_PREFIX}/diff")
     def diff(
         old: Annotated[str, Query(description="DATASET@REF")],
         new: Annotated[str, Query(description="DATASET@REF")],
+        who: ReadDatasets,
     ) -> DiffResult:
         """Files added, removed and changed from ``old`` to ``new``."""
+        for ref in (old, new):
+            who.require(Action.READ_DATASETS, parse_ref(ref).dataset)
         return service.diff(old, new)
 
-    @api.put(f"{API_PREFIX}/labels", responses=_ERRORS)
-    def set_label(body: LabelRequest) -> VersionInfo:
+    @api.put(f"{API_PREFIX}/labels")
+    def set_label(body: LabelRequest, who: WriteDatasets) -> VersionInfo:
         """Point a label at a version (moving it if it exists)."""
+        who.require(Action.WRITE_DATASETS, parse_ref(body.ref).dataset)
         return service.set_label(body.ref, body.label)
 
+    from datasync.api.token_routes import token_router  # whoami, tokens
     from datasync.api.transfer_routes import transfer_router  # placements, sites
 
     api.include_router(transfer_router(application, API_PREFIX))
+    api.include_router(token_router(application, API_PREFIX))
     return api
+
+
+def site_directory(settings: Settings, path: str) -> str:
+    """``path`` as ``SITE:path`` of the configured site that holds it.
+
+    The API scans directories of configured sites only (a client must not make the server
+    read ``/etc``): ``SITE:path`` is taken as is (its path part is checked, and a symlink
+    out of the site root is refused when it is scanned), an absolute path must lie under a
+    POSIX site's root, after symlinks are resolved."""
+    if "\x00" in path:
+        raise InvalidPath("the path holds a NUL character")
+    if parse_source(settings, path, urls=False) is not None:
+        return path
+    found = site_for_source(settings, path) if os.path.isabs(path) else None
+    if found is None or parse_url(settings.sites[found[0]].url).scheme != "file":
+        sites = ", ".join(sorted(settings.sites)) or "none configured"
+        raise UserError(
+            f"{path!r} is not a directory of a configured site (sites: {sites}): the API "
+            "registers SITE:path, or an absolute path under a POSIX site's root"
+        )
+    site, prefix = found
+    return f"{site}:{prefix.rstrip('/')}"
 
 
 def _iterate(lines: Iterator[bytes]) -> Iterator[bytes]:

@@ -5,21 +5,31 @@ worker processes (``datasync.transfer.supervisor``): SIGTERM or SIGINT stops the
 tree, and the children die with a parent killed outright. ``--processes`` is 1 to
 ``MAX_PROCESSES_PER_CPU`` per CPU; more needs ``--force``. The in-process mode
 (``processes=0``) is for Python callers only.
+
+``serve`` and ``up`` create the embedded admin token on first start
+(``$DATASYNC_HOME/admin.token``, mode 0600), serve HTTPS with ``--tls-cert``/``--tls-key``
+(uvicorn's ``ssl_certfile``/``ssl_keyfile``), and refuse request bodies over
+``--max-body`` (JSON routes) or ``--max-upload`` (manifest uploads) with 413.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from datasync.cli.helpers import application, handle_errors
+from datasync.api.limits import BodyLimits
+from datasync.cli.helpers import application, handle_errors, parse_size
+from datasync.cli.tokens import ensure_admin_token
 from datasync.errors import DatasyncError, UserError
 
 if TYPE_CHECKING:
+    import uvicorn
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from datasync.bootstrap import App
@@ -39,6 +49,58 @@ ProcessesOpt = Annotated[
 ForceOpt = Annotated[
     bool, typer.Option("--force", help=f"Allow more worker processes than {_PER_CPU}.")
 ]
+
+
+TlsCertOpt = Annotated[
+    Path | None, typer.Option("--tls-cert", help="PEM certificate (chain): serve HTTPS.")
+]
+TlsKeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")]
+MaxBodyOpt = Annotated[
+    str, typer.Option("--max-body", help="Largest JSON request body (413 above it).")
+]
+MaxUploadOpt = Annotated[
+    str, typer.Option("--max-upload", help="Largest manifest upload (413 above it).")
+]
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _api_server(
+    app: App,
+    host: str,
+    port: int,
+    tls: tuple[Path | None, Path | None],
+    sizes: tuple[str, str],
+) -> uvicorn.Config:
+    """The API's uvicorn configuration: TLS, body limits, and the embedded admin token."""
+    import uvicorn  # deferred: only the daemons need the web server
+
+    from datasync.api.app import create_app
+
+    cert, key = tls
+    if (cert is None) != (key is None):
+        raise UserError("--tls-cert and --tls-key go together: give both or neither")
+    for path in (cert, key):
+        if path is not None and not path.is_file():
+            raise UserError(f"{path}: no such file (TLS)")
+    limits = BodyLimits(json_bytes=parse_size(sizes[0]), upload_bytes=parse_size(sizes[1]))
+    if min(limits.json_bytes, limits.upload_bytes) < 1024:
+        raise UserError("--max-body and --max-upload must be at least 1KiB")
+    ensure_admin_token(app.tokens, app.settings.home)
+    if cert is None and host not in _LOOPBACK:
+        log.warning("serving on %s without TLS: tokens cross the network in clear", host)
+    config = uvicorn.Config(
+        create_app(app, limits),
+        host=host,
+        port=port,
+        log_level="info",
+        ssl_certfile=str(cert) if cert else None,
+        ssl_keyfile=str(key) if key else None,
+    )
+    try:
+        config.load()  # reads the certificate and key now: a bad pair stops nothing running
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(f"cannot use --tls-cert {cert} with --tls-key {key}: {exc}") from exc
+    return config
 
 
 def _check_processes(processes: int, force: bool) -> None:
@@ -96,14 +158,17 @@ def start_maintenance(app: App) -> BackgroundScheduler:
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8750,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    max_body: MaxBodyOpt = "1MiB",
+    max_upload: MaxUploadOpt = "8GiB",
 ) -> None:
     """Serve the HTTP API (/api/v1, OpenAPI at /docs) until interrupted."""
-    import uvicorn  # deferred: only the daemons need the web server
-
-    from datasync.api.app import create_app
+    import uvicorn
 
     with application() as app:
-        uvicorn.run(create_app(app), host=host, port=port, log_level="info")
+        config = _api_server(app, host, port, (tls_cert, tls_key), (max_body, max_upload))
+        uvicorn.Server(config).run()
 
 
 @commands.command()
@@ -131,19 +196,21 @@ def up(
     port: Annotated[int, typer.Option(help="API port.")] = 8750,
     processes: ProcessesOpt = 1,
     force: ForceOpt = False,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    max_body: MaxBodyOpt = "1MiB",
+    max_upload: MaxUploadOpt = "8GiB",
 ) -> None:
     """Run the API, the maintenance scheduler and workers together (embedded defaults)."""
     import uvicorn
 
-    from datasync.api.app import create_app
     from datasync.transfer.supervisor import WorkerPool, stop_on_signals
 
     with handle_errors():
         _check_processes(processes, force)
     with application() as app:
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(app), host=host, port=port, log_level="info")
-        )
+        config = _api_server(app, host, port, (tls_cert, tls_key), (max_body, max_upload))
+        server = uvicorn.Server(config)
 
         def shut_down() -> None:
             server.should_exit = True
