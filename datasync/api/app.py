@@ -21,43 +21,36 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import sqlalchemy as sa
-from fastapi import Body, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
 from datasync import __version__
 from datasync.api.auth import ReadDatasets, WriteDatasets
+from datasync.api.errors import (
+    AUTH_RESPONSES,
+    ERROR_RESPONSES,
+    error_response,
+    install_error_handlers,
+)
 from datasync.api.limits import BodyLimits, LimitBodies
-from datasync.auth.roles import Action, Forbidden, Unauthorized
+from datasync.auth.roles import Action
 from datasync.backends.registry import parse_url
 from datasync.bootstrap import App
 from datasync.config import Settings
-from datasync.errors import (
-    DatasyncError,
-    InvalidManifest,
-    InvalidPath,
-    UnknownReference,
-    UnsupportedFileType,
-    UserError,
-)
+from datasync.errors import InvalidPath, UserError
 from datasync.manifest.refs import check_dataset_name, check_label, parse_ref
 from datasync.manifest.remote import parse_source
 from datasync.service import DiffResult, RegisterResult, VersionInfo
 from datasync.transfer.sites import site_for_source
 
-__all__ = ["API_PREFIX", "ERROR_RESPONSES", "ErrorBody", "create_app"]
+__all__ = ["API_PREFIX", "create_app", "site_directory"]
 
 API_PREFIX = "/api/v1"
 NDJSON = "application/x-ndjson"
 _UPLOAD_CHUNK = 1 << 20
 MANIFEST_UPLOAD = rf"{API_PREFIX}/datasets/.+/versions/manifest"
-
-
-class ErrorBody(BaseModel):
-    error: str
 
 
 class DirectoryRequest(BaseModel):
@@ -78,35 +71,6 @@ class Health(BaseModel):
     status: str
 
 
-def _status(exc: DatasyncError) -> int:
-    if isinstance(exc, Unauthorized):
-        return 401
-    if isinstance(exc, Forbidden):
-        return 403
-    if isinstance(exc, UnknownReference):
-        return 404
-    if isinstance(exc, InvalidManifest | InvalidPath | UnsupportedFileType):
-        return 422
-    if isinstance(exc, UserError):
-        return 400
-    return 500
-
-
-def _error(description: str) -> dict[str, object]:
-    return {"model": ErrorBody, "description": description}
-
-
-# Documented on every route (the OpenAPI document is what clients and schemathesis check).
-ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    400: _error("Bad input; nothing changed."),
-    401: _error("No token, or an unknown, revoked or expired one."),
-    403: _error("The token's role or namespaces do not allow this."),
-    404: _error("Unknown dataset, label, version or placement."),
-    413: _error("The request body is over the route's size limit."),
-    422: _error("Invalid manifest, path or request body."),
-}
-
-
 def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
     """Build the FastAPI app over an already bootstrapped ``App``."""
     service = application.service
@@ -122,30 +86,12 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
         LimitBodies, limits=limits or BodyLimits(), uploads=[("POST", MANIFEST_UPLOAD)]
     )
 
-    @api.exception_handler(DatasyncError)
-    async def _datasync_error(_request: Request, exc: DatasyncError) -> JSONResponse:
-        status = _status(exc)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse({"error": exc.message}, status_code=status, headers=headers)
-
-    @api.exception_handler(HTTPException)
-    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
-        )
-
-    @api.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [
-            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
-            for err in exc.errors()
-        ]
-        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+    install_error_handlers(api)
 
     @api.get(
         f"{API_PREFIX}/health",
         response_model=Health,
-        responses={503: _error("The database does not answer.")},
+        responses={503: error_response("The database does not answer.")},
     )
     def health() -> JSONResponse:
         """Liveness for load balancers: no token needed; 503 when the database is down."""
@@ -156,19 +102,21 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
             return JSONResponse({"error": "database unavailable"}, status_code=503)
         return JSONResponse(Health(status="ok").model_dump())
 
-    @api.get(f"{API_PREFIX}/datasets")
+    router = APIRouter(prefix=API_PREFIX, responses=AUTH_RESPONSES, tags=["datasets"])
+
+    @router.get("/datasets")
     def list_datasets(who: ReadDatasets) -> list[str]:
         """Datasets (an owner token sees those of its namespaces)."""
         return [d for d in service.list_datasets() if who.sees(d)]
 
-    @api.get(f"{API_PREFIX}/datasets/{{dataset:path}}/versions")
+    @router.get("/datasets/{dataset:path}/versions")
     def list_versions(dataset: str, who: ReadDatasets) -> list[VersionInfo]:
         """Versions of a dataset, newest first."""
         who.require(Action.READ_DATASETS, dataset)
         return service.list_versions(dataset)
 
-    @api.post(
-        f"{API_PREFIX}/datasets/{{dataset:path}}/versions/manifest",
+    @router.post(
+        "/datasets/{dataset:path}/versions/manifest",
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -197,7 +145,7 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
             f.flush()
             return await run_in_threadpool(service.register_manifest, dataset, f.name, label=label)
 
-    @api.post(f"{API_PREFIX}/datasets/{{dataset:path}}/versions/directory")
+    @router.post("/datasets/{dataset:path}/versions/directory")
     def register_directory(
         dataset: str, body: Annotated[DirectoryRequest, Body()], who: WriteDatasets
     ) -> RegisterResult:
@@ -211,8 +159,8 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
         )
 
     # Declared before /versions/{ref} so the greedy path converter does not swallow it.
-    @api.get(
-        f"{API_PREFIX}/versions/{{ref:path}}/manifest",
+    @router.get(
+        "/versions/{ref:path}/manifest",
         responses={200: {"content": {NDJSON: {}}}},
         response_class=StreamingResponse,
     )
@@ -223,13 +171,13 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
         headers = {"X-Datasync-Version-Id": info.version_id}
         return StreamingResponse(_iterate(lines), media_type=NDJSON, headers=headers)
 
-    @api.get(f"{API_PREFIX}/versions/{{ref:path}}")
+    @router.get("/versions/{ref:path}")
     def show(ref: str, who: ReadDatasets) -> VersionInfo:
         """Resolve DATASET@REF (label, id or unique id prefix) and describe the version."""
         who.require(Action.READ_DATASETS, parse_ref(ref).dataset)
         return service.show(ref)
 
-    @api.get(f"{API_PREFIX}/diff")
+    @router.get("/diff")
     def diff(
         old: Annotated[str, Query(description="DATASET@REF")],
         new: Annotated[str, Query(description="DATASET@REF")],
@@ -240,7 +188,7 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
             who.require(Action.READ_DATASETS, parse_ref(ref).dataset)
         return service.diff(old, new)
 
-    @api.put(f"{API_PREFIX}/labels")
+    @router.put("/labels")
     def set_label(body: LabelRequest, who: WriteDatasets) -> VersionInfo:
         """Point a label at a version (moving it if it exists)."""
         who.require(Action.WRITE_DATASETS, parse_ref(body.ref).dataset)
@@ -249,6 +197,7 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
     from datasync.api.token_routes import token_router  # whoami, tokens
     from datasync.api.transfer_routes import transfer_router  # placements, sites
 
+    api.include_router(router)
     api.include_router(transfer_router(application, API_PREFIX))
     api.include_router(token_router(application, API_PREFIX))
     return api

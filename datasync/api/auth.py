@@ -22,7 +22,7 @@ import functools
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -39,6 +39,7 @@ __all__ = [
     "Stage",
     "WriteDatasets",
     "WritePlacements",
+    "api_routes",
     "authenticate",
     "permit",
     "requires_token",
@@ -78,6 +79,21 @@ def permit(action: Action) -> Callable[[Principal], Principal]:
     dependency.__name__ = f"permit_{action.name.lower()}"
     setattr(dependency, _ACTION_ATTR, action)
     return dependency
+
+
+def api_routes(app: FastAPI) -> list[APIRoute]:
+    """Every ``APIRoute`` of ``app``, those of included routers too (recent FastAPI keeps
+    an included router whole instead of copying its routes into ``app.routes``)."""
+    found: list[APIRoute] = []
+    pending: list[object] = list(app.routes)
+    while pending:
+        route = pending.pop(0)
+        if isinstance(route, APIRoute):
+            found.append(route)
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            pending.extend(included.routes)
+    return found
 
 
 def _dependency_calls(route: APIRoute) -> list[object]:

@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from datasync.api.auth import Authenticated, ManageTokens
+from datasync.api.errors import AUTH_RESPONSES
 from datasync.auth.roles import Role
 from datasync.auth.tokens import IssuedToken, TokenInfo, parse_expiry
 from datasync.bootstrap import App
@@ -36,7 +37,7 @@ class TokenRequest(BaseModel):
 
 def token_router(application: App, prefix: str = "/api/v1") -> APIRouter:
     tokens = application.tokens
-    router = APIRouter(prefix=prefix, tags=["tokens"])
+    router = APIRouter(prefix=prefix, tags=["tokens"], responses=AUTH_RESPONSES)
 
     @router.get("/whoami")
     def whoami(who: Authenticated) -> WhoAmI:

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 
 from datasync.api.auth import ReadPlacements, permit
+from datasync.api.errors import AUTH_RESPONSES
 from datasync.auth.roles import Action
 from datasync.bootstrap import App
 from datasync.errors import UnknownReference, UserError
@@ -46,7 +47,7 @@ class ReplicateRequest(BaseModel):
 def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
     """Routes over ``application``'s replication service."""
     replication = application.replication
-    router = APIRouter(prefix=prefix, tags=["replication"])
+    router = APIRouter(prefix=prefix, tags=["replication"], responses=AUTH_RESPONSES)
 
     @router.post("/placements", dependencies=[Depends(permit(Action.WRITE_PLACEMENTS))])
     def create_placement(body: ReplicateRequest) -> PlacementStatus:

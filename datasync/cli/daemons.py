@@ -85,7 +85,6 @@ def _api_server(
     limits = BodyLimits(json_bytes=parse_size(sizes[0]), upload_bytes=parse_size(sizes[1]))
     if min(limits.json_bytes, limits.upload_bytes) < 1024:
         raise UserError("--max-body and --max-upload must be at least 1KiB")
-    ensure_admin_token(app.tokens, app.settings.home)
     if cert is None and host not in _LOOPBACK:
         log.warning("serving on %s without TLS: tokens cross the network in clear", host)
     config = uvicorn.Config(
@@ -100,6 +99,7 @@ def _api_server(
         config.load()  # reads the certificate and key now: a bad pair stops nothing running
     except (OSError, ssl.SSLError) as exc:
         raise UserError(f"cannot use --tls-cert {cert} with --tls-key {key}: {exc}") from exc
+    ensure_admin_token(app.tokens, app.settings.home)  # once nothing else can refuse to start
     return config
 
 
