@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Body, FastAPI, Query, Request
+from fastapi import APIRouter, Body, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +35,16 @@ from datasync.api.errors import (
     install_error_handlers,
 )
 from datasync.api.limits import BodyLimits, LimitBodies
+from datasync.api.params import (
+    LABEL_PATTERN,
+    REF_EXAMPLE,
+    REF_PATTERN,
+    DatasetPath,
+    LabelQuery,
+    RefPath,
+    RefQuery,
+    documented,
+)
 from datasync.auth.roles import Action
 from datasync.backends.registry import parse_url
 from datasync.bootstrap import App
@@ -42,6 +52,7 @@ from datasync.config import Settings
 from datasync.errors import InvalidPath, UserError
 from datasync.manifest.refs import check_dataset_name, check_label, parse_ref
 from datasync.manifest.remote import parse_source
+from datasync.models import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from datasync.service import DiffResult, RegisterResult, VersionInfo
 from datasync.transfer.sites import site_for_source
 
@@ -51,6 +62,10 @@ API_PREFIX = "/api/v1"
 NDJSON = "application/x-ndjson"
 _UPLOAD_CHUNK = 1 << 20
 MANIFEST_UPLOAD = rf"{API_PREFIX}/datasets/.+/versions/manifest"
+MANIFEST_EXAMPLE = (
+    '{"format":"datasync-producer/1","chunk_size":67108864}\n'
+    '{"path":"cam0/000001.jpg","size":5,"digest":"xxh3-128:2d5a8c5e4f0a1b2c3d4e5f60718293a4"}\n'
+)
 
 
 class DirectoryRequest(BaseModel):
@@ -58,13 +73,20 @@ class DirectoryRequest(BaseModel):
         description="A directory on the SERVER: SITE:path, or an absolute path under the "
         "root of a configured POSIX site."
     )
-    label: str | None = None
-    chunk_size: int | None = Field(default=None, description="Bytes; default from config.")
+    label: str | None = Field(default=None, json_schema_extra=documented(LABEL_PATTERN))
+    chunk_size: int | None = Field(
+        default=None,
+        description=f"Bytes, {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}; default from config.",
+        json_schema_extra={"minimum": MIN_CHUNK_SIZE, "maximum": MAX_CHUNK_SIZE},
+    )
 
 
 class LabelRequest(BaseModel):
-    ref: str = Field(description="DATASET@REF the label should point at.")
-    label: str
+    ref: str = Field(
+        description="DATASET@REF the label should point at.",
+        json_schema_extra=documented(REF_PATTERN, REF_EXAMPLE),
+    )
+    label: str = Field(json_schema_extra=documented(LABEL_PATTERN, "stable"))
 
 
 class Health(BaseModel):
@@ -110,7 +132,7 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
         return [d for d in service.list_datasets() if who.sees(d)]
 
     @router.get("/datasets/{dataset:path}/versions")
-    def list_versions(dataset: str, who: ReadDatasets) -> list[VersionInfo]:
+    def list_versions(dataset: DatasetPath, who: ReadDatasets) -> list[VersionInfo]:
         """Versions of a dataset, newest first."""
         who.require(Action.READ_DATASETS, dataset)
         return service.list_versions(dataset)
@@ -121,15 +143,15 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
             "requestBody": {
                 "required": True,
                 "description": "A producer manifest: JSON Lines, schema in manifests/.",
-                "content": {NDJSON: {"schema": {"type": "string"}}},
+                "content": {NDJSON: {"schema": {"type": "string"}, "example": MANIFEST_EXAMPLE}},
             }
         },
     )
     async def register_manifest(
-        dataset: str,
+        dataset: DatasetPath,
         request: Request,
         who: WriteDatasets,
-        label: Annotated[str | None, Query()] = None,
+        label: LabelQuery = None,
     ) -> RegisterResult:
         """Register an uploaded producer manifest (stored unverified; nothing is hashed).
 
@@ -147,7 +169,7 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
 
     @router.post("/datasets/{dataset:path}/versions/directory")
     def register_directory(
-        dataset: str, body: Annotated[DirectoryRequest, Body()], who: WriteDatasets
+        dataset: DatasetPath, body: Annotated[DirectoryRequest, Body()], who: WriteDatasets
     ) -> RegisterResult:
         """Scan and hash a directory of a configured site ON THE SERVER and register it
         (may take long)."""
@@ -164,7 +186,7 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
         responses={200: {"content": {NDJSON: {}}}},
         response_class=StreamingResponse,
     )
-    def export_manifest(ref: str, who: ReadDatasets) -> StreamingResponse:
+    def export_manifest(ref: RefPath, who: ReadDatasets) -> StreamingResponse:
         """The canonical manifest (JSON Lines); its sha256 is the version id."""
         who.require(Action.READ_DATASETS, parse_ref(ref).dataset)
         info, lines = service.export_stream(ref)
@@ -172,15 +194,15 @@ def create_app(application: App, limits: BodyLimits | None = None) -> FastAPI:
         return StreamingResponse(_iterate(lines), media_type=NDJSON, headers=headers)
 
     @router.get("/versions/{ref:path}")
-    def show(ref: str, who: ReadDatasets) -> VersionInfo:
+    def show(ref: RefPath, who: ReadDatasets) -> VersionInfo:
         """Resolve DATASET@REF (label, id or unique id prefix) and describe the version."""
         who.require(Action.READ_DATASETS, parse_ref(ref).dataset)
         return service.show(ref)
 
     @router.get("/diff")
     def diff(
-        old: Annotated[str, Query(description="DATASET@REF")],
-        new: Annotated[str, Query(description="DATASET@REF")],
+        old: Annotated[str, RefQuery("DATASET@REF: the version to compare from.")],
+        new: Annotated[str, RefQuery("DATASET@REF: the version to compare to.")],
         who: ReadDatasets,
     ) -> DiffResult:
         """Files added, removed and changed from ``old`` to ``new``."""

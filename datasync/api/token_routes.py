@@ -6,11 +6,14 @@ the response once; nothing can show it again.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from datasync.api.auth import Authenticated, ManageTokens
-from datasync.api.errors import AUTH_RESPONSES
+from datasync.api.errors import AUTH_RESPONSES, error_response
+from datasync.api.params import NAMESPACE_PATTERN, TOKEN_NAME_PATTERN, documented
 from datasync.auth.roles import Role
 from datasync.auth.tokens import IssuedToken, TokenInfo, parse_expiry
 from datasync.bootstrap import App
@@ -25,10 +28,13 @@ class WhoAmI(BaseModel):
 
 
 class TokenRequest(BaseModel):
-    name: str = Field(description="A unique name: letters, digits, '.', '_' or '-'.")
+    name: str = Field(
+        description="A unique name: letters, digits, '.', '_' or '-'.",
+        json_schema_extra=documented(TOKEN_NAME_PATTERN, "slurm-hook"),
+    )
     role: Role
-    namespaces: list[str] = Field(
-        default_factory=list, description="Owner tokens: the namespaces they own."
+    namespaces: list[Annotated[str, Field(json_schema_extra=documented(NAMESPACE_PATTERN))]] = (
+        Field(default_factory=list, description="Owner tokens: the namespaces they own.")
     )
     expires: str | None = Field(
         default=None, description="ISO 8601 time, or relative: +90s, +30m, +2h, +30d."
@@ -49,7 +55,11 @@ def token_router(application: App, prefix: str = "/api/v1") -> APIRouter:
         """Every token (never a token's value or hash)."""
         return tokens.list()
 
-    @router.post("/tokens", status_code=201)
+    @router.post(
+        "/tokens",
+        status_code=201,
+        responses={409: error_response("A token of that name exists already.")},
+    )
     def create_token(body: TokenRequest, _admin: ManageTokens) -> IssuedToken:
         """Issue a token; the response is the only place it is ever shown."""
         expires_at = parse_expiry(body.expires)

@@ -9,7 +9,7 @@ of its namespaces only.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -17,6 +17,12 @@ from pydantic import BaseModel, Field
 
 from datasync.api.auth import ReadPlacements, permit
 from datasync.api.errors import AUTH_RESPONSES
+from datasync.api.params import (
+    REF_EXAMPLE,
+    REF_PATTERN,
+    SITE_PATTERN,
+    documented,
+)
 from datasync.auth.roles import Action
 from datasync.bootstrap import App
 from datasync.errors import UnknownReference, UserError
@@ -31,8 +37,13 @@ ID_MAX = 2**63 - 1
 
 
 class ReplicateRequest(BaseModel):
-    ref: str = Field(description="DATASET@REF to replicate.")
-    site: str = Field(description="Destination site name.")
+    ref: str = Field(
+        description="DATASET@REF to replicate.",
+        json_schema_extra=documented(REF_PATTERN, REF_EXAMPLE),
+    )
+    site: str = Field(
+        description="Destination site name.", json_schema_extra=documented(SITE_PATTERN)
+    )
     priority: int | None = Field(
         default=None, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="Higher runs first (default 0)."
     )
@@ -44,6 +55,17 @@ class ReplicateRequest(BaseModel):
     )
 
 
+def _deadline(text: str | None) -> datetime | None:
+    """``parse_deadline``, in UTC, refusing times past what a database can hand back (a
+    deadline of 9999-12-31T23:59-05:00 is year 10000 in UTC: PostgreSQL stores it, and
+    then no placement could be read)."""
+    try:
+        deadline = parse_deadline(text)
+        return deadline.astimezone(UTC) if deadline is not None else None
+    except OverflowError:
+        raise UserError(f"deadline {text!r} is out of range") from None
+
+
 def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
     """Routes over ``application``'s replication service."""
     replication = application.replication
@@ -52,10 +74,7 @@ def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
     @router.post("/placements", dependencies=[Depends(permit(Action.WRITE_PLACEMENTS))])
     def create_placement(body: ReplicateRequest) -> PlacementStatus:
         """Record (idempotently) that ``ref`` must be at ``site``, plan it, return status."""
-        try:
-            deadline: datetime | None = parse_deadline(body.deadline)
-        except OverflowError:
-            raise UserError(f"deadline {body.deadline!r} is out of range") from None
+        deadline = _deadline(body.deadline)
         return replication.replicate(
             body.ref,
             body.site,
@@ -67,8 +86,8 @@ def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
     @router.get("/placements")
     def list_placements(
         who: ReadPlacements,
-        dataset: Annotated[str | None, Query()] = None,
-        site: Annotated[str | None, Query()] = None,
+        dataset: Annotated[str | None, Query(description="Only this dataset's.")] = None,
+        site: Annotated[str | None, Query(description="Only those at this site.")] = None,
         active: Annotated[bool, Query(description="Only placements not READY/FAILED.")] = False,
     ) -> list[PlacementStatus]:
         """Placements, newest first, with progress, throughput, ETA and last errors (an

@@ -40,6 +40,7 @@ from datasync.errors import UnknownReference, UserError
 __all__ = [
     "ADMIN_TOKEN_FILE",
     "IssuedToken",
+    "TokenExists",
     "TokenInfo",
     "TokenService",
     "hash_token",
@@ -66,6 +67,10 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+class TokenExists(UserError):
+    """A token of that name exists already (HTTP 409)."""
 
 
 class TokenInfo(BaseModel):
@@ -152,7 +157,7 @@ class TokenService:
             with self.engine.begin() as conn:
                 conn.execute(sa.insert(ApiToken).values(**row.model_dump(exclude={"id"})))
         except sa.exc.IntegrityError as exc:
-            raise UserError(f"a token named {name!r} exists already") from exc
+            raise TokenExists(f"a token named {name!r} exists already") from exc
         return IssuedToken(**TokenInfo.of(row, now).model_dump(), token=secret)
 
     def list(self) -> list[TokenInfo]:
@@ -278,7 +283,9 @@ def parse_expiry(text: str | None) -> datetime | None:
     from datasync.transfer.status import parse_deadline  # the one spelling of a time
 
     try:
-        return parse_deadline(text)
+        expiry = parse_deadline(text)
+        # In UTC now: past year 9999 there, PostgreSQL would store what no read can return.
+        return expiry.astimezone(UTC) if expiry is not None else None
     except OverflowError:
         raise UserError(f"expiry {text!r} is out of range") from None
 
