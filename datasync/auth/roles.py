@@ -93,7 +93,7 @@ def check_namespaces(role: Role, namespaces: Iterable[str]) -> tuple[str, ...]:
     the other roles none."""
     found = tuple(sorted(set(namespaces)))
     for ns in found:
-        if not _NAMESPACE_RE.match(ns):
+        if not _NAMESPACE_RE.fullmatch(ns):
             raise UserError(
                 f"invalid namespace {ns!r}: the first segment of a dataset name "
                 "(lowercase letters, digits, '.', '_' or '-', starting with a letter or digit)"

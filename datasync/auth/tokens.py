@@ -43,6 +43,7 @@ __all__ = [
     "TokenExists",
     "TokenInfo",
     "TokenService",
+    "check_token_name",
     "hash_token",
     "parse_expiry",
     "read_token_file",
@@ -140,7 +141,7 @@ class TokenService:
     ) -> IssuedToken:
         role = _role(role)
         spaces = check_namespaces(role, namespaces)
-        _check_name(name)
+        check_token_name(name)
         now = datetime.now(UTC)
         expires_at = _aware(expires_at)
         if expires_at is not None and expires_at <= now:
@@ -298,8 +299,8 @@ def _role(role: Role | str) -> Role:
         raise UserError(f"unknown role {role!r}: use one of {known}") from None
 
 
-def _check_name(name: str) -> None:
-    if not _NAME_RE.match(name):
+def check_token_name(name: str) -> None:
+    if not _NAME_RE.fullmatch(name):
         raise UserError(
             f"invalid token name {name!r}: up to 128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

@@ -143,6 +143,10 @@ FAR = "9999-12-31T23:59:59-05:00"  # year 10000 in UTC
         ("post", "/tokens", {"json": {"name": "t", "role": "hook", "expires": FAR}}, "range"),
         ("post", "/placements", {"json": {"ref": "d/a", "site": "s", "priority": 2**31}}, "less"),
         ("get", f"/placements/{2**63}", {}, "placement_id"),
+        # Found by the properties in tests/unit/test_properties.py:
+        ("post", "/datasets/d/a/versions/manifest", {"content": b"[" * 10**5}, "too deeply"),
+        ("put", "/labels", {"json": {"ref": "d/a", "label": "v1\n"}}, "invalid label"),
+        ("get", "/versions/d/a%0A@latest", {}, "invalid dataset name"),
     ],
 )
 def test_what_fuzzing_found_is_refused_as_bad_input(
