@@ -146,7 +146,7 @@ FAR = "9999-12-31T23:59:59-05:00"  # year 10000 in UTC
         # Found by the properties in tests/unit/test_properties.py:
         ("post", "/datasets/d/a/versions/manifest", {"content": b"[" * 10**5}, "too deeply"),
         ("put", "/labels", {"json": {"ref": "d/a", "label": "v1\n"}}, "invalid label"),
-        ("get", "/versions/d/a%0A@latest", {}, "invalid dataset name"),
+        ("get", "/diff", {"params": {"old": "d/a\n@v1", "new": "d/a"}}, "invalid dataset name"),
     ],
 )
 def test_what_fuzzing_found_is_refused_as_bad_input(
