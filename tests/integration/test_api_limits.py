@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +19,7 @@ from datasync.api.limits import BodyLimits
 from datasync.bootstrap import App, bootstrap
 from datasync.config import load_settings
 from datasync.manifest.bulk import SQLITE_BULK_CACHE_KIB
-from tests.integration.auth_helpers import bearer, served_admin_token
+from tests.integration.api_helpers import bearer, served_admin_token, serving
 from tests.integration.manifest_helpers import counts, entries, write_producer
 
 V1 = API_PREFIX
@@ -90,12 +87,6 @@ def test_manifest_uploads_have_their_own_larger_limit(
     assert list((application.settings.home / "tmp").iterdir()) == []  # spool removed
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _memory_mib(pid: int) -> dict[str, int]:
     """Resident (``VmRSS``) and peak resident (``VmHWM``) memory of ``pid``, in MiB."""
     found = {}
@@ -131,38 +122,18 @@ def test_a_two_million_entry_manifest_is_streamed_not_loaded(tmp_path: Path, db_
     n = 2_000_000  # ~190 MB of JSON Lines; as Python objects it would be well over 1 GiB
     home = tmp_path / "home"
     env = {**os.environ, "DATASYNC_HOME": str(home), "DATASYNC_DATABASE_URL": db_url}
-    port = _free_port()
-    exe = Path(sys.executable).with_name("datasync")
-    proc = subprocess.Popen(
-        [exe, "serve", "--port", str(port), "--max-upload", "1GiB"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}{V1}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"{base}/health", timeout=5)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+    with serving(env, "--max-upload", "1GiB") as server:
         auth = {"Authorization": f"Bearer {served_admin_token(home)}"}
-        before = _memory_mib(proc.pid)
+        before = _memory_mib(server.pid)
         started = time.monotonic()
         r = httpx.post(
-            f"{base}/datasets/drive/big/versions/manifest",
+            f"{server.base}{V1}/datasets/drive/big/versions/manifest",
             content=_shuffled_manifest(n),
             headers=auth,
             timeout=600,
         )
         seconds = time.monotonic() - started
-        after = _memory_mib(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        after = _memory_mib(server.pid)
     assert r.status_code == 200, r.text
     assert r.json()["files"] == n and r.json()["bytes"] == n * (n - 1) // 2
     growth = after["VmHWM"] - before["VmRSS"]

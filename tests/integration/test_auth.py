@@ -7,11 +7,8 @@ import datetime as dt
 import hashlib
 import json
 import os
-import socket
 import ssl
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +23,7 @@ from datasync.bootstrap import App, bootstrap
 from datasync.cli import app as cli_app
 from datasync.config import load_settings
 from datasync.errors import UnknownReference, UserError
-from tests.integration.auth_helpers import served_admin_token
+from tests.integration.api_helpers import free_port, served_admin_token, serving
 
 
 @pytest.fixture
@@ -188,12 +185,6 @@ def test_the_token_cli_creates_lists_and_revokes(env: dict[str, str], tmp_path: 
     assert code == 2 and "'god' is not one of" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key, made here (``cryptography``)."""
     import ipaddress
@@ -234,40 +225,19 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
-    port = _free_port()
     home = tmp_path / "home"
     env = {**os.environ, "DATASYNC_HOME": str(home), "DATASYNC_DATABASE_URL": ""}
-    exe = Path(sys.executable).with_name("datasync")
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [exe, "serve", "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     trust = ssl.create_default_context(cafile=str(cert))
-    try:
-        base = f"https://127.0.0.1:{port}/api/v1"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                assert httpx.get(f"{base}/health", verify=trust, timeout=5).status_code == 200
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-                assert time.monotonic() < deadline, "datasync serve did not start"
-                time.sleep(0.2)
+    args = ("--tls-cert", str(cert), "--tls-key", str(key))
+    with serving(env, *args, tls=trust) as server:
+        assert server.base.startswith("https://")
         auth = {"Authorization": f"Bearer {served_admin_token(home)}"}
-        me = httpx.get(f"{base}/whoami", headers=auth, verify=trust, timeout=5)
+        me = httpx.get(f"{server.base}/api/v1/whoami", headers=auth, verify=trust, timeout=5)
         assert me.status_code == 200 and me.json()["role"] == "admin"
         with pytest.raises(httpx.ConnectError):  # not our CA: refused by the client
-            httpx.get(f"{base}/health", timeout=5)
+            httpx.get(f"{server.base}/api/v1/health", timeout=5)
         with pytest.raises(httpx.TransportError):  # plain HTTP on the TLS port
-            httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=5)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+            httpx.get(server.base.replace("https", "http") + "/api/v1/health", timeout=5)
 
 
 @pytest.mark.parametrize(
@@ -286,6 +256,6 @@ def test_serve_refuses_bad_tls_and_limit_options(
     cert, key = _self_signed(tmp_path)
     args = [str(cert) if a == "CERT" else str(key) if a == "KEY" else a for a in args]
     env = {"DATASYNC_HOME": str(tmp_path / "home"), "DATASYNC_DATABASE_URL": ""}
-    code, _, err = _cli(env, "serve", "--port", str(_free_port()), *args)
+    code, _, err = _cli(env, "serve", "--port", str(free_port()), *args)
     assert code == 2 and err.startswith("datasync: error: ") and message in err, err
     assert err.count("\n") == 1

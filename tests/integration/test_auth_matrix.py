@@ -31,6 +31,7 @@ from datasync.auth import Role
 from datasync.bootstrap import App, bootstrap
 from datasync.config import load_settings
 from datasync.db.ops_tables import ApiToken
+from tests.integration.api_helpers import site_env
 from tests.integration.manifest_helpers import entries
 
 V1 = API_PREFIX
@@ -172,16 +173,9 @@ def _api_routes(app: App) -> dict[tuple[str, str], APIRoute]:
 
 @pytest.fixture
 def world(tmp_path: Path, db_url: str) -> Iterator[World]:
-    site = tmp_path / "site"
-    (site / "run").mkdir(parents=True)
-    (site / "run" / "frame.jpg").write_bytes(b"frame")
-    config = tmp_path / "datasync.toml"
-    config.write_text(f'[sites.lustre]\nurl = "{site}"\n')
-    env = {
-        "DATASYNC_HOME": str(tmp_path / "home"),
-        "DATASYNC_DATABASE_URL": db_url,
-        "DATASYNC_CONFIG": str(config),
-    }
+    env = site_env(tmp_path, db_url)
+    (tmp_path / "site" / "run").mkdir()
+    (tmp_path / "site" / "run" / "frame.jpg").write_bytes(b"frame")
     rows = [{"path": e.path, "size": e.size, "digest": e.digest} for e in entries(3)]
     manifest = "\n".join(json.dumps(r) for r in [{"format": "datasync-producer/1"}, *rows])
     with bootstrap(load_settings(env=env)) as app, TestClient(create_app(app)) as client:

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -42,18 +41,12 @@ from datasync.config import load_settings
 from datasync.errors import DatasyncError
 from datasync.transfer.supervisor import run_worker
 from datasync.transfer.worker import WorkerOptions
-from tests.integration.auth_helpers import served_admin_token
+from tests.integration.api_helpers import free_port, served_admin_token, serving
 
 AWS_SECRET = "awsSECRETkey0fd9a1c4e8b2"
 ACCOUNT_KEY = base64.b64encode(b"azure-SECRET-account-key-5d1e9b").decode()
 PG_PASSWORD = "pgSECRETpassword5b7e"
 EXE = Path(sys.executable).with_name("datasync")
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])  # closed again: connections are refused
 
 
 @dataclass
@@ -79,7 +72,7 @@ def setup(tmp_path: Path, pg_url: str) -> Iterator[Setup]:
     site = tmp_path / "site"
     (site / "run").mkdir(parents=True)
     (site / "run" / "a.bin").write_bytes(b"a" * 3000)
-    aws_port, azure_port = _closed_port(), _closed_port()
+    aws_port, azure_port = free_port(), free_port()
     connection = (
         "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
         f"AccountKey={ACCOUNT_KEY};BlobEndpoint=http://127.0.0.1:{azure_port}/devstoreaccount1;"
@@ -160,7 +153,7 @@ def test_no_cli_output_holds_a_secret(setup: Setup) -> None:
     _cli(setup, "token", "revoke", "hook-1", code=0)
     _cli(setup, "token", "create", "hook-1", "-r", "hook", code=2)
     down = {**setup.env}
-    closed = f"@127.0.0.1:{_closed_port()}/"
+    closed = f"@127.0.0.1:{free_port()}/"
     down["DATASYNC_DATABASE_URL"] = re.sub(r"@[^/]+/", closed, down["DATASYNC_DATABASE_URL"])
     assert PG_PASSWORD in down["DATASYNC_DATABASE_URL"]
     message = _cli(setup, "datasets", env=down) or setup.outputs["datasync datasets"]
@@ -180,26 +173,12 @@ def test_no_api_answer_or_server_log_holds_a_secret(setup: Setup) -> None:
             if "GET" in route.methods and "{" not in route.path_format
         )
     setup.secrets |= {"hook token": hook, "revoked token": revoked}
-    port = _closed_port()
     log_path = setup.home / "serve.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            [EXE, "serve", "--port", str(port)], env=setup.env, stdout=log, stderr=log
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"{base}/api/v1/health", timeout=5)
-                break
-            except httpx.TransportError:
-                assert server.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+    with serving(setup.env, log=log_path) as server:
         admin = served_admin_token(setup.home)
         setup.secrets["admin token"] = admin
         answers = []
-        with httpx.Client(base_url=base, timeout=60) as client:
+        with httpx.Client(base_url=server.base, timeout=60) as client:
             for token in (admin, hook, revoked, admin + "x", None):
                 headers = {"Authorization": f"Bearer {token}"} if token else {}
                 for path in [*paths, "/api/v1/sites?probe=true", "/docs", "/redoc"]:
@@ -218,9 +197,6 @@ def test_no_api_answer_or_server_log_holds_a_secret(setup: Setup) -> None:
                     )
                 )
                 answers.append(client.get("/api/v1/placements/1", headers=headers))
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     assert {r.status_code for r in answers} >= {200, 400, 401, 403}
     for i, r in enumerate(answers):
         setup.outputs[f"{r.request.method} {r.request.url.path} #{i}"] = r.text + json.dumps(

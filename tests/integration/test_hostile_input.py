@@ -28,7 +28,7 @@ from datasync.cli import app as cli_app
 from datasync.config import load_settings
 from datasync.manifest.canonical import encode_entry, encode_header
 from datasync.models import FileEntry, ManifestHeader
-from tests.integration.auth_helpers import admin_client
+from tests.integration.api_helpers import admin_client
 from tests.integration.manifest_helpers import counts, digest_of, row, write_producer
 
 MiB = 1024 * 1024

@@ -47,7 +47,7 @@ from tests.fixtures.transfer import (
     tasks_of,
     version_pk,
 )
-from tests.integration.auth_helpers import bearer, served_admin_token
+from tests.integration.api_helpers import bearer, served_admin_token
 
 
 @pytest.fixture

@@ -17,22 +17,19 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from datasync.auth import Role
 from datasync.bootstrap import bootstrap
 from datasync.config import load_settings
-from tests.integration.auth_helpers import admin_client
+from tests.integration.api_helpers import admin_client, serving, site_env
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = """\
@@ -41,56 +38,25 @@ expected-statuses = ["2xx", "400", "401", "403", "404", "409", "422"]
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     tmp_path: Path, db_url: str
 ) -> None:
-    site = tmp_path / "site"
-    (site / "run" / "cam0").mkdir(parents=True)
-    (site / "run" / "cam0" / "000001.jpg").write_bytes(b"frame")
-    config = tmp_path / "datasync.toml"
-    config.write_text(f'[sites.lustre]\nurl = "{site}"\n')
-    env = {
-        **os.environ,
-        "DATASYNC_HOME": str(tmp_path / "home"),
-        "DATASYNC_DATABASE_URL": db_url,
-        "DATASYNC_CONFIG": str(config),
-    }
+    env = {**os.environ, **site_env(tmp_path, db_url)}
+    (tmp_path / "site" / "run" / "cam0").mkdir(parents=True)
+    (tmp_path / "site" / "run" / "cam0" / "000001.jpg").write_bytes(b"frame")
     # The documented examples name real things: drive/tokyo-urban@v1, a placement.
     with bootstrap(load_settings(env=env)) as app:
         app.service.register("drive/tokyo-urban", "lustre:run", label="v1")
         app.replication.replicate("drive/tokyo-urban@v1", "lustre")
         # A name schemathesis cannot guess: DELETE /tokens/{name} must not revoke it.
         token = app.tokens.create(f"schemathesis-{secrets.token_hex(8)}", Role.ADMIN).token
-    port = _free_port()
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            [Path(sys.executable).with_name("datasync"), "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=5)
-                break
-            except httpx.TransportError:
-                assert server.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "datasync serve did not start"
-                time.sleep(0.2)
+    with serving(env, log=log_path) as server:
         (tmp_path / "schemathesis.toml").write_text(CONFIG)
         seed = os.environ.get("DATASYNC_SCHEMATHESIS_SEED", "20261129")
         schemathesis = Path(sys.executable).with_name("schemathesis")
-        spec = f"http://127.0.0.1:{port}/api/v1/openapi.json"
+        spec = f"{server.base}/api/v1/openapi.json"
         args = [
             schemathesis, "--config-file", str(tmp_path / "schemathesis.toml"), "run", spec,
             "--header", f"Authorization: Bearer {token}", "--checks", "all",
@@ -109,9 +75,6 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             text=True,
             timeout=900,
         )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-12000:]
     assert re.search(r"\d+ generated, \d+ passed", output), output[-3000:]
