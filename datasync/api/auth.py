@@ -4,7 +4,7 @@ Every route under ``/api/v1`` but ``/health`` declares the action it takes (the 
 ``datasync.auth.roles``) with ``permit(action)``: as a parameter when the route checks a
 dataset's namespace itself, ``who: ReadDatasets`` then ``who.require(action, dataset)``, or
 in ``dependencies=[Depends(permit(action))]``. ``tests/integration/test_auth_matrix.py``
-fails for a route that declares none.
+fails for a route that needs no token, or that its table of rights does not name.
 
 * No ``Authorization: Bearer <token>`` header, or an unknown, revoked or expired token:
   401 with ``WWW-Authenticate: Bearer``. A valid token without the right: 403. Both carry
@@ -43,10 +43,8 @@ __all__ = [
     "authenticate",
     "permit",
     "requires_token",
-    "route_action",
 ]
 
-_ACTION_ATTR = "datasync_action"
 _bearer = HTTPBearer(
     auto_error=False,
     description="An API token: `datasync token create NAME --role ROLE` prints one.",
@@ -77,7 +75,6 @@ def permit(action: Action) -> Callable[[Principal], Principal]:
         return principal
 
     dependency.__name__ = f"permit_{action.name.lower()}"
-    setattr(dependency, _ACTION_ATTR, action)
     return dependency
 
 
@@ -104,15 +101,6 @@ def _dependency_calls(route: APIRoute) -> list[object]:
         calls.append(dep.call)
         pending.extend(dep.dependencies)
     return calls
-
-
-def route_action(route: APIRoute) -> Action | None:
-    """The action ``route`` declared with ``permit``, if any (for audits and tests)."""
-    for call in _dependency_calls(route):
-        action = getattr(call, _ACTION_ATTR, None)
-        if isinstance(action, Action):
-            return action
-    return None
 
 
 def requires_token(route: APIRoute) -> bool:

@@ -4,7 +4,7 @@ The patterns below describe what the service accepts (``datasync.manifest.refs``
 ``datasync.auth``) so that clients and schemathesis know it. They are documented, not
 enforced by FastAPI: the service's own checks refuse what does not fit with a message
 that says what is wrong (400), where a pattern mismatch would only say "should match
-'^[a-z0-9]...'". ``tests/unit/test_properties_api.py`` pins that each pattern agrees with
+'^[a-z0-9]...'". ``tests/unit/test_properties.py`` pins that each pattern agrees with
 the check it describes.
 """
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from datasync.api.limits import BodyLimits
 from datasync.cli.helpers import application, handle_errors, parse_size
 from datasync.cli.tokens import ensure_admin_token
 from datasync.errors import DatasyncError, UserError
@@ -75,6 +74,7 @@ def _api_server(
     import uvicorn  # deferred: only the daemons need the web server
 
     from datasync.api.app import create_app
+    from datasync.api.limits import BodyLimits
 
     cert, key = tls
     if (cert is None) != (key is None):
