@@ -17,6 +17,7 @@ from types import TracebackType
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from datasync.auth.tokens import TokenService
 from datasync.backends.base import Backend
 from datasync.backends.retrying import RetryingBackend
 from datasync.config import Settings, load_settings
@@ -71,6 +72,7 @@ class App:
     backends: SiteBackends  # this process's own (services); workers open their own
     verifier: Verifier
     observability: Observability  # metrics, event logs, the lookups they share
+    tokens: TokenService  # API tokens (hashed) and the embedded admin token
 
     def worker(self, options: WorkerOptions) -> WorkerLoop:
         """A worker loop for this process: backends, host-wide limits, buffers, I/O pool."""
@@ -112,6 +114,7 @@ class App:
         return WorkerLoop(parts, options)
 
     def close(self) -> None:
+        self.tokens.close()
         self.backends.close()
         self.stat_cache.close()
         self.engine.dispose()
@@ -185,4 +188,5 @@ def bootstrap(settings: Settings | None = None) -> App:
         backends=backends,
         verifier=verifier,
         observability=observability,
+        tokens=TokenService(engine),
     )

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +47,9 @@ class LinkConfig(BaseModel):
     # (FTS3's per-link "max active"); each host's slot files enforce it per host as well.
     concurrency: int | None = Field(default=None, ge=1, le=1024)
     bandwidth_mbps: float | None = Field(default=None, gt=0)
+
+
+_SITE_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class SiteConfig(BaseModel):
@@ -92,7 +96,8 @@ class Settings(BaseModel):
     @classmethod
     def _site_names(cls, v: dict[str, SiteConfig]) -> dict[str, SiteConfig]:
         for name in v:
-            if not name or not name.replace("-", "").replace("_", "").isalnum():
+            # ASCII only: ``SITE:path`` is recognised by exactly these characters.
+            if not _SITE_NAME_RE.fullmatch(name):
                 raise ValueError(f"site name {name!r} must be letters, digits, '-' or '_'")
         for name, site in v.items():
             unknown = sorted(set(site.links) - set(v))
@@ -138,7 +143,7 @@ def load_settings(
     if path is not None:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
     # The environment wins over the file (see the module docstring).
     if env.get("DATASYNC_HOME") or "home" not in data:

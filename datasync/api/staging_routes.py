@@ -6,9 +6,15 @@ until ``state`` is READY (``path`` is the view) or FAILED (``reason``).
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
+from datasync.api.auth import ReadPlacements, Stage
+from datasync.api.errors import AUTH_RESPONSES
+from datasync.api.params import ID_MAX
+from datasync.auth.roles import Action
 from datasync.bootstrap import App
 from datasync.placement.staging import StageResult
 from datasync.transfer.status import parse_deadline
@@ -42,10 +48,10 @@ class Released(BaseModel):
 
 def staging_router(application: App, prefix: str = "/api/v1") -> APIRouter:
     staging = application.staging
-    router = APIRouter(prefix=prefix, tags=["staging"])
+    router = APIRouter(prefix=prefix, tags=["staging"], responses=AUTH_RESPONSES)
 
     @router.post("/stage")
-    def create_stage_request(body: StageRequestBody) -> StageResult:
+    def create_stage_request(body: StageRequestBody, who: Stage) -> StageResult:
         """Make sure ``ref`` is (or will be) at ``site`` for the job, and pin it there."""
         return staging.stage(
             body.ref,
@@ -56,11 +62,15 @@ def staging_router(application: App, prefix: str = "/api/v1") -> APIRouter:
         )
 
     @router.get("/stage/{request_id}")
-    def get_stage_request(request_id: int) -> StageResult:
-        return staging.status(request_id)
+    def get_stage_request(
+        request_id: Annotated[int, Path(ge=1, le=ID_MAX)], who: ReadPlacements
+    ) -> StageResult:
+        result = staging.status(request_id)
+        who.require(Action.READ_PLACEMENTS, result.ref.split("@", 1)[0])
+        return result
 
     @router.post("/stage/release")
-    def release_stage_requests(body: ReleaseBody) -> Released:
+    def release_stage_requests(body: ReleaseBody, who: Stage) -> Released:
         """Drop the job's pins (all, or those of ``ref`` and/or ``site``)."""
         return Released(
             job_id=body.job_id, released=staging.release(body.job_id, body.ref, body.site)

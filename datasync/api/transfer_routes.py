@@ -2,30 +2,52 @@
 
 Thin, like the rest of ``/api/v1``: each route calls the same service function as the CLI
 (``App.replication``). Errors are mapped by the app's ``DatasyncError``
-handler (unknown version 404, bad input 400).
+handler (unknown version 404, bad input 400). Each route declares its action
+(``datasync.api.auth``): replicating is ``admin``'s; an ``owner`` reads the placements
+of its namespaces only.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 
+from datasync.api.auth import ReadPlacements, permit
+from datasync.api.errors import AUTH_RESPONSES
+from datasync.api.params import (
+    ID_MAX,
+    REF_EXAMPLE,
+    REF_PATTERN,
+    SITE_PATTERN,
+    documented,
+)
+from datasync.auth.roles import Action
 from datasync.bootstrap import App
-from datasync.errors import UnknownReference
+from datasync.errors import UnknownReference, UserError
 from datasync.placement.explain import Explanation
 from datasync.transfer.sites import SiteInfo
 from datasync.transfer.status import PlacementStatus, parse_deadline
 
 __all__ = ["ReplicateRequest", "transfer_router"]
 
+# The database column is 32-bit: refuse more as bad input.
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+
 
 class ReplicateRequest(BaseModel):
-    ref: str = Field(description="DATASET@REF to replicate.")
-    site: str = Field(description="Destination site name.")
-    priority: int | None = Field(default=None, description="Higher runs first (default 0).")
+    ref: str = Field(
+        description="DATASET@REF to replicate.",
+        json_schema_extra=documented(REF_PATTERN, REF_EXAMPLE),
+    )
+    site: str = Field(
+        description="Destination site name.", json_schema_extra=documented(SITE_PATTERN)
+    )
+    priority: int | None = Field(
+        default=None, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="Higher runs first (default 0)."
+    )
     deadline: str | None = Field(
         default=None, description="ISO 8601 time, or relative: +90s, +30m, +2h, +1d."
     )
@@ -34,15 +56,26 @@ class ReplicateRequest(BaseModel):
     )
 
 
+def _deadline(text: str | None) -> datetime | None:
+    """``parse_deadline``, in UTC, refusing times past what a database can hand back (a
+    deadline of 9999-12-31T23:59-05:00 is year 10000 in UTC: PostgreSQL stores it, and
+    then no placement could be read)."""
+    try:
+        deadline = parse_deadline(text)
+        return deadline.astimezone(UTC) if deadline is not None else None
+    except OverflowError:
+        raise UserError(f"deadline {text!r} is out of range") from None
+
+
 def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
     """Routes over ``application``'s replication service."""
     replication = application.replication
-    router = APIRouter(prefix=prefix, tags=["replication"])
+    router = APIRouter(prefix=prefix, tags=["replication"], responses=AUTH_RESPONSES)
 
-    @router.post("/placements")
+    @router.post("/placements", dependencies=[Depends(permit(Action.WRITE_PLACEMENTS))])
     def create_placement(body: ReplicateRequest) -> PlacementStatus:
         """Record (idempotently) that ``ref`` must be at ``site``, plan it, return status."""
-        deadline: datetime | None = parse_deadline(body.deadline)
+        deadline = _deadline(body.deadline)
         return replication.replicate(
             body.ref,
             body.site,
@@ -53,26 +86,40 @@ def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
 
     @router.get("/placements")
     def list_placements(
-        dataset: Annotated[str | None, Query()] = None,
-        site: Annotated[str | None, Query()] = None,
+        who: ReadPlacements,
+        dataset: Annotated[str | None, Query(description="Only this dataset's.")] = None,
+        site: Annotated[str | None, Query(description="Only those at this site.")] = None,
         active: Annotated[bool, Query(description="Only placements not READY/FAILED.")] = False,
     ) -> list[PlacementStatus]:
-        """Placements, newest first, with progress, throughput, ETA and last errors."""
-        return replication.status(dataset=dataset, site=site, active_only=active)
+        """Placements, newest first, with progress, throughput, ETA and last errors (an
+        owner token sees those of its namespaces)."""
+        if dataset is not None:
+            who.require(Action.READ_PLACEMENTS, dataset)
+        rows = replication.status(dataset=dataset, site=site, active_only=active)
+        return [p for p in rows if who.sees(p.dataset)]
 
     @router.get("/placements/{placement_id}")
-    def get_placement(placement_id: int) -> PlacementStatus:
+    def get_placement(
+        placement_id: Annotated[int, Path(ge=1, le=ID_MAX)], who: ReadPlacements
+    ) -> PlacementStatus:
         rows = replication.status(placement_id=placement_id)
         if not rows:
             raise UnknownReference(f"no placement {placement_id}")
+        who.require(Action.READ_PLACEMENTS, rows[0].dataset)
         return rows[0]
 
     @router.get("/placements/{placement_id}/explain")
-    def explain_placement(placement_id: int) -> Explanation:
+    def explain_placement(
+        placement_id: Annotated[int, Path(ge=1, le=ID_MAX)], who: ReadPlacements
+    ) -> Explanation:
         """Why the placement is where it is: phases, queue position, blockers, errors."""
+        rows = replication.status(placement_id=placement_id)
+        if not rows:
+            raise UnknownReference(f"no placement {placement_id}")
+        who.require(Action.READ_PLACEMENTS, rows[0].dataset)
         return application.explainer.explain(placement_id)
 
-    @router.get("/sites")
+    @router.get("/sites", dependencies=[Depends(permit(Action.READ_SITES))])
     def get_sites(
         probe: Annotated[bool, Query(description="Run a health probe per site.")] = False,
     ) -> list[SiteInfo]:

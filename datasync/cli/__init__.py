@@ -6,7 +6,8 @@ stderr, exit 2 for bad input (``UserError``) or 1 for anything else (``helpers``
 
 Commands live by area: ``manifests`` (register, datasets, versions, show, diff, label,
 export), ``replication`` (replicate, status, sites), ``placement`` (stage, release,
-explain, gc, policy), ``integrity`` (verify), ``daemons`` (serve, worker, up).
+explain, gc, policy), ``integrity`` (verify), ``daemons`` (serve, worker, up), ``tokens``
+(``token create|list|revoke``).
 They import ``helpers``; only this module imports them.
 """
 
@@ -18,7 +19,7 @@ from typing import Annotated
 import typer
 
 from datasync import __version__
-from datasync.cli import daemons, integrity, manifests, placement, replication
+from datasync.cli import daemons, integrity, manifests, placement, replication, tokens
 from datasync.cli.helpers import parse_size
 
 __all__ = ["app", "main", "parse_size"]
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 for _area in (manifests, replication, placement, integrity, daemons):
     app.add_typer(_area.commands)
+app.add_typer(tokens.commands, name="token")
 
 
 def _version_callback(value: bool) -> None:

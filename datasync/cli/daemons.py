@@ -11,18 +11,26 @@ terminal (``--log-format``, else ``DATASYNC_LOG_FORMAT``); their worker processe
 same way. ``serve`` and ``up`` serve ``/metrics`` (every datasync process of the host, and
 the database's state) and the dashboard at ``/ui``; ``worker --metrics-port`` serves the
 host's event metrics for hosts without an API server.
+
+``serve`` and ``up`` create the embedded admin token on first start
+(``$DATASYNC_HOME/admin.token``, mode 0600), serve HTTPS with ``--tls-cert``/``--tls-key``
+(uvicorn's ``ssl_certfile``/``ssl_keyfile``), and refuse request bodies over
+``--max-body`` (JSON routes) or ``--max-upload`` (manifest uploads) with 413.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from datasync.cli.helpers import application, handle_errors
+from datasync.cli.helpers import application, handle_errors, parse_size
+from datasync.cli.tokens import ensure_admin_token
 from datasync.errors import DatasyncError, UserError
 
 if TYPE_CHECKING:
@@ -71,13 +79,57 @@ def _logging(level: str | None, fmt: str | None) -> None:
             raise UserError(str(exc)) from None
 
 
-def _uvicorn_config(app: App, host: str, port: int) -> uvicorn.Config:
-    import uvicorn
+TlsCertOpt = Annotated[
+    Path | None, typer.Option("--tls-cert", help="PEM certificate (chain): serve HTTPS.")
+]
+TlsKeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")]
+MaxBodyOpt = Annotated[
+    str, typer.Option("--max-body", help="Largest JSON request body (413 above it).")
+]
+MaxUploadOpt = Annotated[
+    str, typer.Option("--max-upload", help="Largest manifest upload (413 above it).")
+]
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _api_server(
+    app: App,
+    host: str,
+    port: int,
+    tls: tuple[Path | None, Path | None],
+    sizes: tuple[str, str],
+) -> uvicorn.Config:
+    """The API's uvicorn configuration: TLS, body limits, and the embedded admin token."""
+    import uvicorn  # deferred: only the daemons need the web server
 
     from datasync.api.app import create_app
+    from datasync.api.limits import BodyLimits
 
-    # log_config=None: uvicorn's loggers go through the handler _logging installed.
-    return uvicorn.Config(create_app(app), host=host, port=port, log_config=None)
+    cert, key = tls
+    if (cert is None) != (key is None):
+        raise UserError("--tls-cert and --tls-key go together: give both or neither")
+    for path in (cert, key):
+        if path is not None and not path.is_file():
+            raise UserError(f"{path}: no such file (TLS)")
+    limits = BodyLimits(json_bytes=parse_size(sizes[0]), upload_bytes=parse_size(sizes[1]))
+    if min(limits.json_bytes, limits.upload_bytes) < 1024:
+        raise UserError("--max-body and --max-upload must be at least 1KiB")
+    if cert is None and host not in _LOOPBACK:
+        log.warning("serving on %s without TLS: tokens cross the network in clear", host)
+    config = uvicorn.Config(
+        create_app(app, limits),
+        host=host,
+        port=port,
+        log_config=None,  # uvicorn's loggers go through the handler _logging installed
+        ssl_certfile=str(cert) if cert else None,
+        ssl_keyfile=str(key) if key else None,
+    )
+    try:
+        config.load()  # reads the certificate and key now: a bad pair stops nothing running
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(f"cannot use --tls-cert {cert} with --tls-key {key}: {exc}") from exc
+    ensure_admin_token(app.tokens, app.settings.home)  # once nothing else can refuse to start
+    return config
 
 
 def _check_processes(processes: int, force: bool) -> None:
@@ -139,14 +191,19 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8750,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    max_body: MaxBodyOpt = "1MiB",
+    max_upload: MaxUploadOpt = "8GiB",
 ) -> None:
     """Serve the HTTP API (/api/v1, OpenAPI at /docs), /metrics and /ui until interrupted."""
     import uvicorn  # deferred: only the daemons need the web server
 
     _logging(log_level, log_format)
     with application() as app:
+        config = _api_server(app, host, port, (tls_cert, tls_key), (max_body, max_upload))
         log.info("dashboard at http://%s:%s/ui, metrics at /metrics", host, port)
-        uvicorn.Server(_uvicorn_config(app, host, port)).run()
+        uvicorn.Server(config).run()
 
 
 @commands.command()
@@ -194,6 +251,10 @@ def up(
     force: ForceOpt = False,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    max_body: MaxBodyOpt = "1MiB",
+    max_upload: MaxUploadOpt = "8GiB",
 ) -> None:
     """Run the API, the maintenance scheduler and workers together (embedded defaults)."""
     import uvicorn
@@ -204,7 +265,8 @@ def up(
     with handle_errors():
         _check_processes(processes, force)
     with application() as app:
-        server = uvicorn.Server(_uvicorn_config(app, host, port))
+        config = _api_server(app, host, port, (tls_cert, tls_key), (max_body, max_upload))
+        server = uvicorn.Server(config)
         log.info("dashboard at http://%s:%s/ui, metrics at /metrics", host, port)
 
         def shut_down() -> None:

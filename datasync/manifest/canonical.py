@@ -299,17 +299,21 @@ _JSON_WHITESPACE: Final = " \t\n\r"
 def loads_strict(line: bytes | str) -> Any:
     """``json.loads`` without the NaN/Infinity extensions (they are not JSON).
 
-    Raises ``ValueError`` (``UnicodeDecodeError`` for bad UTF-8, ``JSONDecodeError``).
+    Raises ``ValueError`` (``UnicodeDecodeError`` for bad UTF-8, ``JSONDecodeError``, and
+    for arrays or objects nested too deeply for the decoder's recursion).
     """
     text = line.decode("utf-8") if isinstance(line, bytes) else line
     # Fast path: the C scanner directly (``decode`` wraps it in two regex calls, ~2 us a
     # line at 1M lines). Anything unusual goes through ``decode`` for its exact error.
     try:
-        obj, end = _scan_once(text, 0)
-    except StopIteration:
-        return _strict_decoder.decode(text)
-    if end != len(text) and text[end:].strip(_JSON_WHITESPACE):
-        return _strict_decoder.decode(text)
+        try:
+            obj, end = _scan_once(text, 0)
+        except StopIteration:
+            return _strict_decoder.decode(text)
+        if end != len(text) and text[end:].strip(_JSON_WHITESPACE):
+            return _strict_decoder.decode(text)
+    except RecursionError:  # "[[[[..." : hostile input, not a crash
+        raise ValueError("arrays or objects nested too deeply") from None
     return obj
 
 

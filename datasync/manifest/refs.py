@@ -33,6 +33,7 @@ LATEST = "latest"
 MIN_PREFIX = 4
 MAX_DATASET_SEGMENTS = 3
 
+# Always ``fullmatch``: with ``match``, ``$`` also matches before a final newline.
 _SEGMENT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
@@ -53,7 +54,7 @@ def check_dataset_name(name: str) -> str:
     if (
         not name
         or len(segments) > MAX_DATASET_SEGMENTS
-        or not all(_SEGMENT_RE.match(s) for s in segments)
+        or not all(_SEGMENT_RE.fullmatch(s) for s in segments)
     ):
         raise UserError(
             f"invalid dataset name {name!r}: use 1-{MAX_DATASET_SEGMENTS} '/'-separated "
@@ -72,11 +73,11 @@ def check_dataset_name(name: str) -> str:
 
 
 def _is_version_id(text: str) -> bool:
-    return len(text) == 64 and bool(_HEX_RE.match(text))
+    return len(text) == 64 and bool(_HEX_RE.fullmatch(text))
 
 
 def check_label(label: str) -> str:
-    if not _LABEL_RE.match(label) or _is_version_id(label):
+    if not _LABEL_RE.fullmatch(label) or _is_version_id(label):
         raise UserError(
             f"invalid label {label!r}: use up to 128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, and not a 64-hex version id"
@@ -85,7 +86,7 @@ def check_label(label: str) -> str:
 
 
 def is_id_prefix(ref: str) -> bool:
-    return MIN_PREFIX <= len(ref) <= 64 and bool(_HEX_RE.match(ref))
+    return MIN_PREFIX <= len(ref) <= 64 and bool(_HEX_RE.fullmatch(ref))
 
 
 def parse_ref(text: str) -> Ref:
@@ -95,6 +96,6 @@ def parse_ref(text: str) -> Ref:
         raise UnknownReference(f"empty reference in {text!r}: expected DATASET@LABEL or @ID")
     check_dataset_name(dataset)
     ref = ref or LATEST
-    if not (_LABEL_RE.match(ref) or is_id_prefix(ref)):
+    if not (_LABEL_RE.fullmatch(ref) or is_id_prefix(ref)):
         raise UnknownReference(f"{text!r}: {ref!r} is neither a label nor a version id")
     return Ref(dataset, ref)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +10,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from datasync.api import API_PREFIX, create_app
+from datasync.api import API_PREFIX
 from datasync.bootstrap import App, bootstrap
 from datasync.config import load_settings
 from datasync.demo import MUTATED, generate, mutate
+from tests.integration.api_helpers import admin_client, served_admin_token, serving, site_env
 from tests.integration.manifest_helpers import entries, write_producer
 
 V1 = API_PREFIX
@@ -32,7 +29,7 @@ def application(tmp_path: Path, db_url: str) -> Iterator[App]:
 
 @pytest.fixture
 def client(application: App) -> Iterator[TestClient]:
-    with TestClient(create_app(application)) as c:
+    with admin_client(application) as c:
         yield c
 
 
@@ -73,17 +70,19 @@ def test_register_a_manifest_upload_then_show_label_export(
     assert copy.json()["version_id"] == reg["version_id"]
 
 
-def test_register_a_server_directory_and_diff(client: TestClient, tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
+def test_register_a_server_directory_and_diff(tmp_path: Path, db_url: str) -> None:
+    tree = tmp_path / "site" / "out" / "tree"
     generate(tree)
-    url = f"{V1}/datasets/drive/a/versions/directory"
-    first = client.post(url, json={"path": str(tree), "chunk_size": 1 << 20}).json()
-    mutate(tree)
-    second = client.post(url, json={"path": str(tree), "chunk_size": 1 << 20, "label": "v2"})
-    assert second.status_code == 200 and second.json()["created"] is True
-    d = client.get(
-        f"{V1}/diff", params={"old": f"drive/a@{first['version_id']}", "new": "drive/a@v2"}
-    )
+    env = site_env(tmp_path, db_url)
+    with bootstrap(load_settings(env=env)) as app, admin_client(app) as client:
+        url = f"{V1}/datasets/drive/a/versions/directory"
+        first = client.post(url, json={"path": str(tree), "chunk_size": 1 << 20}).json()
+        mutate(tree)
+        second = client.post(url, json={"path": str(tree), "chunk_size": 1 << 20, "label": "v2"})
+        assert second.status_code == 200 and second.json()["created"] is True
+        d = client.get(
+            f"{V1}/diff", params={"old": f"drive/a@{first['version_id']}", "new": "drive/a@v2"}
+        )
     assert d.status_code == 200
     body = d.json()
     assert [c["path"] for c in body["added"]] == [MUTATED[2]]
@@ -93,24 +92,21 @@ def test_register_a_server_directory_and_diff(client: TestClient, tmp_path: Path
 
 def test_the_directory_route_takes_a_site_path_like_the_cli(tmp_path: Path, db_url: str) -> None:
     """``SITE:path`` names a directory of a configured site (scanned by the same scanner);
-    URLs stay refused there: an API client must not make the server fetch arbitrary URLs."""
+    URLs stay refused there: an API client must not make the server fetch arbitrary URLs,
+    nor read directories outside the configured sites."""
     run = tmp_path / "site" / "out" / "run1"
     generate(run)
-    config = tmp_path / "datasync.toml"
-    config.write_text(f'[sites.lustre]\nurl = "{tmp_path / "site"}"\n')
-    env = {
-        "DATASYNC_HOME": str(tmp_path / "home"),
-        "DATASYNC_DATABASE_URL": db_url,
-        "DATASYNC_CONFIG": str(config),
-    }
-    with bootstrap(load_settings(env=env)) as app, TestClient(create_app(app)) as client:
+    env = site_env(tmp_path, db_url)
+    with bootstrap(load_settings(env=env)) as app, admin_client(app) as client:
         url = f"{V1}/datasets/drive/a/versions/directory"
         by_site = client.post(url, json={"path": "lustre:out/run1", "chunk_size": 1 << 20})
         assert by_site.status_code == 200, by_site.text
         by_path = app.service.register_directory("drive/a", run, chunk_size=1 << 20)
         assert not by_path.created and by_path.version_id == by_site.json()["version_id"]
-        refused = client.post(url, json={"path": f"file://{run}"})
-        assert refused.status_code == 400 and "not a directory" in refused.json()["error"]
+        for outside in (f"file://{run}", "/etc", str(tmp_path), "rel/dir", f"{run}/../../.."):
+            refused = client.post(url, json={"path": outside})
+            assert refused.status_code == 400, outside
+            assert "not a directory of a configured site" in refused.json()["error"]
 
 
 @pytest.mark.parametrize(
@@ -126,14 +122,14 @@ def test_the_directory_route_takes_a_site_path_like_the_cli(tmp_path: Path, db_u
             "/datasets/drive/a/versions/directory",
             {"json": {"path": "/no/dir"}},
             400,
-            "not a directory",
+            "not a directory of a configured site",
         ),
         (
             "post",
             "/datasets/drive/a/versions/directory",
             {"json": {"path": "s3://b/p"}},
             400,
-            "not a directory",
+            "not a directory of a configured site",
         ),
         ("post", "/datasets/drive/a/versions/manifest", {"content": b"{}\n"}, 422, "line 1"),
     ],
@@ -163,30 +159,12 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
 
 
 def test_datasync_serve_answers_over_http(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).with_name("datasync")
-    env = {**os.environ, "DATASYNC_HOME": str(tmp_path / "home"), "DATASYNC_DATABASE_URL": ""}
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}{V1}/datasets", timeout=5)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, "datasync serve exited"
-                assert time.monotonic() < deadline, "datasync serve did not start"
-                time.sleep(0.2)
+    home = tmp_path / "home"
+    env = {**os.environ, "DATASYNC_HOME": str(home), "DATASYNC_DATABASE_URL": ""}
+    with serving(env) as server:
+        assert httpx.get(f"{server.base}{V1}/health").json() == {"status": "ok"}
+        auth = {"Authorization": f"Bearer {served_admin_token(home)}"}
+        r = httpx.get(f"{server.base}{V1}/datasets", headers=auth, timeout=5)
         assert r.status_code == 200 and r.json() == []
-        spec = httpx.get(f"http://127.0.0.1:{port}{V1}/openapi.json", timeout=5).json()
+        spec = httpx.get(f"{server.base}{V1}/openapi.json", timeout=5).json()
         assert spec["info"]["title"] == "datasync"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

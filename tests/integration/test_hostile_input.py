@@ -22,12 +22,13 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from datasync.api import API_PREFIX, create_app
+from datasync.api import API_PREFIX
 from datasync.bootstrap import App, bootstrap
 from datasync.cli import app as cli_app
 from datasync.config import load_settings
 from datasync.manifest.canonical import encode_entry, encode_header
 from datasync.models import FileEntry, ManifestHeader
+from tests.integration.api_helpers import admin_client
 from tests.integration.manifest_helpers import counts, digest_of, row, write_producer
 
 MiB = 1024 * 1024
@@ -185,7 +186,7 @@ def _world(tmp_path: Path, sites: dict[str, dict[str, Any]]) -> Iterator[World]:
         "DATASYNC_DATABASE_URL": url,
         "DATASYNC_CONFIG": str(config),
     }
-    with bootstrap(load_settings(env=env)) as app, TestClient(create_app(app)) as client:
+    with bootstrap(load_settings(env=env)) as app, admin_client(app) as client:
         good = write_producer(tmp_path / "good.jsonl", [row("ok/a.bin"), row("ok/b.bin", 2)])
         app.service.register_manifest("drive/a", good, label="v1")
         yield World(app, client, CliRunner(), env, url, tmp_path)
@@ -242,7 +243,7 @@ def test_hostile_directories_are_rejected_without_state_change(
     world: World, name: str, via: str
 ) -> None:
     make, message = DIRECTORY_CASES[name]
-    root = world.tmp / "tree"
+    root = world.tmp / "site" / "tree"  # the API scans directories of configured sites only
     root.mkdir()
     (root / "fine.jpg").write_bytes(b"fine")
     make(root)

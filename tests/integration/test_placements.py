@@ -47,6 +47,7 @@ from tests.fixtures.transfer import (
     tasks_of,
     version_pk,
 )
+from tests.integration.api_helpers import bearer, served_admin_token
 
 
 @pytest.fixture
@@ -221,7 +222,7 @@ def test_parse_deadline() -> None:
 
 
 @contextmanager
-def _serve(api: FastAPI) -> Iterator[httpx.Client]:
+def _serve(api: FastAPI, headers: dict[str, str]) -> Iterator[httpx.Client]:
     """The app on a real uvicorn server on a free loopback port, and a client for it."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -234,7 +235,8 @@ def _serve(api: FastAPI) -> Iterator[httpx.Client]:
             if server.started:
                 break
             time.sleep(0.05)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
             yield client
     finally:
         server.should_exit = True
@@ -285,7 +287,10 @@ def test_cli_and_api_serve_the_same_functions(
     view = tmp_path / "lustre" / "drive" / "cli@latest"
     assert (view / "big.bin").read_bytes() == (runs / "big.bin").read_bytes()
 
-    with bootstrap(local) as application, _serve(create_app(application)) as client:
+    with (
+        bootstrap(local) as application,
+        _serve(create_app(application), bearer(application)) as client,
+    ):
         listed = client.get("/api/v1/placements").json()
         assert [p["state"] for p in listed] == ["READY"]
         one = client.get(f"/api/v1/placements/{placement['id']}").json()
@@ -335,10 +340,12 @@ def test_up_runs_api_scheduler_and_workers_together(
         stderr=subprocess.STDOUT,
     )
     try:
+        auth = {"Authorization": f"Bearer {served_admin_token(tmp_path / 'home')}"}
         state = None
         for _ in range(600):
             try:
-                reply = httpx.get(f"http://127.0.0.1:{port}/api/v1/placements/{placement}")
+                url = f"http://127.0.0.1:{port}/api/v1/placements/{placement}"
+                reply = httpx.get(url, headers=auth)
                 state = reply.json()["state"]
             except httpx.TransportError:
                 pass

@@ -184,7 +184,7 @@ def test_sigterm_on_up_stops_the_whole_tree(home: Path, tmp_path: Path) -> None:
 
         def serving() -> bool:
             try:
-                return httpx.get(f"http://127.0.0.1:{port}/api/v1/sites").status_code == 200
+                return httpx.get(f"http://127.0.0.1:{port}/api/v1/health").status_code == 200
             except httpx.TransportError:
                 return False
 
