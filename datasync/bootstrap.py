@@ -24,6 +24,7 @@ from datasync.db.engine import create_engine
 from datasync.db.migrate import upgrade_to_head
 from datasync.errors import ConfigError
 from datasync.events import EventBus
+from datasync.integrity.audit import Auditor
 from datasync.integrity.verify import Verifier
 from datasync.manifest.remote import RemoteSources
 from datasync.manifest.statcache import StatCache
@@ -68,6 +69,7 @@ class App:
     retry: RetryPolicy
     backends: SiteBackends  # this process's own (services); workers open their own
     verifier: Verifier
+    auditor: Auditor
 
     def worker(self, options: WorkerOptions) -> WorkerLoop:
         """A worker loop for this process: backends, host-wide limits, buffers, I/O pool."""
@@ -159,6 +161,7 @@ def bootstrap(settings: Settings | None = None) -> App:
     bus.subscribe(policies.on_event)  # a new version goes where its policies say, at once
     bus.subscribe(replication.on_event)  # sources refreshed, labels followed at every site
     verifier = Verifier(engine, store, state, backends, replication)
+    auditor = Auditor(engine, state, backends, verifier, settings.home)
     return App(
         settings=settings,
         engine=engine,
@@ -177,4 +180,5 @@ def bootstrap(settings: Settings | None = None) -> App:
         retry=retry,
         backends=backends,
         verifier=verifier,
+        auditor=auditor,
     )

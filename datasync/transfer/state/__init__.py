@@ -20,6 +20,7 @@ from datasync.transfer.state.replicas import DEFAULT_RECHECK, ReplicaRow, Replic
 from datasync.transfer.state.staging import AT_RISK_BOOST, StagingStates
 from datasync.transfer.state.tasks import (
     ERROR_HISTORY,
+    STUCK_AFTER,
     Cancelled,
     ClaimedTask,
     NewTask,
@@ -33,6 +34,7 @@ __all__ = [
     "AT_RISK_BOOST",
     "DEFAULT_RECHECK",
     "ERROR_HISTORY",
+    "STUCK_AFTER",
     "Cancelled",
     "ChunkMap",
     "ClaimedTask",
