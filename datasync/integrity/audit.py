@@ -194,7 +194,9 @@ class Auditor:
         old = [d for d in dark if d.mtime is not None and d.mtime <= cutoff]
         report.too_young = len(dark) - len(old)
         report.dark = [d.key + ("/" if d.directory else "") for d in old]
-        report.aborted = self._implausible(report, force)
+        stray = sum(1 for d in old if d.key.startswith(BLOB_PREFIX) and d.token is None)
+        if not force:
+            report.aborted = _implausible(len(lost), report.indexed, stray, report.listed)
         if not dry_run and report.aborted is None:
             self._act(site, backend, t1, lost, missing, old, report)
         report.seconds = round(time.monotonic() - started, 3)
@@ -412,23 +414,6 @@ class Auditor:
         placed = {(d, v) for _p, d, v, _s, _u in self._placements(site)}
         return [f"{d}/{v}" for d, v in sorted(views - placed)]
 
-    @staticmethod
-    def _implausible(report: AuditReport, force: bool) -> str | None:
-        """Rucio's guard: too much lost or dark at once means the listing is wrong."""
-        if force:
-            return None
-        for what, n, of in (
-            ("lost", len(report.lost), report.indexed),
-            ("dark", len(report.dark), report.listed),
-        ):
-            if n > ABORT_MIN and n > ABORT_FRACTION * of:
-                return (
-                    f"{n} of {of} blob(s) look {what}: more than {ABORT_FRACTION:.0%}; the"
-                    " listing is presumed wrong (unmounted file system? wrong bucket?) and"
-                    " nothing was changed; check the site, then run with --force"
-                )
-        return None
-
     # -- acting -----------------------------------------------------------------------------
 
     def _act(
@@ -472,6 +457,19 @@ class Auditor:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report.summary(), indent=1, sort_keys=True))
         os.replace(tmp, path)
+
+
+def _implausible(lost: int, indexed: int, dark: int, listed: int) -> str | None:
+    """Rucio's guard: too many lost or unindexed blobs at once means the listing is wrong.
+    (Writers' temps and staging trees are datasync's own leftovers: they never count.)"""
+    for what, n, of in (("lost", lost, indexed), ("dark", dark, listed)):
+        if n > ABORT_MIN and n > ABORT_FRACTION * of:
+            return (
+                f"{n} of {of} blob(s) look {what}: more than {ABORT_FRACTION:.0%}; the"
+                " listing is presumed wrong (unmounted file system? wrong bucket?) and"
+                " nothing was changed; check the site, then run with --force"
+            )
+    return None
 
 
 def last_audit(home: Path, site: str) -> dict[str, Any] | None:

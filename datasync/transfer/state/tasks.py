@@ -46,9 +46,10 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlmodel import col
 
+from datasync.db.engine import DB_UNAVAILABLE
 from datasync.db.ops_tables import PlacementHistory
 from datasync.db.transfer_tables import NO_DEADLINE, Placement, Task
-from datasync.errors import DatasyncError
+from datasync.errors import DatasyncError, TransientError
 from datasync.events import (
     PlacementFailed,
     PlacementPublishing,
@@ -567,8 +568,9 @@ class TaskStates(StateBase):
         ``failed``), or None if ``owner`` no longer holds the lease.
 
         The retry policy decides from the error's class (``DatasyncError.retryable``) and
-        the attempts so far; an error that is not a ``DatasyncError`` (a bug or an
-        untranslated error) fails the task at once. A task retried after ``STUCK_AFTER``
+        the attempts so far; the database failing under the attempt (a restart, a network
+        blip) is a ``TransientError``; any other error that is not a ``DatasyncError`` (a
+        bug or an untranslated error) fails the task at once. A task retried after ``STUCK_AFTER``
         failed attempts is stuck: ``TaskStuck`` is emitted the first time (its history entry
         says so), and ``attempts``, which only the claim increments, is its counter."""
         with self._write() as txn:
@@ -591,6 +593,9 @@ class TaskStates(StateBase):
                 return None
             attempts, max_attempts, placement_id, kind, errors = row
             now = txn.now
+            if isinstance(exc, DB_UNAVAILABLE):
+                cause = " ".join(str(getattr(exc, "orig", None) or exc).split())
+                exc = TransientError(f"the database was unavailable during the attempt: {cause}")
             delay = self.retry.task_retry_delay(attempts, max_attempts, exc)
             entry = {**error_entry(now, exc), "attempt": attempts}
             stuck = delay is not None and attempts >= STUCK_AFTER and not _was_stuck(errors)
