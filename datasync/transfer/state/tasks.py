@@ -254,9 +254,11 @@ def fail_placement(txn: Txn, placement_id: int, reason: str) -> None:
     """Mark a placement FAILED with ``reason`` and cancel its queued tasks (same transaction).
 
     A READY placement stays READY: its view is complete whatever a straggler task says. A
-    placement that failed before says how often and since when: re-planning replaces its
-    tasks (and their counters), but its history is never reset (no Rucio-style cycle
-    between retrying and stuck that hides how long it has been failing).
+    FAILED one keeps its first reason (the cause; its other tasks' errors are in their
+    histories), so each failure is one entry in its history. A placement that failed before
+    says how often and since when: re-planning replaces its tasks (and their counters), but
+    its history is never reset (no Rucio-style cycle between retrying and stuck that hides
+    how long it has been failing).
     """
     now = txn.now
     before, first = txn.conn.execute(
@@ -280,7 +282,10 @@ def fail_placement(txn: Txn, placement_id: int, reason: str) -> None:
     )
     failed = txn.conn.execute(
         sa.update(Placement)
-        .where(col(Placement.id) == placement_id, col(Placement.state) != PlacementState.READY)
+        .where(
+            col(Placement.id) == placement_id,
+            col(Placement.state).not_in((PlacementState.READY, PlacementState.FAILED)),
+        )
         .values(state=PlacementState.FAILED, error=reason, updated_at=now)
     )
     if failed.rowcount:
