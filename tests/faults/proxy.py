@@ -72,7 +72,7 @@ class ProxyStats:
 
 
 def _throttle_answer(store: Store, retry_after: float) -> tuple[int, dict[str, str], bytes]:
-    after = str(max(1, round(retry_after)))
+    after = str(max(0, round(retry_after)))
     if store == "s3":
         body = (
             b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
