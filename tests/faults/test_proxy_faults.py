@@ -1,6 +1,6 @@
 """Network faults between datasync and the object stores (issue 13, item 3).
 
-Each run replicates one version (31 small files and a 6 MiB shard in 1 MiB chunks) from a
+Each run replicates one version (12 small files and a 6 MiB shard in 1 MiB chunks) from a
 bucket to another bucket of the same emulator, both sites reached through one fault proxy,
 so every kind of request passes it: source reads (the chunk digest is checked before a
 write), part uploads, commits, the re-read after commit, listings, server-side copies of
@@ -15,6 +15,7 @@ test id, e.g. ``[s3-flip-source]``.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -40,27 +41,41 @@ from tests.fixtures.replication import (
     MIB,
     Site,
     cloud_site,
-    make_tree,
     seed_cloud_source,
     settings_for,
     upload_tree,
+    write_tree,
 )
 from tests.fixtures.transfer import version_pk
 
 pytestmark = pytest.mark.emulator
 
 DATASET = "drive/faults"
-# Tuned so each run injects a dozen or so faults and still ends within seconds. A flip is
-# aimed at one bucket: in the source's, the chunk digest checked before any write catches
-# it; in the destination's, the re-read after commit (or after a view's copy) does.
+# Tuned so each run injects about ten faults (of some 150 requests) and still ends within
+# seconds. A flip is aimed at one bucket: in the source's, the chunk digest checked before
+# any write catches it; in the destination's, the re-read after commit (or after a view's
+# copy) does.
 FAULTS = {
-    "storm": Fault("storm", every=2, limit=16, retry_after=1.0),
-    "reset": Fault("reset", every=4, limit=12),
-    "truncate": Fault("truncate", every=3, limit=8),
-    "flip-source": Fault("flip", every=3, limit=8, only="<src>"),
-    "flip-destination": Fault("flip", every=2, limit=8, only="<dst>"),
-    "latency": Fault("latency", every=2, delay=0.3),
+    "storm": Fault("storm", every=2, limit=10, retry_after=1.0),
+    "reset": Fault("reset", every=3, limit=10),
+    "truncate": Fault("truncate", every=2, limit=6),
+    "flip-source": Fault("flip", every=2, limit=6, only="<src>"),
+    "flip-destination": Fault("flip", every=2, limit=6, only="<dst>"),
+    "latency": Fault("latency", every=2, delay=0.1),
 }
+
+
+def small_tree(root: Path) -> dict[str, bytes]:
+    """12 small files (one empty, one duplicate) and a 6 MiB shard: two S3 parts."""
+    rng = random.Random(13)
+    files = {f"cam0/{i:06d}.jpg": rng.randbytes(rng.randint(1000, 6000)) for i in range(8)}
+    files["lidar/sweep 000.bin"] = rng.randbytes(20_000)
+    files["calib/empty.txt"] = b""
+    files["cam1/dup.jpg"] = files["cam0/000001.jpg"]
+    files["calib/ünïcødé.json"] = b'{"fx": 1000.0}'
+    files["shards/shard-00.bin"] = rng.randbytes(6 * MIB + 5)
+    write_tree(root, files)
+    return files
 
 
 def bucket_of(site: Site) -> str:
@@ -84,7 +99,7 @@ def test_a_proxy_fault_never_publishes_damage(
     dst_direct = cloud_site("cloud", store, request)
     src, dst = through_proxy(src_direct, proxy), through_proxy(dst_direct, proxy)
     settings = settings_for(tmp_path / "home", sqlite_url, [src, dst])
-    files = make_tree(tmp_path / "run", shards=(6 * MIB + 5,))
+    files = small_tree(tmp_path / "run")
     figures = Figures(
         fault=kind,
         where=f"{store} -> {store}",
