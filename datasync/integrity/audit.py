@@ -231,7 +231,7 @@ class Auditor:
                 continue
             elif key.startswith(".datasync/"):
                 others.append(_Dark(key, info.mtime))
-            elif (m := _MARKER.match(key)) is not None:
+            elif (m := _MARKER.match(key)) is not None and _is_dataset(m["dataset"]):
                 views.add((m["dataset"], m["version"]))
 
     def _index(self, site: str, t1: datetime) -> Iterator[_Row]:

@@ -575,9 +575,10 @@ class TaskStates(StateBase):
         The retry policy decides from the error's class (``DatasyncError.retryable``) and
         the attempts so far; the database failing under the attempt (a restart, a network
         blip) is a ``TransientError``; any other error that is not a ``DatasyncError`` (a
-        bug or an untranslated error) fails the task at once. A task retried after ``STUCK_AFTER``
-        failed attempts is stuck: ``TaskStuck`` is emitted the first time (its history entry
-        says so), and ``attempts``, which only the claim increments, is its counter."""
+        bug or an untranslated error) fails the task at once. A task retried after
+        ``STUCK_AFTER`` failed attempts is stuck: ``TaskStuck`` is emitted the first time
+        (its history entry says so); ``attempts``, which only the claim increments, is its
+        counter."""
         with self._write() as txn:
             row = txn.conn.execute(
                 sa.select(
