@@ -25,6 +25,7 @@ from datasync.db.engine import create_engine
 from datasync.db.migrate import upgrade_to_head
 from datasync.errors import ConfigError
 from datasync.events import EventBus
+from datasync.integrity.audit import Auditor
 from datasync.integrity.verify import Verifier
 from datasync.manifest.remote import RemoteSources
 from datasync.manifest.statcache import StatCache
@@ -73,6 +74,7 @@ class App:
     verifier: Verifier
     observability: Observability  # metrics, event logs, the lookups they share
     tokens: TokenService  # API tokens (hashed) and the embedded admin token
+    auditor: Auditor
 
     def worker(self, options: WorkerOptions) -> WorkerLoop:
         """A worker loop for this process: backends, host-wide limits, buffers, I/O pool."""
@@ -169,6 +171,7 @@ def bootstrap(settings: Settings | None = None) -> App:
     bus.subscribe(policies.on_event)  # a new version goes where its policies say, at once
     bus.subscribe(replication.on_event)  # sources refreshed, labels followed at every site
     verifier = Verifier(engine, store, state, backends, replication)
+    auditor = Auditor(engine, state, backends, verifier, settings.home)
     return App(
         settings=settings,
         engine=engine,
@@ -189,4 +192,5 @@ def bootstrap(settings: Settings | None = None) -> App:
         verifier=verifier,
         observability=observability,
         tokens=TokenService(engine),
+        auditor=auditor,
     )

@@ -44,6 +44,7 @@ __all__ = [
     "TaskCompleted",
     "TaskFailed",
     "TaskRetried",
+    "TaskStuck",
     "VersionRegistered",
 ]
 
@@ -208,6 +209,20 @@ class TaskRetried(Event):
     message: str
     attempt: int
     delay_seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskStuck(Event):
+    """A task failed ``attempts`` times and is still being retried (emitted once per task,
+    when it first counts as stuck: ``datasync.transfer.state.tasks.STUCK_AFTER``)."""
+
+    task_id: int
+    placement_id: int
+    kind: str
+    attempts: int  # failed attempts so far: the task's counter, which never resets
+    since: str  # ISO time of its first recorded failure
+    error_class: str
+    message: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

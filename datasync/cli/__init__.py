@@ -6,8 +6,8 @@ stderr, exit 2 for bad input (``UserError``) or 1 for anything else (``helpers``
 
 Commands live by area: ``manifests`` (register, datasets, versions, show, diff, label,
 export), ``replication`` (replicate, status, sites), ``placement`` (stage, release,
-explain, gc, policy), ``integrity`` (verify), ``daemons`` (serve, worker, up), ``tokens``
-(``token create|list|revoke``).
+explain, gc, policy), ``integrity`` (verify, audit), ``daemons`` (serve, worker, up),
+``tokens`` (``token create|list|revoke``).
 They import ``helpers``; only this module imports them.
 """
 

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 commands = typer.Typer()
 MAX_PROCESSES_PER_CPU = 4
 REPLAN_EVERY_SECONDS = 60
+AUDIT_EVERY_HOURS = 24.0
 
 _PER_CPU = f"{MAX_PROCESSES_PER_CPU} per CPU"
 ProcessesOpt = Annotated[
@@ -158,8 +159,18 @@ def _verify_every_site(app: App) -> None:
             log.warning("scheduled verify of %s failed", site, exc_info=True)
 
 
+def _audit_every_site(app: App) -> None:
+    """The scheduled audit: lost replicas re-planned, dark files quarantined, each site."""
+    for site in sorted(app.settings.sites):
+        try:
+            app.auditor.audit(site)
+        except DatasyncError:
+            log.warning("scheduled audit of %s failed", site, exc_info=True)
+
+
 def start_maintenance(app: App) -> BackgroundScheduler:
-    """Periodic chores of ``datasync up``: reap dead leases, re-plan dead planners."""
+    """Periodic chores of ``datasync up``: reap dead leases, re-plan dead planners, keep
+    deadlines current, apply policies, verify and audit every site."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from datasync.transfer.worker import REAP_EVERY_SECONDS
@@ -181,6 +192,9 @@ def start_maintenance(app: App) -> BackgroundScheduler:
         scheduler.add_job(
             _verify_every_site, "interval", args=[app], hours=every, id="verify-sites"
         )
+    scheduler.add_job(
+        _audit_every_site, "interval", args=[app], hours=AUDIT_EVERY_HOURS, id="audit-sites"
+    )
     scheduler.start()
     return scheduler
 

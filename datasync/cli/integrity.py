@@ -1,12 +1,15 @@
-"""Integrity commands: verify (re-hash views and blobs at a site, repair what is damaged)."""
+"""Integrity commands: verify (re-hash views and blobs at a site, repair what is damaged) and
+audit (compare the site's index with a listing: lost replicas, dark files)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated
 
 import typer
 
 from datasync.cli.helpers import JsonOpt, application, parse_size, print_json
+from datasync.integrity.audit import DEFAULT_GRACE
 from datasync.textfmt import human_bytes
 
 __all__ = ["commands"]
@@ -75,5 +78,60 @@ def verify(
             typer.echo(f"  run `datasync verify {site} --repair` to move them again")
         else:
             typer.echo("  intact")
+    if not report.clean:
+        raise typer.Exit(1)
+
+
+@commands.command()
+def audit(
+    site: Annotated[str, typer.Argument(help="The site to audit.")],
+    grace_hours: Annotated[
+        float,
+        typer.Option(
+            "--grace-hours", min=0, help="Leave dark files younger than this alone (hours)."
+        ),
+    ] = DEFAULT_GRACE.total_seconds() / 3600,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report only: mark, move and plan nothing.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Act even when a tenth or more looks lost or dark.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare SITE's index with a listing of its storage: re-plan lost replicas and missing
+    views, move dark files to .datasync/quarantine/, report views without a placement.
+
+    Exits 0 when the index and the storage agree, 1 when anything was found."""
+    with application() as app:
+        report = app.auditor.audit(
+            site, grace=timedelta(hours=grace_hours), dry_run=dry_run, force=force
+        )
+    if as_json:
+        print_json(report.summary())
+    else:
+        typer.echo(
+            f"{site}: {report.indexed:,} replica(s) indexed, {report.listed:,} blob(s) listed"
+            f" in {report.seconds:.1f} s{' (dry run)' if dry_run else ''}"
+        )
+        for title, items in (
+            ("lost", report.lost),
+            ("view missing", report.missing_views),
+            ("dark", report.dark),
+            ("quarantined", report.quarantined),
+            ("view without a placement", report.orphan_views),
+        ):
+            for line in items[:20]:
+                typer.echo(f"  {title}: {line}")
+            if len(items) > 20:
+                typer.echo(f"  ... and {len(items) - 20:,} more {title}")
+        if report.too_young:
+            typer.echo(f"  {report.too_young} unindexed file(s) younger than the grace period")
+        if report.aborted:
+            typer.echo(f"  nothing changed: {report.aborted}")
+        elif report.repairs_planned:
+            typer.echo(f"  repair planned for placement(s) {report.repairs_planned}: run workers")
+        if report.clean:
+            typer.echo("  index and storage agree")
     if not report.clean:
         raise typer.Exit(1)

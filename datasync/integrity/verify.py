@@ -170,10 +170,10 @@ class Verifier:
         for damage in report.damaged:
             self.state.placements.damage(damage.placement_id, damage.reason)
         if bad:  # views built on a bad blob are damaged too, even if they still look right
-            for placement_id, reason in self._views_using(site, bad, report):
-                self.state.placements.damage(placement_id, reason)
+            known = {d.placement_id for d in report.damaged}
+            report.damaged += self.damage_views_using(site, bad, "verify", "damaged", known)
         if repair:
-            report.repairs_planned = self._repair(site, backend)
+            report.repairs_planned = self.repair_damaged(site, "repairing: re-planned by verify")
         report.seconds = time.monotonic() - started
         return report
 
@@ -332,11 +332,11 @@ class Verifier:
                 if rel not in seen:
                     damage.add(f"{rel} is not part of the version")
 
-    def _views_using(
-        self, site: str, bad: set[str], report: VerifyReport
-    ) -> Iterator[tuple[int, str]]:
-        """READY views at ``site`` whose version holds one of the ``bad`` digests."""
-        known = {d.placement_id for d in report.damaged}
+    def damage_views_using(
+        self, site: str, digests: set[str], who: str, what: str, known: set[int] | None = None
+    ) -> list[Damage]:
+        """Mark DAMAGED every READY view at ``site`` whose version holds one of ``digests``
+        (blobs ``who`` found ``what``), except the placements in ``known``."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(
@@ -346,20 +346,26 @@ class Verifier:
                     col(Placement.state) == PlacementState.READY,
                     sa.exists().where(
                         col(Entry.version_pk) == col(Placement.version_pk),
-                        col(Entry.digest).in_(sorted(bad)),
+                        col(Entry.digest).in_(sorted(digests)),
                     ),
                 )
             ).all()
+        damaged = []
         for pid, dataset, version_id in rows:
-            if row_id(pid) in known:
+            if row_id(pid) in (known or set()):
                 continue
-            reason = f"verify: the view of {dataset}@{version_id[:12]} uses a damaged blob"
-            report.damaged.append(Damage(row_id(pid), str(dataset), str(version_id), 1, [reason]))
-            yield row_id(pid), reason
+            reason = f"{who}: the view of {dataset}@{version_id[:12]} uses a {what} blob"
+            self.state.placements.damage(row_id(pid), reason)
+            damaged.append(Damage(row_id(pid), str(dataset), str(version_id), 1, [reason]))
+        return damaged
 
     # -- repair ---------------------------------------------------------------------------
 
-    def _repair(self, site: str, backend: Backend) -> list[int]:
+    def repair_damaged(self, site: str, note: str) -> list[int]:
+        """Re-plan every DAMAGED placement at ``site`` (``note`` goes to its history); on
+        object stores its view's marker goes first, so readers see no view until every
+        object verified again. Returns the placements re-planned."""
+        backend = self.backends[site]
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(col(Placement.id), col(Placement.dataset), col(Placement.version_id))
@@ -374,6 +380,6 @@ class Verifier:
                     backend.delete(f"{view_prefix(dataset, version_id)}/{COMPLETE_MARKER}")
                 except StorageError:
                     continue  # left DAMAGED; the next run tries again
-            if self.replication.repair(row_id(pid), "repairing: re-planned by verify"):
+            if self.replication.repair(row_id(pid), note):
                 planned.append(row_id(pid))
         return planned

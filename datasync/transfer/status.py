@@ -21,7 +21,7 @@ from datasync.db.transfer_tables import Placement, Task
 from datasync.errors import UserError
 from datasync.models import PlacementState, TaskState
 from datasync.observe.workers import live_since
-from datasync.transfer.state import as_utc
+from datasync.transfer.state import STUCK_AFTER, as_utc
 
 __all__ = ["THROUGHPUT_WINDOW", "PlacementStatus", "parse_deadline", "status"]
 
@@ -117,7 +117,8 @@ def status(
 
 
 _FINAL = (PlacementState.READY, PlacementState.FAILED, PlacementState.DAMAGED)
-_Waits = dict[int, tuple[int, datetime | None, int]]
+# Per placement: tasks backing off, until when, tasks blocked, tasks stuck, most failures.
+_Waits = dict[int, tuple[int, datetime | None, int, int, int]]
 
 
 def _one(
@@ -171,7 +172,7 @@ def _one(
         bytes_moved=written.get(pid, 0),
         error=row["error"],
         last_errors=errors.get(pid, []),
-        phase=_phase(state, counts, waits.get(pid, (0, None, 0)), orphaned.get(pid, 0), now),
+        phase=_phase(state, counts, waits.get(pid, (0, None, 0, 0, 0)), orphaned.get(pid, 0), now),
     )
 
 
@@ -215,21 +216,31 @@ def _recent(conn: Connection, ids: list[int], since: datetime) -> dict[int, tupl
 
 
 def _waits(conn: Connection, ids: list[int], now: datetime) -> _Waits:
-    """Per placement: tasks backing off after errors, until when, and tasks blocked."""
+    """Per placement: tasks backing off after errors, until when, tasks blocked, and tasks
+    stuck (retried after ``STUCK_AFTER`` failed attempts) with the most failures of one."""
     queued = col(Task.state) == TaskState.QUEUED
+    leased = col(Task.state) == TaskState.LEASED
     backing_off = sa.and_(queued, col(Task.not_before) > now)
     blocked = sa.and_(queued, col(Task.not_before) <= now, col(Task.blocked_by) > 0)
+    # Failed attempts: ``attempts`` of a queued task, one fewer for a running one.
+    failed = sa.case((leased, col(Task.attempts) - 1), else_=col(Task.attempts))
+    stuck = failed >= STUCK_AFTER
     rows = conn.execute(
         sa.select(
             col(Task.placement_id),
             sa.func.count().filter(backing_off),
             sa.func.min(col(Task.not_before)).filter(backing_off),
             sa.func.count().filter(blocked),
+            sa.func.count().filter(stuck),
+            sa.func.coalesce(sa.func.max(failed), 0),
         )
-        .where(col(Task.placement_id).in_(ids), queued)
+        .where(col(Task.placement_id).in_(ids), sa.or_(queued, leased))
         .group_by(col(Task.placement_id))
     )
-    return {int(pid): (int(w), as_utc(until), int(h)) for pid, w, until, h in rows}
+    return {
+        int(pid): (int(w), as_utc(until), int(h), int(s), int(most))
+        for pid, w, until, h, s, most in rows
+    }
 
 
 def _orphaned(conn: Connection, ids: list[int], now: datetime) -> dict[int, int]:
@@ -251,7 +262,7 @@ def _orphaned(conn: Connection, ids: list[int], now: datetime) -> dict[int, int]
 def _phase(
     state: PlacementState,
     counts: dict[str, int],
-    waits: tuple[int, datetime | None, int],
+    waits: tuple[int, datetime | None, int, int, int],
     orphaned: int,
     now: datetime,
 ) -> str:
@@ -265,8 +276,10 @@ def _phase(
         return f"planning ({planned} task(s) so far)"
     if state is PlacementState.PUBLISHING:
         return "publishing the view"
-    waiting, until, held = waits
+    waiting, until, held, stuck, most = waits
     parts = []
+    if stuck:  # first: the thing to act on (explain reads the backing-off part last)
+        parts.append(f"{stuck} task(s) stuck: failing and retried, one of them {most} times")
     running = counts.get(TaskState.LEASED, 0) - orphaned
     if running > 0:
         parts.append(f"{running} task(s) running")

@@ -23,6 +23,7 @@ from datasync.transfer.state.sharing import BlobSharing, BlobWant
 from datasync.transfer.state.staging import AT_RISK_BOOST, StagingStates
 from datasync.transfer.state.tasks import (
     ERROR_HISTORY,
+    STUCK_AFTER,
     Cancelled,
     ClaimedTask,
     NewTask,
@@ -36,6 +37,7 @@ __all__ = [
     "AT_RISK_BOOST",
     "DEFAULT_RECHECK",
     "ERROR_HISTORY",
+    "STUCK_AFTER",
     "BlobSharing",
     "BlobWant",
     "Cancelled",

@@ -29,8 +29,13 @@ Invariants:
   placement READY.
 * A permanent failure (or a spent retry budget) fails the task and its placement with an
   actionable reason, and cancels the placement's still-queued tasks.
-* Every error is kept in the task's history as ``{at, class, message}`` (the newest
-  ``ERROR_HISTORY``), so a waiting placement can explain itself.
+* Every error is kept in the task's history as ``{at, class, message, attempt}`` (the
+  newest ``ERROR_HISTORY``), so a waiting placement can explain itself.
+* ``attempts`` is never reset while the task lives (the claim increments it, nothing
+  lowers it): a task retried after ``STUCK_AFTER`` failed attempts is **stuck** until it
+  completes or its budget is spent (``TaskStuck``, once; ``status`` shows it). A failing
+  placement's reason counts its earlier failures from its history, which re-planning
+  never clears.
 """
 
 from __future__ import annotations
@@ -44,7 +49,10 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlmodel import col
 
+from datasync.db.engine import DB_UNAVAILABLE
+from datasync.db.ops_tables import PlacementHistory
 from datasync.db.transfer_tables import NO_DEADLINE, Placement, Task
+from datasync.errors import DatasyncError, TransientError
 from datasync.events import (
     PlacementFailed,
     PlacementPublishing,
@@ -53,6 +61,7 @@ from datasync.events import (
     TaskCompleted,
     TaskFailed,
     TaskRetried,
+    TaskStuck,
 )
 from datasync.models import PlacementState, TaskState
 from datasync.transfer.payloads import Payload, TaskKind, encode, kind_of, link_of
@@ -62,6 +71,7 @@ from datasync.transfer.state.sharing import settle_completed
 
 __all__ = [
     "ERROR_HISTORY",
+    "STUCK_AFTER",
     "Cancelled",
     "ClaimedTask",
     "NewTask",
@@ -73,6 +83,8 @@ __all__ = [
 ]
 
 ERROR_HISTORY = 50
+# A task still being retried after this many failed attempts is "stuck" (``fail``).
+STUCK_AFTER = 3
 # Tasks filed outside a placement's plan (``enqueue``): their failure is theirs alone, it
 # never fails the placement (a label in the way of a user's file leaves the view READY).
 _OUTSIDE_PLAN = frozenset({TaskKind.LABELS})
@@ -151,6 +163,10 @@ class Cancelled(Exception):
     """Labels the history entry of a task cancelled because its placement failed."""
 
 
+def _was_stuck(errors: list[dict[str, Any]] | None) -> bool:
+    return any(e.get("stuck") for e in errors or ())
+
+
 _APPEND_PG = "(errors::jsonb || jsonb_build_array(CAST(:entry AS jsonb)))::json"
 _APPEND_SQLITE = "json_insert(errors, '$[#]', json(:entry))"
 
@@ -158,9 +174,23 @@ _APPEND_SQLITE = "json_insert(errors, '$[#]', json(:entry))"
 def fail_placement(txn: Txn, placement_id: int, reason: str) -> None:
     """Mark a placement FAILED with ``reason`` and cancel its queued tasks (same transaction).
 
-    A READY placement stays READY: its view is complete whatever a straggler task says.
+    A READY placement stays READY: its view is complete whatever a straggler task says. A
+    FAILED one keeps its first reason (the cause; its other tasks' errors are in their
+    histories), so each failure is one entry in its history. A placement that failed before
+    says how often and since when: re-planning replaces its tasks (and their counters), but
+    its history is never reset (no Rucio-style cycle between retrying and stuck that hides
+    how long it has been failing).
     """
     now = txn.now
+    before, first = txn.conn.execute(
+        sa.select(sa.func.count(), sa.func.min(col(PlacementHistory.at))).where(
+            col(PlacementHistory.placement_id) == placement_id,
+            col(PlacementHistory.state) == PlacementState.FAILED,
+        )
+    ).one()
+    if before:
+        since = (as_utc(first) or now).isoformat(timespec="seconds")
+        reason = f"{reason} (failure {before + 1} of this placement since {since})"
     entry = error_entry(now, Cancelled(f"placement {placement_id} failed: {reason}"))
     append = _APPEND_PG if txn.pg else _APPEND_SQLITE
     txn.conn.execute(
@@ -173,7 +203,10 @@ def fail_placement(txn: Txn, placement_id: int, reason: str) -> None:
     )
     failed = txn.conn.execute(
         sa.update(Placement)
-        .where(col(Placement.id) == placement_id, col(Placement.state) != PlacementState.READY)
+        .where(
+            col(Placement.id) == placement_id,
+            col(Placement.state).not_in((PlacementState.READY, PlacementState.FAILED)),
+        )
         .values(state=PlacementState.FAILED, error=reason, updated_at=now)
     )
     if failed.rowcount:
@@ -490,8 +523,12 @@ class TaskStates(StateBase):
         ``failed``), or None if ``owner`` no longer holds the lease.
 
         The retry policy decides from the error's class (``DatasyncError.retryable``) and
-        the attempts so far; an error that is not a ``DatasyncError`` is a bug or an
-        untranslated error, retried within the smallest budget."""
+        the attempts so far; the database failing under the attempt (a restart, a network
+        blip) is a ``TransientError``; any other error that is not a ``DatasyncError`` (a
+        bug or an untranslated error) fails the task at once. A task retried after
+        ``STUCK_AFTER`` failed attempts is stuck: ``TaskStuck`` is emitted the first time
+        (its history entry says so); ``attempts``, which only the claim increments, is its
+        counter."""
         with self._write() as txn:
             row = txn.conn.execute(
                 sa.select(
@@ -512,8 +549,15 @@ class TaskStates(StateBase):
                 return None
             attempts, max_attempts, placement_id, kind, errors = row
             now = txn.now
-            history = [*(errors or []), error_entry(now, exc)][-ERROR_HISTORY:]
+            if isinstance(exc, DB_UNAVAILABLE):
+                cause = " ".join(str(getattr(exc, "orig", None) or exc).split())
+                exc = TransientError(f"the database was unavailable during the attempt: {cause}")
             delay = self.retry.task_retry_delay(attempts, max_attempts, exc)
+            entry = {**error_entry(now, exc), "attempt": attempts}
+            stuck = delay is not None and attempts >= STUCK_AFTER and not _was_stuck(errors)
+            if stuck:
+                entry["stuck"] = True
+            history = [*(errors or []), entry][-ERROR_HISTORY:]
             if delay is not None:
                 txn.conn.execute(
                     sa.update(Task)
@@ -532,18 +576,32 @@ class TaskStates(StateBase):
                         placement_id=placement_id,
                         kind=kind,
                         error_class=type(exc).__name__,
-                        message=history[-1]["message"],
+                        message=entry["message"],
                         attempt=attempts,
                         delay_seconds=delay,
                     )
                 )
+                if stuck:
+                    txn.emit(
+                        TaskStuck(
+                            task_id=task_id,
+                            placement_id=placement_id,
+                            kind=kind,
+                            attempts=attempts,
+                            since=str(history[0].get("at", entry["at"])),
+                            error_class=type(exc).__name__,
+                            message=entry["message"],
+                        )
+                    )
                 return TaskState.QUEUED
-            retryable = getattr(exc, "retryable", True)
-            why = "permanent error" if not retryable else f"{attempts} attempts"
-            reason = (
-                f"{kind} task {task_id} failed ({why}): {type(exc).__name__}: "
-                f"{history[-1]['message']}"
-            )
+            if not isinstance(exc, DatasyncError):
+                why = "unclassified error"
+            elif not exc.retryable:
+                why = "permanent error"
+            else:
+                why = f"{attempts} attempts"
+            message = entry["message"]
+            reason = f"{kind} task {task_id} failed ({why}): {type(exc).__name__}: {message}"
             txn.conn.execute(
                 sa.update(Task)
                 .where(col(Task.id) == task_id)
@@ -557,7 +615,7 @@ class TaskStates(StateBase):
                     placement_id=placement_id,
                     kind=kind,
                     error_class=type(exc).__name__,
-                    message=history[-1]["message"],
+                    message=entry["message"],
                 )
             )
             if kind not in _OUTSIDE_PLAN:
