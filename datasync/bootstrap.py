@@ -41,6 +41,7 @@ from datasync.transfer.limits import limits_from_settings
 from datasync.transfer.planner import Planner
 from datasync.transfer.service import ReplicationService
 from datasync.transfer.siteindex import SiteIndex
+from datasync.transfer.sites import SiteHealth
 from datasync.transfer.state import EngineState, TaskStates
 from datasync.transfer.worker import MIB, WorkerLoop, WorkerOptions, WorkerParts
 
@@ -74,7 +75,15 @@ class App:
         settings = self.settings
         chunk = max(settings.chunk_size, MIB)
         limits = limits_from_settings(settings.home, settings.sites)
-        policy = replace(self.retry, task_backoff=Backoff(options.queue_backoff_base, 300.0))
+        space = options.space_backoff_base
+        policy = replace(
+            self.retry,
+            task_backoff=Backoff(options.queue_backoff_base, 300.0),
+            space_backoff=replace(
+                self.retry.space_backoff,
+                initial=15 * options.queue_backoff_base if space is None else space,
+            ),
+        )
 
         def with_retries(site: str, backend: Backend) -> Backend:
             # Throttling feeds the site's host-wide AIMD limit; every retry is the policy's.
@@ -88,6 +97,9 @@ class App:
         backends = SiteBackends(settings.sites, wrap=with_retries)
         io = cf.ThreadPoolExecutor(options.io_threads, thread_name_prefix="datasync-io")
         tasks = TaskStates(self.engine, self.bus, policy)
+        # A site found down holds its tasks instead of letting them fail (every worker).
+        health = SiteHealth(settings, self.engine, tasks.pause_site)
+        self.bus.subscribe(health.on_event)
         ctx = ExecContext(
             state=self.state,
             index=SiteIndex(self.engine),
@@ -102,7 +114,7 @@ class App:
             tasks=tasks,
             executor=Executor(ctx),
             replan=self.replication.repair,
-            chores=(tasks.reap, self.scheduler.tick),
+            chores=(tasks.reap, self.scheduler.tick, health.check),
             closers=(lambda: io.shutdown(wait=True), backends.close, limits.close),
         )
         return WorkerLoop(parts, options)

@@ -37,6 +37,7 @@ __all__ = [
     "PlacementReady",
     "PlacementReopened",
     "ReplicaMarkedBad",
+    "SitePaused",
     "StageReleased",
     "StageRequested",
     "Subscriber",
@@ -208,6 +209,16 @@ class TaskRetried(Event):
     message: str
     attempt: int
     delay_seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SitePaused(Event):
+    """A site's health probe failed: its queued tasks wait until ``until`` (attempts kept)."""
+
+    site: str
+    until: datetime
+    reason: str
+    tasks: int  # queued tasks held
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -50,6 +51,27 @@ def _check_processes(processes: int, force: bool) -> None:
             f"--processes {processes} is more than {limit} ({_PER_CPU} on this host);"
             " add --force to start that many"
         )
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port nothing can listen on (taken, or a bad host) before anything starts:
+    ``up`` would otherwise start its workers, then die on the bind."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: use 0 to 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: cannot listen there ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(
+                f"cannot listen on {host}:{port}: {exc.strerror} (another datasync serve/up,"
+                " or another program? pick one with --port)"
+            ) from None
 
 
 def _verify_every_site(app: App) -> None:
@@ -104,7 +126,9 @@ def serve(
 
     from datasync.api.app import create_app
 
-    with application() as app:
+    with handle_errors():
+        _check_port(host, port)
+    with application(creates=True) as app:
         uvicorn.run(create_app(app), host=host, port=port, log_level="info")
 
 
@@ -121,7 +145,7 @@ def worker(
 
     with handle_errors():
         _check_processes(processes, force)
-    with application() as app:
+    with application(creates=True) as app:
         settings = app.settings
     with handle_errors():
         run_worker(settings, processes=processes, once=once)
@@ -142,7 +166,8 @@ def up(
 
     with handle_errors():
         _check_processes(processes, force)
-    with application() as app:
+        _check_port(host, port)
+    with application(creates=True) as app:
         server = uvicorn.Server(
             uvicorn.Config(create_app(app), host=host, port=port, log_level="info")
         )

@@ -1,7 +1,9 @@
 """Replication commands: replicate, status, sites.
 
 ``replicate`` records the placement and plans it; the bytes are moved by workers
-(``datasync worker`` or ``datasync up``). ``--wait`` polls until READY or FAILED.
+(``datasync worker`` or ``datasync up``). ``--wait`` polls until READY or FAILED; Ctrl-C
+stops the waiting, not the placement. A placement that is FAILED (already at plan time,
+or while waiting) exits 1 with its reason; ``sites`` exits 1 when a probed site is down.
 Every command calls ``App.replication`` (``datasync.transfer.service``).
 """
 
@@ -14,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from datasync.cli.helpers import JsonOpt, application, print_json
+from datasync.cli.helpers import JsonOpt, application, handle_errors, print_json
 from datasync.textfmt import human_bytes
 from datasync.transfer.sites import SiteInfo
 from datasync.transfer.status import PlacementStatus, parse_deadline
@@ -120,16 +122,23 @@ def replicate(
         when = parse_deadline(deadline)
         result = replication.replicate(ref, to, priority=priority, deadline=when, source=source)
         console = Console(stderr=True)
-        while wait and result.state not in ("READY", "FAILED"):
-            if not as_json:
-                console.print(_line(result), highlight=False)
-            time.sleep(WAIT_POLL_SECONDS)
-            result = replication.status(placement_id=result.id)[0]
+        stopped = (
+            f"stopped waiting; placement #{result.id} stays queued and workers carry on:"
+            f" `datasync status` or `datasync explain {result.dataset}@{result.version_id[:12]}"
+            f" --site {result.site}` shows it"
+        )
+        with handle_errors(interrupted=stopped):
+            while wait and result.state not in ("READY", "FAILED"):
+                if not as_json:
+                    console.print(_line(result), highlight=False)
+                time.sleep(WAIT_POLL_SECONDS)
+                result = replication.status(placement_id=result.id)[0]
     if as_json:
         print_json(result)
     else:
         typer.echo(_line(result))
-    if wait and result.state == "FAILED":
+    if result.state == "FAILED":
+        typer.echo(f"datasync: error: placement #{result.id} FAILED: {result.error}", err=True)
         raise typer.Exit(1)
 
 
@@ -161,8 +170,10 @@ def sites(
     timeout: Annotated[float, typer.Option(help="Health probe timeout, seconds.")] = 5.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Configured sites with their capabilities, limits and health."""
-    with application() as app:
+    """Configured sites with their capabilities, limits and health.
+
+    Exits 1 when a probed site is down (its row says why)."""
+    with application(creates=True) as app:
         rows = app.replication.sites(probe=probe, timeout=timeout)
     if as_json:
         print_json([r.model_dump(mode="json") for r in rows])
@@ -170,3 +181,7 @@ def sites(
         typer.echo("no sites configured: add [sites.NAME] tables to datasync.toml")
     else:
         Console(width=200).print(_sites_table(rows))
+    down = [r.name for r in rows if r.healthy is False]
+    if down:
+        typer.echo(f"datasync: error: site(s) down: {', '.join(down)}", err=True)
+        raise typer.Exit(1)

@@ -78,6 +78,8 @@ class WorkerOptions:
     idle_sleep: float = 0.5  # longest pause between empty claims
     grace: float = 30.0  # seconds running tasks get to finish on SIGTERM
     queue_backoff_base: float = 2.0  # TaskQueue retry backoff (tests use 0)
+    # First pause after a full destination (NoSpace); None: 15 x queue_backoff_base (30 s).
+    space_backoff_base: float | None = None
 
 
 @dataclass(slots=True)
