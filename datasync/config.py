@@ -68,6 +68,19 @@ def site_root(url: str) -> tuple[str, str]:
     return parts.scheme, f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
 
 
+def _store(site: SiteConfig) -> str:
+    """The endpoint a site's options name ("": its scheme's default). Two sites are on
+    the same store, where roots can collide, only if this is the same."""
+    for name in ("endpoint_url", "endpoint", "account_url"):
+        if site.options.get(name):
+            return str(site.options[name]).rstrip("/")
+    for part in str(site.options.get("connection_string") or "").split(";"):
+        key, _, value = part.partition("=")
+        if key.strip().lower() == "blobendpoint":
+            return value.strip().rstrip("/")
+    return ""
+
+
 def _inside(root: str, other: str) -> bool:
     """Whether ``root`` is ``other`` or below it."""
     return root == other or root.startswith(other.rstrip("/") + "/")
@@ -165,10 +178,11 @@ class Settings(BaseModel):
             unknown = sorted(set(site.links) - set(v))
             if unknown:
                 raise ValueError(f"sites.{name}.links names unknown site(s) {unknown}")
-        # Sorted, a root comes right before the roots inside it.
-        roots = sorted((site_root(site.url), name) for name, site in v.items())
+        # Sorted, a root comes right before the roots inside it (on the same store).
+        roots = sorted(((*site_root(site.url), _store(site)), name) for name, site in v.items())
         for (root, outer), (other, inner) in itertools.combinations(roots, 2):
-            if root[0] == other[0] and _inside(other[1], root[1]):
+            same_store = (root[0], root[2]) == (other[0], other[2])
+            if same_store and _inside(other[1], root[1]):
                 how = "the same root as" if root == other else "a root inside that of"
                 raise ValueError(
                     f"site {inner!r} has {how} site {outer!r}: their blob stores and views"

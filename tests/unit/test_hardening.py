@@ -79,9 +79,11 @@ def test_sibling_roots_and_other_schemes_are_not_nested(tmp_path: Path) -> None:
     settings = _load(
         tmp_path,
         "[sites.a]\nurl = '/data/a'\n[sites.b]\nurl = '/data/ab'\n"
-        "[sites.c]\nurl = 's3://data/a'\n[sites.d]\nurl = 'gs://data/a'\n",
+        "[sites.c]\nurl = 's3://data/a'\n[sites.d]\nurl = 'gs://data/a'\n"
+        # The same bucket on another endpoint is another store.
+        "[sites.e]\nurl = 's3://data/a'\noptions = { endpoint_url = 'http://minio:9000' }\n",
     )
-    assert sorted(settings.sites) == ["a", "b", "c", "d"]
+    assert sorted(settings.sites) == ["a", "b", "c", "d", "e"]
 
 
 def test_secrets_in_options_never_reach_the_message(tmp_path: Path) -> None:
