@@ -22,7 +22,7 @@ from datasync.backends.retrying import RetryingBackend
 from datasync.config import Settings, load_settings
 from datasync.db.engine import create_engine
 from datasync.db.migrate import upgrade_to_head
-from datasync.errors import ConfigError
+from datasync.errors import ConfigError, TransientError
 from datasync.events import EventBus
 from datasync.integrity.verify import Verifier
 from datasync.manifest.remote import RemoteSources
@@ -85,6 +85,12 @@ class App:
             ),
         )
 
+        tasks = TaskStates(self.engine, self.bus, policy)
+        # A site found down holds its tasks instead of letting them fail (every worker);
+        # a call retried after a network error makes its site a suspect at once.
+        health = SiteHealth(settings, self.engine, tasks.pause_site)
+        self.bus.subscribe(health.on_event)
+
         def with_retries(site: str, backend: Backend) -> Backend:
             # Throttling feeds the site's host-wide AIMD limit; every retry is the policy's.
             return RetryingBackend(
@@ -92,14 +98,13 @@ class App:
                 policy,
                 on_throttled=lambda exc: limits.on_throttled(site, exc.retry_after),
                 on_success=lambda: limits.on_success(site),
+                on_retry=lambda event: (
+                    health.suspect(site) if isinstance(event.error, TransientError) else None
+                ),
             )
 
         backends = SiteBackends(settings.sites, wrap=with_retries)
         io = cf.ThreadPoolExecutor(options.io_threads, thread_name_prefix="datasync-io")
-        tasks = TaskStates(self.engine, self.bus, policy)
-        # A site found down holds its tasks instead of letting them fail (every worker).
-        health = SiteHealth(settings, self.engine, tasks.pause_site)
-        self.bus.subscribe(health.on_event)
         ctx = ExecContext(
             state=self.state,
             index=SiteIndex(self.engine),

@@ -101,12 +101,15 @@ def _connection_account(connection_string: str) -> str | None:
     return endpoint.path.strip("/").split("/", 1)[0] or None
 
 
-def credential_source(account: str, env: Mapping[str, str]) -> tuple[str, str | None]:
+def credential_source(
+    account: str, env: Mapping[str, str], *, connection_string: bool = True
+) -> tuple[str, str | None]:
     """Where a site with no credential option gets one, from the environment: one of
-    ``("connection_string", value)``, ``("account_key", value)``, ``("sas_token", value)``
-    or ``("default", None)`` (``DefaultAzureCredential``). Variables meant for another
+    ``("connection_string", value)`` (unless ``connection_string`` is False: the site named
+    its own endpoint), ``("account_key", value)``, ``("sas_token", value)`` or
+    ``("default", None)`` (``DefaultAzureCredential``). Variables meant for another
     account than ``account`` are passed over."""
-    connection = env.get("AZURE_STORAGE_CONNECTION_STRING")
+    connection = env.get("AZURE_STORAGE_CONNECTION_STRING") if connection_string else None
     if connection and _connection_account(connection) in (None, account):
         return "connection_string", connection
     named = env.get("AZURE_STORAGE_ACCOUNT_NAME") or env.get("AZURE_STORAGE_ACCOUNT")
@@ -279,9 +282,9 @@ class AzureBackend:
         }
         connection, key, sas = self._connection_string, self._account_key, self._sas_token
         if not (connection or key or sas or self._anonymous):
-            kind, value = credential_source(self.account, os.environ)
-            if kind == "connection_string" and self._explicit_url:
-                kind = "default"  # the site named its endpoint; the variable may not match
+            kind, value = credential_source(
+                self.account, os.environ, connection_string=not self._explicit_url
+            )
             connection = value if kind == "connection_string" else None
             key = value if kind == "account_key" else None
             sas = value if kind == "sas_token" else None

@@ -30,7 +30,7 @@ from datasync.backends.registry import open_backend, parse_url, redact
 from datasync.config import Settings, site_root
 from datasync.db.engine import DB_UNAVAILABLE
 from datasync.db.transfer_tables import Task
-from datasync.errors import DatasyncError
+from datasync.errors import DatasyncError, Throttled
 from datasync.events import Event, TaskRetried
 from datasync.retry import is_retryable
 
@@ -191,7 +191,9 @@ def _inspect(url: str, options: dict[str, Any], probe: bool, out: dict[str, Any]
             next(iter(backend.list("")), None)
             out["latency"] = time.monotonic() - start
     except Exception as exc:
-        out.update(error=f"{type(exc).__name__}: {exc}", retryable=is_retryable(exc))
+        # Throttling is the site pacing us (the AIMD limits' business), not the site down.
+        down = is_retryable(exc) and not isinstance(exc, Throttled)
+        out.update(error=f"{type(exc).__name__}: {exc}", retryable=down)
     finally:
         with contextlib.suppress(Exception):
             backend.close()
@@ -200,14 +202,17 @@ def _inspect(url: str, options: dict[str, Any], probe: bool, out: dict[str, Any]
 class SiteHealth:
     """Sites that are down pause their tasks instead of burning their attempts.
 
-    A chore of every worker (``WorkerParts.chores``): the sites of the tasks this process
-    saw retried (``TaskRetried``) since the last check, and those it found down before,
-    are probed like ``datasync sites`` does. A site whose probe fails with a retryable
-    error (no answer, a refused connection, a timeout, 5xx) holds its queued tasks for
-    ``pause`` seconds with the reason, through the state owner (``pause_site``); attempts
-    are not counted. A site that answers again is left alone: its tasks are due when the
-    pause ends. A permanent error (credentials, a missing bucket) pauses nothing: the
-    tasks fail with that reason, which someone must fix.
+    A chore of every worker (``WorkerParts.chores``): the sites this process saw a call
+    retried on after a network error (``suspect``, from ``RetryingBackend``'s hook) or a
+    task retried for (``TaskRetried``) since the last check, and those it found down
+    before, are probed like ``datasync sites`` does. A site whose probe fails with a
+    retryable error other than throttling (no answer, a refused connection, a timeout,
+    5xx) holds its queued tasks for ``pause`` seconds with the reason, through the state
+    owner (``pause_site``); attempts are not counted. Tasks already running finish their
+    attempt. A site that answers again is left alone: its tasks are due when the pause
+    ends. A throttled probe (the AIMD limits handle that) and a permanent error
+    (credentials, a missing bucket) pause nothing: the latter fails the tasks with that
+    reason, which someone must fix.
     """
 
     def __init__(
@@ -225,8 +230,14 @@ class SiteHealth:
         self.timeout = timeout
         self.pause = pause
         self._retried: set[int] = set()
+        self._suspects: set[str] = set()
         self._down: set[str] = set()
         self._lock = threading.Lock()
+
+    def suspect(self, site: str) -> None:
+        """A call to ``site`` failed with a network error: probe it at the next check."""
+        with self._lock:
+            self._suspects.add(site)
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, TaskRetried):
@@ -249,7 +260,7 @@ class SiteHealth:
     def _check(self) -> dict[str, str]:
         with self._lock:
             retried, self._retried = self._retried, set()
-            suspects = set(self._down)
+            suspects, self._suspects = self._suspects | self._down, set()
         suspects |= self._sites_of(retried)
         suspects &= set(self.settings.sites)
         if not suspects:

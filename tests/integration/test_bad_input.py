@@ -29,10 +29,13 @@ from datasync.api import API_PREFIX, create_app
 from datasync.bootstrap import App, bootstrap
 from datasync.cli import app as cli_app
 from datasync.config import load_settings
+from tests.integration.manifest_helpers import TABLES as MANIFEST_TABLES
+from tests.integration.manifest_helpers import counts as table_counts
 from tests.integration.manifest_helpers import row, write_producer
 
 DATASYNC = Path(sys.executable).parent / "datasync"
-TABLES = ("datasets", "versions", "entries", "labels", "placements", "tasks")
+# The manifest tables, and what a replication writes first.
+TABLES = (*MANIFEST_TABLES, "placements", "tasks")
 
 
 @dataclass
@@ -53,31 +56,19 @@ class World:
 
     def refused(self, *args: str, **env: str) -> str:
         """Run a command that must be refused: exit 2, one line, nothing changed."""
-        before = counts(self.url)
+        before = table_counts(self.url, TABLES)
         out, err = self.cli(*args, code=2, **env)
         assert out == ""
         assert err.startswith("datasync: error: ") and err.count("\n") == 1, err
-        assert counts(self.url) == before
+        assert table_counts(self.url, TABLES) == before
         return err
 
     def api_refused(self, method: str, path: str, status: int, **kwargs: Any) -> str:
-        before = counts(self.url)
+        before = table_counts(self.url, TABLES)
         response = self.client.request(method, f"{API_PREFIX}{path}", **kwargs)
         assert response.status_code == status, response.text
-        assert counts(self.url) == before
+        assert table_counts(self.url, TABLES) == before
         return str(response.json()["error"])
-
-
-def counts(url: str) -> dict[str, int]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return {
-                t: int(conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one())
-                for t in TABLES
-            }
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture

@@ -117,49 +117,45 @@ def _azure_site(azurite: AzuriteInfo, container: str) -> Site:
     return Site("blob", config, "azure")
 
 
-def test_an_azure_site_without_credentials_uses_the_key_variable(
+def _container_sas(container: str) -> str:
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    return str(
+        generate_container_sas(
+            AZURITE_ACCOUNT,
+            container,
+            account_key=AZURITE_KEY,
+            permission=ContainerSasPermissions(read=True, list=True),
+            expiry=datetime.now(UTC) + timedelta(hours=1),
+        )
+    )
+
+
+@pytest.mark.parametrize("variable", ["AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN"])
+def test_an_azure_site_without_credentials_uses_the_key_or_sas_variable(
     request: pytest.FixtureRequest,
     clean_env: pytest.MonkeyPatch,
     tmp_path: Path,
     tree: dict[str, bytes],
     azurite: AzuriteInfo,
+    variable: str,
 ) -> None:
     bucket = make_azure_backend(request)
     upload_tree(bucket, "drop/", tree)
-    clean_env.setenv("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)
+    key = variable.endswith("KEY")
+    clean_env.setenv(variable, AZURITE_KEY if key else _container_sas(bucket.container))
     with _app(tmp_path, [_azure_site(azurite, bucket.container)]) as app:
         _same_as_local(app, tmp_path, "blob:drop")
+    if not key:
+        return
     wrong = "d3Jvbmd3cm9uZ3dyb25nd3Jvbmd3cm9uZ3dyb25nd3Jvbmd3cm9uZ3dyb25nd3Jvbmc="
-    clean_env.setenv("AZURE_STORAGE_ACCOUNT_KEY", wrong)
+    clean_env.setenv(variable, wrong)
     with _app(tmp_path / "again", [_azure_site(azurite, bucket.container)]) as app:
         with pytest.raises(PermissionDenied) as caught:
             app.service.register("drive/remote", "blob:drop")
         assert wrong not in str(caught.value) and AZURITE_KEY not in str(caught.value)
         (info,) = app.replication.sites(timeout=10)
         assert info.healthy is False and wrong not in (info.error or "")
-
-
-def test_an_azure_site_without_credentials_uses_the_sas_variable(
-    request: pytest.FixtureRequest,
-    clean_env: pytest.MonkeyPatch,
-    tmp_path: Path,
-    tree: dict[str, bytes],
-    azurite: AzuriteInfo,
-) -> None:
-    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
-
-    bucket = make_azure_backend(request)
-    upload_tree(bucket, "drop/", tree)
-    sas = generate_container_sas(
-        AZURITE_ACCOUNT,
-        bucket.container,
-        account_key=AZURITE_KEY,
-        permission=ContainerSasPermissions(read=True, list=True),
-        expiry=datetime.now(UTC) + timedelta(hours=1),
-    )
-    clean_env.setenv("AZURE_STORAGE_SAS_TOKEN", sas)
-    with _app(tmp_path, [_azure_site(azurite, bucket.container)]) as app:
-        _same_as_local(app, tmp_path, "blob:drop")
 
 
 # -- S3 -----------------------------------------------------------------------------------

@@ -35,7 +35,13 @@ from datasync.events import SitePaused, TaskRetried
 from datasync.transfer.sites import SiteHealth
 from datasync.transfer.state.tasks import SITE_DOWN
 from datasync.transfer.worker import WorkerOptions
-from tests.fixtures.emulators import AZURITE_ACCOUNT, AZURITE_KEY, S3_KEYS, closed_port
+from tests.fixtures.emulators import (
+    AZURITE_ACCOUNT,
+    AZURITE_KEY,
+    S3_KEYS,
+    ErrorServer,
+    closed_port,
+)
 from tests.fixtures.replication import Site, make_tree, posix_site, settings_for
 from tests.fixtures.transfer import Recorder
 
@@ -258,13 +264,47 @@ def test_a_site_that_is_down_pauses_its_tasks_with_the_reason(tmp_path: Path, db
         assert all(len(row.errors) == 1 for row in _queued(app.engine, "dead"))
 
 
-def test_every_worker_runs_the_health_check(tmp_path: Path, sqlite_url: str) -> None:
+def test_a_worker_suspects_a_site_at_its_first_network_retry_and_pauses_it(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """The wiring of ``App.worker``: the chore runs in every worker, and a call retried
+    after a network error makes its site a suspect at once (not only a failed task)."""
+    port = closed_port()
+    url, options = _options("s3", f"http://127.0.0.1:{port}")
     src = posix_site("pipeline", tmp_path / "pipeline")
-    settings = settings_for(tmp_path / "home", sqlite_url, [src])
+    make_tree(tmp_path / "pipeline" / "run", seed=6)
+    dead = Site("dead", SiteConfig(url=url, options=options), "s3")
+    settings = settings_for(tmp_path / "home", sqlite_url, [src, dead])
     with bootstrap(settings) as app:
+        version = app.service.register_directory("drive/down", tmp_path / "pipeline" / "run")
+        app.replication.replicate(f"drive/down@{version.version_id}", "dead")
         loop = app.worker(WorkerOptions())
         try:
-            owners = [getattr(chore, "__self__", None) for chore in loop.parts.chores]
-            assert any(isinstance(owner, SiteHealth) for owner in owners)
+            (health,) = [
+                owner
+                for chore in loop.parts.chores
+                if isinstance(owner := getattr(chore, "__self__", None), SiteHealth)
+            ]
+            with pytest.raises(TransientError):  # retried within the call, then given up
+                loop.executor.ctx.backends["dead"].stat("k")
+            assert list(health.check()) == ["dead"]
+            assert all(row.errors[-1]["class"] == SITE_DOWN for row in _queued(app.engine, "dead"))
         finally:
             loop.close()
+
+
+def test_a_throttling_site_is_not_paused(
+    tmp_path: Path, sqlite_url: str, error_server: ErrorServer
+) -> None:
+    """503 SlowDown is the site pacing us (the AIMD limits' business), not the site down."""
+    error_server.headers = {"Retry-After": "1"}
+    url, options = _options("s3", error_server.url)
+    busy = Site("busy", SiteConfig(url=url, options=options), "s3")
+    settings = settings_for(tmp_path / "home", sqlite_url, [busy])
+    with bootstrap(settings) as app:
+        health = SiteHealth(settings, app.engine, app.state.tasks.pause_site, timeout=5)
+        health.suspect("busy")
+        assert health.check() == {}
+        assert error_server.requests >= 1  # it was probed
+        (info,) = app.replication.sites(timeout=5)
+        assert info.healthy is False and "Throttled" in (info.error or "")

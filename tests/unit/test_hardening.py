@@ -193,6 +193,11 @@ def test_azure_credentials_follow_the_environment_in_order(
     assert credential_source("acct", env) == expected
 
 
+def test_a_site_that_names_its_endpoint_passes_over_the_connection_string() -> None:
+    env = {"AZURE_STORAGE_CONNECTION_STRING": CS_A, "AZURE_STORAGE_KEY": "k"}
+    assert credential_source("acct", env, connection_string=False) == ("account_key", "k")
+
+
 def test_a_full_file_system_is_retried_between_attempts_only_with_a_long_pause() -> None:
     policy = RetryPolicy(random=lambda: 0.0)
     full = NoSpace("No space left on device", url="/lustre/x")
