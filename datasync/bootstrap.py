@@ -23,7 +23,7 @@ from datasync.backends.retrying import RetryingBackend
 from datasync.config import Settings, load_settings
 from datasync.db.engine import create_engine
 from datasync.db.migrate import upgrade_to_head
-from datasync.errors import ConfigError
+from datasync.errors import ConfigError, TransientError
 from datasync.events import EventBus
 from datasync.integrity.audit import Auditor
 from datasync.integrity.verify import Verifier
@@ -45,6 +45,7 @@ from datasync.transfer.limits import limits_from_settings
 from datasync.transfer.planner import Planner
 from datasync.transfer.service import ReplicationService
 from datasync.transfer.siteindex import SiteIndex
+from datasync.transfer.sites import SiteHealth
 from datasync.transfer.state import EngineState, TaskStates
 from datasync.transfer.worker import MIB, WorkerLoop, WorkerOptions, WorkerParts
 
@@ -81,7 +82,21 @@ class App:
         settings = self.settings
         chunk = max(settings.chunk_size, MIB)
         limits = limits_from_settings(settings.home, settings.sites)
-        policy = replace(self.retry, task_backoff=Backoff(options.queue_backoff_base, 300.0))
+        space = options.space_backoff_base
+        policy = replace(
+            self.retry,
+            task_backoff=Backoff(options.queue_backoff_base, 300.0),
+            space_backoff=replace(
+                self.retry.space_backoff,
+                initial=15 * options.queue_backoff_base if space is None else space,
+            ),
+        )
+
+        tasks = TaskStates(self.engine, self.bus, policy, settings.link_caps())
+        # A site found down holds its tasks instead of letting them fail (every worker);
+        # a call retried after a network error makes its site a suspect at once.
+        health = SiteHealth(settings, self.engine, tasks.pause_site)
+        self.bus.subscribe(health.on_event)
 
         def with_retries(site: str, backend: Backend) -> Backend:
             # Throttling feeds the site's host-wide AIMD limit; every retry is the policy's.
@@ -90,11 +105,13 @@ class App:
                 policy,
                 on_throttled=lambda exc: limits.on_throttled(site, exc.retry_after),
                 on_success=lambda: limits.on_success(site),
+                on_retry=lambda event: (
+                    health.suspect(site) if isinstance(event.error, TransientError) else None
+                ),
             )
 
         backends = SiteBackends(settings.sites, wrap=with_retries)
         io = cf.ThreadPoolExecutor(options.io_threads, thread_name_prefix="datasync-io")
-        tasks = TaskStates(self.engine, self.bus, policy, settings.link_caps())
         ctx = ExecContext(
             state=self.state,
             index=SiteIndex(self.engine),
@@ -109,7 +126,12 @@ class App:
             tasks=tasks,
             executor=Executor(ctx),
             replan=self.replication.repair,
-            chores=(tasks.reap, self.scheduler.tick, self.replication.settle_shared),
+            chores=(
+                tasks.reap,
+                self.scheduler.tick,
+                self.replication.settle_shared,
+                health.check,
+            ),
             liveness=WorkerLiveness(self.engine),
             closers=(lambda: io.shutdown(wait=True), backends.close, limits.close),
         )

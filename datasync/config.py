@@ -4,6 +4,16 @@ Sources, later ones winning: built-in defaults, the TOML file (``DATASYNC_CONFIG
 ``$DATASYNC_HOME/datasync.toml`` or ``./datasync.toml``), then ``DATASYNC_*`` variables
 (``DATASYNC_HOME``, ``DATASYNC_DATABASE_URL``). Nothing reads the environment at import time.
 
+Mistakes are refused when the settings are read, each as one line naming the field
+(``ConfigError``): unknown keys, a relative ``home``, a site ``url`` that is relative
+(it would depend on the current directory) or of an unknown scheme, two sites with the
+same root or one root inside another (their blob stores and views would collide), and a
+relative SQLite path. ``check_database`` adds the rule for SQLite files named by a
+``database_url`` (the default ``$DATASYNC_HOME/datasync.db`` is created by any command):
+only commands that can store something in an empty database create one (``creates``), in
+a directory that exists; every other command refuses a database file that is not there,
+so a mistyped ``database_url`` is an error instead of a fresh, empty database.
+
 Example::
 
     database_url = "postgresql+psycopg://datasync@db/datasync"   # default: SQLite in home
@@ -23,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tomllib
@@ -31,11 +42,49 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
+from datasync.backends.registry import parse_url, redact
 from datasync.errors import ConfigError
 from datasync.models import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
-__all__ = ["LinkConfig", "MaintenanceSettings", "Settings", "SiteConfig", "load_settings"]
+__all__ = [
+    "LinkConfig",
+    "MaintenanceSettings",
+    "Settings",
+    "SiteConfig",
+    "check_database",
+    "load_settings",
+    "site_root",
+]
+
+
+def site_root(url: str) -> tuple[str, str]:
+    """``(scheme, normalized root)`` of a site or source URL, comparable between sites and
+    with registration sources (a POSIX root with its symlinks resolved). Raises
+    ``ConfigError`` for an unknown scheme."""
+    parts = parse_url(url)
+    if parts.scheme == "file":
+        return "file", os.path.realpath(parts.path).rstrip("/") or "/"
+    return parts.scheme, f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
+
+
+def _store(site: SiteConfig) -> str:
+    """The endpoint a site's options name ("": its scheme's default). Two sites are on
+    the same store, where roots can collide, only if this is the same."""
+    for name in ("endpoint_url", "endpoint", "account_url"):
+        if site.options.get(name):
+            return str(site.options[name]).rstrip("/")
+    for part in str(site.options.get("connection_string") or "").split(";"):
+        key, _, value = part.partition("=")
+        if key.strip().lower() == "blobendpoint":
+            return value.strip().rstrip("/")
+    return ""
+
+
+def _inside(root: str, other: str) -> bool:
+    """Whether ``root`` is ``other`` or below it."""
+    return root == other or root.startswith(other.rstrip("/") + "/")
 
 
 class LinkConfig(BaseModel):
@@ -68,6 +117,21 @@ class SiteConfig(BaseModel):
     # Outgoing links by destination site: [sites.aws.links.gaggle] concurrency = 4
     links: dict[str, LinkConfig] = Field(default_factory=dict)
 
+    @field_validator("url")
+    @classmethod
+    def _absolute_known_url(cls, url: str) -> str:
+        head = url.split("/", 1)[0]
+        if "://" not in url and not url.startswith(("/", "~")) and ":" not in head:
+            raise ValueError(
+                f"{redact(url)!r} is a relative path, which would depend on the current"
+                " directory: write it absolute (/data/out) or as a URL (s3://bucket/prefix)"
+            )
+        try:
+            site_root(url)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return url
+
 
 class MaintenanceSettings(BaseModel):
     """``[maintenance]``: the chores ``datasync up`` runs on a schedule."""
@@ -92,6 +156,24 @@ class Settings(BaseModel):
     sites: dict[str, SiteConfig] = Field(default_factory=dict)
     maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)
 
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        if not home.is_absolute():
+            raise ValueError(f"{str(home)!r} is a relative path: write it absolute")
+        return home
+
+    @field_validator("database_url")
+    @classmethod
+    def _absolute_sqlite(cls, url: str) -> str:
+        path = _sqlite_file(url)
+        if path is not None and not path.is_absolute():
+            raise ValueError(
+                f"the SQLite file {str(path)!r} is a relative path, which would depend on the"
+                f" current directory; an absolute path takes four slashes: sqlite:////{path}"
+            )
+        return url
+
     @field_validator("sites")
     @classmethod
     def _site_names(cls, v: dict[str, SiteConfig]) -> dict[str, SiteConfig]:
@@ -103,6 +185,16 @@ class Settings(BaseModel):
             unknown = sorted(set(site.links) - set(v))
             if unknown:
                 raise ValueError(f"sites.{name}.links names unknown site(s) {unknown}")
+        # Sorted, a root comes right before the roots inside it (on the same store).
+        roots = sorted(((*site_root(site.url), _store(site)), name) for name, site in v.items())
+        for (root, outer), (other, inner) in itertools.combinations(roots, 2):
+            same_store = (root[0], root[2]) == (other[0], other[2])
+            if same_store and _inside(other[1], root[1]):
+                how = "the same root as" if root == other else "a root inside that of"
+                raise ValueError(
+                    f"site {inner!r} has {how} site {outer!r}: their blob stores and views"
+                    " would collide; give each site its own root"
+                )
         return v
 
     def link_caps(self) -> dict[tuple[str, str], int]:
@@ -117,6 +209,56 @@ class Settings(BaseModel):
     @property
     def stat_cache_path(self) -> Path:
         return self.home / "statcache.sqlite"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL; None for other databases and ``:memory:``."""
+    import sqlalchemy as sa  # deferred: settings are read by processes that never need it
+
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return None  # ``create_engine`` names the problem
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
+def check_database(settings: Settings, *, creates: bool) -> None:
+    """Refuse an SQLite database the command would create by mistake (``ConfigError``).
+
+    The default database (``home / "datasync.db"``) is created by any command. Another
+    file is created only by a command that ``creates`` (one that can store something in an
+    empty database), in a directory that exists; any other command needs the file to
+    exist: a mistyped URL must not answer from an empty database.
+    """
+    path = _sqlite_file(settings.database_url)
+    if path is None or path.exists() or path == settings.home / "datasync.db":
+        return
+    url = settings.database_url
+    if not creates:
+        raise ConfigError(
+            f"no database at {path} ({url}): nothing was ever recorded there. Check"
+            " DATASYNC_DATABASE_URL / database_url for a typo, or register a version first"
+        )
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"directory {path.parent} of the database {url} does not exist: create it, or"
+            " fix DATASYNC_DATABASE_URL / database_url"
+        )
+
+
+def _error_line(error: ErrorDetails) -> str:
+    """One pydantic error as ``field.path: what is wrong``, without the value (secrets)."""
+    where = ".".join(str(part) for part in error.get("loc", ())) or "settings"
+    if error.get("type") == "extra_forbidden":
+        return f"{where}: unknown key"
+    message = str(error.get("msg", "invalid"))
+    message = message.removeprefix("Value error, ")
+    given = error.get("input")
+    if isinstance(given, int | float) and not isinstance(given, bool):
+        message += f" (got {given})"
+    return f"{where}: {message}"
 
 
 def _config_file(env: Mapping[str, str], home: Path) -> Path | None:
@@ -137,7 +279,7 @@ def load_settings(
 ) -> Settings:
     """Read the config file and environment once. Raises ``ConfigError`` with the reason."""
     env = os.environ if env is None else env
-    home = Path(env.get("DATASYNC_HOME") or "~/.datasync").expanduser()
+    home = Path(env.get("DATASYNC_HOME") or "~/.datasync").expanduser().absolute()
     data: dict[str, Any] = {}
     path = _config_file(env, home)
     if path is not None:
@@ -156,4 +298,5 @@ def load_settings(
         return Settings.model_validate(data)
     except ValidationError as exc:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}: {exc}") from exc
+        lines = "; ".join(_error_line(error) for error in exc.errors())
+        raise ConfigError(f"invalid configuration{where}: {lines}") from None

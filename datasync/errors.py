@@ -14,7 +14,9 @@ translated at the backend boundary (one context manager per backend) and chained
     └── StorageError                    raised by backends; carries the URL, never secrets
         ├── NotFound                    permanent
         ├── PermissionDenied            permanent (also bad credentials)
-        ├── NoSpace                     permanent (ENOSPC, quota)
+        ├── NoSpace                     retryable between a task's attempts only, with a long
+        │                               backoff and its own budget (ENOSPC, EDQUOT): a full
+        │                               file system is a pause, not a failure
         ├── Conflict                    permanent: the key is occupied by something datasync
         │                               did not make, or a file/directory clash
         ├── SourceChanged               permanent for this attempt: ETag/generation moved
@@ -101,7 +103,11 @@ class PermissionDenied(StorageError):
 
 
 class NoSpace(StorageError):
-    pass
+    """The destination is full. Space comes back when someone frees it, not within
+    seconds: the retry policy never retries it within a call, and between a task's
+    attempts waits long (``RetryPolicy.space_backoff``) within its own budget."""
+
+    retryable = True
 
 
 class Conflict(StorageError):

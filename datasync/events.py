@@ -37,6 +37,7 @@ __all__ = [
     "PlacementReady",
     "PlacementReopened",
     "ReplicaMarkedBad",
+    "SitePaused",
     "StageReleased",
     "StageRequested",
     "Subscriber",
@@ -223,6 +224,16 @@ class TaskStuck(Event):
     since: str  # ISO time of its first recorded failure
     error_class: str
     message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SitePaused(Event):
+    """A site's health probe failed: its queued tasks wait until ``until`` (attempts kept)."""
+
+    site: str
+    until: datetime
+    reason: str
+    tasks: int  # queued tasks held
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -14,10 +14,16 @@ Invariants:
 * Each retryable class has a budget (``Budget``: attempts, and seconds since the first
   attempt, sleeps included); the first entry of ``budgets`` the error is an instance of
   applies, else ``other_retryable``. An exhausted budget re-raises the last error with a
-  note saying what was tried.
+  note saying what was tried. A class whose call budget is one attempt leaves a call
+  untouched, as a permanent error does.
+* The task scope may give a class its own attempts (``task_budgets``). ``NoSpace`` is
+  the case: never retried within a call (a full disk does not empty in milliseconds),
+  but between a task's attempts with the long ``space_backoff``, up to its budget, so a
+  briefly full site recovers without anyone running ``replicate`` again.
 * Delays are full-jitter exponential, ``uniform(0, min(cap, initial * multiplier**(n-1)))``
   after failed attempt ``n``, which spreads a herd of workers throttled at the same
-  moment; a server's ``Throttled.retry_after`` is a floor (capped by
+  moment (``Backoff.floor`` keeps a fraction of that ceiling as a minimum, for long
+  pauses); a server's ``Throttled.retry_after`` is a floor (capped by
   ``max_retry_after``, against absurd values).
 * ``sleep``, ``clock`` and ``random`` are injected, so tests never sleep.
 """
@@ -34,10 +40,11 @@ from typing import ParamSpec, TypeVar
 
 import tenacity
 
-from datasync.errors import DatasyncError, Throttled, TransientError
+from datasync.errors import DatasyncError, NoSpace, Throttled, TransientError
 
 __all__ = [
     "DEFAULT_BUDGETS",
+    "DEFAULT_TASK_BUDGETS",
     "Backoff",
     "Budget",
     "RetryEvent",
@@ -63,14 +70,16 @@ class Budget:
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Full-jitter exponential delays: ``uniform(0, min(cap, initial * multiplier**(n-1)))``."""
+    """Full-jitter exponential delays: ``uniform(0, min(cap, initial * multiplier**(n-1)))``;
+    with ``floor`` f, ``uniform(f, 1)`` times that ceiling."""
 
     initial: float
     cap: float
     multiplier: float = 2.0
+    floor: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.initial < 0 or self.cap < 0 or self.multiplier < 1:
+        if self.initial < 0 or self.cap < 0 or self.multiplier < 1 or not 0 <= self.floor <= 1:
             raise ValueError(f"bad backoff {self}")
 
     def ceiling(self, attempt: int) -> float:
@@ -84,7 +93,10 @@ class Backoff:
 DEFAULT_BUDGETS: tuple[tuple[type[BaseException], Budget], ...] = (
     (Throttled, Budget(8, 300.0)),
     (TransientError, Budget(4, 120.0)),
+    (NoSpace, Budget(1)),  # within a call: space does not come back in milliseconds
 )
+# The task scope's own attempts for a class (the task's ``max_attempts`` caps them too).
+DEFAULT_TASK_BUDGETS: tuple[tuple[type[BaseException], Budget], ...] = ((NoSpace, Budget(8)),)
 _NO_RETRY = Budget(1)
 
 
@@ -110,6 +122,10 @@ class RetryPolicy:
     other_retryable: Budget = Budget(4, 120.0)  # retryable errors no budget names
     call_backoff: Backoff = Backoff(0.1, 30.0)
     task_backoff: Backoff = Backoff(2.0, 300.0)
+    task_budgets: tuple[tuple[type[BaseException], Budget], ...] = DEFAULT_TASK_BUDGETS
+    # Between attempts of a task that found its destination full: 18 to 35 minutes over
+    # 8 attempts, then the task fails with the NoSpace error.
+    space_backoff: Backoff = Backoff(30.0, 600.0, floor=0.5)
     max_retry_after: float = 300.0
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
@@ -132,10 +148,15 @@ class RetryPolicy:
 
     def task_delay(self, attempts: int, exc: BaseException) -> float:
         """Seconds a task waits (``not_before``) after its ``attempts``-th failed attempt."""
-        return self._delay(self.task_backoff, attempts, exc)
+        backoff = self.space_backoff if isinstance(exc, NoSpace) else self.task_backoff
+        return self._delay(backoff, attempts, exc)
 
     def task_budget(self, exc: BaseException) -> int:
         """How many attempts a task failing with ``exc`` gets in all (1: fail it now)."""
+        if is_retryable(exc):
+            for kind, budget in self.task_budgets:
+                if isinstance(exc, kind):
+                    return budget.attempts
         return self.budget(exc).attempts
 
     def task_retry_delay(
@@ -149,7 +170,8 @@ class RetryPolicy:
         return self.task_delay(attempts, exc)
 
     def _delay(self, backoff: Backoff, attempt: int, exc: BaseException) -> float:
-        delay = self.random() * backoff.ceiling(attempt)
+        share = backoff.floor + (1.0 - backoff.floor) * self.random()
+        delay = share * backoff.ceiling(attempt)
         if isinstance(exc, Throttled) and exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, self.max_retry_after))
         return delay
@@ -166,7 +188,7 @@ class RetryPolicy:
         try:
             return fn()
         except Exception as exc:
-            if not is_retryable(exc):
+            if not is_retryable(exc) or self.budget(exc).attempts <= 1:
                 raise
             first: list[BaseException] = [exc]
 

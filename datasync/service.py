@@ -15,6 +15,7 @@ that long. A scan error therefore changes nothing at all.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -185,11 +186,14 @@ class DatasyncService:
         chunk_size: int | None = None,
         manifest: bool | None = None,
         progress: Progress | None = None,
+        allow_empty: bool = False,
     ) -> RegisterResult:
         """Register ``source``: a producer manifest file, a local directory, ``SITE:path``
         or a URL, each under the one scanner policy of ``manifest.remote``.
 
-        ``manifest=None`` detects a producer manifest by its ``.jsonl`` suffix.
+        ``manifest=None`` detects a producer manifest by its ``.jsonl`` suffix. A source
+        with no files (an empty or unmounted directory, an empty prefix) is refused unless
+        ``allow_empty``: it would register a 0-file version and move ``latest`` to it.
         """
         check_dataset_name(dataset)
         labels = [check_label(label)] if label is not None else []
@@ -201,9 +205,10 @@ class DatasyncService:
             if manifest:
                 if chunk_size is not None:
                     raise UserError("--chunk-size does not apply to a producer manifest")
-                return self.register_manifest(dataset, path, label=label)
+                return self.register_manifest(dataset, path, label=label, allow_empty=allow_empty)
             tree = LocalTree(path)
-        return self._register_tree(dataset, tree, labels, self._chunk_size(chunk_size), progress)
+        chunk = self._chunk_size(chunk_size)
+        return self._register_tree(dataset, tree, labels, chunk, progress, allow_empty)
 
     def register_directory(
         self,
@@ -213,6 +218,7 @@ class DatasyncService:
         label: str | None = None,
         chunk_size: int | None = None,
         progress: Progress | None = None,
+        allow_empty: bool = False,
     ) -> RegisterResult:
         """Hash a directory on this host, or ``SITE:path`` of a configured site, and
         register it as a verified version (as ``register`` would).
@@ -224,10 +230,16 @@ class DatasyncService:
         labels = [check_label(label)] if label is not None else []
         chunk = self._chunk_size(chunk_size)
         tree = parse_source(self.settings, path, urls=False) if isinstance(path, str) else None
-        return self._register_tree(dataset, tree or LocalTree(Path(path)), labels, chunk, progress)
+        local = tree or LocalTree(Path(path))
+        return self._register_tree(dataset, local, labels, chunk, progress, allow_empty)
 
     def register_manifest(
-        self, dataset: str, jsonl_path: Path | str, *, label: str | None = None
+        self,
+        dataset: str,
+        jsonl_path: Path | str,
+        *,
+        label: str | None = None,
+        allow_empty: bool = False,
     ) -> RegisterResult:
         """Register a producer-supplied JSON Lines manifest without re-hashing.
 
@@ -242,6 +254,7 @@ class DatasyncService:
         with path.open("rb") as stream:
             header, entries = _read_manifest(stream)
             source = f"manifest:{path}"
+            entries = _refuse_empty(entries, str(jsonl_path), allow_empty)
             reg = self.store.register(
                 dataset, header, entries, labels=labels, verified=False, source=source
             )
@@ -254,6 +267,7 @@ class DatasyncService:
         labels: list[str],
         chunk: int,
         progress: Progress | None,
+        allow_empty: bool,
     ) -> RegisterResult:
         """Local trees through ``scan_directory`` (recorded as ``directory:/real/path``),
         object-store prefixes through ``cloudscan``; a site root's ``.datasync/`` is never
@@ -268,7 +282,7 @@ class DatasyncService:
 
             # Totals are unknown until the listing ends.
             return self._register_scanned(
-                dataset, chunk, labels, scan_remote, progress, (0, 0), tree.record
+                dataset, chunk, labels, scan_remote, progress, (0, 0), tree.record, allow_empty
             )
         root = tree.resolve()
         source = f"directory:{root}"
@@ -285,7 +299,9 @@ class DatasyncService:
             )
 
         totals = scan_total(root, exclude) if progress is not None else (0, 0)
-        return self._register_scanned(dataset, chunk, labels, scan, progress, totals, source)
+        return self._register_scanned(
+            dataset, chunk, labels, scan, progress, totals, source, allow_empty
+        )
 
     def _register_scanned(
         self,
@@ -296,6 +312,7 @@ class DatasyncService:
         progress: Progress | None,
         totals: tuple[int, int],
         source: str,
+        allow_empty: bool,
     ) -> RegisterResult:
         """Hash into a spool file first, then register from it: hashing a big tree or
         bucket takes hours, and the database write lock must not be held that long.
@@ -311,6 +328,12 @@ class DatasyncService:
                 spool.write(checker.add(entry))
             if progress is not None:
                 progress.finish()
+            if not checker.files and not allow_empty:
+                where = source.removeprefix("directory:")
+                raise UserError(
+                    f"{where}: no files to register (an empty directory or prefix, or a file"
+                    " system that is not mounted?); --allow-empty registers it anyway"
+                )
             spool.flush()
             spool.seek(0)
             reg = self.store.register(
@@ -402,6 +425,20 @@ def _read_manifest(stream: BinaryIO) -> tuple[ManifestHeader, Iterator[FileEntry
     except (ValueError, AttributeError):
         is_canonical = False  # the producer reader reports what is wrong with line 1
     return read_canonical(stream) if is_canonical else read_producer_manifest(stream)
+
+
+def _refuse_empty(
+    entries: Iterator[FileEntry], where: str, allow_empty: bool
+) -> Iterator[FileEntry]:
+    """``entries`` unchanged, or ``UserError`` before anything is written when it is empty."""
+    first = next(entries, None)
+    if first is None:
+        if not allow_empty:
+            raise UserError(
+                f"{where}: the manifest lists no files; --allow-empty registers it anyway"
+            )
+        return iter(())
+    return itertools.chain((first,), entries)
 
 
 def _read_spool(spool: Iterable[bytes], chunk_size: int) -> Iterator[FileEntry]:

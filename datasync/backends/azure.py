@@ -2,11 +2,17 @@
 
 URL ``az://account/container/prefix``. Options: ``connection_string`` (wins; Azurite uses
 it), else ``account_url`` (default ``https://ACCOUNT.blob.core.windows.net``) with one of
-``account_key``, ``sas_token`` or, when neither is given, ``DefaultAzureCredential``
-(environment, workload identity, managed identity, Azure CLI ...); ``anonymous = true`` for
-public containers. Also ``page_size`` (list page, default 5000), ``checksum`` (``none`` or
-``md5``: Content-MD5 on every block, checked by the service), ``max_pool_connections``,
-``connect_timeout``/``read_timeout`` and ``copy_timeout`` (seconds).
+``account_key``, ``sas_token``, or ``anonymous = true`` for public containers. A site that
+gives none of them follows the SDK's and the Azure CLI's environment (``credential_source``):
+``AZURE_STORAGE_CONNECTION_STRING`` (when it is for the URL's account and no
+``account_url`` is set), ``AZURE_STORAGE_ACCOUNT_KEY``/``AZURE_STORAGE_KEY``, then
+``AZURE_STORAGE_SAS_TOKEN`` (when ``AZURE_STORAGE_ACCOUNT[_NAME]`` is unset or names the
+URL's account), then ``DefaultAzureCredential`` (``AZURE_CLIENT_ID``..., workload identity,
+managed identity, Azure CLI ...). Also ``page_size`` (list page, default 5000),
+``checksum`` (``none`` or ``md5``: Content-MD5 on every block, checked by the service),
+``max_pool_connections``, ``connect_timeout``, ``read_timeout`` and ``min_rate_bytes``
+(``cloudcommon.Timeouts``: each call's read timeout is sized to its bytes), and
+``copy_timeout`` (seconds).
 
 Invariants:
 
@@ -31,19 +37,27 @@ Invariants:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Self
-from urllib.parse import SplitResult
+from urllib.parse import SplitResult, urlsplit
 
 from datasync.backends.azure_errors import azure_errors, error_code, translate
 from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
 from datasync.backends.cloudcommon import (
+    CONNECT_TIMEOUT,
+    MIN_RATE_BYTES,
+    READ_TIMEOUT,
+    TIMEOUT_OPTIONS,
     SingleRequestWriter,
+    Timeouts,
     check_options,
     check_pin,
     codepoint_order,
+    host_port,
     join_key,
     new_token,
     opt_bool,
@@ -55,24 +69,58 @@ from datasync.backends.cloudcommon import (
 )
 from datasync.errors import ConfigError, NotFound, StorageError, TransientError
 
-__all__ = ["AzureBackend", "azure_errors", "translate"]
+__all__ = ["AzureBackend", "azure_errors", "credential_source", "translate"]
 
 MiB = 1024 * 1024
-_OPTIONS = frozenset(
-    {
-        "connection_string",
-        "account_url",
-        "account_key",
-        "sas_token",
-        "anonymous",
-        "page_size",
-        "checksum",
-        "max_pool_connections",
-        "connect_timeout",
-        "read_timeout",
-        "copy_timeout",
+_OPTIONS = TIMEOUT_OPTIONS | {
+    "connection_string",
+    "account_url",
+    "account_key",
+    "sas_token",
+    "anonymous",
+    "page_size",
+    "checksum",
+    "max_pool_connections",
+    "copy_timeout",
+}
+
+
+def _connection_account(connection_string: str) -> str | None:
+    """The account a connection string is for (``AccountName``, else its blob endpoint's
+    first host label or, for emulators, its first path segment); None if it says not."""
+    fields = {
+        key.strip().lower(): value.strip()
+        for key, _, value in (part.partition("=") for part in connection_string.split(";"))
     }
-)
+    if fields.get("accountname"):
+        return fields["accountname"]
+    endpoint = urlsplit(fields.get("blobendpoint", ""))
+    host = endpoint.hostname or ""
+    if host.endswith(".blob.core.windows.net"):
+        return host.split(".", 1)[0]
+    return endpoint.path.strip("/").split("/", 1)[0] or None
+
+
+def credential_source(
+    account: str, env: Mapping[str, str], *, connection_string: bool = True
+) -> tuple[str, str | None]:
+    """Where a site with no credential option gets one, from the environment: one of
+    ``("connection_string", value)`` (unless ``connection_string`` is False: the site named
+    its own endpoint), ``("account_key", value)``, ``("sas_token", value)`` or
+    ``("default", None)`` (``DefaultAzureCredential``). Variables meant for another
+    account than ``account`` are passed over."""
+    connection = env.get("AZURE_STORAGE_CONNECTION_STRING") if connection_string else None
+    if connection and _connection_account(connection) in (None, account):
+        return "connection_string", connection
+    named = env.get("AZURE_STORAGE_ACCOUNT_NAME") or env.get("AZURE_STORAGE_ACCOUNT")
+    if named in (None, "", account):
+        key = env.get("AZURE_STORAGE_ACCOUNT_KEY") or env.get("AZURE_STORAGE_KEY")
+        if key:
+            return "account_key", key
+        sas = env.get("AZURE_STORAGE_SAS_TOKEN")
+        if sas:
+            return "sas_token", sas
+    return "default", None
 
 
 def block_id(token: str, index: int) -> str:
@@ -108,8 +156,9 @@ class AzureBackend:
         page_size: int = 5000,
         checksum: str = "none",
         max_pool_connections: int = 64,
-        connect_timeout: int = 10,
-        read_timeout: int = 120,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+        min_rate_bytes: float = MIN_RATE_BYTES,
         copy_timeout: int = 3600,
     ) -> None:
         if len(container) < 3:
@@ -124,11 +173,13 @@ class AzureBackend:
         self.copy_timeout = copy_timeout
         self._connection_string = connection_string
         self._account_url = account_url or f"https://{account}.blob.core.windows.net"
+        self._explicit_url = account_url is not None
         self._account_key = account_key
         self._sas_token = sas_token
         self._anonymous = anonymous
         self._pool = max_pool_connections
-        self._timeouts = (connect_timeout, read_timeout)
+        self.timeouts = Timeouts(connect_timeout, read_timeout, min_rate_bytes)
+        self._endpoint = None if connection_string else host_port(self._account_url)
         self._container_client: Any = None
         # The service client owns the HTTP session: the container client's close() is a
         # no-op on the shared transport, so close() must close the service client itself.
@@ -143,6 +194,7 @@ class AzureBackend:
         container, _, prefix = parsed.path.lstrip("/").partition("/")
         if not parsed.netloc or not container:
             raise ConfigError(f"{url}: expected az://account/container/prefix")
+        timeouts = Timeouts.from_options(options)
         return cls(
             parsed.netloc,
             container,
@@ -155,8 +207,9 @@ class AzureBackend:
             page_size=opt_int(options, "page_size", 5000),
             checksum=opt_str(options, "checksum") or "none",
             max_pool_connections=opt_int(options, "max_pool_connections", 64),
-            connect_timeout=opt_int(options, "connect_timeout", 10),
-            read_timeout=opt_int(options, "read_timeout", 120),
+            connect_timeout=timeouts.connect,
+            read_timeout=timeouts.read_floor,
+            min_rate_bytes=timeouts.min_rate,
             copy_timeout=opt_int(options, "copy_timeout", 3600),
         )
 
@@ -173,13 +226,30 @@ class AzureBackend:
     def _name(self, key: str) -> str:
         return join_key(self.prefix, check_key(key))
 
+    def _errors(self, url: str) -> AbstractContextManager[None]:
+        return azure_errors(url, endpoint=lambda: self._endpoint)
+
+    def _sized(self, nbytes: int = 0) -> dict[str, float]:
+        """Per-call transport timeouts: connect, and a read timeout sized to ``nbytes``."""
+        return {
+            "connection_timeout": self.timeouts.connect,
+            "read_timeout": self.timeouts.read(nbytes),
+        }
+
+    @property
+    def endpoint(self) -> str | None:
+        """``host:port`` of the blob endpoint in use; builds the client (no request)."""
+        _ = self.container_client
+        return self._endpoint
+
     @property
     def container_client(self) -> Any:
         """The SDK's ContainerClient, built on first use (no network I/O)."""
         if self._container_client is None:
-            with self._lock, azure_errors(self.url):
+            with self._lock, self._errors(self.url):
                 if self._container_client is None:
                     self._service = self._build()
+                    self._endpoint = host_port(self._service.url)
                     self._container_client = self._service.get_container_client(self.container)
         return self._container_client
 
@@ -199,33 +269,39 @@ class AzureBackend:
             "transport": RequestsTransport(
                 session=session,
                 session_owner=True,
-                connection_timeout=self._timeouts[0],
-                read_timeout=self._timeouts[1],
+                connection_timeout=self.timeouts.connect,
+                read_timeout=self.timeouts.read_floor,
                 # azure-core reads bodies in 4 KiB blocks by default: 40 MB/s of Python loop.
                 connection_data_block_size=1 * MiB,
             ),
-            "connection_timeout": self._timeouts[0],
-            "read_timeout": self._timeouts[1],
+            "connection_timeout": self.timeouts.connect,
+            "read_timeout": self.timeouts.read_floor,
             # One GET per read_range (the SDK would otherwise split ranges above 32 MiB).
             "max_single_get_size": 4096 * MiB,
             "max_chunk_get_size": 4096 * MiB,
         }
-        if self._connection_string:
-            service = BlobServiceClient.from_connection_string(self._connection_string, **kwargs)
+        connection, key, sas = self._connection_string, self._account_key, self._sas_token
+        if not (connection or key or sas or self._anonymous):
+            kind, value = credential_source(
+                self.account, os.environ, connection_string=not self._explicit_url
+            )
+            connection = value if kind == "connection_string" else None
+            key = value if kind == "account_key" else None
+            sas = value if kind == "sas_token" else None
+        if connection:
+            return BlobServiceClient.from_connection_string(connection, **kwargs)
+        credential: Any
+        if self._anonymous:
+            credential = None
+        elif key:
+            credential = {"account_name": self.account, "account_key": key}
+        elif sas:
+            credential = sas
         else:
-            credential: Any
-            if self._anonymous:
-                credential = None
-            elif self._account_key:
-                credential = {"account_name": self.account, "account_key": self._account_key}
-            elif self._sas_token:
-                credential = self._sas_token
-            else:
-                from azure.identity import DefaultAzureCredential
+            from azure.identity import DefaultAzureCredential
 
-                credential = self._credential = DefaultAzureCredential()
-            service = BlobServiceClient(self._account_url, credential=credential, **kwargs)
-        return service
+            credential = self._credential = DefaultAzureCredential()
+        return BlobServiceClient(self._account_url, credential=credential, **kwargs)
 
     def _blob(self, key: str) -> Any:
         return self.container_client.get_blob_client(self._name(key))
@@ -245,7 +321,7 @@ class AzureBackend:
     # -- reading ----------------------------------------------------------------------
 
     def stat(self, key: str) -> ObjectInfo:
-        with azure_errors(self._url(key)):
+        with self._errors(self._url(key)):
             props = self._blob(key).get_blob_properties()
         return ObjectInfo(
             key=key,
@@ -256,7 +332,7 @@ class AzureBackend:
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         def listing() -> Iterator[ObjectInfo]:
-            with azure_errors(self._url(prefix)):
+            with self._errors(self._url(prefix)):
                 blobs = self.container_client.list_blobs(
                     name_starts_with=join_key(self.prefix, prefix),
                     results_per_page=self.page_size,
@@ -285,9 +361,10 @@ class AzureBackend:
             kwargs.update(etag=etag, match_condition=MatchConditions.IfNotModified)
         if self.checksum == "md5" and length <= 4 * MiB:
             kwargs["validate_content"] = "md5"  # the service hashes ranges up to 4 MiB only
-        with azure_errors(url):
+        with self._errors(url):
             try:
-                data: bytes = self._blob(key).download_blob(**kwargs).readall()
+                blob = self._blob(key)
+                data: bytes = blob.download_blob(**kwargs, **self._sized(length)).readall()
             except Exception as exc:
                 if getattr(exc, "status_code", None) != 416:
                     raise
@@ -330,14 +407,16 @@ class AzureBackend:
         kwargs: dict[str, Any] = {"overwrite": True}
         if self.checksum == "md5":
             kwargs["validate_content"] = "md5"
-        with azure_errors(self._url(key)):
-            done = self._blob(key).upload_blob(data, length=len(data), **kwargs)
+        with self._errors(self._url(key)):
+            done = self._blob(key).upload_blob(
+                data, length=len(data), **kwargs, **self._sized(len(data))
+            )
         return _written(key, len(data), done)
 
     def delete(self, key: str) -> None:
         from azure.core.exceptions import ResourceNotFoundError
 
-        with azure_errors(self._url(key)):
+        with self._errors(self._url(key)):
             try:
                 self._blob(key).delete_blob(delete_snapshots="include")
             except ResourceNotFoundError as exc:
@@ -351,7 +430,7 @@ class AzureBackend:
         src = self.stat(src_key)
         url = self._url(dst_key)
         dst = self._blob(dst_key)
-        with azure_errors(url):
+        with self._errors(url):
             result = dst.start_copy_from_url(
                 self._blob(src_key).url,
                 source_etag=src.etag,
@@ -400,15 +479,19 @@ class _AzureBlockWriter:
         kwargs: dict[str, Any] = {}
         if self._b.checksum == "md5":
             kwargs["validate_content"] = "md5"
-        with azure_errors(self._url):
+        with self._b._errors(self._url):
             self._b._blob(self._key).stage_block(
-                block_id(self._token, index), bytes(data), length=len(data), **kwargs
+                block_id(self._token, index),
+                bytes(data),
+                length=len(data),
+                **kwargs,
+                **self._b._sized(len(data)),
             )
 
     def _staged(self) -> list[Any]:
         from azure.core.exceptions import ResourceNotFoundError
 
-        with azure_errors(self._url):
+        with self._b._errors(self._url):
             try:
                 _, uncommitted = self._b._blob(self._key).get_block_list("uncommitted")
             except ResourceNotFoundError as exc:
@@ -440,9 +523,11 @@ class _AzureBlockWriter:
         from azure.storage.blob import BlobBlock
 
         blocks = [BlobBlock(block_id=block_id(self._token, i)) for i in range(self._layout.count)]
-        with azure_errors(self._url):
+        with self._b._errors(self._url):
             try:
-                done = self._b._blob(self._key).commit_block_list(blocks)
+                done = self._b._blob(self._key).commit_block_list(
+                    blocks, **self._b._sized(self._layout.size)
+                )
             except Exception as exc:
                 if error_code(exc) == "InvalidBlockList":
                     missing = sorted(set(range(self._layout.count)) - self.durable_parts())
@@ -456,7 +541,7 @@ class _AzureBlockWriter:
 
     def abort(self) -> None:
         """Mark the attempt dead; its blocks stay invisible until the service reaps them."""
-        with azure_errors(self._url):
+        with self._b._errors(self._url):
             self._b._blob(self._key).stage_block(tombstone_id(self._token), b"\0", length=1)
 
     def close(self) -> None:

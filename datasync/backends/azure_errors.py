@@ -4,15 +4,16 @@
 ``classify`` maps an HTTP status and ``x-ms-error-code`` (also used for raw responses);
 ``translate`` maps an SDK exception and is unit-tested on real SDK exception objects;
 ``azure_errors`` is the context manager every Azure call runs in. Messages carry the URL
-and the error code, never account keys, SAS tokens or connection strings.
+and the error code, never account keys, SAS tokens or connection strings; a network error
+names the endpoint (``host:port``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 
-from datasync.backends.cloudcommon import parse_retry_after, translated
+from datasync.backends.cloudcommon import network_error, parse_retry_after, translated
 from datasync.errors import (
     ChecksumMismatch,
     NotFound,
@@ -64,8 +65,9 @@ def classify(status: int, code: str, headers: Mapping[str, str], url: str) -> St
     return StorageError(f"Azure request failed ({text})", url=url)
 
 
-def translate(exc: BaseException, url: str) -> StorageError | None:
-    """The ``StorageError`` for an azure-core/azure-identity exception, or None."""
+def translate(exc: BaseException, url: str, endpoint: str | None = None) -> StorageError | None:
+    """The ``StorageError`` for an azure-core/azure-identity exception, or None.
+    ``endpoint`` (``host:port``) is named in network errors."""
     from azure.core import exceptions as aex
     from urllib3.exceptions import HTTPError as Urllib3Error
 
@@ -78,7 +80,7 @@ def translate(exc: BaseException, url: str) -> StorageError | None:
         | ConnectionError
         | TimeoutError,
     ):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
+        return network_error(exc, url, endpoint)
     if not isinstance(exc, aex.AzureError):
         return None
     response = getattr(exc, "response", None)
@@ -94,6 +96,8 @@ def translate(exc: BaseException, url: str) -> StorageError | None:
     return classify(status, error_code(exc) or type(exc).__name__, headers, url)
 
 
-def azure_errors(url: str) -> AbstractContextManager[None]:
+def azure_errors(
+    url: str, *, endpoint: Callable[[], str | None] | None = None
+) -> AbstractContextManager[None]:
     """The one place Azure SDK errors become ``StorageError``s (chained with ``from``)."""
-    return translated(translate, url)
+    return translated(translate, url, endpoint)

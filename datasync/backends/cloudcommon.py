@@ -8,6 +8,12 @@
 * ``translated``: the body of each backend's one error-translation context manager.
 * ``codepoint_order``: Azurite lists in UTF-16 order; the protocol promises code points.
 * Option checking, so a typo in ``[sites.NAME] options`` fails loudly instead of silently.
+* ``Timeouts``: connect short; read sized to the request, ``read_timeout + bytes /
+  min_rate_bytes`` (a floor plus the bytes the call sends or receives at a minimum rate),
+  so an endpoint that accepts connections and never answers fails a small request in
+  seconds while a large part still gets the time it needs.
+* ``network_error``: a connection or timeout error names the endpoint (``host:port``) it
+  was talking to, next to the object's URL.
 """
 
 from __future__ import annotations
@@ -19,24 +25,35 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
+from urllib.parse import urlsplit
 
 from datasync.backends.base import ObjectInfo, PartLayout
-from datasync.errors import ConfigError, SourceChanged, StorageError
+from datasync.errors import ConfigError, SourceChanged, StorageError, TransientError
 
 T = TypeVar("T")
 
 __all__ = [
+    "CONNECT_TIMEOUT",
+    "MIN_RATE_BYTES",
+    "READ_TIMEOUT",
     "SINGLE_PUT_PREFIX",
+    "TIMEOUT_OPTIONS",
+    "HasEndpoint",
     "SingleRequestWriter",
     "SmallObjectBuffer",
+    "Timeouts",
     "check_options",
     "check_pin",
     "codepoint_order",
+    "host_port",
     "join_key",
+    "network_error",
     "new_token",
     "opt_bool",
     "opt_int",
+    "opt_seconds",
     "opt_str",
     "parse_retry_after",
     "relative_key",
@@ -47,6 +64,70 @@ __all__ = [
 
 # Tokens of single-request writers start with this, so ``begin(token=)`` can tell them apart.
 SINGLE_PUT_PREFIX = "put:"
+MiB = 1024 * 1024
+TIMEOUT_OPTIONS = frozenset({"connect_timeout", "read_timeout", "min_rate_bytes"})
+CONNECT_TIMEOUT = 5.0  # seconds
+READ_TIMEOUT = 10.0  # seconds: the floor of every call
+MIN_RATE_BYTES = 1.0 * MiB  # per second: what a call's bytes add to its read timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-request timeouts of an object store (seconds; options of the same names).
+
+    ``read(nbytes)`` is the read timeout of a call that sends or receives ``nbytes``:
+    ``read_timeout`` (the floor: a HEAD, a listing page, a small PUT) plus the time those
+    bytes take at ``min_rate_bytes`` per second. Connecting gets ``connect_timeout``.
+    """
+
+    connect: float = CONNECT_TIMEOUT
+    read_floor: float = READ_TIMEOUT
+    min_rate: float = MIN_RATE_BYTES
+
+    def read(self, nbytes: int = 0) -> float:
+        return self.read_floor + max(0, nbytes) / self.min_rate
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, floor: str = "read_timeout") -> Timeouts:
+        """From a site's ``connect_timeout``, ``read_timeout`` (or ``floor``) and
+        ``min_rate_bytes``; positive numbers."""
+        return cls(
+            connect=opt_seconds(options, "connect_timeout", CONNECT_TIMEOUT),
+            read_floor=opt_seconds(options, floor, READ_TIMEOUT),
+            min_rate=opt_seconds(options, "min_rate_bytes", MIN_RATE_BYTES),
+        )
+
+
+@runtime_checkable
+class HasEndpoint(Protocol):
+    """An object store that can say which endpoint it talks to (for health reports)."""
+
+    @property
+    def endpoint(self) -> str | None:
+        """``host:port`` (None until known); no network I/O."""
+        ...
+
+
+def host_port(url: str | None) -> str | None:
+    """``host:port`` of an endpoint URL (the scheme's default port when none is given)."""
+    if not url:
+        return None
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    if not parts.hostname:
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or (80 if parts.scheme == "http" else 443)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}"
+
+
+def network_error(exc: BaseException, url: str, endpoint: str | None) -> TransientError:
+    """The retryable error for a connection failure or timeout, naming the endpoint."""
+    where = f" talking to {endpoint}" if endpoint else ""
+    return TransientError(f"network error: {type(exc).__name__}{where}", url=url)
 
 
 def root_prefix(path: str) -> str:
@@ -166,16 +247,19 @@ def single_writer(
 
 @contextmanager
 def translated(
-    translate: Callable[[BaseException, str], StorageError | None], url: str
+    translate: Callable[[BaseException, str, str | None], StorageError | None],
+    url: str,
+    endpoint: Callable[[], str | None] | None = None,
 ) -> Iterator[None]:
     """Re-raise SDK errors as the ``StorageError`` ``translate`` maps them to (chained with
-    ``from``); errors it does not know, and ``StorageError``s, pass through unchanged."""
+    ``from``); errors it does not know, and ``StorageError``s, pass through unchanged.
+    ``endpoint()`` is asked at that moment: a client built inside the block knows it."""
     try:
         yield
     except StorageError:
         raise
     except Exception as exc:
-        mapped = translate(exc, url)
+        mapped = translate(exc, url, endpoint() if endpoint is not None else None)
         if mapped is None:
             raise
         raise mapped from exc
@@ -203,6 +287,14 @@ def opt_int(options: Mapping[str, Any], name: str, default: int, *, minimum: int
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"option {name} must be an integer >= {minimum}")
     return value
+
+
+def opt_seconds(options: Mapping[str, Any], name: str, default: float) -> float:
+    """A positive number (int or float) option."""
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"option {name} must be a number > 0")
+    return float(value)
 
 
 def opt_bool(options: Mapping[str, Any], name: str, default: bool) -> bool:

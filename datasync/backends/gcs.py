@@ -3,8 +3,11 @@
 URL ``gs://bucket/prefix``. Options: ``project``, ``endpoint`` (an emulator or private
 endpoint; ``STORAGE_EMULATOR_HOST`` is honoured too), ``anonymous`` (default true when an
 emulator endpoint is used), ``credentials_file`` (service-account JSON), else Application
-Default Credentials; ``page_size`` (default 1000), ``max_pool_connections``, ``timeout``
-(seconds), and ``conditional_read`` to override the per-endpoint default (below).
+Default Credentials (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's ADC file, the metadata
+server); ``page_size`` (default 1000), ``max_pool_connections``, ``connect_timeout``,
+``read_timeout`` (``timeout`` is its older name) and ``min_rate_bytes``
+(``cloudcommon.Timeouts``: each call's read timeout is sized to its bytes), and
+``conditional_read`` to override the per-endpoint default (below).
 
 Invariants:
 
@@ -29,14 +32,21 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Self
 from urllib.parse import SplitResult, quote
 
 from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
 from datasync.backends.cloudcommon import (
+    CONNECT_TIMEOUT,
+    MIN_RATE_BYTES,
+    READ_TIMEOUT,
+    TIMEOUT_OPTIONS,
     SingleRequestWriter,
+    Timeouts,
     check_options,
     check_pin,
+    host_port,
     join_key,
     new_token,
     opt_bool,
@@ -56,18 +66,16 @@ _log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 PARTS_DIR = ".datasync-parts"
 COMPOSE_FANIN = 32  # GCS accepts at most 32 sources per compose call
-_OPTIONS = frozenset(
-    {
-        "project",
-        "endpoint",
-        "anonymous",
-        "credentials_file",
-        "page_size",
-        "max_pool_connections",
-        "timeout",
-        "conditional_read",
-    }
-)
+_OPTIONS = TIMEOUT_OPTIONS | {
+    "project",
+    "endpoint",
+    "anonymous",
+    "credentials_file",
+    "page_size",
+    "max_pool_connections",
+    "timeout",
+    "conditional_read",
+}
 
 
 class GCSBackend:
@@ -84,7 +92,9 @@ class GCSBackend:
         credentials_file: str | None = None,
         page_size: int = 1000,
         max_pool_connections: int = 64,
-        timeout: int = 120,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+        min_rate_bytes: float = MIN_RATE_BYTES,
         conditional_read: bool | None = None,
     ) -> None:
         if len(bucket) < 3:
@@ -92,9 +102,11 @@ class GCSBackend:
         self.bucket_name = bucket
         self.prefix = root_prefix(prefix)
         self.project = project
-        self.endpoint = endpoint
+        self.endpoint_url = endpoint
         self.page_size = page_size
-        self.timeout = timeout
+        self.timeouts = Timeouts(connect_timeout, read_timeout, min_rate_bytes)
+        self.timeout = self._sized(0)  # listings, HEADs, deletes: the floor
+        self._endpoint = host_port(endpoint)
         self._anonymous = anonymous
         self._credentials_file = credentials_file
         self._pool = max_pool_connections
@@ -112,6 +124,8 @@ class GCSBackend:
             raise ConfigError(f"{url}: missing bucket name (gs://bucket/prefix)")
         anonymous = options.get("anonymous")
         conditional = options.get("conditional_read")
+        older = "timeout" in options and "read_timeout" not in options
+        timeouts = Timeouts.from_options(options, floor="timeout" if older else "read_timeout")
         return cls(
             parsed.netloc,
             parsed.path,
@@ -121,7 +135,9 @@ class GCSBackend:
             credentials_file=opt_str(options, "credentials_file"),
             page_size=opt_int(options, "page_size", 1000),
             max_pool_connections=opt_int(options, "max_pool_connections", 64),
-            timeout=opt_int(options, "timeout", 120),
+            connect_timeout=timeouts.connect,
+            read_timeout=timeouts.read_floor,
+            min_rate_bytes=timeouts.min_rate,
             conditional_read=None
             if conditional is None
             else opt_bool(options, "conditional_read", True),
@@ -140,18 +156,33 @@ class GCSBackend:
     def _name(self, key: str) -> str:
         return join_key(self.prefix, check_key(key))
 
+    def _errors(self, url: str) -> AbstractContextManager[None]:
+        return gcs_errors(url, endpoint=lambda: self._endpoint)
+
+    def _sized(self, nbytes: int) -> tuple[float, float]:
+        """``(connect, read)`` timeouts of a call moving ``nbytes`` (``Timeouts.read``)."""
+        return (self.timeouts.connect, self.timeouts.read(nbytes))
+
+    @property
+    def endpoint(self) -> str | None:
+        """``host:port`` of the JSON API in use; builds the client (no request)."""
+        _ = self.client
+        return self._endpoint
+
     def _emulator(self) -> str | None:
         """The emulator/custom endpoint in use (option, else ``STORAGE_EMULATOR_HOST``)."""
-        return self.endpoint or os.environ.get("STORAGE_EMULATOR_HOST") or None
+        return self.endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST") or None
 
     @property
     def client(self) -> Any:
         """The storage Client, built on first use (reads credentials; no network I/O)."""
         if self._client is None:
-            with self._lock, gcs_errors(self.url):
+            with self._lock, self._errors(self.url):
                 if self._client is None:
-                    self._client = self._build()
-                    self._bucket = self._client.bucket(self.bucket_name)
+                    client = self._build()
+                    self._endpoint = host_port(client._connection.API_BASE_URL)
+                    self._bucket = client.bucket(self.bucket_name)
+                    self._client = client
         return self._client
 
     @property
@@ -220,7 +251,7 @@ class GCSBackend:
     def _missing(self, exc: NotFound, url: str) -> StorageError:
         """A 404 does not say whether the bucket or the object is missing: ask once."""
         if not self._bucket_seen:
-            with gcs_errors(url):
+            with self._errors(url):
                 exists = self.bucket.exists(retry=None, timeout=self.timeout)
             if not exists:
                 return NotFound(f"bucket missing: gs://{self.bucket_name} does not exist", url=url)
@@ -233,7 +264,7 @@ class GCSBackend:
         url = self._url(key)
         blob = self.bucket.blob(self._name(key))
         try:
-            with gcs_errors(url):
+            with self._errors(url):
                 blob.reload(retry=None, timeout=self.timeout)
         except NotFound as exc:
             raise self._missing(exc, url) from exc
@@ -252,7 +283,7 @@ class GCSBackend:
         url = self._url(prefix)
         hidden = join_key(self.prefix, PARTS_DIR + "/")
         try:
-            with gcs_errors(url):
+            with self._errors(url):
                 blobs = self.client.list_blobs(
                     self.bucket_name,
                     prefix=join_key(self.prefix, prefix),
@@ -286,9 +317,9 @@ class GCSBackend:
             f"{quote(self.bucket_name, safe='')}/o/{quote(name, safe='')}?{query}"
         )
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
-        with gcs_errors(url):
+        with self._errors(url):
             response = self.client._http.get(
-                media, headers=headers, stream=True, timeout=self.timeout
+                media, headers=headers, stream=True, timeout=self._sized(length)
             )
             try:
                 status = response.status_code
@@ -338,13 +369,13 @@ class GCSBackend:
         import io
 
         blob = self.bucket.blob(name)
-        with gcs_errors(url):
+        with self._errors(url):
             blob.upload_from_file(
                 io.BytesIO(data),
                 size=len(data),
                 checksum="crc32c",
                 retry=None,
-                timeout=self.timeout,
+                timeout=self._sized(len(data)),
             )
         return blob
 
@@ -355,7 +386,7 @@ class GCSBackend:
     def delete(self, key: str) -> None:
         url = self._url(key)
         try:
-            with gcs_errors(url):
+            with self._errors(url):
                 self.bucket.blob(self._name(key)).delete(retry=None, timeout=self.timeout)
         except NotFound as exc:
             missing = self._missing(exc, url)
@@ -367,7 +398,7 @@ class GCSBackend:
         src = self.stat(src_key)
         source = self.bucket.blob(self._name(src_key))
         dest = self.bucket.blob(self._name(dst_key))
-        with gcs_errors(self._url(dst_key)):
+        with self._errors(self._url(dst_key)):
             token: str | None = None
             while True:
                 token, _, _ = dest.rewrite(
@@ -375,7 +406,7 @@ class GCSBackend:
                     token=token,
                     if_source_generation_match=int(src.etag) if src.etag else None,
                     retry=None,
-                    timeout=self.timeout,
+                    timeout=self._sized(src.size),
                 )
                 if token is None:
                     break
@@ -411,7 +442,7 @@ class _GCSComposeWriter:
         self._b.upload(self._part_name(index), data, self._url)
 
     def _temporaries(self) -> list[Any]:
-        with gcs_errors(self._url):
+        with self._b._errors(self._url):
             return list(
                 self._b.client.list_blobs(
                     self._b.bucket_name, prefix=self._dir, retry=None, timeout=self._b.timeout
@@ -440,18 +471,20 @@ class _GCSComposeWriter:
         bucket = self._b.bucket
         level = [bucket.blob(self._part_name(i)) for i in range(n)]
         depth = 0
-        with gcs_errors(self._url):
+        with self._b._errors(self._url):
             while len(level) > COMPOSE_FANIN:
                 upper = []
                 for start in range(0, len(level), COMPOSE_FANIN):
                     node = bucket.blob(f"{self._dir}c{depth:02d}-{start // COMPOSE_FANIN:06d}")
                     node.compose(
-                        level[start : start + COMPOSE_FANIN], retry=None, timeout=self._b.timeout
+                        level[start : start + COMPOSE_FANIN],
+                        retry=None,
+                        timeout=self._b._sized(self._layout.size),
                     )
                     upper.append(node)
                 level, depth = upper, depth + 1
             final = bucket.blob(self._b._name(self._key))
-            final.compose(level, retry=None, timeout=self._b.timeout)
+            final.compose(level, retry=None, timeout=self._b._sized(self._layout.size))
         try:
             self._cleanup()
         except StorageError as exc:  # committed already; leftovers are hidden and reported
@@ -461,7 +494,7 @@ class _GCSComposeWriter:
     def _cleanup(self) -> None:
         for blob in self._temporaries():
             try:
-                with gcs_errors(self._url):
+                with self._b._errors(self._url):
                     blob.delete(retry=None, timeout=self._b.timeout)
             except NotFound:
                 pass

@@ -3,14 +3,16 @@ urllib3 errors become ``StorageError``s.
 
 ``translate`` maps an exception (unit-tested on real library exception objects),
 ``by_status`` a bare HTTP status (``read_range`` reads responses itself), and
-``gcs_errors`` is the context manager every GCS call runs in.
+``gcs_errors`` is the context manager every GCS call runs in. A network error names the
+endpoint (``host:port``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from datasync.backends.cloudcommon import parse_retry_after, translated
+from datasync.backends.cloudcommon import network_error, parse_retry_after, translated
 from datasync.errors import (
     ChecksumMismatch,
     NotFound,
@@ -24,8 +26,9 @@ from datasync.errors import (
 __all__ = ["by_status", "gcs_errors", "translate"]
 
 
-def translate(exc: BaseException, url: str) -> StorageError | None:
-    """The ``StorageError`` for a google-cloud-storage / google-auth / requests error."""
+def translate(exc: BaseException, url: str, endpoint: str | None = None) -> StorageError | None:
+    """The ``StorageError`` for a google-cloud-storage / google-auth / requests error.
+    ``endpoint`` (``host:port``) is named in network errors."""
     import requests
     from google.api_core import exceptions as gex
     from google.auth import exceptions as auth_ex
@@ -64,11 +67,11 @@ def translate(exc: BaseException, url: str) -> StorageError | None:
     if isinstance(exc, auth_ex.DefaultCredentialsError):
         return PermissionDenied("no Google credentials found (set credentials_file)", url=url)
     if isinstance(exc, auth_ex.TransportError | requests.ConnectionError | requests.Timeout):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
+        return network_error(exc, url, endpoint)
     # read_range reads the raw urllib3 response, whose errors (a body cut short) requests
     # never wraps.
     if isinstance(exc, requests.RequestException | Urllib3Error | ConnectionError | TimeoutError):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
+        return network_error(exc, url, endpoint)
     return None
 
 
@@ -87,6 +90,8 @@ def by_status(status: int, url: str) -> StorageError:
     return StorageError(f"GCS request failed ({status})", url=url)
 
 
-def gcs_errors(url: str) -> AbstractContextManager[None]:
+def gcs_errors(
+    url: str, *, endpoint: Callable[[], str | None] | None = None
+) -> AbstractContextManager[None]:
     """The one place GCS SDK errors become ``StorageError``s (chained with ``from``)."""
-    return translated(translate, url)
+    return translated(translate, url, endpoint)

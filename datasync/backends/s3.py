@@ -2,12 +2,15 @@
 
 URL ``s3://bucket/prefix``. Options (``[sites.NAME] options``): ``endpoint_url``,
 ``region_name``, ``profile``, ``aws_access_key_id`` / ``aws_secret_access_key`` /
-``aws_session_token`` (else boto3's credential chain, incl. ``AWS_ENDPOINT_URL_S3``),
-``addressing_style`` (``auto``/``path``/``virtual``), ``page_size`` (list page, default 1000),
-``checksum`` (``auto``/``crc32c``/``none``), ``max_pool_connections`` (default 64),
-``connect_timeout``/``read_timeout`` (seconds), ``multipart_copy_threshold`` and
-``copy_part_size`` (bytes; server-side copy switches to UploadPartCopy above the threshold,
-5 GiB by default: the CopyObject limit).
+``aws_session_token``; what a site does not give comes from boto3's own chain
+(``AWS_ACCESS_KEY_ID``..., ``AWS_PROFILE`` and the shared files, SSO, web identity, the
+container and instance roles; ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``;
+``AWS_REGION``/``AWS_DEFAULT_REGION``). ``addressing_style`` (``auto``/``path``/``virtual``),
+``page_size`` (list page, default 1000), ``checksum`` (``auto``/``crc32c``/``none``),
+``max_pool_connections`` (default 64), ``connect_timeout`` (5 s), ``read_timeout`` (the
+10 s floor) and ``min_rate_bytes`` (1 MiB/s; ``cloudcommon.Timeouts``),
+``multipart_copy_threshold`` and ``copy_part_size`` (bytes; server-side copy switches to
+UploadPartCopy above the threshold, 5 GiB by default: the CopyObject limit).
 
 Invariants:
 
@@ -15,6 +18,9 @@ Invariants:
   clients are thread-safe; the connection pool is sized for the worker's thread count.
 * botocore's own retries are off (one attempt): ``RetryingBackend`` owns retrying,
   so it must see every ``SlowDown`` to pace the site.
+* Each call's read timeout is sized to its bytes (``Timeouts.read``), set per request
+  through botocore's request context (``before-call`` hook, botocore >= 1.43.72); the
+  client's own read timeout is the floor, which listings and HEADs use.
 * Writer: an object that fits in one part is buffered and sent as one ``PutObject`` at
   commit (one request; nothing durable before). Larger ones are a multipart upload whose
   upload id is the resume token; part ``i`` is ``PartNumber i+1``; ``ListParts`` answers
@@ -33,14 +39,22 @@ import base64
 import hashlib
 import threading
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from typing import Any, Self
 from urllib.parse import SplitResult
 
 from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
 from datasync.backends.cloudcommon import (
+    CONNECT_TIMEOUT,
+    MIN_RATE_BYTES,
+    READ_TIMEOUT,
+    TIMEOUT_OPTIONS,
     SingleRequestWriter,
+    Timeouts,
     check_options,
     check_pin,
+    host_port,
     join_key,
     opt_int,
     opt_str,
@@ -66,15 +80,14 @@ _STR_OPTIONS = (
     "aws_session_token",
     "addressing_style",
 )
-_OPTIONS = frozenset(_STR_OPTIONS) | {
-    "page_size",
-    "checksum",
-    "max_pool_connections",
-    "connect_timeout",
-    "read_timeout",
-    "multipart_copy_threshold",
-    "copy_part_size",
-}
+_OPTIONS = (
+    frozenset(_STR_OPTIONS)
+    | TIMEOUT_OPTIONS
+    | {"page_size", "checksum", "max_pool_connections"}
+    | {"multipart_copy_threshold", "copy_part_size"}
+)
+# The read timeout of the call this thread is making (None: the client's floor).
+_READ_TIMEOUT: ContextVar[float | None] = ContextVar("datasync_s3_read_timeout", default=None)
 
 # Endpoints (None = AWS) known to reject checksum headers, learned at run time.
 _NO_CHECKSUM_ENDPOINTS: set[str | None] = set()
@@ -85,6 +98,13 @@ def _crc32c_b64(data: bytes | memoryview) -> str:
     from awscrt import checksums  # type: ignore[import-untyped]  # releases the GIL, takes views
 
     return base64.b64encode(checksums.crc32c(data).to_bytes(4, "big")).decode("ascii")
+
+
+def _sized_read_timeout(context: dict[str, Any], **_: Any) -> None:
+    """botocore ``before-call`` hook: this request's read timeout, sized to its bytes."""
+    value = _READ_TIMEOUT.get()
+    if value is not None:
+        context["read_timeout"] = value
 
 
 def _strip_etag(etag: str | None) -> str | None:
@@ -113,8 +133,9 @@ class S3Backend:
         page_size: int = 1000,
         checksum: str = "auto",
         max_pool_connections: int = 64,
-        connect_timeout: int = 10,
-        read_timeout: int = 120,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+        min_rate_bytes: float = MIN_RATE_BYTES,
         multipart_copy_threshold: int = 5 * GiB,
         copy_part_size: int = 512 * MiB,
     ) -> None:
@@ -131,6 +152,8 @@ class S3Backend:
         self.checksum = checksum
         self.multipart_copy_threshold = multipart_copy_threshold
         self.copy_part_size = copy_part_size
+        self.timeouts = Timeouts(connect_timeout, read_timeout, min_rate_bytes)
+        self._endpoint = host_port(endpoint_url)
         self._session_args = {
             "profile_name": profile,
             "aws_access_key_id": aws_access_key_id,
@@ -140,8 +163,8 @@ class S3Backend:
         }
         self._config_args: dict[str, Any] = {
             "max_pool_connections": max_pool_connections,
-            "connect_timeout": connect_timeout,
-            "read_timeout": read_timeout,
+            "connect_timeout": self.timeouts.connect,
+            "read_timeout": self.timeouts.read_floor,
             "retries": {"mode": "standard", "total_max_attempts": 1},
             # We send checksums ourselves; SDK-default trailers break S3-compatible stores.
             "request_checksum_calculation": "when_required",
@@ -159,6 +182,7 @@ class S3Backend:
         if not parsed.netloc:
             raise ConfigError(f"{url}: missing bucket name (s3://bucket/prefix)")
         strs = {name: opt_str(options, name) for name in _STR_OPTIONS}
+        timeouts = Timeouts.from_options(options)
         return cls(
             parsed.netloc,
             parsed.path,
@@ -166,8 +190,9 @@ class S3Backend:
             page_size=opt_int(options, "page_size", 1000),
             checksum=opt_str(options, "checksum") or "auto",
             max_pool_connections=opt_int(options, "max_pool_connections", 64),
-            connect_timeout=opt_int(options, "connect_timeout", 10),
-            read_timeout=opt_int(options, "read_timeout", 120),
+            connect_timeout=timeouts.connect,
+            read_timeout=timeouts.read_floor,
+            min_rate_bytes=timeouts.min_rate,
             multipart_copy_threshold=opt_int(options, "multipart_copy_threshold", 5 * GiB),
             copy_part_size=opt_int(options, "copy_part_size", 512 * MiB, minimum=5 * MiB),
         )
@@ -184,19 +209,42 @@ class S3Backend:
     def _name(self, key: str) -> str:
         return join_key(self.prefix, check_key(key))
 
+    def _errors(self, url: str) -> AbstractContextManager[None]:
+        return s3_errors(url, endpoint=lambda: self._endpoint)
+
+    @contextmanager
+    def _sized(self, nbytes: int) -> Iterator[None]:
+        """The calls inside get a read timeout sized to ``nbytes`` (``Timeouts.read``)."""
+        token = _READ_TIMEOUT.set(self.timeouts.read(nbytes))
+        try:
+            yield
+        finally:
+            _READ_TIMEOUT.reset(token)
+
+    @property
+    def endpoint(self) -> str | None:
+        """``host:port`` the client talks to (the option, else what boto3 resolved from the
+        environment or the region); builds the client, which makes no request."""
+        if self._endpoint is None:
+            _ = self.client
+        return self._endpoint
+
     @property
     def client(self) -> Any:
         """The boto3 client, created on first use (reads credentials, no network I/O)."""
         if self._client is None:
-            with self._client_lock, s3_errors(self.url):
+            with self._client_lock, self._errors(self.url):
                 if self._client is None:
                     import boto3
                     from botocore.config import Config
 
                     session = boto3.session.Session(**self._session_args)
-                    self._client = session.client(
+                    client = session.client(
                         "s3", endpoint_url=self.endpoint_url, config=Config(**self._config_args)
                     )
+                    client.meta.events.register("before-call.s3", _sized_read_timeout)
+                    self._endpoint = host_port(client.meta.endpoint_url)
+                    self._client = client
         return self._client
 
     def use_checksums(self) -> bool:
@@ -231,7 +279,7 @@ class S3Backend:
         """A 404 on HEAD has no body: say whether it is the bucket that is missing."""
         if not self._bucket_seen:
             try:
-                with s3_errors(url):
+                with self._errors(url):
                     self.client.head_bucket(Bucket=self.bucket)
                 self._bucket_seen = True
             except NotFound:
@@ -243,7 +291,7 @@ class S3Backend:
     def stat(self, key: str) -> ObjectInfo:
         url = self._url(key)
         try:
-            with s3_errors(url):
+            with self._errors(url):
                 head = self.client.head_object(Bucket=self.bucket, Key=self._name(key))
         except NotFound as exc:
             raise self._missing(exc, url) from exc
@@ -255,7 +303,7 @@ class S3Backend:
         )
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        with s3_errors(self._url(prefix)):
+        with self._errors(self._url(prefix)):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket,
                 Prefix=join_key(self.prefix, prefix),
@@ -285,7 +333,7 @@ class S3Backend:
         if etag:
             args["IfMatch"] = _quote_etag(etag)
         try:
-            with s3_errors(url):
+            with self._errors(url), self._sized(length):
                 try:
                     response = self.client.get_object(**args)
                 except Exception as exc:
@@ -328,7 +376,7 @@ class S3Backend:
 
     def _create_multipart(self, key: str, layout: PartLayout) -> _S3MultipartWriter:
         url = self._url(key)
-        with s3_errors(url):
+        with self._errors(url):
             if self.use_checksums():
                 try:
                     upload = self.client.create_multipart_upload(
@@ -346,7 +394,7 @@ class S3Backend:
         """One-request upload (used by small writers), with CRC32C where accepted."""
         url = self._url(key)
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._name(key), "Body": data}
-        with s3_errors(url):
+        with self._errors(url), self._sized(len(data)):
             response = None
             if self.use_checksums():
                 try:
@@ -361,7 +409,7 @@ class S3Backend:
         return ObjectInfo(key=key, size=len(data), etag=_strip_etag(response.get("ETag")))
 
     def delete(self, key: str) -> None:
-        with s3_errors(self._url(key)):
+        with self._errors(self._url(key)):
             self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
 
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
@@ -371,7 +419,7 @@ class S3Backend:
         pin = _quote_etag(src.etag) if src.etag else None
         pin_args = {"CopySourceIfMatch": pin} if pin else {}
         if src.size <= self.multipart_copy_threshold:
-            with s3_errors(url):
+            with self._errors(url), self._sized(src.size):
                 result = self.client.copy_object(
                     Bucket=self.bucket, Key=self._name(dst_key), CopySource=source, **pin_args
                 )["CopyObjectResult"]
@@ -385,7 +433,7 @@ class S3Backend:
         """UploadPartCopy for objects above the CopyObject limit (5 GiB on AWS)."""
         url = self._url(dst_key)
         layout = PartLayout(src.size, max(self.copy_part_size, -(-src.size // 10_000)))
-        with s3_errors(url):
+        with self._errors(url):
             upload_id = self.client.create_multipart_upload(
                 Bucket=self.bucket, Key=self._name(dst_key)
             )["UploadId"]
@@ -394,24 +442,26 @@ class S3Backend:
                 for index in range(layout.count):
                     start = layout.offset(index)
                     end = start + layout.length(index) - 1
-                    result = self.client.upload_part_copy(
-                        Bucket=self.bucket,
-                        Key=self._name(dst_key),
-                        UploadId=upload_id,
-                        PartNumber=index + 1,
-                        CopySource=source,
-                        CopySourceRange=f"bytes={start}-{end}",
-                        **pin_args,
-                    )
+                    with self._sized(layout.length(index)):
+                        result = self.client.upload_part_copy(
+                            Bucket=self.bucket,
+                            Key=self._name(dst_key),
+                            UploadId=upload_id,
+                            PartNumber=index + 1,
+                            CopySource=source,
+                            CopySourceRange=f"bytes={start}-{end}",
+                            **pin_args,
+                        )
                     parts.append(
                         {"PartNumber": index + 1, "ETag": result["CopyPartResult"]["ETag"]}
                     )
-                self.client.complete_multipart_upload(
-                    Bucket=self.bucket,
-                    Key=self._name(dst_key),
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
+                with self._sized(src.size):
+                    self.client.complete_multipart_upload(
+                        Bucket=self.bucket,
+                        Key=self._name(dst_key),
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": parts},
+                    )
             except BaseException:
                 self.client.abort_multipart_upload(
                     Bucket=self.bucket, Key=self._name(dst_key), UploadId=upload_id
@@ -457,7 +507,7 @@ class _S3MultipartWriter:
         with self._lock:
             if self._checksum is not None:
                 return self._checksum
-        with s3_errors(self._url):
+        with self._b._errors(self._url):
             page = self._b.client.list_parts(
                 Bucket=self._b.bucket, Key=self._name, UploadId=self._upload_id, MaxParts=1
             )
@@ -479,7 +529,7 @@ class _S3MultipartWriter:
             "Body": body,
             "ContentLength": len(body),
         }
-        with s3_errors(self._url):
+        with self._b._errors(self._url), self._b._sized(len(body)):
             if self.uses_checksum():
                 try:
                     self._b.client.upload_part(**args, ChecksumCRC32C=_crc32c_b64(body))
@@ -496,7 +546,7 @@ class _S3MultipartWriter:
         """Parts the store holds with the expected length, by 0-based index."""
         found: dict[int, dict[str, Any]] = {}
         n = self._layout.count
-        with s3_errors(self._url):
+        with self._b._errors(self._url):
             pages = self._b.client.get_paginator("list_parts").paginate(
                 Bucket=self._b.bucket, Key=self._name, UploadId=self._upload_id
             )
@@ -535,7 +585,7 @@ class _S3MultipartWriter:
                 entry["ChecksumCRC32C"] = parts[index]["ChecksumCRC32C"]
             listed.append(entry)
         self._sent = listed
-        with s3_errors(self._url):
+        with self._b._errors(self._url), self._b._sized(self._layout.size):
             done = self._b.client.complete_multipart_upload(
                 Bucket=self._b.bucket,
                 Key=self._name,
@@ -560,7 +610,7 @@ class _S3MultipartWriter:
 
     def abort(self) -> None:
         try:
-            with s3_errors(self._url):
+            with self._b._errors(self._url):
                 self._b.client.abort_multipart_upload(
                     Bucket=self._b.bucket, Key=self._name, UploadId=self._upload_id
                 )

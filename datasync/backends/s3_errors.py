@@ -2,16 +2,18 @@
 
 ``translate`` is a pure function of the exception (unit-tested on real botocore exception
 objects); ``s3_errors`` is the context manager every S3 call runs in. Messages carry the
-object URL and the service's error code and message, never credentials.
+object URL and the service's error code and message, never credentials; a network error
+names the endpoint (``host:port``) it could not reach or that did not answer.
 ``rejects_checksum`` recognises S3-compatible stores that refuse ``x-amz-checksum-*``
 headers (as opposed to a bad digest), which ``s3.py`` then remembers per endpoint.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from datasync.backends.cloudcommon import parse_retry_after, translated
+from datasync.backends.cloudcommon import host_port, network_error, parse_retry_after, translated
 from datasync.errors import (
     ChecksumMismatch,
     NotFound,
@@ -63,9 +65,16 @@ _CHECKSUM_UNSUPPORTED_CODES = {
 }
 
 
-def translate(exc: BaseException, url: str) -> StorageError | None:
-    """The ``StorageError`` for a boto3/botocore exception, or None if it is not one."""
+def translate(exc: BaseException, url: str, endpoint: str | None = None) -> StorageError | None:
+    """The ``StorageError`` for a boto3/botocore exception, or None if it is not one.
+
+    ``endpoint`` (``host:port``) is named in network errors whose exception does not say
+    which endpoint it was talking to."""
     from botocore import exceptions as bex
+
+    kwargs = getattr(exc, "kwargs", None)
+    if isinstance(kwargs, dict) and kwargs.get("endpoint_url"):
+        endpoint = host_port(str(kwargs["endpoint_url"])) or endpoint
 
     if isinstance(exc, bex.ClientError):
         err = exc.response.get("Error", {}) or {}
@@ -98,7 +107,7 @@ def translate(exc: BaseException, url: str) -> StorageError | None:
         return ChecksumMismatch(f"response checksum mismatch: {exc}", url=url)
     # IncompleteReadError: a body shorter than its Content-Length (a dropped connection).
     if isinstance(exc, bex.ConnectionError | bex.HTTPClientError | bex.IncompleteReadError):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
+        return network_error(exc, url, endpoint)
     if isinstance(
         exc,
         bex.NoCredentialsError
@@ -112,19 +121,21 @@ def translate(exc: BaseException, url: str) -> StorageError | None:
     if isinstance(exc, bex.BotoCoreError):
         return StorageError(f"S3 client error: {type(exc).__name__}: {exc}", url=url)
     if isinstance(exc, ConnectionError | TimeoutError):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
+        return network_error(exc, url, endpoint)
     try:
         from urllib3.exceptions import HTTPError as Urllib3Error
     except ImportError:  # pragma: no cover - urllib3 ships with botocore
         return None
     if isinstance(exc, Urllib3Error):
-        return TransientError(f"network error: {type(exc).__name__}", url=url)
+        return network_error(exc, url, endpoint)
     return None
 
 
-def s3_errors(url: str) -> AbstractContextManager[None]:
+def s3_errors(
+    url: str, *, endpoint: Callable[[], str | None] | None = None
+) -> AbstractContextManager[None]:
     """The one place boto3/botocore errors become ``StorageError``s (chained with ``from``)."""
-    return translated(translate, url)
+    return translated(translate, url, endpoint)
 
 
 def error_code(exc: BaseException) -> tuple[str, int]:

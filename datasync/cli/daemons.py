@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -144,6 +145,27 @@ def _check_processes(processes: int, force: bool) -> None:
         )
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port nothing can listen on (taken, or a bad host) before anything starts:
+    ``up`` would otherwise start its workers, then die on the bind."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: use 0 to 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: cannot listen there ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(
+                f"cannot listen on {host}:{port}: {exc.strerror} (another datasync serve/up,"
+                " or another program? pick one with --port)"
+            ) from None
+
+
 def _verify_every_site(app: App) -> None:
     """The scheduled verify: each site, within the configured budget and rate, repairing."""
     chores = app.settings.maintenance
@@ -214,7 +236,9 @@ def serve(
     import uvicorn  # deferred: only the daemons need the web server
 
     _logging(log_level, log_format)
-    with application() as app:
+    with handle_errors():
+        _check_port(host, port)
+    with application(creates=True) as app:
         config = _api_server(app, host, port, (tls_cert, tls_key), (max_body, max_upload))
         log.info("dashboard at http://%s:%s/ui, metrics at /metrics", host, port)
         uvicorn.Server(config).run()
@@ -243,7 +267,7 @@ def worker(
     _logging(log_level, log_format)
     with handle_errors():
         _check_processes(processes, force)
-    with application() as app:
+    with application(creates=True) as app:
         settings = app.settings
         if metrics_port is not None:
             from prometheus_client import start_http_server
@@ -278,7 +302,8 @@ def up(
     _logging(log_level, log_format)
     with handle_errors():
         _check_processes(processes, force)
-    with application() as app:
+        _check_port(host, port)
+    with application(creates=True) as app:
         config = _api_server(app, host, port, (tls_cert, tls_key), (max_body, max_upload))
         server = uvicorn.Server(config)
         log.info("dashboard at http://%s:%s/ui, metrics at /metrics", host, port)

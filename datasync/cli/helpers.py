@@ -2,8 +2,10 @@
 
 * ``handle_errors()`` turns a ``DatasyncError`` into one line, ``datasync: error: MESSAGE``,
   on stderr: exit 2 for bad input (``UserError``), 1 for anything else. No traceback.
+  Ctrl-C exits 130 with a line that says what is true afterwards (``interrupted``).
 * ``application()`` builds the ``App`` (settings, migrated database, services) inside that
-  error handling, and closes it afterwards.
+  error handling, and closes it afterwards. Only commands that can store something in an
+  empty database (``creates=True``) may create an SQLite file (``config.check_database``).
 * ``print_json`` writes exactly one JSON document on stdout (``--json``, ``JsonOpt``).
 
 Command modules import this module; nothing here imports a command module.
@@ -22,6 +24,7 @@ import typer
 from pydantic import BaseModel
 
 from datasync.bootstrap import App, bootstrap
+from datasync.config import check_database, load_settings
 from datasync.errors import DatasyncError, UserError
 
 __all__ = ["JsonOpt", "application", "handle_errors", "parse_size", "print_json"]
@@ -50,8 +53,9 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 @contextmanager
-def handle_errors() -> Iterator[None]:
-    """Turn every datasync error into one line on stderr and an exit code."""
+def handle_errors(interrupted: str = "interrupted") -> Iterator[None]:
+    """Turn every datasync error into one line on stderr and an exit code; Ctrl-C prints
+    ``interrupted`` (what is true afterwards) and exits 130."""
     try:
         yield
     except UserError as exc:
@@ -59,14 +63,20 @@ def handle_errors() -> Iterator[None]:
     except DatasyncError as exc:
         raise _fail(exc.message, 1) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted; nothing was registered", 130) from None
+        raise _fail(interrupted, 130) from None
 
 
 @contextmanager
-def application() -> Iterator[App]:
-    """The ``App`` from the environment's settings, with ``handle_errors`` around it."""
-    with handle_errors(), bootstrap() as app:
-        yield app
+def application(*, creates: bool = False, interrupted: str = "interrupted") -> Iterator[App]:
+    """The ``App`` from the environment's settings, with ``handle_errors`` around it.
+
+    ``creates``: the command can store something in an empty database, so it may create
+    a new SQLite file; others refuse a database file that does not exist."""
+    with handle_errors(interrupted):
+        settings = load_settings()
+        check_database(settings, creates=creates)
+        with bootstrap(settings) as app:
+            yield app
 
 
 def print_json(value: BaseModel | list[Any] | dict[str, Any]) -> None:

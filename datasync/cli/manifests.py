@@ -87,6 +87,10 @@ def register(
     chunk_size: Annotated[
         str | None, typer.Option("--chunk-size", help="Chunk size, e.g. 64MiB (default 64MiB).")
     ] = None,
+    allow_empty: Annotated[
+        bool,
+        typer.Option("--allow-empty", help="Register a source with no files (refused otherwise)."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a new version of DATASET from a directory or a producer manifest."""
@@ -94,18 +98,25 @@ def register(
         if (source is None) == (manifest is None):
             raise UserError("give exactly one SOURCE: a directory, or --manifest FILE.jsonl")
         chunk = parse_size(chunk_size) if chunk_size is not None else None
-    with application() as app:
+    with application(creates=True, interrupted="interrupted; nothing was registered") as app:
         console = Console()
         progress = _RichProgress(console) if console.is_terminal and not as_json else None
         service = app.service
         if manifest is not None:
             if chunk is not None:
                 raise UserError("--chunk-size does not apply to a producer manifest")
-            result: RegisterResult = service.register_manifest(dataset, manifest, label=label)
+            result: RegisterResult = service.register_manifest(
+                dataset, manifest, label=label, allow_empty=allow_empty
+            )
         else:
             assert source is not None
             result = service.register(
-                dataset, source, label=label, chunk_size=chunk, progress=progress
+                dataset,
+                source,
+                label=label,
+                chunk_size=chunk,
+                progress=progress,
+                allow_empty=allow_empty,
             )
     if as_json:
         print_json(result)

@@ -225,7 +225,7 @@ def policy_apply(
     as_json: JsonOpt = False,
 ) -> None:
     """Store the file's policies (by name) and place what they ask for at once."""
-    with application() as app:
+    with application(creates=True) as app:
         applied = app.policies.apply(file)
     if as_json:
         print_json(_policy_rows(applied))

@@ -2,9 +2,11 @@
 
 ``replicate`` records the placement and plans it; the bytes are moved by workers
 (``datasync worker`` or ``datasync up``). ``--wait`` polls until READY or FAILED: a rich
-progress bar on a terminal (``watch``), one status line per second elsewhere. Every
-command calls ``App.replication`` (``datasync.transfer.service``). The ``status`` table
-wraps long notes (a failure's whole reason) instead of cutting them.
+progress bar on a terminal (``watch``), one status line per second elsewhere; Ctrl-C
+stops the waiting, not the placement. A placement that is FAILED (already at plan time,
+or while waiting) exits 1 with its reason; ``sites`` exits 1 when a probed site is down.
+Every command calls ``App.replication`` (``datasync.transfer.service``). The ``status``
+table wraps long notes (a failure's whole reason) instead of cutting them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from datasync.cli.helpers import JsonOpt, application, print_json
+from datasync.cli.helpers import JsonOpt, application, handle_errors, print_json
 from datasync.textfmt import human_bytes
 from datasync.transfer.sites import SiteInfo
 from datasync.transfer.status import PlacementStatus, parse_deadline
@@ -185,14 +187,23 @@ def replicate(
         replication = app.replication
         when = parse_deadline(deadline)
         result = replication.replicate(ref, to, priority=priority, deadline=when, source=source)
+        stopped = (
+            f"stopped waiting; placement #{result.id} stays queued and workers carry on:"
+            f" `datasync status` or `datasync explain {result.dataset}@{result.version_id[:12]}"
+            f" --site {result.site}` shows it"
+        )
         if wait:
             pid = result.id
-            result = watch(result, lambda: replication.status(placement_id=pid)[0], quiet=as_json)
+            with handle_errors(interrupted=stopped):
+                result = watch(
+                    result, lambda: replication.status(placement_id=pid)[0], quiet=as_json
+                )
     if as_json:
         print_json(result)
     else:
         typer.echo(_line(result))
-    if wait and result.state == "FAILED":
+    if result.state == "FAILED":
+        typer.echo(f"datasync: error: placement #{result.id} FAILED: {result.error}", err=True)
         raise typer.Exit(1)
 
 
@@ -224,8 +235,10 @@ def sites(
     timeout: Annotated[float, typer.Option(help="Health probe timeout, seconds.")] = 5.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Configured sites with their capabilities, limits and health."""
-    with application() as app:
+    """Configured sites with their capabilities, limits and health.
+
+    Exits 1 when a probed site is down (its row says why)."""
+    with application(creates=True) as app:
         rows = app.replication.sites(probe=probe, timeout=timeout)
     if as_json:
         print_json([r.model_dump(mode="json") for r in rows])
@@ -233,3 +246,7 @@ def sites(
         typer.echo("no sites configured: add [sites.NAME] tables to datasync.toml")
     else:
         Console(width=200).print(_sites_table(rows))
+    down = [r.name for r in rows if r.healthy is False]
+    if down:
+        typer.echo(f"datasync: error: site(s) down: {', '.join(down)}", err=True)
+        raise typer.Exit(1)

@@ -5,9 +5,13 @@
   segment is 64 lowercase hex digits: views live at ``<root>/<dataset>/<version-id>/``,
   so ``drive/<64 hex>`` would be a directory of dataset ``drive``'s views.
 * A label is 1 to 128 characters of ``[A-Za-z0-9._-]`` starting with a letter or digit, and
-  is not a full 64-hex id (a label must never shadow a version id).
-* ``DATASET@REF``: REF is tried as a label first, then as a full id, then as a unique id
-  prefix of at least ``MIN_PREFIX`` hex digits. ``DATASET`` alone means ``DATASET@latest``.
+  does not look like a version id or an id prefix (``MIN_PREFIX`` or more lowercase hex
+  digits only, such as ``beef`` or ``2026``): a label must never shadow an id.
+* ``DATASET@REF``: a REF that looks like an id prefix is resolved as one (a unique prefix of
+  at least ``MIN_PREFIX`` hex digits, or a full id); a label of that form made before the
+  rule is found only when no id matches. Any other REF is a label. A shorter all-hex REF
+  that is no label is refused as "prefix too short". ``DATASET`` alone means
+  ``DATASET@latest``.
 
 Pure functions; resolution against the database lives in ``datasync.manifest.store``.
 """
@@ -26,6 +30,7 @@ __all__ = [
     "check_dataset_name",
     "check_label",
     "is_id_prefix",
+    "looks_like_id",
     "parse_ref",
 ]
 
@@ -82,11 +87,23 @@ def check_label(label: str) -> str:
             f"invalid label {label!r}: use up to 128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, and not a 64-hex version id"
         )
+    if is_id_prefix(label):
+        raise UserError(
+            f"invalid label {label!r}: it looks like a version id prefix ({MIN_PREFIX} or more"
+            " hex digits), and ids come first in DATASET@REF; add a letter outside a-f or a"
+            f" separator (v{label}, {label[:4]}-{label[4:] or '01'})"
+        )
     return label
 
 
 def is_id_prefix(ref: str) -> bool:
+    """Whether ``ref`` has the form of a version id or an id prefix (ids come first)."""
     return MIN_PREFIX <= len(ref) <= 64 and bool(_HEX_RE.fullmatch(ref))
+
+
+def looks_like_id(ref: str) -> bool:
+    """All lowercase hex: a version id, an id prefix, or one too short to be used as one."""
+    return bool(_HEX_RE.match(ref)) and len(ref) <= 64
 
 
 def parse_ref(text: str) -> Ref:

@@ -42,7 +42,15 @@ from datasync.manifest.bulk import (
 )
 from datasync.manifest.canonical import VersionIdBuilder, encode_entry, encode_header
 from datasync.manifest.diff import Change, merge_changes
-from datasync.manifest.refs import LATEST, check_dataset_name, check_label, is_id_prefix, parse_ref
+from datasync.manifest.refs import (
+    LATEST,
+    MIN_PREFIX,
+    check_dataset_name,
+    check_label,
+    is_id_prefix,
+    looks_like_id,
+    parse_ref,
+)
 from datasync.models import FileEntry, ManifestHeader, VersionSummary
 
 __all__ = ["ManifestStore", "Registration"]
@@ -353,30 +361,19 @@ def _version_pk(conn: Connection, version: VersionSummary) -> int:
 def _resolve(conn: Connection, text: str) -> int:
     ref = parse_ref(text)
     dataset_pk = _dataset_pk(conn, ref.dataset)
-    by_label = conn.execute(
-        sa.select(col(Label.version_pk)).where(
-            col(Label.dataset_pk) == dataset_pk, col(Label.name) == ref.ref
+    if is_id_prefix(ref.ref):  # ids come first (``refs``); older hex labels after them
+        found = _by_id_prefix(conn, dataset_pk, text, ref.ref)
+        if found is None:
+            found = _by_label(conn, dataset_pk, ref.ref)
+    else:
+        found = _by_label(conn, dataset_pk, ref.ref)
+    if found is not None:
+        return found
+    if looks_like_id(ref.ref) and len(ref.ref) < MIN_PREFIX:
+        raise UnknownReference(
+            f"{text}: id prefix {ref.ref!r} is too short: give at least {MIN_PREFIX} hex"
+            " digits of the version id"
         )
-    ).scalar_one_or_none()
-    if by_label is not None:
-        return by_label
-    if is_id_prefix(ref.ref):
-        matches = conn.execute(
-            sa.select(col(Version.pk), col(Version.version_id))
-            .where(
-                col(Version.dataset_pk) == dataset_pk, col(Version.version_id).startswith(ref.ref)
-            )
-            .order_by(col(Version.version_id))
-            .limit(_AMBIGUOUS_SHOWN + 1)
-        ).all()
-        if len(matches) == 1:
-            return int(matches[0].pk)
-        if matches:
-            shown = ", ".join(str(m.version_id)[:16] for m in matches[:_AMBIGUOUS_SHOWN])
-            more = " and more" if len(matches) > _AMBIGUOUS_SHOWN else ""
-            raise UnknownReference(
-                f"{text}: id prefix {ref.ref!r} is ambiguous; it matches {shown}{more}"
-            )
     labels = sorted(
         conn.execute(
             sa.select(col(Label.name)).where(col(Label.dataset_pk) == dataset_pk)
@@ -384,6 +381,34 @@ def _resolve(conn: Connection, text: str) -> int:
     )
     hint = f" (labels: {', '.join(labels)})" if labels else ""
     raise UnknownReference(f"{text}: no label or version id {ref.ref!r} in {ref.dataset}{hint}")
+
+
+def _by_label(conn: Connection, dataset_pk: int, name: str) -> int | None:
+    found: int | None = conn.execute(
+        sa.select(col(Label.version_pk)).where(
+            col(Label.dataset_pk) == dataset_pk, col(Label.name) == name
+        )
+    ).scalar_one_or_none()
+    return found
+
+
+def _by_id_prefix(conn: Connection, dataset_pk: int, text: str, prefix: str) -> int | None:
+    """The version whose id starts with ``prefix``; None if none, refused if several."""
+    matches = conn.execute(
+        sa.select(col(Version.pk), col(Version.version_id))
+        .where(col(Version.dataset_pk) == dataset_pk, col(Version.version_id).startswith(prefix))
+        .order_by(col(Version.version_id))
+        .limit(_AMBIGUOUS_SHOWN + 1)
+    ).all()
+    if len(matches) == 1:
+        return int(matches[0].pk)
+    if matches:
+        shown = ", ".join(str(m.version_id)[:16] for m in matches[:_AMBIGUOUS_SHOWN])
+        more = " and more" if len(matches) > _AMBIGUOUS_SHOWN else ""
+        raise UnknownReference(
+            f"{text}: id prefix {prefix!r} is ambiguous; it matches {shown}{more}"
+        )
+    return None
 
 
 def _summary_query() -> sa.Select[*tuple[Any, ...]]:

@@ -3,11 +3,14 @@
 ``replicate`` records "version V must be at site S" (idempotently) and plans it; workers
 move the bytes. ``status`` and ``sites`` report. ``replan_stale`` is the maintenance
 chore that re-plans placements whose planner died. Every write goes through the state
-owner; every check of the input happens before the first write.
+owner; every check of the input happens before the first write (a priority outside
+``PRIORITIES``, an unknown site, a malformed dataset name, a bad probe timeout are
+``UserError``s).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -20,6 +23,7 @@ from datasync.db.tables import Dataset, Version
 from datasync.db.transfer_tables import Placement
 from datasync.errors import UserError
 from datasync.events import Event, LabelMoved, VersionRegistered
+from datasync.manifest.refs import check_dataset_name
 from datasync.manifest.store import ManifestStore
 from datasync.models import PlacementState
 from datasync.transfer.exec.context import SiteBackends
@@ -31,9 +35,12 @@ from datasync.transfer.state import EngineState, row_id
 from datasync.transfer.status import PlacementStatus, status
 from datasync.transfer.views import view_present
 
-__all__ = ["STALE_PLANNING", "ReplicationService"]
+__all__ = ["PRIORITIES", "STALE_PLANNING", "ReplicationService"]
 
 STALE_PLANNING = timedelta(minutes=5)
+# Placement priorities: far inside the database's 32-bit integers, with room for the
+# scheduler's boosts of placements at risk.
+PRIORITIES = range(-1_000_000, 1_000_001)
 
 
 class ReplicationService:
@@ -80,9 +87,12 @@ class ReplicationService:
         files found bad there are right again: they are recorded (or refreshed) as source
         replicas before planning.
         """
-        if site not in self.settings.sites:
-            known = ", ".join(sorted(self.settings.sites)) or "none configured"
-            raise UserError(f"unknown site {site!r} (sites: {known})")
+        self._check_site(site)
+        if priority is not None and priority not in PRIORITIES:
+            raise UserError(
+                f"priority {priority} is out of range: use {PRIORITIES.start} to"
+                f" {PRIORITIES.stop - 1} (higher runs first, default 0)"
+            )
         named = None
         if source is not None:
             named = site_for_source(self.settings, source)
@@ -126,6 +136,11 @@ class ReplicationService:
             self._plan(placement_id, planner)
         return self.status(placement_id=placement_id)[0]
 
+    def _check_site(self, site: str) -> None:
+        if site not in self.settings.sites:
+            known = ", ".join(sorted(self.settings.sites)) or "none configured"
+            raise UserError(f"unknown site {site!r} (sites: {known})")
+
     def _plan(self, placement_id: int, config: PlannerConfig | None = None) -> None:
         result = self.planner.plan(placement_id, config)
         if result.state == PlacementState.TRANSFERRING and result.bytes_to_move:
@@ -163,6 +178,12 @@ class ReplicationService:
         site: str | None = None,
         active_only: bool = False,
     ) -> list[PlacementStatus]:
+        """Placements (of ``dataset``, at ``site``). A malformed dataset name, and a site
+        neither configured nor holding placements (a typo), are refused, not "none found"."""
+        if dataset is not None:
+            check_dataset_name(dataset)
+        if site is not None and site not in self.settings.sites:
+            self._check_filters(site)
         return status(
             self.engine,
             placement_id=placement_id,
@@ -171,7 +192,17 @@ class ReplicationService:
             active_only=active_only,
         )
 
+    def _check_filters(self, site: str) -> None:
+        with self.engine.connect() as conn:
+            held = conn.execute(
+                sa.select(col(Placement.id)).where(col(Placement.site) == site).limit(1)
+            ).first()
+        if held is None:
+            self._check_site(site)
+
     def sites(self, *, probe: bool = True, timeout: float = 5.0) -> list[SiteInfo]:
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise UserError(f"timeout {timeout:g}: give a number of seconds above 0")
         return list_sites(self.settings, probe=probe, timeout=timeout)
 
     def on_event(self, event: Event) -> None:

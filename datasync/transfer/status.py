@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import col
 
 from datasync.db.ops_tables import WorkerRow
-from datasync.db.transfer_tables import Placement, Task
+from datasync.db.transfer_tables import NO_DEADLINE, Placement, Task
 from datasync.errors import UserError
 from datasync.models import PlacementState, TaskState
 from datasync.observe.workers import live_since
@@ -59,7 +59,9 @@ class PlacementStatus(BaseModel):
 
 
 def parse_deadline(text: str | None, *, now: datetime | None = None) -> datetime | None:
-    """``+2h``/``+30m``/``+90s``/``+1d`` from now, or an ISO 8601 time (UTC if no zone)."""
+    """``+2h``/``+30m``/``+90s``/``+1d`` from now, or an ISO 8601 time (UTC if no zone).
+
+    Anything else, or a time that no calendar holds (``+99999999999d``), is a ``UserError``."""
     if text is None or text == "":
         return None
     now = now or datetime.now(UTC)
@@ -68,12 +70,21 @@ def parse_deadline(text: str | None, *, now: datetime | None = None) -> datetime
         number, unit = text[1:-1], text[-1:].lower()
         if unit not in units or not number.replace(".", "", 1).isdigit():
             raise UserError(f"bad deadline {text!r}: use +90s, +30m, +2h, +1d or ISO 8601")
-        return now + timedelta(seconds=float(number) * units[unit])
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise UserError(f"bad deadline {text!r}: use +2h or ISO 8601 ({exc})") from exc
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        try:
+            value = now + timedelta(seconds=float(number) * units[unit])
+        except OverflowError:
+            value = datetime.max.replace(tzinfo=UTC)  # refused below
+    else:
+        try:
+            value = datetime.fromisoformat(text)
+            value = (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+        except ValueError as exc:
+            raise UserError(f"bad deadline {text!r}: use +2h or ISO 8601 ({exc})") from exc
+        except OverflowError:
+            raise UserError(f"bad deadline {text!r}: before the year 1") from None
+    if value.year >= NO_DEADLINE.year:  # that year means "no deadline" in the task queue
+        raise UserError(f"bad deadline {text!r}: give a time before {NO_DEADLINE.year}")
+    return value
 
 
 def status(

@@ -85,6 +85,8 @@ class WorkerOptions:
     # The sites this worker can reach (None: all). It claims only tasks whose source and
     # destination are among them: a POSIX site is mounted on its own hosts only.
     sites: frozenset[str] | None = None
+    # First pause after a full destination (NoSpace); None: 15 x queue_backoff_base (30 s).
+    space_backoff_base: float | None = None
 
 
 @dataclass(slots=True)

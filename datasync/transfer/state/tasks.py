@@ -7,6 +7,7 @@ State machine (``docs/task-states.md`` draws it)::
       |                 |
       +--fail(retryable: delay from the retry policy, ``not_before``)
       +--lease expired: the next claim takes the task over (one attempt counted)
+    queued --pause_site(a site found down)--> queued, not before the pause ends (no attempt)
 
 Invariants:
 
@@ -57,6 +58,7 @@ from datasync.events import (
     PlacementFailed,
     PlacementPublishing,
     PlacementReady,
+    SitePaused,
     TaskClaimed,
     TaskCompleted,
     TaskFailed,
@@ -71,6 +73,7 @@ from datasync.transfer.state.sharing import settle_completed
 
 __all__ = [
     "ERROR_HISTORY",
+    "SITE_DOWN",
     "STUCK_AFTER",
     "Cancelled",
     "ClaimedTask",
@@ -169,6 +172,11 @@ def _was_stuck(errors: list[dict[str, Any]] | None) -> bool:
 
 _APPEND_PG = "(errors::jsonb || jsonb_build_array(CAST(:entry AS jsonb)))::json"
 _APPEND_SQLITE = "json_insert(errors, '$[#]', json(:entry))"
+# The class of the newest entry of a task's error history.
+_LAST_CLASS_PG = "(errors::jsonb -> -1 ->> 'class')"
+_LAST_CLASS_SQLITE = "json_extract(errors, '$[#-1].class')"
+# The error-history class of a pause by ``pause_site``.
+SITE_DOWN = "SiteDown"
 
 
 def fail_placement(txn: Txn, placement_id: int, reason: str) -> None:
@@ -677,3 +685,36 @@ class TaskStates(StateBase):
                         f"{kind} task {task_id} failed: its worker died or hung on every attempt",
                     )
             return len(rows)
+
+    def pause_site(self, site: str, until: datetime, reason: str) -> int:
+        """Hold the queued tasks that read from or write to ``site`` (its health probe
+        failed) until ``until``: ``not_before`` moves there (never earlier) and no attempt
+        is counted. ``reason`` joins the error history of each task whose newest entry is
+        not already such a pause, so a site that stays down does not fill it. Returns the
+        number of tasks held."""
+        with self._write() as txn:
+            entry = {
+                "at": txn.now.astimezone(UTC).isoformat(timespec="seconds"),
+                "class": SITE_DOWN,
+                "message": reason[:MAX_MESSAGE],
+            }
+            append, last = (
+                (_APPEND_PG, _LAST_CLASS_PG) if txn.pg else (_APPEND_SQLITE, _LAST_CLASS_SQLITE)
+            )
+            held = txn.conn.execute(
+                sa.text(
+                    "UPDATE tasks SET"
+                    " not_before = CASE WHEN not_before < :until THEN :until ELSE not_before END,"
+                    f" errors = CASE WHEN COALESCE({last}, '') = :paused THEN errors"
+                    f" ELSE {append} END"
+                    " WHERE state = 'queued' AND (src_site = :site OR dst_site = :site)"
+                ).bindparams(sa.bindparam("until", type_=_TS)),
+                {
+                    "until": until,
+                    "site": site,
+                    "paused": SITE_DOWN,
+                    "entry": json.dumps(entry),
+                },
+            ).rowcount
+            txn.emit(SitePaused(site=site, until=until, reason=reason, tasks=held))
+            return held
