@@ -10,7 +10,9 @@
 #     moves only the changed bytes. The dashboard URL and the metrics endpoint are printed;
 #     open them while the demo runs;
 #  3. where moto_server is installed ($VENV/bin/moto_server): v1 -> an "s3" site on a moto
-#     server on a free loopback port (started at the beginning, stopped on exit).
+#     server on a free loopback port (started at the beginning, stopped on exit);
+#  4. a job's stage request: v2 at s3 (lustre without moto) with a deadline, waited for
+#     until READY, its path printed; explain; release.
 #
 # DEMO_DIR (default ./demo-data) holds everything; its home/, pipeline/ and lustre/ are
 # recreated on every run, so re-running works and finds the same version ids (the sample
@@ -214,9 +216,27 @@ special = [k for k in views if "/." in k or "@" in k]  # the completion marker, 
 for k in [k for k in views if k not in special][:5] + ["..."] + special:
     print("  " + k)
 EOF
+
+    STAGE_SITE=s3
 else
     step "S3 part skipped (no $MOTO, or DEMO_S3=0)"
+    STAGE_SITE=lustre
 fi
+
+# ---------------------------------------------------------------- part 4: a job's prestage
+
+# What a Slurm burst-buffer hook (deploy/slurm) or a Kubernetes initContainer runs: "v2 at
+# this site before my job starts in 15 minutes", waiting until it is there and verified.
+step "$DS stage $NAME@v2 --site $STAGE_SITE --deadline +15m --job-id demo-train-1 --wait"
+VIEW="$(timeout "$WAIT_LIMIT" "$DS" stage "$NAME@v2" --site "$STAGE_SITE" --deadline +15m \
+    --job-id demo-train-1 --wait)"
+echo "READY at $STAGE_SITE: $VIEW"
+
+step "$DS explain $NAME@v2 --site $STAGE_SITE: how it got there, phase by phase"
+"$DS" explain "$NAME@v2" --site "$STAGE_SITE"
+
+step "$DS release --job-id demo-train-1: the job ended, its pin goes (the data stays until evicted)"
+"$DS" release --job-id demo-train-1
 
 step "$DS status --all"
 "$DS" status --all
