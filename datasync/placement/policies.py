@@ -18,6 +18,12 @@ once, as Rucio's subscriptions do; ``datasync up`` re-evaluates every policy on 
 Evaluation: for each dataset matching a policy, its newest ``keep_last`` matching versions
 are replicated to each site (``origin = policy:<name>``) and pinned there by
 ``policy:<name>``; older versions lose that pin, so eviction may free them.
+
+A placement a policy made that FAILED is retried by later evaluations with backoff, not at
+every one (the cycle Rucio users know: a broken source retried every few minutes for
+days): after its n-th failure, not before ``RETRY_FIRST * 2**(n-1)`` (at most
+``RETRY_LONGEST``) has passed, and no more after ``RETRY_LIMIT`` failures; ``datasync
+replicate`` (a person) still retries it at once. Its history counts the failures.
 """
 
 from __future__ import annotations
@@ -34,15 +40,20 @@ from sqlmodel import col
 
 from datasync.config import Settings
 from datasync.db.engine import write_transaction
-from datasync.db.ops_tables import PolicyRow
+from datasync.db.ops_tables import PlacementHistory, PolicyRow
 from datasync.db.transfer_tables import Placement
 from datasync.errors import ConfigError, UserError
 from datasync.events import Event, LabelMoved, VersionRegistered
 from datasync.manifest.store import ManifestStore
+from datasync.models import PlacementState
 from datasync.transfer.service import ReplicationService
-from datasync.transfer.state import EngineState
+from datasync.transfer.state import EngineState, as_utc
 
-__all__ = ["Policy", "PolicyEngine", "PolicyFile"]
+__all__ = ["RETRY_LIMIT", "Policy", "PolicyEngine", "PolicyFile"]
+
+RETRY_FIRST = timedelta(minutes=10)
+RETRY_LONGEST = timedelta(hours=24)
+RETRY_LIMIT = 6  # failures after which only a person retries
 
 
 class Policy(BaseModel):
@@ -168,6 +179,8 @@ class PolicyEngine:
             keep = versions[: policy.keep_last]
             for v in keep:
                 for site in policy.sites:
+                    if self._backing_off(v.version_id, site):
+                        continue
                     st = self.replication.replicate(
                         f"{v.dataset}@{v.version_id}",
                         site,
@@ -181,6 +194,28 @@ class PolicyEngine:
                     ensured += 1
             self._unpin_older(policy, dataset, {v.version_id for v in keep})
         return ensured
+
+    def _backing_off(self, version_id: str, site: str) -> bool:
+        """Whether the version's placement at ``site`` FAILED too recently (or too often)
+        for a policy to retry it now."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(col(Placement.id), col(Placement.state)).where(
+                    col(Placement.version_id) == version_id, col(Placement.site) == site
+                )
+            ).one_or_none()
+            if row is None or row.state != PlacementState.FAILED:
+                return False
+            failures, last = conn.execute(
+                sa.select(sa.func.count(), sa.func.max(col(PlacementHistory.at))).where(
+                    col(PlacementHistory.placement_id) == row.id,
+                    col(PlacementHistory.state) == PlacementState.FAILED,
+                )
+            ).one()
+        if failures >= RETRY_LIMIT:
+            return True
+        wait = min(RETRY_LONGEST, RETRY_FIRST * 2 ** max(0, failures - 1))
+        return bool(datetime.now(UTC) < (as_utc(last) or datetime.now(UTC)) + wait)
 
     def _unpin_older(self, policy: Policy, dataset: str, kept: set[str]) -> None:
         with self.engine.connect() as conn:

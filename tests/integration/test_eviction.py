@@ -11,15 +11,20 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from sqlmodel import col
 from typer.testing import CliRunner
 
 from datasync.bootstrap import App, bootstrap
 from datasync.cli import app as cli_app
 from datasync.config import SiteConfig
+from datasync.db.ops_tables import PlacementHistory
+from datasync.placement.policies import RETRY_LIMIT
 from datasync.transfer.layout import blob_key
 from datasync.transfer.supervisor import WorkerOptions, run_until_idle
 from tests.fixtures.replication import Site, posix_site, settings_for, xxh
@@ -171,6 +176,45 @@ def test_a_policy_places_new_versions_at_once_and_lets_old_ones_go(
     plan = app.evictor.plan("lustre", need=10**12)
     assert [c.ref for c in plan.evict] == [f"drive/x@{v1.version_id}"]
     assert plan.pinned == [f"drive/x@{v2.version_id}"]
+
+
+def test_a_failed_policy_placement_is_retried_with_backoff_then_left_to_a_person(
+    policy_app: tuple[App, Path], sites: tuple[Site, Site], versions: dict[str, dict[str, bytes]]
+) -> None:
+    app, policy = policy_app
+    pipeline, _lustre = sites
+    assert pipeline.root is not None
+    app.policies.apply(policy)
+    app.service.register("drive/y", str(pipeline.root / "a"))
+    (st,) = app.replication.status(dataset="drive/y")
+
+    def fail_and_age(minutes: float) -> None:
+        app.state.placements.fail(st.id, "the source went bad")
+        with app.engine.begin() as conn:  # as if the failure happened `minutes` ago
+            conn.execute(
+                sa.update(PlacementHistory)
+                .where(col(PlacementHistory.placement_id) == st.id)
+                .values(at=datetime.now(UTC) - timedelta(minutes=minutes))
+            )
+
+    def state() -> str:
+        return str(app.replication.status(placement_id=st.id)[0].state)
+
+    fail_and_age(1)
+    app.policies.evaluate()
+    assert state() == "FAILED", "retried one minute after the first failure"
+    fail_and_age(11)  # past the first backoff (10 min)
+    app.policies.evaluate()
+    assert state() != "FAILED", "not retried after the backoff"
+    ref = f"drive/y@{st.version_id}"
+    for _ in range(RETRY_LIMIT - 2):  # two failures so far; each retry fails again
+        fail_and_age(60 * 48)
+        app.replication.replicate(ref, "lustre")
+    fail_and_age(60 * 48)
+    app.policies.evaluate()
+    assert state() == "FAILED", "a policy keeps retrying a placement that failed 6 times"
+    # A person still can: replicate retries at once.
+    assert app.replication.replicate(ref, "lustre").state != "FAILED"
 
 
 @pytest.mark.parametrize(

@@ -85,10 +85,12 @@ def _place(backend: Backend, dst: str, f: ViewFile, buffers: BufferPool | None) 
     backend.delete(dst)
     if not _holds(backend, f.key, f, buffers):
         raise BlobDamaged(f.digest, f.key, "it no longer hashes to its digest")
-    raise ChecksumMismatch(
+    wrong = ChecksumMismatch(
         f"view copy of {f.path} does not hash to {f.digest}; deleted, will copy again",
         url=f"{backend.url}/{dst}",
     )
+    wrong.retryable = True  # the blob is right: copying it again can succeed
+    raise wrong
 
 
 def _batches(items: Iterable[ViewFile], size: int) -> Iterator[list[ViewFile]]:
