@@ -310,7 +310,8 @@ def test_deadline_aware_staging_beats_fifo_on_a_day_of_jobs(tmp_path: Path) -> N
         " their starts it can still meet; one that can meet none yields to those that can."
         " Without the first two, slack ordering did worse than FIFO on this trace (see"
         " `docs/design.md`, deadlines). Under heavy overload (one job every 2.5 min, much"
-        " more than the links can move in that time) the two orders converge: many jobs miss either way.",
+        " more than the links can move in that time) the two orders converge: many jobs"
+        " miss either way.",
         "",
     ]
     OUT.write_text("\n".join(lines), encoding="utf-8")
