@@ -98,7 +98,7 @@ class LinkConfig(BaseModel):
     bandwidth_mbps: float | None = Field(default=None, gt=0)
 
 
-_SITE_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+SITE_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class SiteConfig(BaseModel):
@@ -179,7 +179,7 @@ class Settings(BaseModel):
     def _site_names(cls, v: dict[str, SiteConfig]) -> dict[str, SiteConfig]:
         for name in v:
             # ASCII only: ``SITE:path`` is recognised by exactly these characters.
-            if not _SITE_NAME_RE.fullmatch(name):
+            if not SITE_NAME_RE.fullmatch(name):
                 raise ValueError(f"site name {name!r} must be letters, digits, '-' or '_'")
         for name, site in v.items():
             unknown = sorted(set(site.links) - set(v))

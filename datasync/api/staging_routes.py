@@ -61,7 +61,8 @@ def staging_router(application: App, prefix: str = "/api/v1") -> APIRouter:
             dry_run=body.dry_run,
         )
 
-    @router.get("/stage/{request_id}")
+    # :int, so /stage/release is not a request id (405s name only the right methods)
+    @router.get("/stage/{request_id:int}")
     def get_stage_request(
         request_id: Annotated[int, Path(ge=1, le=ID_MAX)], who: ReadPlacements
     ) -> StageResult:

@@ -70,7 +70,7 @@ def create(
     json_out: JsonOpt = False,
 ) -> None:
     """Issue a token and print it once (or write it to --output)."""
-    with application() as app:
+    with application(creates=True) as app:  # the first token may come before anything else
         ensure_admin_token(app.tokens, app.settings.home)
         issued = app.tokens.create(name, role, namespace or (), expires_at=parse_expiry(expires))
         if output is not None:

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import col
 
-from datasync.config import Settings
+from datasync.config import SITE_NAME_RE, Settings
 from datasync.db.tables import Dataset, Version
 from datasync.db.transfer_tables import Placement
 from datasync.errors import UserError
@@ -193,6 +193,8 @@ class ReplicationService:
         )
 
     def _check_filters(self, site: str) -> None:
+        if not SITE_NAME_RE.fullmatch(site):  # no site was ever called that
+            self._check_site(site)
         with self.engine.connect() as conn:
             held = conn.execute(
                 sa.select(col(Placement.id)).where(col(Placement.site) == site).limit(1)

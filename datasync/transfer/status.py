@@ -80,8 +80,11 @@ def parse_deadline(text: str | None, *, now: datetime | None = None) -> datetime
             value = (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
         except ValueError as exc:
             raise UserError(f"bad deadline {text!r}: use +2h or ISO 8601 ({exc})") from exc
-        except OverflowError:
-            raise UserError(f"bad deadline {text!r}: before the year 1") from None
+        except OverflowError:  # the zone moved it out of the calendar (year 0 or 10000)
+            raise UserError(
+                f"bad deadline {text!r}: give a time between the year 1 and"
+                f" {NO_DEADLINE.year} (UTC)"
+            ) from None
     if value.year >= NO_DEADLINE.year:  # that year means "no deadline" in the task queue
         raise UserError(f"bad deadline {text!r}: give a time before {NO_DEADLINE.year}")
     return value

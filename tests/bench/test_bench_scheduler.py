@@ -258,6 +258,7 @@ def _simulate(app: App, jobs: list[Job], *, deadlines: bool) -> tuple[float, dic
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # twelve simulated days of real planning and claims
 def test_deadline_aware_staging_beats_fifo_on_a_day_of_jobs(tmp_path: Path) -> None:
     n_jobs = int(os.environ.get("BENCH_SIM_JOBS", "300"))
     seeds = [int(x) for x in os.environ.get("BENCH_SIM_SEEDS", "7,11").split(",")]
