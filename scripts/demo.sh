@@ -139,12 +139,13 @@ step "start the API, the dashboard and one worker process in the background: $DS
 "$DS" up --port "$UI_PORT" --log-format json >"$DEMO_DIR/datasync-up.log" 2>&1 &
 WORKER_PID=$!
 for _ in $(seq 1 150); do
-    "$PY" -c "import urllib.request as u; u.urlopen('$UI/ui/data', timeout=1)" 2>/dev/null && break
+    "$PY" -c "import urllib.request as u; u.urlopen('$UI/api/v1/health', timeout=1)" 2>/dev/null && break
     kill -0 "$WORKER_PID" 2>/dev/null || { cat "$DEMO_DIR/datasync-up.log"; exit 1; }
     sleep 0.2
 done
 echo "datasync up pid $WORKER_PID (JSON logs: $DEMO_DIR/datasync-up.log)"
-printf '\033[1mdashboard: %s/ui   metrics: %s/metrics\033[0m (open them while the demo runs)\n' "$UI" "$UI"
+printf '\033[1mdashboard: %s/ui   metrics: %s/metrics\033[0m (open them while the demo runs;\n' "$UI" "$UI"
+echo "the dashboard asks for a token: the admin token is in $DATASYNC_HOME/admin.token)"
 
 if [[ "$S3" == 1 ]]; then
     step "moto_server (S3 emulator) at $ENDPOINT: create the bucket"

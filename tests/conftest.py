@@ -35,3 +35,22 @@ def pytest_runtest_makereport(
     if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true (skips are failures in CI): {report.longrepr}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Generator[None, None, None]:
+    """Each test starts with the logging a new ``datasync`` process has.
+
+    In-process CLI runs (``CliRunner``) skip ``main()``, and a daemon command run that
+    way leaves the root logger at INFO with its stderr handler: the next test's command
+    would then log events into the stderr it asserts on. Processes never share that."""
+    import logging
+
+    from datasync.observe import logs
+
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logs._StderrHandler)]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+    logs._current.clear()

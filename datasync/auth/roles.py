@@ -66,6 +66,7 @@ class Action(StrEnum):
     STAGE = "stage:write"
     OPERATE = "placements:operate"
     MANAGE_TOKENS = "tokens:manage"
+    OBSERVE = "dashboard:read"  # /ui/data: every placement, path and error message
 
 
 ROLE_ACTIONS: dict[Role, frozenset[Action]] = {
@@ -74,7 +75,13 @@ ROLE_ACTIONS: dict[Role, frozenset[Action]] = {
         {Action.READ_DATASETS, Action.READ_PLACEMENTS, Action.READ_SITES, Action.STAGE}
     ),
     Role.OPS: frozenset(
-        {Action.READ_DATASETS, Action.READ_PLACEMENTS, Action.READ_SITES, Action.OPERATE}
+        {
+            Action.READ_DATASETS,
+            Action.READ_PLACEMENTS,
+            Action.READ_SITES,
+            Action.OPERATE,
+            Action.OBSERVE,
+        }
     ),
     Role.ADMIN: frozenset(Action),
 }

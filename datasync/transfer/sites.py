@@ -102,16 +102,24 @@ def site_for_source(settings: Settings, source: str) -> tuple[str, str] | None:
     return best
 
 
+# Opening a backend is local work (an SDK import, a client built), bounded on its own: under
+# CPU load two SDKs loading at once can take seconds, and that is not a site being down.
+OPEN_TIMEOUT = 30.0
+
+
 def _probe_all(
     settings: Settings, names: Iterable[str], *, probe: bool, timeout: float
 ) -> dict[str, dict[str, Any]]:
-    """What ``_inspect`` found for each site named, all in parallel, within ``timeout``: a
-    site that did not finish has ``error`` "no answer" (and ``retryable``)."""
+    """What ``_inspect`` found for each site named, all in parallel: backends opened first
+    (``OPEN_TIMEOUT``), then every probe within ``timeout``. A site that did not finish
+    has ``error`` "no answer" (and ``retryable``)."""
     results: dict[str, dict[str, Any]] = {name: {} for name in sorted(names)}
+    opened = {name: threading.Event() for name in results}
     threads = [
         threading.Thread(
             target=_inspect,
             args=(settings.sites[name].url, settings.sites[name].options, probe, found),
+            kwargs={"opened": opened[name]},
             name=f"datasync-probe-{name}",
             daemon=True,
         )
@@ -119,6 +127,9 @@ def _probe_all(
     ]
     for thread in threads:
         thread.start()
+    open_end = time.monotonic() + OPEN_TIMEOUT
+    for event in opened.values():
+        event.wait(max(0.0, open_end - time.monotonic()))
     end = time.monotonic() + timeout
     for thread in threads:
         thread.join(max(0.0, end - time.monotonic()))
@@ -169,14 +180,18 @@ def list_sites(settings: Settings, *, probe: bool = True, timeout: float = 5.0) 
     return infos
 
 
-def _inspect(url: str, options: dict[str, Any], probe: bool, out: dict[str, Any]) -> None:
+def _inspect(
+    url: str, options: dict[str, Any], probe: bool, out: dict[str, Any], *, opened: threading.Event
+) -> None:
     """Fill ``out`` with ``endpoint``, ``caps``, then ``latency`` (probe) or ``error`` and
-    ``retryable``; never raises."""
+    ``retryable``; sets ``opened`` once the backend is open (or failed to); never raises."""
     try:
         backend = open_backend(url, options)
     except Exception as exc:  # a broken SDK or config must not break `datasync sites`
         out.update(error=f"{type(exc).__name__}: {exc}", retryable=False)
         return
+    finally:
+        opened.set()
     try:
         if isinstance(backend, HasEndpoint):
             out["endpoint"] = backend.endpoint

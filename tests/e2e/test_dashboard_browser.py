@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from tests.fixtures.emulators import S3_KEYS, unique_name
+from tests.integration.api_helpers import served_admin_token
 from tests.observe.servers import (
     Daemon,
     datasync_env,
@@ -110,13 +111,20 @@ def test_dashboard_shows_progress_failure_and_explain(
     serve = start(env, tmp / "serve.log", "serve", port=port)
     world["daemons"].append(serve)
     api = f"{serve.url}/api/v1"
+    admin = {"Authorization": f"Bearer {served_admin_token(Path(env['DATASYNC_HOME']))}"}
+    ops = httpx.post(
+        f"{api}/tokens", json={"name": "dashboard", "role": "ops"}, headers=admin, timeout=60
+    )
+    assert ops.status_code in (200, 201), ops.text
     ids = {}
     for ref, site in (
         ("drive/tokyo@v1", "s3"),
         ("drive/tokyo@v1", "lustre"),
         ("drive/broken@v1", "lustre"),
     ):
-        r = httpx.post(f"{api}/placements", json={"ref": ref, "site": site}, timeout=60)
+        r = httpx.post(
+            f"{api}/placements", json={"ref": ref, "site": site}, headers=admin, timeout=60
+        )
         assert r.status_code == 200, r.text
         ids[(ref, site)] = r.json()["id"]
     to_s3, failing = ids[("drive/tokyo@v1", "s3")], ids[("drive/broken@v1", "lustre")]
@@ -125,6 +133,17 @@ def test_dashboard_shows_progress_failure_and_explain(
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(f"{serve.url}/ui?refresh=250")
+    # Signed out, the page shows no data and asks for a token; a wrong one is refused.
+    page.wait_for_selector("#signin:not([hidden])", timeout=30_000)
+    assert page.locator(f'tr[data-placement-id="{to_s3}"]').count() == 0
+    page.fill("#token", "not-a-token")
+    page.click("#signin-button")
+    page.wait_for_function(
+        "document.getElementById('signin-note').textContent.includes('invalid token')",
+        timeout=30_000,
+    )
+    page.fill("#token", ops.json()["token"])
+    page.click("#signin-button")
     page.wait_for_selector(f'tr[data-placement-id="{to_s3}"]', timeout=30_000)
     assert _pct(page, to_s3)[0] == 0.0
     refreshes = int(page.evaluate("document.body.dataset.refreshes"))

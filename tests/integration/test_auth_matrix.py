@@ -293,3 +293,28 @@ def test_health_and_the_openapi_document_are_public(world: World) -> None:
             protected = (method.upper(), path) not in PUBLIC
             assert bool(op.get("security")) == protected, (method, path)
             assert ({"401", "403"} <= set(op["responses"])) == protected, (method, path)
+
+
+def test_outside_the_api_only_the_dashboard_data_takes_a_token(world: World) -> None:
+    """``/ui/data`` names datasets, paths and errors: ops and admin only. The page, its
+    assets and ``/metrics`` (labels: sites, links, states, classes) are public."""
+    outside = {
+        (method, route.path_format): route
+        for route in api_routes(create_app(world.app))
+        if not route.path.startswith(V1)
+        for method in route.methods or ()
+    }
+    protected = sorted(key for key, route in outside.items() if requires_token(route))
+    assert protected == [("GET", "/ui/data")]
+    assert world.client.get("/ui/data").status_code == 401
+    for role in ROLES:
+        r = world.client.get("/ui/data", headers={"Authorization": f"Bearer {world.tokens[role]}"})
+        assert r.status_code == (200 if role in {"admin", "ops"} else 403), (role, r.text)
+    assert (
+        "placements"
+        in world.client.get(
+            "/ui/data", headers={"Authorization": f"Bearer {world.tokens['ops']}"}
+        ).json()
+    )
+    for path in ("/ui", "/ui/app.js", "/metrics"):
+        assert world.client.get(path).status_code == 200, path

@@ -114,7 +114,8 @@ def test_a_small_request_to_a_hung_endpoint_fails_within_the_floor(
         elapsed, error = _timed(lambda: backend.stat("k"))
     finally:
         backend.close()
-    assert 0.9 < elapsed < 4.0, elapsed  # was 120 s per attempt
+    # The 1 s floor, not the 10 s default nor the SDKs' 60-120 s (slack for a busy box).
+    assert 0.9 < elapsed < 8.0, elapsed
     assert f"talking to {silent_endpoint.removeprefix('http://')}" in str(error)
     assert isinstance(error, DatasyncError) and error.retryable
 
@@ -128,7 +129,7 @@ def test_a_large_request_gets_time_for_its_bytes(kind: str, silent_endpoint: str
         elapsed, error = _timed(lambda: backend.read_range("k", 0, 3 * MiB))
     finally:
         backend.close()
-    assert 3.8 < elapsed < 8.0, elapsed
+    assert 3.8 < elapsed < 20.0, elapsed  # the bytes' share, not the SDKs' 60-120 s
     assert "talking to 127.0.0.1:" in str(error)
 
 

@@ -115,7 +115,7 @@ def start(
     log: Path,
     *args: str,
     port: int | None = None,
-    ready: str | None = "/ui/data",
+    ready: str | None = "/api/v1/health",
     timeout: float = 120,
 ) -> Daemon:
     """Start ``datasync ARGS`` (with ``--port`` when ``port``) and wait until ``ready``

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from datasync.api.app import create_app
+from datasync.auth import Role
 from datasync.bootstrap import App, bootstrap
 from datasync.db.ops_tables import WorkerRow
 from datasync.observe.logs import JsonFormatter
@@ -149,8 +150,11 @@ def test_a_replication_counts_what_the_database_says(
 
         # /metrics shows the same counters and an idle queue.
         with TestClient(create_app(app)) as client:
-            text = client.get("/metrics").text
-            data: dict[str, Any] = client.get("/ui/data").json()
+            text = client.get("/metrics").text  # public: no dataset names in its labels
+            assert client.get("/ui/data").status_code == 401  # names datasets: a token
+            ops = app.tokens.create("dash", Role.OPS).token
+            auth = {"Authorization": f"Bearer {ops}"}
+            data: dict[str, Any] = client.get("/ui/data", headers=auth).json()
         scraped = _scrape(text)
         assert (
             scraped[("datasync_transfer_bytes_total", "lustre", "pipeline")] == status.bytes_moved

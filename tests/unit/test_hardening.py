@@ -130,7 +130,7 @@ def test_other_labels_are_fine(label: str) -> None:
         ("+99999999999d", "give a time before 9999"),
         ("+1e9d", "use +90s"),
         ("9999-06-01", "give a time before 9999"),
-        ("0001-01-01T00:00:00+01:00", "before the year 1"),
+        ("0001-01-01T00:00:00+01:00", "between the year 1 and 9999"),
         ("tomorrow", "use +2h or ISO 8601"),
     ],
 )

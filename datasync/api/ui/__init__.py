@@ -15,6 +15,12 @@ from the package, so it works with no network beyond this server). The script po
 
 ``/metrics`` is the Prometheus exposition (``observe.exposition``): every datasync process
 of this host plus the database's state gauges.
+
+Who may see what: the page and its assets are static and public; ``/ui/data`` names
+datasets, paths and error messages, so it takes an ``ops`` or ``admin`` token (the page
+asks for one and keeps it in the tab's ``sessionStorage``, sent as a bearer header).
+``/metrics`` is public, as exporters are: its labels are sites, links, states and error
+classes, never dataset names, paths or messages; restrict it by network as usual.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 
+from datasync.api.auth import permit
+from datasync.auth import Action
 from datasync.bootstrap import App
 from datasync.errors import UnknownReference
 from datasync.observe import state
@@ -63,7 +71,7 @@ def ops_router(application: App) -> APIRouter:
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
-    @router.get("/ui/data")
+    @router.get("/ui/data", dependencies=[Depends(permit(Action.OBSERVE))])
     def data() -> dict[str, Any]:
         return dashboard_data(application, events, finished)
 

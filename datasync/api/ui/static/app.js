@@ -8,6 +8,30 @@ const HISTORY_MS = 5 * 60 * 1000;
 const COLORS = ["#2563eb", "#16a34a", "#d97706", "#9333ea", "#dc2626", "#0891b2", "#4b5563"];
 const state = { placements: new Map(), history: [], explainId: null };
 
+// The API token (ops or admin) lives in this tab's sessionStorage only: never in the URL.
+const TOKEN_KEY = "datasync.token";
+
+function authHeaders(extra = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { ...extra, authorization: `Bearer ${token}` } : extra;
+}
+
+function askForToken(message) {
+  const form = document.getElementById("signin");
+  document.getElementById("signin-note").textContent = message;
+  form.hidden = false;
+  document.querySelector("main").hidden = true;
+}
+
+document.getElementById("signin").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const input = document.getElementById("token");
+  sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+  input.value = "";
+  document.getElementById("signin").hidden = true;
+  document.querySelector("main").hidden = false;
+});
+
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -207,7 +231,7 @@ async function openExplain(id) {
   const noteEl = document.getElementById("explain-note");
   let doc = null;
   try {
-    const r = await fetch(`/api/v1/placements/${id}/explain`, { headers: { accept: "application/json" } });
+    const r = await fetch(`/api/v1/placements/${id}/explain`, { headers: authHeaders({ accept: "application/json" }) });
     if (r.ok) doc = await r.json();
   } catch (_) { /* offline: fall back below */ }
   if (state.explainId !== id) return;
@@ -239,8 +263,14 @@ async function refresh() {
   try {
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), Math.max(5000, REFRESH_MS * 2));
-    const r = await fetch("/ui/data", { signal: ctl.signal });
+    const r = await fetch("/ui/data", { signal: ctl.signal, headers: authHeaders() });
     clearTimeout(timer);
+    if (r.status === 401 || r.status === 403) {
+      const why = (await r.json().catch(() => ({}))).error || `HTTP ${r.status}`;
+      askForToken(`Sign in with an ops or admin API token (${why}).`);
+      updated.textContent = "signed out";
+      return;
+    }
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const data = await r.json();
     state.placements = new Map(data.placements.map((p) => [p.id, p]));
