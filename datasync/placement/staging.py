@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from pydantic import BaseModel
@@ -35,11 +35,10 @@ from datasync.models import PlacementState, TaskState
 from datasync.transfer.layout import view_prefix
 from datasync.transfer.service import ReplicationService
 from datasync.transfer.state import EngineState, as_utc
-from datasync.transfer.status import PlacementStatus
+from datasync.transfer.status import NO_WORKER_AFTER, NO_WORKER_MESSAGE, PlacementStatus
 
 __all__ = ["NO_WORKER_AFTER", "StageResult", "StageService", "Waited"]
 
-NO_WORKER_AFTER = timedelta(seconds=30)
 _JOB_ID = re.compile(r"[A-Za-z0-9._:+=-]{1,200}")
 
 
@@ -189,11 +188,7 @@ class StageService:
         last = as_utc(recent)
         if last is not None and last >= since:
             return None
-        seconds = int(NO_WORKER_AFTER.total_seconds())
-        return (
-            f"no worker has claimed a task for {seconds} s; start `datasync worker` or"
-            " `datasync up` with this database"
-        )
+        return NO_WORKER_MESSAGE
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -23,7 +23,14 @@ from datasync.models import PlacementState, TaskState
 from datasync.observe.workers import live_since
 from datasync.transfer.state import STUCK_AFTER, as_utc
 
-__all__ = ["THROUGHPUT_WINDOW", "PlacementStatus", "parse_deadline", "status"]
+__all__ = [
+    "NO_WORKER_AFTER",
+    "NO_WORKER_MESSAGE",
+    "THROUGHPUT_WINDOW",
+    "PlacementStatus",
+    "parse_deadline",
+    "status",
+]
 
 THROUGHPUT_WINDOW = 60.0
 LAST_ERRORS = 5
@@ -124,11 +131,31 @@ def status(
         waits = _waits(conn, ids, now)
         orphaned = _orphaned(conn, ids, now)
         errors = _last_errors(conn, ids)
+        last_claim = as_utc(conn.execute(sa.select(sa.func.max(col(Task.started_at)))).scalar())
+    # Work is due and nobody has claimed anything for a while: say so, never wait silently.
+    no_worker = last_claim is None or last_claim < now - NO_WORKER_AFTER
     return [
-        _one(row, counts.get(int(row["id"]), {}), written, recent, waits, orphaned, errors, now)
+        _one(
+            row,
+            counts.get(int(row["id"]), {}),
+            written,
+            recent,
+            waits,
+            orphaned,
+            errors,
+            now,
+            no_worker=no_worker and (as_utc(row["updated_at"]) or now) < now - NO_WORKER_AFTER,
+        )
         for row in rows
     ]
 
+
+# Due work unclaimed for this long means no worker is running against this database.
+NO_WORKER_AFTER = timedelta(seconds=30)
+NO_WORKER_MESSAGE = (
+    f"no worker has claimed a task for {int(NO_WORKER_AFTER.total_seconds())} s;"
+    " start `datasync worker` or `datasync up` with this database"
+)
 
 _FINAL = (PlacementState.READY, PlacementState.FAILED, PlacementState.DAMAGED)
 # Per placement: tasks backing off, until when, tasks blocked, tasks stuck, most failures.
@@ -144,6 +171,8 @@ def _one(
     orphaned: dict[int, int],
     errors: dict[int, list[dict[str, Any]]],
     now: datetime,
+    *,
+    no_worker: bool,
 ) -> PlacementStatus:
     pid = int(row["id"])
     state = PlacementState(row["state"])
@@ -186,7 +215,14 @@ def _one(
         bytes_moved=written.get(pid, 0),
         error=row["error"],
         last_errors=errors.get(pid, []),
-        phase=_phase(state, counts, waits.get(pid, (0, None, 0, 0, 0)), orphaned.get(pid, 0), now),
+        phase=_phase(
+            state,
+            counts,
+            waits.get(pid, (0, None, 0, 0, 0)),
+            orphaned.get(pid, 0),
+            now,
+            no_worker=no_worker,
+        ),
     )
 
 
@@ -279,6 +315,8 @@ def _phase(
     waits: tuple[int, datetime | None, int, int, int],
     orphaned: int,
     now: datetime,
+    *,
+    no_worker: bool = False,
 ) -> str:
     """Explain a placement's wait (Rucio users ask for exactly this: rucio#7598)."""
     if state.final:
@@ -303,7 +341,9 @@ def _phase(
             " (taken over when the lease expires)"
         )
     due = counts.get(TaskState.QUEUED, 0) - waiting - held
-    if due:
+    if due and running <= 0 and no_worker:
+        parts.append(f"{due} task(s) waiting for a worker: {NO_WORKER_MESSAGE}")
+    elif due:
         parts.append(f"{due} task(s) waiting for a worker")
     if waiting:
         when = (until or now).astimezone(UTC).isoformat(timespec="seconds")

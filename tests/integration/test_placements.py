@@ -34,7 +34,7 @@ from datasync.transfer.planner import Planner
 from datasync.transfer.service import ReplicationService
 from datasync.transfer.siteindex import SiteIndex
 from datasync.transfer.sites import list_sites, site_for_source
-from datasync.transfer.status import parse_deadline
+from datasync.transfer.status import NO_WORKER_AFTER, NO_WORKER_MESSAGE, parse_deadline
 from tests.fixtures.transfer import (
     FixedRetry,
     entry_for,
@@ -188,6 +188,28 @@ def test_status_reports_progress_throughput_eta_and_errors(
     assert row.last_errors[0]["message"] == "connection reset by peer"
     assert replication.status(active_only=True)[0].id == placement.id
     assert replication.status(dataset="drive/other") == []
+
+
+def test_status_says_plainly_when_no_worker_claims_the_due_work(
+    engine: Engine, replication: ReplicationService, tmp_path: Path
+) -> None:
+    runs = tmp_path / "pipeline" / "runs"
+    register(engine, "drive/nw", [fake_entry("f", "s", 1000)], source=f"directory:{runs}")
+    placement = replication.replicate("drive/nw", "lustre")
+    (row,) = replication.status(placement_id=placement.id)
+    assert row.phase.startswith("1 task(s) waiting for a worker;")  # just queued: no verdict
+    assert NO_WORKER_MESSAGE not in row.phase
+    # Half a minute later nothing has claimed it (no worker runs in this test).
+    past = datetime.now(UTC) - NO_WORKER_AFTER - timedelta(seconds=5)
+    with write_transaction(engine) as conn:
+        conn.execute(sa.update(Placement).values(updated_at=past))
+    (row,) = replication.status(placement_id=placement.id)
+    assert row.phase.startswith(f"1 task(s) waiting for a worker: {NO_WORKER_MESSAGE};")
+    # A worker that claimed something lately is alive: the plain wording comes back.
+    (task,) = make_state(engine).tasks.claim("w", 1, 60)
+    make_state(engine).tasks.fail("w", task.id, TransientError("reset"))
+    (row,) = replication.status(placement_id=placement.id)
+    assert NO_WORKER_MESSAGE not in row.phase, row.phase
 
 
 def test_list_sites_reports_capabilities_and_health(settings: Settings, tmp_path: Path) -> None:
