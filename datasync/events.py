@@ -37,7 +37,9 @@ __all__ = [
     "PlacementReady",
     "PlacementReopened",
     "ReplicaMarkedBad",
+    "SiteHeld",
     "SitePaused",
+    "SiteResumed",
     "StageReleased",
     "StageRequested",
     "Subscriber",
@@ -234,6 +236,24 @@ class SitePaused(Event):
     until: datetime
     reason: str
     tasks: int  # queued tasks held
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiteHeld(Event):
+    """An operator paused a site: no task of it is claimed until ``until`` or a resume."""
+
+    site: str
+    until: datetime
+    reason: str
+    by: str  # who paused it (token name, or "local" for the CLI)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiteResumed(Event):
+    """An operator resumed a paused site: its tasks are claimable again."""
+
+    site: str
+    by: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

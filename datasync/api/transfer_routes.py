@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 
-from datasync.api.auth import ReadPlacements, permit
+from datasync.api.auth import Operate, ReadPlacements, permit
 from datasync.api.errors import AUTH_RESPONSES
 from datasync.api.params import (
     ID_MAX,
@@ -54,6 +54,33 @@ class ReplicateRequest(BaseModel):
     source: str | None = Field(
         default=None, description="Where the files are (SITE:prefix), if not where registered."
     )
+
+
+SitePath = Annotated[
+    str, Path(description="A configured site.", json_schema_extra=documented(SITE_PATTERN))
+]
+
+
+class PauseRequest(BaseModel):
+    reason: str = Field(min_length=1, max_length=500, description="Why: others will read it.")
+    until: str = Field(
+        default="+1h",
+        min_length=1,
+        max_length=64,
+        description="When the pause ends: ISO 8601, or +90s, +30m, +2h, +1d.",
+    )
+
+
+class PauseInfo(BaseModel):
+    site: str
+    until: datetime
+    reason: str
+    by: str
+
+
+class ResumeInfo(BaseModel):
+    site: str
+    resumed: bool = Field(description="False when the site was not paused.")
 
 
 def _deadline(text: str | None) -> datetime | None:
@@ -125,5 +152,28 @@ def transfer_router(application: App, prefix: str = "/api/v1") -> APIRouter:
     ) -> list[SiteInfo]:
         """Configured sites with capabilities and (``probe=true``) health."""
         return replication.sites(probe=probe)
+
+    # -- operator actions (ops, admin) ------------------------------------------------------
+
+    @router.post("/placements/{placement_id}/retry", dependencies=[Depends(permit(Action.OPERATE))])
+    def retry_placement(placement_id: Annotated[int, Path(ge=1, le=ID_MAX)]) -> PlacementStatus:
+        """Try again now: a FAILED or DAMAGED placement is planned anew; the tasks of one in
+        progress that are backing off after errors become due now."""
+        return replication.retry(placement_id)
+
+    @router.post("/sites/{site}/pause")
+    def pause_site(site: SitePath, body: PauseRequest, who: Operate) -> PauseInfo:
+        """Claim no task reading from or writing to ``site`` until ``until`` (running ones
+        finish); a new pause replaces the old one."""
+        until = _deadline(body.until)
+        if until is None:
+            raise UserError("give the pause an end: until=+2h or an ISO 8601 time")
+        pause = replication.pause_site(site, until, body.reason, who.name)
+        return PauseInfo(site=pause.site, until=pause.until, reason=pause.reason, by=pause.by)
+
+    @router.post("/sites/{site}/resume")
+    def resume_site(site: SitePath, who: Operate) -> ResumeInfo:
+        """Lift the pause of ``site``: its tasks are claimed again at once."""
+        return ResumeInfo(site=site, resumed=replication.resume_site(site, who.name))
 
     return router

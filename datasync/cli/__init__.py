@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from datasync import __version__
-from datasync.cli import daemons, integrity, manifests, placement, replication, tokens
+from datasync.cli import daemons, integrity, manifests, operate, placement, replication, tokens
 from datasync.cli.helpers import parse_size
 
 __all__ = ["app", "main", "parse_size"]
@@ -31,7 +31,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for _area in (manifests, replication, placement, integrity, daemons):
+for _area in (manifests, replication, placement, operate, integrity, daemons):
     app.add_typer(_area.commands)
 app.add_typer(tokens.commands, name="token")
 

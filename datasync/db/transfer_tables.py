@@ -48,6 +48,7 @@ __all__ = [
     "BlobWait",
     "Placement",
     "Replica",
+    "SitePause",
     "Task",
     "Upload",
     "UploadPart",
@@ -278,3 +279,16 @@ _partial(
 )
 # The planner pages a version's distinct digests in digest order (dedupe is adjacency).
 sa.Index("ix_entries_version_digest", col(Entry.version_pk), col(Entry.digest))
+
+
+class SitePause(SQLModel, table=True):
+    """An operator paused ``site``: no task reading from or writing to it is claimed until
+    ``until`` (or ``datasync resume``); tasks already running finish."""
+
+    __tablename__ = "site_pauses"
+
+    site: str = Field(primary_key=True, sa_type=sa.String(64))
+    until: datetime = Field(sa_type=_TS, nullable=False)
+    reason: str = Field(sa_type=sa.Text, nullable=False)
+    paused_by: str = Field(sa_type=sa.String(128), nullable=False)
+    created_at: datetime = Field(default_factory=_utc_now, sa_type=_TS, nullable=False)

@@ -40,6 +40,9 @@ from datasync.events import (
     PlacementReady,
     PlacementReopened,
     ReplicaMarkedBad,
+    SiteHeld,
+    SitePaused,
+    SiteResumed,
     TaskClaimed,
     TaskCompleted,
     TaskFailed,
@@ -70,6 +73,9 @@ ACTIONS: dict[type[Event], tuple[str, int]] = {
     BlobReplicated: ("blob.replicated", logging.DEBUG),
     ChunkVerified: ("chunk.verified", logging.DEBUG),
     ReplicaMarkedBad: ("replica.marked_bad", logging.WARNING),
+    SitePaused: ("site.down", logging.WARNING),
+    SiteHeld: ("site.paused", logging.WARNING),
+    SiteResumed: ("site.resumed", logging.INFO),
 }
 
 _QUIET = (

@@ -24,15 +24,15 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import col
 
 from datasync.db.ops_tables import Pin, PlacementHistory, StageRequest
-from datasync.db.transfer_tables import Placement, Task
-from datasync.errors import UnknownReference, UserError
+from datasync.db.transfer_tables import Task
+from datasync.errors import UserError
 from datasync.manifest.store import ManifestStore
 from datasync.models import PlacementState, TaskState
 from datasync.placement.schedule import Scheduler
 from datasync.placement.staging import StageService
 from datasync.transfer.links import load_links
 from datasync.transfer.state import BlobSharing, as_utc
-from datasync.transfer.status import PlacementStatus, status
+from datasync.transfer.status import PlacementStatus, placement_id_of, status
 
 __all__ = ["Explainer", "Explanation", "Phase"]
 
@@ -72,21 +72,7 @@ class Explainer:
         self.sharing = sharing
 
     def explain_ref(self, ref: str, site: str) -> Explanation:
-        version = self.store.resolve(ref)
-        with self.engine.connect() as conn:
-            pid = conn.execute(
-                sa.select(col(Placement.id)).where(
-                    col(Placement.dataset) == version.dataset,
-                    col(Placement.version_id) == version.version_id,
-                    col(Placement.site) == site,
-                )
-            ).scalar_one_or_none()
-        if pid is None:
-            raise UnknownReference(
-                f"{version.dataset}@{version.version_id[:12]} has no placement at {site!r}:"
-                f" run `datasync replicate {ref} --to {site}` or `datasync stage`"
-            )
-        return self.explain(int(pid))
+        return self.explain(placement_id_of(self.engine, self.store.resolve(ref), site, ref))
 
     def explain(self, placement_id: int) -> Explanation:
         rows = status(self.engine, placement_id=placement_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -21,7 +21,7 @@ from sqlmodel import col
 from datasync.config import SITE_NAME_RE, Settings
 from datasync.db.tables import Dataset, Version
 from datasync.db.transfer_tables import Placement
-from datasync.errors import UserError
+from datasync.errors import UnknownReference, UserError
 from datasync.events import Event, LabelMoved, VersionRegistered
 from datasync.manifest.refs import check_dataset_name
 from datasync.manifest.store import ManifestStore
@@ -31,8 +31,8 @@ from datasync.transfer.labels import sites_showing
 from datasync.transfer.payloads import LabelsPayload
 from datasync.transfer.planner import Planner, PlannerConfig
 from datasync.transfer.sites import SiteInfo, list_sites, site_for_source
-from datasync.transfer.state import EngineState, row_id
-from datasync.transfer.status import PlacementStatus, status
+from datasync.transfer.state import EngineState, Pause, row_id
+from datasync.transfer.status import PlacementStatus, placement_id_of, status
 from datasync.transfer.views import view_present
 
 __all__ = ["PRIORITIES", "STALE_PLANNING", "ReplicationService"]
@@ -205,7 +205,48 @@ class ReplicationService:
     def sites(self, *, probe: bool = True, timeout: float = 5.0) -> list[SiteInfo]:
         if not (math.isfinite(timeout) and timeout > 0):
             raise UserError(f"timeout {timeout:g}: give a number of seconds above 0")
-        return list_sites(self.settings, probe=probe, timeout=timeout)
+        infos = list_sites(self.settings, probe=probe, timeout=timeout)
+        paused = self.state.pauses.active(datetime.now(UTC))
+        return [
+            info.model_copy(update={"paused_until": p.until, "pause_reason": p.reason})
+            if (p := paused.get(info.name))
+            else info
+            for info in infos
+        ]
+
+    # -- operator actions (role ops) --------------------------------------------------------
+
+    def pause_site(self, site: str, until: datetime, reason: str, by: str) -> Pause:
+        """Hold every task of ``site`` (as source or destination) until ``until``."""
+        self._check_site(site)
+        reason = " ".join(reason.split())
+        if not reason:
+            raise UserError("say why the site is paused (--reason): others will read it")
+        if until <= datetime.now(UTC):
+            raise UserError(f"pause until {until.isoformat()}: that is not in the future")
+        return self.state.pauses.pause(site, until, reason, by)
+
+    def resume_site(self, site: str, by: str) -> bool:
+        """Lift an operator's pause of ``site``; False when it was not paused."""
+        self._check_site(site)
+        return self.state.pauses.resume(site, by)
+
+    def placement_of(self, ref: str, site: str) -> int:
+        """The id of version ``ref``'s placement at ``site`` (``UnknownReference`` if none)."""
+        self._check_site(site)
+        return placement_id_of(self.engine, self.store.resolve(ref), site, ref)
+
+    def retry(self, placement_id: int) -> PlacementStatus:
+        """Try a placement again now: a FAILED or DAMAGED one is planned anew (its reason
+        stays in its history); the backing-off tasks of one in progress become due now."""
+        found = self.status(placement_id=placement_id)
+        if not found:
+            raise UnknownReference(f"no placement #{placement_id}")
+        st = found[0]
+        if st.state in (PlacementState.FAILED, PlacementState.DAMAGED):
+            return self.replicate(f"{st.dataset}@{st.version_id}", st.site)
+        self.state.tasks.retry_now(placement_id)
+        return self.status(placement_id=placement_id)[0]
 
     def on_event(self, event: Event) -> None:
         """Reactions to the manifest side (subscribed in ``bootstrap``): a registration that

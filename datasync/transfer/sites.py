@@ -61,6 +61,8 @@ class SiteInfo(BaseModel):
     healthy: bool | None
     latency_seconds: float | None
     error: str | None
+    paused_until: datetime | None = None  # an operator's pause (``datasync pause``)
+    pause_reason: str | None = None
 
 
 def site_for_source(settings: Settings, source: str) -> tuple[str, str] | None:

@@ -17,9 +17,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import col
 
 from datasync.db.ops_tables import WorkerRow
-from datasync.db.transfer_tables import NO_DEADLINE, Placement, Task
-from datasync.errors import UserError
-from datasync.models import PlacementState, TaskState
+from datasync.db.transfer_tables import NO_DEADLINE, Placement, SitePause, Task
+from datasync.errors import UnknownReference, UserError
+from datasync.models import PlacementState, TaskState, VersionSummary
 from datasync.observe.workers import live_since
 from datasync.transfer.state import STUCK_AFTER, as_utc
 
@@ -29,6 +29,7 @@ __all__ = [
     "THROUGHPUT_WINDOW",
     "PlacementStatus",
     "parse_deadline",
+    "placement_id_of",
     "status",
 ]
 
@@ -97,6 +98,25 @@ def parse_deadline(text: str | None, *, now: datetime | None = None) -> datetime
     return value
 
 
+def placement_id_of(engine: Engine, version: VersionSummary, site: str, ref: str) -> int:
+    """The id of ``version``'s placement at ``site``; ``UnknownReference`` (naming what to
+    run) if it has none. ``ref`` is what the user typed."""
+    with engine.connect() as conn:
+        pid = conn.execute(
+            sa.select(col(Placement.id)).where(
+                col(Placement.dataset) == version.dataset,
+                col(Placement.version_id) == version.version_id,
+                col(Placement.site) == site,
+            )
+        ).scalar_one_or_none()
+    if pid is None:
+        raise UnknownReference(
+            f"{version.dataset}@{version.version_id[:12]} has no placement at {site!r}:"
+            f" run `datasync replicate {ref} --to {site}` or `datasync stage`"
+        )
+    return int(pid)
+
+
 def status(
     engine: Engine,
     *,
@@ -132,6 +152,18 @@ def status(
         orphaned = _orphaned(conn, ids, now)
         errors = _last_errors(conn, ids)
         last_claim = as_utc(conn.execute(sa.select(sa.func.max(col(Task.started_at)))).scalar())
+        paused = {
+            str(r.site): f"site {r.site} paused by {r.paused_by} until"
+            f" {(as_utc(r.until) or now).isoformat(timespec='seconds')}: {r.reason}"
+            for r in conn.execute(
+                sa.select(
+                    col(SitePause.site),
+                    col(SitePause.until),
+                    col(SitePause.reason),
+                    col(SitePause.paused_by),
+                ).where(col(SitePause.until) > now)
+            )
+        }
     # Work is due and nobody has claimed anything for a while: say so, never wait silently.
     no_worker = last_claim is None or last_claim < now - NO_WORKER_AFTER
     return [
@@ -145,6 +177,7 @@ def status(
             errors,
             now,
             no_worker=no_worker and (as_utc(row["updated_at"]) or now) < now - NO_WORKER_AFTER,
+            paused=paused.get(str(row["site"])),
         )
         for row in rows
     ]
@@ -173,6 +206,7 @@ def _one(
     now: datetime,
     *,
     no_worker: bool,
+    paused: str | None,
 ) -> PlacementStatus:
     pid = int(row["id"])
     state = PlacementState(row["state"])
@@ -222,6 +256,7 @@ def _one(
             orphaned.get(pid, 0),
             now,
             no_worker=no_worker,
+            paused=paused,
         ),
     )
 
@@ -317,6 +352,7 @@ def _phase(
     now: datetime,
     *,
     no_worker: bool = False,
+    paused: str | None = None,
 ) -> str:
     """Explain a placement's wait (Rucio users ask for exactly this: rucio#7598)."""
     if state.final:
@@ -329,7 +365,7 @@ def _phase(
     if state is PlacementState.PUBLISHING:
         return "publishing the view"
     waiting, until, held, stuck, most = waits
-    parts = []
+    parts = [paused] if paused else []  # first: nothing moves until it ends
     if stuck:  # first: the thing to act on (explain reads the backing-off part last)
         parts.append(f"{stuck} task(s) stuck: failing and retried, one of them {most} times")
     running = counts.get(TaskState.LEASED, 0) - orphaned
@@ -341,7 +377,7 @@ def _phase(
             " (taken over when the lease expires)"
         )
     due = counts.get(TaskState.QUEUED, 0) - waiting - held
-    if due and running <= 0 and no_worker:
+    if due and running <= 0 and no_worker and not paused:
         parts.append(f"{due} task(s) waiting for a worker: {NO_WORKER_MESSAGE}")
     elif due:
         parts.append(f"{due} task(s) waiting for a worker")

@@ -91,6 +91,7 @@ def _revocable(world: World, _ns: str) -> tuple[str, dict[str, Any]]:
 
 OWNERS = frozenset({"admin", "owner"})
 HOOKS = frozenset({"admin", "hook"})
+OPS = frozenset({"admin", "ops"})
 MATRIX: list[Row] = [
     Row("GET", "/datasets", ALL, lambda w, ns: ("/datasets", {})),
     Row(
@@ -186,6 +187,19 @@ MATRIX: list[Row] = [
         lambda w, ns: ("/stage/release", {"json": {"job_id": f"j{next(w.names)}"}}),
     ),
     Row("GET", "/sites", frozenset({"admin", "ops", "hook"}), lambda w, ns: ("/sites", {})),
+    Row(
+        "POST",
+        "/placements/{placement_id}/retry",
+        OPS,
+        lambda w, ns: (f"/placements/{w.placements[ns]}/retry", {}),
+    ),
+    Row(
+        "POST",
+        "/sites/{site}/pause",
+        OPS,
+        lambda w, ns: ("/sites/lustre/pause", {"json": {"reason": "maintenance", "until": "+1h"}}),
+    ),
+    Row("POST", "/sites/{site}/resume", OPS, lambda w, ns: ("/sites/lustre/resume", {})),
     Row("GET", "/whoami", ALL, lambda w, ns: ("/whoami", {})),
     Row("GET", "/tokens", frozenset({"admin"}), lambda w, ns: ("/tokens", {})),
     Row("POST", "/tokens", frozenset({"admin"}), _token_body),

@@ -27,6 +27,7 @@ TABLES = (
     "placement_history",
     "blob_moves",
     "blob_waits",
+    "site_pauses",
 )
 MODELS = (
     "Placement",
@@ -38,6 +39,7 @@ MODELS = (
     "PlacementHistory",
     "BlobMove",
     "BlobWait",
+    "SitePause",
 )
 _SQL = re.compile(
     r"\b(UPDATE|INSERT\s+INTO|DELETE\s+FROM)\s+(" + "|".join(TABLES) + r")\b", re.IGNORECASE

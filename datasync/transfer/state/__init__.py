@@ -1,7 +1,7 @@
 """THE owner of every replication state change: placements, tasks, replicas, uploads.
 
 No other module writes the ``placements``, ``tasks``, ``replicas``, ``stage_requests``,
-``pins``, ``link_stats``, ``blob_moves`` or ``blob_waits`` tables
+``pins``, ``link_stats``, ``blob_moves``, ``blob_waits`` or ``site_pauses`` tables
 (``tests/unit/test_state_owner.py`` scans the package for writes elsewhere). Each
 transition is a method; each emits a typed event (``datasync.events``) after its
 transaction committed, to the subscribers the composition root registered.
@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from datasync.events import EventBus
 from datasync.transfer.state._core import as_utc, row_id
+from datasync.transfer.state.pauses import Pause, SitePauses
 from datasync.transfer.state.placements import PlacementStates
 from datasync.transfer.state.replicas import DEFAULT_RECHECK, ReplicaRow, ReplicaStates
 from datasync.transfer.state.sharing import BlobSharing, BlobWant
@@ -45,10 +46,12 @@ __all__ = [
     "ClaimedTask",
     "EngineState",
     "NewTask",
+    "Pause",
     "PlacementStates",
     "ReplicaRow",
     "ReplicaStates",
     "RetryDecider",
+    "SitePauses",
     "StagingStates",
     "TaskStates",
     "UploadState",
@@ -76,3 +79,4 @@ class EngineState:
         self.uploads = ChunkMap(engine, bus)
         self.staging = StagingStates(engine, bus)
         self.sharing = BlobSharing(engine, bus)
+        self.pauses = SitePauses(engine, bus)

@@ -25,6 +25,10 @@ configured). On PostgreSQL two concurrent claimers read the same live count, so 
 can exceed its cap by one claim batch for the length of a lease; the host-wide slot files
 (``datasync.transfer.limits``) still bound each host.
 
+**Pauses**: tasks that read from or write to a site an operator paused
+(``site_pauses``: ``datasync pause``) are left out of the candidate scan until the pause
+ends or is lifted.
+
 **Reach**: a worker that can reach only some sites (``datasync worker --sites``: the
 on-prem POSIX site is mounted only on-prem) claims only tasks whose source and destination
 are among them.
@@ -76,17 +80,24 @@ _IN_REACH = """AND dst_site IN ({sites})
                        AND (src_site IS NULL OR src_site IN ({sites}))"""
 
 
+# Tasks of a site an operator paused (``site_pauses``, usually empty) are never claimed.
+_NOT_PAUSED = """AND NOT EXISTS (SELECT 1 FROM site_pauses p
+                                  WHERE p.until > {now}
+                                    AND (p.site = tasks.dst_site OR p.site = tasks.src_site))"""
+
+
 def _candidates(now: str, not_full: str) -> str:
+    not_paused = _NOT_PAUSED.format(now=now)
     return f"""
     SELECT id FROM (SELECT id FROM tasks
                      WHERE state = 'queued' AND blocked_by = 0 AND not_before <= {now}
-                       {not_full}
+                       {not_paused} {not_full}
                      ORDER BY {_ORDER}
                      LIMIT :window) AS queued
     UNION ALL
     SELECT id FROM (SELECT id FROM tasks
                      WHERE state = 'leased' AND lease_expires_at < {now}
-                       AND attempts < max_attempts {not_full}
+                       AND attempts < max_attempts {not_paused} {not_full}
                      ORDER BY lease_expires_at
                      LIMIT :window) AS expired"""
 

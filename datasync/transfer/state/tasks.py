@@ -718,3 +718,19 @@ class TaskStates(StateBase):
             ).rowcount
             txn.emit(SitePaused(site=site, until=until, reason=reason, tasks=held))
             return held
+
+    def retry_now(self, placement_id: int) -> int:
+        """An operator's retry: the placement's queued tasks backing off become due now
+        (attempts and their error history are kept). Returns how many were due later."""
+        with self._write() as txn:
+            return int(
+                txn.conn.execute(
+                    sa.update(Task)
+                    .where(
+                        col(Task.placement_id) == placement_id,
+                        col(Task.state) == TaskState.QUEUED,
+                        col(Task.not_before) > txn.now,
+                    )
+                    .values(not_before=txn.now)
+                ).rowcount
+            )
