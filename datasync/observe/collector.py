@@ -80,6 +80,7 @@ class StateCollector:
             hosts = state.workers_by_host(conn, now)
             links = state.link_throughput(conn)
             usage = self._site_usage(conn)
+            paused = state.paused_sites(conn, now)
         for name, n in queue.tasks.items():
             f["datasync_queue_tasks"].add_metric([name], n)
         f["datasync_queue_oldest_waiting_seconds"].add_metric([], queue.oldest_waiting_seconds)
@@ -97,6 +98,8 @@ class StateCollector:
         for site, cfg in sorted(self.settings.sites.items()):
             if cfg.quota_bytes is not None:
                 f["datasync_site_quota_bytes"].add_metric([site], cfg.quota_bytes)
+        for site in sorted(set(self.settings.sites) | paused):
+            f["datasync_site_paused"].add_metric([site], 1.0 if site in paused else 0.0)
         for host, w in sorted(hosts.items()):
             f["datasync_workers"].add_metric([host, "live"], w.live)
             f["datasync_workers"].add_metric([host, "stale"], w.stale)

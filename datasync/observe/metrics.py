@@ -82,6 +82,11 @@ STATE_GAUGES: tuple[GaugeSpec, ...] = (
     ),
     GaugeSpec("datasync_site_quota_bytes", "The site's configured quota_bytes.", ("site",)),
     GaugeSpec(
+        "datasync_site_paused",
+        "1 while an operator's pause holds the site's tasks (datasync pause), else 0.",
+        ("site",),
+    ),
+    GaugeSpec(
         "datasync_workers",
         "Registered worker processes by host; stale: no heartbeat within the live window.",
         ("host", "state"),

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from datasync.api.app import create_app
 from datasync.bootstrap import App, bootstrap
 from datasync.cli import app as cli_app
 from datasync.config import load_settings
@@ -87,6 +89,10 @@ def test_a_paused_destination_holds_its_tasks_and_only_its_tasks(world: World) -
     sites = {s["name"]: s for s in json.loads(world.cli("sites", "--no-probe", "--json"))}
     assert sites["lustre"]["pause_reason"] == "OST maintenance"
     assert sites["other"]["paused_until"] is None
+    with TestClient(create_app(world.app)) as client:  # /metrics says so too
+        text = client.get("/metrics").text
+    assert 'datasync_site_paused{site="lustre"} 1.0' in text
+    assert 'datasync_site_paused{site="other"} 0.0' in text
     # Tasks planned while the pause holds wait too: a new version to the paused site.
     run2 = Path(world.app.settings.sites["pipeline"].url) / "run2"
     run2.mkdir()
