@@ -95,7 +95,9 @@ def _tasks(app: App, placement_id: int) -> tuple[dict[str, int], int, int, float
     for owner, _moved, _s, _f in rows:
         host = str(owner).split(":", 1)[0]
         per_host[host] = per_host.get(host, 0) + 1
-    window = max(r[3] for r in rows) - min(r[2] for r in rows)
+    starts = [r[2] for r in rows if r[2] is not None]
+    ends = [r[3] for r in rows if r[3] is not None]
+    window = max(ends) - min(starts)
     return per_host, len(rows), sum(int(r[1]) for r in rows), window.total_seconds()
 
 
@@ -172,15 +174,13 @@ def test_one_two_three_hosts(
                     )
                     for name in names
                 ]
+
+                def up(names: tuple[str, ...] = names) -> bool:
+                    by_host = _workers_by_host(app)
+                    return all(by_host.get(h) == PROCESSES for h in names)
+
                 try:
-                    _wait(
-                        f"{n} host(s) up",
-                        lambda names=names: all(
-                            _workers_by_host(app).get(h) == PROCESSES for h in names
-                        ),
-                        120,
-                        hosts,
-                    )
+                    _wait(f"{n} host(s) up", up, 120, hosts)
                     t0 = time.perf_counter()
                     placement = app.replication.replicate(
                         f"{DATASET}@{version.version_id}", dst.name
