@@ -23,7 +23,9 @@ taken over early, or a task claimed twice, breaks the attempt counts.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -38,7 +40,7 @@ from datasync.db.transfer_tables import Task
 from datasync.transfer.planner import PlannerConfig
 from datasync.transfer.tracing import read_trace
 from tests.faults.harness import xxh, xxh128sum_tree
-from tests.fixtures.hosts import WorkerHost, host_network, in_slot_peak, start_host
+from tests.fixtures.hosts import DATASYNC, WorkerHost, host_network, in_slot_peak, start_host
 from tests.fixtures.replication import MIB, posix_site, settings_for, write_tree
 from tests.integration.test_kill_workers import _assert_no_overlapping_writes
 
@@ -157,6 +159,11 @@ def test_three_hosts_share_the_queue_and_survive_one_dying(tmp_path: Path, pg_ur
                 if r["state"] == "leased" and host_of(r["lease_owner"]) == VICTIM
             }
             assert held, f"{VICTIM} held no lease when it died"
+            with app.engine.connect() as conn:
+                now = conn.execute(sa.select(sa.func.now())).scalar_one()
+            longest = max(held.values()) - now
+            # --lease-seconds reached the workers: no lease runs past it (60 s by default).
+            assert longest.total_seconds() <= LEASE, longest
 
             def ready() -> bool:
                 st = app.replication.status(placement_id=pid)[0]
@@ -206,3 +213,16 @@ def test_three_hosts_share_the_queue_and_survive_one_dying(tmp_path: Path, pg_ur
             if h.proc.poll() is None:
                 h.kill()
         app.close()
+
+
+def test_a_lease_shorter_than_the_minimum_is_refused(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [DATASYNC, "worker", "--lease-seconds", "2"],
+        env={**os.environ, "DATASYNC_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--lease-seconds" in done.stderr
