@@ -2,7 +2,8 @@
 
 One version of ``BENCH_MH_SMALL_FILES`` (20,000) small files (1-64 KiB, 32 KiB on average)
 and ``BENCH_MH_SHARDS`` (4) shards of 128 MiB (8 MiB chunks) is registered once; it is then
-replicated to a fresh destination site by 1, then 2, then 3 hosts, each a
+replicated to a fresh destination site by 1, 2, 3, 3, 2 and 1 hosts (``BENCH_MH_ORDER``;
+mirrored, so a load that drifts during the run favours no host count), each a
 ``datasync worker --processes 2`` with default options in its own network namespace,
 hostname, process group and ``DATASYNC_HOME`` (``tests/fixtures/hosts.py``), reaching the
 database through a relay on a veth link. The hosts are started and registered before the
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,8 @@ N_SHARDS = int(os.environ.get("BENCH_MH_SHARDS", "4"))
 SHARD = 128 * MIB
 CHUNK = 8 * MIB
 HOSTS = ("host-a", "host-b", "host-c")
+# Host counts in run order: mirrored, so a load drifting during the run favours none.
+ORDER = tuple(int(n) for n in os.environ.get("BENCH_MH_ORDER", "1,2,3,3,2,1").split(","))
 PROCESSES = 2
 DATASET = "bench/multihost"
 
@@ -62,6 +67,13 @@ def _fill(root: Path, seed: int = 3) -> dict[str, int]:
                 f.write(block[off : off + n])
                 left -= n
     return sizes
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's reaped children: a host's worker processes are reaped
+    by its ``datasync worker``, which this process reaps."""
+    t = os.times()
+    return t.children_user + t.children_system
 
 
 def _workers_by_host(app: App) -> dict[str, int]:
@@ -101,12 +113,66 @@ def _tasks(app: App, placement_id: int) -> tuple[dict[str, int], int, int, float
     return per_host, len(rows), sum(int(r[1]) for r in rows), window.total_seconds()
 
 
+@dataclass
+class Run:
+    hosts: int
+    tasks: int
+    per_host: str
+    wall: float
+    moved: int
+    files: int
+    window: float
+    load: tuple[float, float]  # 1-minute load average before and after
+    cpu: float  # CPU seconds the hosts' processes used, start to exit
+
+
+def _table(runs: list[Run]) -> list[str]:
+    one = statistics.mean(r.wall for r in runs if r.hosts == 1)
+    lines = [
+        "| run | hosts | worker processes | tasks | tasks done per host | wall s | tasks/s |"
+        " MB/s | files/s | transfer window s | hosts' CPU s (per wall s) | load before/after |"
+        " 1-host mean wall / wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(runs, 1):
+        cells = [
+            str(i),
+            str(r.hosts),
+            str(r.hosts * PROCESSES),
+            str(r.tasks),
+            r.per_host,
+            f"{r.wall:.1f}",
+            f"{r.tasks / r.wall:.2f}",
+            f"{r.moved / r.wall / 1e6:.1f}",
+            f"{r.files / r.wall:.0f}",
+            f"{r.window:.1f}",
+            f"{r.cpu:.0f} ({r.cpu / r.wall:.2f})",
+            f"{r.load[0]:.1f} / {r.load[1]:.1f}",
+            f"{one / r.wall:.2f}x",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| hosts | runs | mean tasks/s | mean MB/s | mean files/s | vs 1 host |"]
+    lines.append("|---|---|---|---|---|---|")
+    for n in sorted({r.hosts for r in runs}):
+        mine = [r for r in runs if r.hosts == n]
+        wall = statistics.mean(r.wall for r in mine)
+        cells = [
+            str(n),
+            str(len(mine)),
+            f"{statistics.mean(r.tasks / r.wall for r in mine):.2f}",
+            f"{statistics.mean(r.moved / r.wall / 1e6 for r in mine):.1f}",
+            f"{statistics.mean(r.files / r.wall for r in mine):.0f}",
+            f"{one / wall:.2f}x",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 @pytest.fixture(scope="module")
-def results() -> Iterator[list[dict[str, str]]]:
-    rows: list[dict[str, str]] = []
-    load = os.getloadavg()[0]
-    yield rows
-    if not rows:
+def results() -> Iterator[list[Run]]:
+    runs: list[Run] = []
+    yield runs
+    if not runs:
         return
     OUT.parent.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -115,9 +181,10 @@ def results() -> Iterator[list[dict[str, str]]]:
         "- Command: `.venv/bin/pytest -q -s -p no:cacheprovider"
         " tests/bench/test_bench_multihost.py` (part of `make bench`; needs root for the"
         " network namespaces)",
-        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {os.cpu_count()}"
-        f" cores; 1-minute load average {load:.1f} before, {os.getloadavg()[0]:.1f} after"
-        " (other jobs share the box: compare rows within one run)",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine:"
+        f" {os.cpu_count()} cores, shared with other jobs (the load column): compare rows of"
+        " one run, and the mirrored order (1, 2, 3, 3, 2, 1 hosts) evens out a load that"
+        " drifts during the run",
         f"- Data: {N_SMALL:,} files of 1-64 KiB + {N_SHARDS} x {SHARD // MIB} MiB shards"
         f" ({CHUNK // MIB} MiB chunks), posix -> posix; default task sizes (256-file batches,"
         " 4 chunks per task) and worker options",
@@ -125,30 +192,25 @@ def results() -> Iterator[list[dict[str, str]]]:
         " (PostgreSQL through a relay on a veth link), hostname, process group and"
         " `DATASYNC_HOME`; started before the clock; time = `replicate` until READY, every byte"
         " verified; each view re-hashed by `xxh128sum` afterwards and equal to the source",
-        "- Transfer window = first task started to last task finished (database clock)",
+        "- Transfer window = first task started to last task finished (database clock);"
+        " MB/s = bytes written at the destination / wall time",
         "",
-        "| hosts | worker processes | tasks | tasks done per host | wall s | tasks/s | MB/s |"
-        " files/s | transfer window s | vs 1 host (wall) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    lines += ["| " + " | ".join(r.values()) + " |" for r in rows]
-    lines += [
+        *_table(runs),
         "",
         f"This box has {os.cpu_count()} cores for every host together, so three hosts (six"
         " worker processes, each hashing every byte it reads and re-reading every byte it"
-        " writes) cannot scale linearly here: the rows show the work shared by every host"
-        " and the throughput holding up, not a speed-up. On real hosts each adds its own"
-        " cores, disks and network.",
+        " writes) cannot scale linearly here. What the rows show: every host takes a share"
+        " of the tasks, and adding hosts does not make the run slower.",
     ]
     OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def test_one_two_three_hosts(
-    tmp_path_factory: pytest.TempPathFactory, pg_url: str, results: list[dict[str, str]]
+    tmp_path_factory: pytest.TempPathFactory, pg_url: str, results: list[Run]
 ) -> None:
     base = tmp_path_factory.mktemp("bench-multihost")
     src = posix_site("pipeline", base / "src")
-    dsts = [posix_site(f"lustre{n}", base / f"dst{n}") for n in (1, 2, 3)]
+    dsts = [posix_site(f"lustre{i}", base / f"dst{i}") for i in range(len(ORDER))]
     assert src.root is not None
     sizes = _fill(src.root / "run")
     settings = settings_for(base / "home", pg_url, [src, *dsts], CHUNK)
@@ -158,17 +220,17 @@ def test_one_two_three_hosts(
         version = app.service.register_directory(DATASET, src.root / "run", chunk_size=CHUNK)
         print(f"\nregistered {len(sizes)} files in {time.perf_counter() - t0:.1f} s")
         want = xxh128sum_tree(src.root / "run")
-        first_wall = 0.0
         with host_network(list(HOSTS), pg_url) as nets:
-            for n, dst in zip((1, 2, 3), dsts, strict=True):
+            for i, (n, dst) in enumerate(zip(ORDER, dsts, strict=True)):
                 assert dst.root is not None
                 names = HOSTS[:n]
+                cpu0 = _children_cpu()
                 hosts = [
                     start_host(
                         name,
                         nets[name],
                         settings,
-                        base / f"run{n}",
+                        base / f"run{i}",
                         processes=PROCESSES,
                         lease_seconds=60,
                     )
@@ -181,6 +243,7 @@ def test_one_two_three_hosts(
 
                 try:
                     _wait(f"{n} host(s) up", up, 120, hosts)
+                    load = os.getloadavg()[0]
                     t0 = time.perf_counter()
                     placement = app.replication.replicate(
                         f"{DATASET}@{version.version_id}", dst.name
@@ -193,27 +256,18 @@ def test_one_two_three_hosts(
 
                     _wait("READY", ready, 1800, hosts)
                     wall = time.perf_counter() - t0
+                    loads = (load, os.getloadavg()[0])
                 finally:
                     codes = [h.stop() for h in hosts]
+                cpu = _children_cpu() - cpu0
                 assert codes == [0] * n, [h.log_tail() for h in hosts]
                 per_host, tasks, moved, window = _tasks(app, placement.id)
                 if tasks >= 8 * n * PROCESSES:  # (4 slots per process: tiny runs may not share)
                     assert set(per_host) == set(names), per_host
                 assert xxh128sum_tree(dst.root / DATASET / version.version_id) == want
-                first_wall = first_wall or wall
-                row = {
-                    "hosts": str(n),
-                    "processes": str(n * PROCESSES),
-                    "tasks": str(tasks),
-                    "per_host": ", ".join(f"{h[-1]}: {per_host.get(h, 0)}" for h in names),
-                    "wall": f"{wall:.1f}",
-                    "tasks_s": f"{tasks / wall:.1f}",
-                    "mb_s": f"{moved / wall / 1e6:.0f}",
-                    "files_s": f"{len(sizes) / wall:.0f}",
-                    "window": f"{window:.1f}",
-                    "speed": f"{first_wall / wall:.2f}x",
-                }
-                results.append(row)
-                print(row)
+                shares = ", ".join(f"{h[-1]}: {per_host.get(h, 0)}" for h in names)
+                run = Run(n, tasks, shares, wall, moved, len(sizes), window, loads, cpu)
+                results.append(run)
+                print(run)
     finally:
         app.close()
