@@ -205,6 +205,7 @@ def results() -> Iterator[list[Run]]:
     OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+@pytest.mark.timeout(3600)  # six runs of 20,000 files on a shared 2-core box
 def test_one_two_three_hosts(
     tmp_path_factory: pytest.TempPathFactory, pg_url: str, results: list[Run]
 ) -> None:
