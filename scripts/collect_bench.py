@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-ORDER = ["hashing", "scale", "cloud-download", "fsspec", "replication", "scheduler"]
+ORDER = ["hashing", "scale", "cloud-download", "fsspec", "replication", "multihost", "scheduler"]
 
 PREAMBLE = """# Benchmarks
 

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 commands = typer.Typer()
 MAX_PROCESSES_PER_CPU = 4
 REPLAN_EVERY_SECONDS = 60
+# Shorter leases than this would be renewed so often that a busy host loses them.
+MIN_LEASE_SECONDS = 3.0
 AUDIT_EVERY_HOURS = 24.0
 
 _PER_CPU = f"{MAX_PROCESSES_PER_CPU} per CPU"
@@ -258,11 +260,20 @@ def worker(
     metrics_host: Annotated[
         str, typer.Option("--metrics-host", help="Address for --metrics-port.")
     ] = "127.0.0.1",
+    lease_seconds: Annotated[
+        float,
+        typer.Option(
+            "--lease-seconds",
+            min=MIN_LEASE_SECONDS,
+            help="How long a claimed task stays leased without a heartbeat (renewed every"
+            " third of it): how soon a dead host's tasks are taken over.",
+        ),
+    ] = 60.0,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
 ) -> None:
     """Run worker processes that claim and execute transfer tasks (SIGTERM stops them)."""
-    from datasync.transfer.supervisor import run_worker
+    from datasync.transfer.supervisor import WorkerOptions, run_worker
 
     _logging(log_level, log_format)
     with handle_errors():
@@ -278,7 +289,8 @@ def worker(
             )
             log.info("metrics at http://%s:%s/metrics", metrics_host, metrics_port)
     with handle_errors():
-        run_worker(settings, processes=processes, once=once)
+        options = WorkerOptions(lease_seconds=lease_seconds)
+        run_worker(settings, processes=processes, once=once, options=options)
 
 
 @commands.command()

@@ -191,14 +191,29 @@ class StagingStates(StateBase):
             if row is None:
                 return
             priority = int(row.priority) + (AT_RISK_BOOST if at_risk else 0)
-            txn.conn.execute(  # tasks before the placement row: the writers' lock order
-                sa.update(Task)
-                .where(
-                    col(Task.placement_id) == placement_id,
-                    col(Task.state).in_((TaskState.QUEUED, TaskState.LEASED)),
+            # Tasks before the placement row, children before parents (highest id first: a
+            # parent is inserted before its children), the order ``complete`` locks them in.
+            # One UPDATE over the placement's tasks would lock them in heap order and
+            # deadlock with a concurrent ``complete`` (found by the multi-host bench).
+            ids = (
+                txn.conn.execute(
+                    sa.select(col(Task.id))
+                    .where(
+                        col(Task.placement_id) == placement_id,
+                        col(Task.state).in_((TaskState.QUEUED, TaskState.LEASED)),
+                    )
+                    .order_by(col(Task.id).desc())
+                    .with_for_update()
                 )
-                .values(latest_start=latest_start or NO_DEADLINE, priority=priority)
+                .scalars()
+                .all()
             )
+            if ids:
+                txn.conn.execute(
+                    sa.update(Task)
+                    .where(col(Task.id).in_(ids))
+                    .values(latest_start=latest_start or NO_DEADLINE, priority=priority)
+                )
             txn.conn.execute(
                 sa.update(Placement)
                 .where(col(Placement.id) == placement_id)
