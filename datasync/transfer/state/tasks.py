@@ -262,7 +262,8 @@ def insert_tasks(
 ) -> list[int]:
     """Insert ``tasks`` (and, recursively, their children) under ``parent``, whose
     ``blocked_by`` grows by one per task. ``hold`` adds extra blocks (the planning hold).
-    Returns the new ids, in order."""
+    Returns the new ids, in order. Idle workers are woken when the transaction commits
+    (``Txn.tasks_ready``)."""
     if not tasks:
         return []
     now = txn.now
@@ -317,6 +318,8 @@ def insert_tasks(
             .where(col(Task.id) == parent)
             .values(blocked_by=col(Task.blocked_by) + len(tasks))
         )
+    if hold == 0 and any(not t.children for t in tasks):
+        txn.tasks_ready()  # claimable now: wake idle workers at commit
     return ids
 
 
