@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -60,6 +61,12 @@ class Txn:
             else:
                 self._now = datetime.now(UTC)
         return self._now
+
+    @property
+    def clock(self) -> Any:
+        """``now`` as SQL: PostgreSQL's ``now()`` is the same transaction time, without
+        the round trip that reading it costs (hot paths write it, never read it)."""
+        return sa.func.now() if self.pg else self.now
 
     def tasks_ready(self) -> None:
         """Wake idle workers when this transaction commits (once per transaction)."""

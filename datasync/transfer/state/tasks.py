@@ -414,7 +414,7 @@ class TaskStates(StateBase):
                         col(Placement.id).in_(publishing),
                         col(Placement.state) == PlacementState.TRANSFERRING,
                     )
-                    .values(state=PlacementState.PUBLISHING, updated_at=txn.now)
+                    .values(state=PlacementState.PUBLISHING, updated_at=txn.clock)
                     .returning(col(Placement.id))
                 ).scalars()
                 for pid in moved:
@@ -467,7 +467,7 @@ class TaskStates(StateBase):
                 .values(
                     state=TaskState.DONE,
                     lease_expires_at=None,
-                    finished_at=txn.now,
+                    finished_at=txn.clock,
                     bytes_moved=bytes_moved,
                 )
                 .returning(
@@ -507,7 +507,7 @@ class TaskStates(StateBase):
             values: dict[str, Any] = {
                 "files_done": col(Placement.files_done) + files,
                 "bytes_done": col(Placement.bytes_done) + nbytes,
-                "updated_at": txn.now,
+                "updated_at": txn.clock,
             }
             if ready:
                 became_ready = txn.conn.execute(
@@ -518,7 +518,9 @@ class TaskStates(StateBase):
                             (PlacementState.PUBLISHING, PlacementState.TRANSFERRING)
                         ),
                     )
-                    .values(state=PlacementState.READY, error=None, last_used_at=txn.now, **values)
+                    .values(
+                        state=PlacementState.READY, error=None, last_used_at=txn.clock, **values
+                    )
                 )
                 if became_ready.rowcount:
                     txn.entered(placement_id, PlacementState.READY)
