@@ -11,7 +11,16 @@ import re
 import sys
 from pathlib import Path
 
-ORDER = ["hashing", "scale", "cloud-download", "fsspec", "replication", "scheduler"]
+ORDER = [
+    "hashing",
+    "scale",
+    "cloud-download",
+    "fsspec",
+    "replication",
+    "wakeup",
+    "queue",
+    "scheduler",
+]
 
 PREAMBLE = """# Benchmarks
 
