@@ -41,7 +41,7 @@ N_TASKS = int(os.environ.get("BENCH_QUEUE_TASKS", "20000"))
 WORKERS = int(os.environ.get("BENCH_QUEUE_WORKERS", "8"))
 BATCH = 4  # WorkerOptions.task_slots: what a worker claims at once
 TARGET = 5000.0
-ROWS: list[list[str]] = []
+ROWS: list[str] = []
 
 _BARE_CLAIM = """UPDATE bare_jobs SET state = 'leased', owner = %(owner)s
  WHERE id IN (SELECT id FROM bare_jobs WHERE state = 'queued'
