@@ -11,7 +11,18 @@ import re
 import sys
 from pathlib import Path
 
-ORDER = ["hashing", "scale", "cloud-download", "fsspec", "replication", "multihost", "scheduler"]
+ORDER = [
+    "hashing",
+    "scale",
+    "cloud-download",
+    "fsspec",
+    "replication",
+    "wakeup",
+    "queue",
+    "register",
+    "multihost",
+    "scheduler",
+]
 
 PREAMBLE = """# Benchmarks
 

@@ -8,6 +8,8 @@ nothing inherited but the settings; each builds its own engine, backends and poo
   executor fans its parts out to the bounded I/O pool, sharing one ``BufferPool``) ->
   ``complete`` with the bytes moved, or ``fail`` with the error (the queue decides between
   retry and permanent failure);
+* with nothing to claim, wait on the ``Wakeup`` (tasks queued anywhere, or one of ours
+  finished) or, at most, the fallback poll ``idle_sleep``;
 * a heartbeat thread extends the leases of running tasks every ``lease_seconds / 3``; a
   lease found lost (taken over after a stall) cancels the task, so it stops writing;
 * the process's row in ``workers`` (``datasync.observe.workers``) is written when the loop
@@ -49,6 +51,7 @@ from datasync.models import TaskState
 from datasync.observe.workers import WORKER_BEAT_SECONDS, WorkerLiveness
 from datasync.transfer.exec import Executor, ReplanNeeded
 from datasync.transfer.state import ClaimedTask, TaskStates
+from datasync.transfer.wakeup import Wakeup
 
 __all__ = [
     "REAP_EVERY_SECONDS",
@@ -79,7 +82,10 @@ class WorkerOptions:
     io_threads: int = 8  # bounded I/O pool shared by the process's tasks
     buffer_budget: int = 512 * MIB  # at least 2 chunks; raised to that when smaller
     lease_seconds: float = 60.0
-    idle_sleep: float = 0.5  # longest pause between empty claims
+    # Fallback poll: the longest pause between empty claims. New tasks wake an idle worker
+    # at once (``datasync.transfer.wakeup``); this bounds what nobody announces (expired
+    # leases, retries coming due).
+    idle_sleep: float = 0.5
     grace: float = 30.0  # seconds running tasks get to finish on SIGTERM
     queue_backoff_base: float = 2.0  # TaskQueue retry backoff (tests use 0)
     # The sites this worker can reach (None: all). It claims only tasks whose source and
@@ -248,7 +254,8 @@ class WorkerLoop:
         self.parts.liveness.register(self.owner)
         beat = threading.Thread(target=self._heartbeat, name="datasync-heartbeat", daemon=True)
         beat.start()
-        idle = 0.01
+        # Listen before the first claim, so tasks queued in between still wake us.
+        wakeup = Wakeup(self.engine).start()
         try:
             while not stop.is_set():
                 with self._lock:
@@ -260,27 +267,26 @@ class WorkerLoop:
                 except DB_UNAVAILABLE:  # database restart or network blip: try again shortly
                     log.warning("claim failed; retrying", exc_info=True)
                     claimed = []
-                    stop.wait(self.options.idle_sleep)
                 for task in claimed:
                     cancel = threading.Event()
                     fut = self.tasks.submit(self.executor.execute, task, cancel)
+                    fut.add_done_callback(lambda _f: wakeup.poke())  # a slot is free again
                     with self._lock:
                         self._running[task.id] = (fut, cancel, task)
-                with self._lock:
-                    running = len(self._running)
                 if claimed:
-                    idle = 0.01
                     self._reap(0)
                     continue
-                if running:
-                    self._reap(self.options.idle_sleep)
-                    continue
-                if once and self._idle(placements):
+                with self._lock:
+                    running = len(self._running)
+                if not running and once and self._idle(placements):
                     break
-                stop.wait(idle)
-                idle = min(self.options.idle_sleep, idle * 2)
+                # Until tasks are queued (a notification), one of ours finishes, or the
+                # fallback poll: leases expire and retries come due unannounced.
+                wakeup.wait(stop, self.options.idle_sleep)
+                self._reap(0)
             self._drain()
         finally:
+            wakeup.close()
             self._beat_stop.set()
             beat.join(5)
             self.parts.liveness.deregister(self.owner)

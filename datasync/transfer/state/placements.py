@@ -315,6 +315,7 @@ class PlacementStates(StateBase):
             )
             if moved.rowcount:
                 txn.entered(placement_id, PlacementState.TRANSFERRING)
+            txn.tasks_ready()  # the publish task may be claimable now (nothing to move)
             txn.emit(planned)
             return PlacementState.TRANSFERRING
 

@@ -262,7 +262,8 @@ def insert_tasks(
 ) -> list[int]:
     """Insert ``tasks`` (and, recursively, their children) under ``parent``, whose
     ``blocked_by`` grows by one per task. ``hold`` adds extra blocks (the planning hold).
-    Returns the new ids, in order."""
+    Returns the new ids, in order. Idle workers are woken when the transaction commits
+    (``Txn.tasks_ready``)."""
     if not tasks:
         return []
     now = txn.now
@@ -317,6 +318,8 @@ def insert_tasks(
             .where(col(Task.id) == parent)
             .values(blocked_by=col(Task.blocked_by) + len(tasks))
         )
+    if hold == 0 and any(not t.children for t in tasks):
+        txn.tasks_ready()  # claimable now: wake idle workers at commit
     return ids
 
 
@@ -411,7 +414,7 @@ class TaskStates(StateBase):
                         col(Placement.id).in_(publishing),
                         col(Placement.state) == PlacementState.TRANSFERRING,
                     )
-                    .values(state=PlacementState.PUBLISHING, updated_at=txn.now)
+                    .values(state=PlacementState.PUBLISHING, updated_at=txn.clock)
                     .returning(col(Placement.id))
                 ).scalars()
                 for pid in moved:
@@ -464,7 +467,7 @@ class TaskStates(StateBase):
                 .values(
                     state=TaskState.DONE,
                     lease_expires_at=None,
-                    finished_at=txn.now,
+                    finished_at=txn.clock,
                     bytes_moved=bytes_moved,
                 )
                 .returning(
@@ -504,7 +507,7 @@ class TaskStates(StateBase):
             values: dict[str, Any] = {
                 "files_done": col(Placement.files_done) + files,
                 "bytes_done": col(Placement.bytes_done) + nbytes,
-                "updated_at": txn.now,
+                "updated_at": txn.clock,
             }
             if ready:
                 became_ready = txn.conn.execute(
@@ -515,7 +518,9 @@ class TaskStates(StateBase):
                             (PlacementState.PUBLISHING, PlacementState.TRANSFERRING)
                         ),
                     )
-                    .values(state=PlacementState.READY, error=None, last_used_at=txn.now, **values)
+                    .values(
+                        state=PlacementState.READY, error=None, last_used_at=txn.clock, **values
+                    )
                 )
                 if became_ready.rowcount:
                     txn.entered(placement_id, PlacementState.READY)
