@@ -62,6 +62,7 @@ class SitePauses(StateBase):
             txn.conn.execute(sa.delete(SitePause).where(col(SitePause.site) == site))
             if lifted:
                 txn.emit(SiteResumed(site=site, by=by))
+                txn.tasks_ready()  # its tasks are claimable again: wake idle workers
         return bool(lifted)
 
     def active(self, now: datetime) -> dict[str, Pause]:

@@ -728,7 +728,7 @@ class TaskStates(StateBase):
         """An operator's retry: the placement's queued tasks backing off become due now
         (attempts and their error history are kept). Returns how many were due later."""
         with self._write() as txn:
-            return int(
+            due = int(
                 txn.conn.execute(
                     sa.update(Task)
                     .where(
@@ -739,3 +739,6 @@ class TaskStates(StateBase):
                     .values(not_before=txn.now)
                 ).rowcount
             )
+            if due:
+                txn.tasks_ready()
+            return due
