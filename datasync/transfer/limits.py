@@ -103,6 +103,17 @@ class _Shared:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def at_ceiling(self) -> bool:
+        """Is the usable concurrency at the configured ceiling? Read without the lock: it
+        is called after every successful backend call, and a stale answer only delays or
+        skips one additive step (the locked path decides)."""
+        with self._lock:
+            raw = os.pread(self._open(), _STATE.size, 0)
+        if len(raw) != _STATE.size:
+            return False
+        limit: float = _STATE.unpack(raw)[0]
+        return limit >= (self.spec.concurrency or 0)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -250,7 +261,7 @@ class Limits:
     def on_success(self, site: str) -> None:
         """Additive increase: one more slot after ``limit`` successes in a row."""
         sh = self._get(self._name(site), site)
-        if not sh.spec.concurrency:
+        if not sh.spec.concurrency or sh.at_ceiling():
             return
         with sh.locked() as st:
             if st.limit >= sh.spec.concurrency:

@@ -29,6 +29,7 @@ from datasync.transfer.layout import blob_key
 from datasync.transfer.limits import SlotLane
 from datasync.transfer.payloads import BlobItem, BlobsPayload
 from datasync.transfer.readback import hash_object
+from datasync.transfer.siteindex import SourceReplica
 from datasync.transfer.state import ReplicaRow
 from datasync.transfer.tracing import traced_write
 
@@ -79,8 +80,9 @@ def run_blobs(
         todo = [i for i in todo if not adopt(ctx, dst, i.digest, i.size)]
     group = group_commit_of(ctx.backends[dst]) if todo else None
     reader = VerifiedReader(ctx)
+    sources = ctx.index.sources_for_many([i.digest for i in todo], dst=dst) if todo else {}
     futures = [
-        ctx.io.submit(_copy_lane, ctx, reader, dst, items, cancel, group)
+        ctx.io.submit(_copy_lane, ctx, reader, dst, items, sources, cancel, group)
         for items in lanes(todo, ctx.lanes)
     ]
     verified: list[ReplicaRow] = []
@@ -118,6 +120,7 @@ def _copy_lane(
     reader: VerifiedReader,
     dst: str,
     items: list[BlobItem],
+    sources: dict[str, list[SourceReplica]],
     cancel: threading.Event,
     group: GroupCommit | None,
 ) -> list[ReplicaRow | BaseException]:
@@ -132,7 +135,8 @@ def _copy_lane(
     ):
         for item in items:
             try:
-                out.append(_copy_blob(ctx, reader, dst, item, cancel, group, whole, lane))
+                known = sources.get(item.digest, [])
+                out.append(_copy_blob(ctx, reader, dst, item, known, cancel, group, whole, lane))
             except BaseException as exc:
                 out.append(exc)
     return out
@@ -143,6 +147,7 @@ def _copy_blob(
     reader: VerifiedReader,
     dst: str,
     item: BlobItem,
+    sources: list[SourceReplica],
     cancel: threading.Event,
     group: GroupCommit | None,
     whole: memoryview,
@@ -173,7 +178,7 @@ def _copy_blob(
 
     mem = whole[: item.size]
     etag = reader.transfer(
-        dst, item.src, item.digest, 0, mem, whole_check(item.digest), write, lane
+        dst, item.src, item.digest, 0, mem, whole_check(item.digest), write, lane, sources
     )
     if group is not None:
         return ReplicaRow(item.digest, item.size, key, None)

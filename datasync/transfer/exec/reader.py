@@ -53,10 +53,12 @@ class VerifiedReader:
     def __init__(self, ctx: ExecContext) -> None:
         self.ctx = ctx
 
-    def _sources(self, first: SourceRef, digest: str, dst: str) -> Iterator[SourceReplica]:
+    def _sources(
+        self, first: SourceRef, digest: str, dst: str, known: list[SourceReplica] | None
+    ) -> Iterator[SourceReplica]:
         """The payload's source first, then every other usable replica (bad ones last)."""
         seen = {(first.site, first.key)}
-        others = self.ctx.index.sources_for(digest, dst=dst)
+        others = known if known is not None else self.ctx.index.sources_for(digest, dst=dst)
         head = next((r for r in others if (r.site, r.key) == (first.site, first.key)), None)
         yield head or SourceReplica(first.site, first.key, first.etag)
         for src in others:
@@ -94,12 +96,15 @@ class VerifiedReader:
         check: Check,
         write: Callable[[memoryview], T],
         lane: SlotLane | None = None,
+        sources: list[SourceReplica] | None = None,
     ) -> T:
         """Fill ``mem`` from ``offset`` of the first source whose bytes pass ``check``, then
         return ``write(bytes)``, called while the transfer slots are held (the ``lane``'s,
-        when given)."""
+        when given). ``sources``: the blob's usable replicas if the caller already looked
+        them up (a batch does, in one query); every read is checked, so a list a few
+        seconds old costs at most a wasted read."""
         problems: list[str] = []
-        for src in self._sources(first, digest, dst):
+        for src in self._sources(first, digest, dst, sources):
             with self._slots(dst, src.site, lane):
                 try:
                     got, wrong = self._read_checked(src, offset, mem, check)
