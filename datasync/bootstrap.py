@@ -22,7 +22,6 @@ from datasync.backends.base import Backend
 from datasync.backends.retrying import RetryingBackend
 from datasync.config import Settings, load_settings
 from datasync.db.engine import create_engine
-from datasync.db.migrate import upgrade_to_head
 from datasync.errors import ConfigError, TransientError
 from datasync.events import EventBus
 from datasync.integrity.audit import Auditor
@@ -155,17 +154,36 @@ class App:
         self.close()
 
 
-def bootstrap(settings: Settings | None = None) -> App:
+def _check_migrated(engine: Engine) -> None:
+    """The database answers and has a schema (``alembic_version`` has a row)."""
+    with engine.connect() as conn:
+        migrated = sa.inspect(conn).has_table("alembic_version") and (
+            conn.execute(sa.text("SELECT version_num FROM alembic_version")).first() is not None
+        )
+    if not migrated:
+        engine.dispose()
+        where = engine.url.render_as_string(hide_password=True)
+        raise ConfigError(f"database {where} has no datasync schema: migrate it first")
+
+
+def bootstrap(settings: Settings | None = None, *, migrate: bool = True) -> App:
     """Build the application from ``settings`` (default: ``load_settings()``).
 
     Creates ``settings.home`` if needed and migrates the database to the newest schema.
-    Raises ``ConfigError`` for unusable settings.
+    ``migrate=False`` (spawned worker processes, whose parent migrated before spawning
+    them) only checks that the database has a schema, without loading Alembic and its
+    migration scripts. Raises ``ConfigError`` for unusable settings.
     """
     settings = settings if settings is not None else load_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     engine = create_engine(settings.database_url)
     try:
-        upgrade_to_head(engine)
+        if migrate:
+            from datasync.db.migrate import upgrade_to_head
+
+            upgrade_to_head(engine)
+        else:
+            _check_migrated(engine)
     except sa.exc.OperationalError as exc:
         engine.dispose()
         where = engine.url.render_as_string(hide_password=True)

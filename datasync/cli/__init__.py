@@ -1,69 +1,31 @@
-"""The ``datasync`` command line: thin typer commands over the application's services.
+"""The ``datasync`` command line (``commands``: the typer app and its command areas).
 
-Every command that prints a result takes ``--json`` and then prints exactly one JSON
-document on stdout. Errors never show a traceback: ``datasync: error: <message>`` on
-stderr, exit 2 for bad input (``UserError``) or 1 for anything else (``helpers``).
-
-Commands live by area: ``manifests`` (register, datasets, versions, show, diff, label,
-export), ``replication`` (replicate, status, sites), ``placement`` (stage, release,
-explain, gc, policy), ``integrity`` (verify, audit), ``daemons`` (serve, worker, up),
-``tokens`` (``token create|list|revoke``).
-They import ``helpers``; only this module imports them.
+This package's ``__init__`` stays cheap to import: the console script imports ``main``
+from here, and every ``multiprocessing`` "spawn" child of ``datasync worker``/``up``
+re-imports the console script before it runs, so anything imported here is paid again by
+each worker process. ``app`` and ``parse_size`` are loaded on first use.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Annotated
+from typing import TYPE_CHECKING, Any
 
-import typer
-
-from datasync import __version__
-from datasync.cli import daemons, integrity, manifests, operate, placement, replication, tokens
-from datasync.cli.helpers import parse_size
+if TYPE_CHECKING:
+    from datasync.cli.commands import app, parse_size
 
 __all__ = ["app", "main", "parse_size"]
 
-app = typer.Typer(
-    name="datasync",
-    help="Verified, content-addressed dataset versions and replication.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-for _area in (manifests, replication, placement, operate, integrity, daemons):
-    app.add_typer(_area.commands)
-app.add_typer(tokens.commands, name="token")
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"datasync {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version_callback, is_eager=True, help="Print the version."
-        ),
-    ] = False,
-) -> None:
-    """Register dataset versions and inspect them. Config: $DATASYNC_HOME/datasync.toml."""
-
 
 def main() -> None:
-    """Console-script entry point: this process logs (``DATASYNC_LOG``, at WARNING by
-    default; daemons raise it to INFO) and counts its events in the host's metrics."""
-    from datasync.observe.exposition import record_host_metrics
-    from datasync.observe.logs import setup_logging
+    """Console-script entry point (``datasync.cli.commands.main``)."""
+    from datasync.cli.commands import main as run
 
-    try:
-        setup_logging(default_level=logging.WARNING)
-    except ValueError as exc:
-        typer.echo(f"datasync: error: {exc}", err=True)
-        raise SystemExit(2) from None
-    record_host_metrics()
-    app()
+    run()
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("app", "parse_size"):
+        from datasync.cli import commands
+
+        return getattr(commands, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -87,29 +87,42 @@ class SiteIndex:
     ) -> list[SourceReplica]:
         """Every replica of ``digest`` that may be read to bring it to ``dst``: ok ones,
         then bad ones whose re-check time has come; never ``dst``'s own blob store."""
+        return self.sources_for_many([digest], dst=dst, now=now).get(digest, [])
+
+    def sources_for_many(
+        self, digests: Sequence[str], *, dst: str, now: datetime | None = None
+    ) -> dict[str, list[SourceReplica]]:
+        """``sources_for`` of each of ``digests`` (one query per 500; a digest with no
+        usable replica is absent). A batch of small blobs asks once, not once per blob."""
         now = now or datetime.now(UTC)
         usable = sa.or_(
             col(Replica.state) == ReplicaState.OK,
             sa.and_(col(Replica.recheck_after).is_not(None), col(Replica.recheck_after) <= now),
         )
-        query = (
-            sa.select(
-                col(Replica.site),
-                col(Replica.key),
-                col(Replica.etag),
-                col(Replica.kind),
-                col(Replica.state),
-            )
-            .where(
-                col(Replica.digest) == digest,
-                usable,
-                sa.not_(sa.and_(col(Replica.site) == dst, col(Replica.kind) == ReplicaKind.BLOB)),
-            )
-            .order_by(col(Replica.site), col(Replica.key))
-        )
+        found: dict[str, list[SourceReplica]] = {}
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        found = [
-            SourceReplica(s, k, e, kind, state == ReplicaState.OK) for s, k, e, kind, state in rows
-        ]
-        return sorted(found, key=lambda r: not r.ok)  # bad ones last, stable by site, key
+            for i in range(0, len(digests), _IN_BATCH):
+                query = (
+                    sa.select(
+                        col(Replica.digest),
+                        col(Replica.site),
+                        col(Replica.key),
+                        col(Replica.etag),
+                        col(Replica.kind),
+                        col(Replica.state),
+                    )
+                    .where(
+                        col(Replica.digest).in_(digests[i : i + _IN_BATCH]),
+                        usable,
+                        sa.not_(
+                            sa.and_(col(Replica.site) == dst, col(Replica.kind) == ReplicaKind.BLOB)
+                        ),
+                    )
+                    .order_by(col(Replica.digest), col(Replica.site), col(Replica.key))
+                )
+                for digest, site, key, etag, kind, state in conn.execute(query):
+                    found.setdefault(digest, []).append(
+                        SourceReplica(site, key, etag, kind, state == ReplicaState.OK)
+                    )
+        # Bad ones last, stable by site, key.
+        return {d: sorted(rows, key=lambda r: not r.ok) for d, rows in found.items()}

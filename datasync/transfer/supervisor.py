@@ -145,7 +145,8 @@ def _process_main(
     observability.apply()  # logs and the metrics directory, before any metric exists
     from datasync.bootstrap import bootstrap
 
-    app = bootstrap(Settings.model_validate_json(settings_json))
+    # The parent migrated before spawning (``run_worker``, ``datasync up``): no Alembic here.
+    app = bootstrap(Settings.model_validate_json(settings_json), migrate=False)
     loop = app.worker(options)
     try:
         loop.run(stop, once=once, placements=placements)

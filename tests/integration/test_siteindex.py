@@ -50,6 +50,35 @@ def test_blob_and_source_replicas_bad_ones_and_their_recheck(engine: Engine) -> 
     assert state.replicas.restore("aws", D1, "runs/a.bin") is False  # already ok
 
 
+def test_sources_for_many_answers_each_digest_like_sources_for(engine: Engine) -> None:
+    state = make_state(engine)
+    index = SiteIndex(engine)
+    D3 = "xxh3-128:" + "3" * 32
+    state.replicas.record("aws", [ReplicaRow(D1, 1, "a/1", "e1")], kind=ReplicaKind.SOURCE)
+    state.replicas.record(
+        "gaggle", [ReplicaRow(D1, 1, "b/1", None), ReplicaRow(D2, 2, "b/2", None)]
+    )
+    state.replicas.record("lustre", [ReplicaRow(D2, 2, "c/2", None)])
+    state.replicas.mark_bad("gaggle", D1, "b/1", "wrong bytes")
+    later = datetime.now(UTC) + DEFAULT_RECHECK + timedelta(seconds=1)
+    for dst in ("lustre", "gaggle", "aws"):
+        for now in (None, later):
+            many = index.sources_for_many([D1, D2, D3], dst=dst, now=now)
+            for d in (D1, D2, D3):
+                assert many.get(d, []) == index.sources_for(d, dst=dst, now=now), (dst, now, d)
+    many = index.sources_for_many([D1, D2, D3], dst="lustre")
+    assert {d: [r.site for r in rows] for d, rows in many.items()} == {
+        D1: ["aws"],  # gaggle's copy is bad
+        D2: ["gaggle"],  # lustre's own blob store is never its source
+    }
+    # The bad gaggle copy of D1 comes back after its re-check time, last.
+    assert [(r.site, r.ok) for r in index.sources_for_many([D1], dst="lustre", now=later)[D1]] == [
+        ("aws", True),
+        ("gaggle", False),
+    ]
+    assert D3 not in index.sources_for_many([D3], dst="lustre")
+
+
 def test_upload_for_begins_once_among_racing_workers(engine: Engine) -> None:
     chunks = make_state(engine).uploads
     calls: list[int] = []

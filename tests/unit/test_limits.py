@@ -214,3 +214,75 @@ def test_links_to_unknown_sites_are_refused() -> None:
             database_url="sqlite://",
             sites={"aws": SiteConfig(url="s3://b", links={"mars": LinkConfig(concurrency=1)})},
         )
+
+
+# -- lanes: one set of slots for many small operations -------------------------------------------
+
+
+def _no_wait(t: FakeTime) -> None:
+    def refuse() -> None:
+        raise RuntimeError("would wait")
+
+    t.on_sleep.append(refuse)
+
+
+def test_a_lane_holds_one_slot_however_many_operations(tmp_path: Path) -> None:
+    t = FakeTime()
+    lim = make(tmp_path, t, s3=LimitSpec(concurrency=2))
+    other = make(tmp_path, t, s3=LimitSpec(concurrency=2))
+    _no_wait(t)
+    with lim.lane() as a, lim.lane() as b:
+        for _ in range(50):  # re-holding the same pair takes nothing more
+            a.hold("s3")
+            b.hold("s3")
+        assert a.holding == b.holding == ("s3", None)
+        # Two lanes hold both slots: a third stream (any instance) must wait.
+        with pytest.raises(RuntimeError, match="would wait"), other.slot("s3"):
+            pass
+    with other.slot("s3"), other.slot("s3"):  # both released on leaving the lanes
+        pass
+
+
+def test_a_lane_switching_pairs_releases_the_old_slots_first(tmp_path: Path) -> None:
+    t = FakeTime()
+    links = {("aws", "lustre"): LimitSpec(concurrency=1), ("gcp", "lustre"): LimitSpec(1)}
+    lim = Limits(tmp_path / "locks", {}, links, clock=t.clock, sleep=t.sleep)
+    _no_wait(t)
+    with lim.lane() as lane:
+        lane.hold("lustre", "aws")
+        with pytest.raises(RuntimeError, match="would wait"), lim.slot("lustre", src="aws"):
+            pass
+        lane.hold("lustre", "gcp")
+        with lim.slot("lustre", src="aws"):  # the aws link's slot is free again
+            pass
+        with pytest.raises(RuntimeError, match="would wait"), lim.slot("lustre", src="gcp"):
+            pass
+
+
+def test_a_lane_retakes_its_slots_after_max_hold(tmp_path: Path) -> None:
+    t = FakeTime()
+    lim = make(tmp_path, t, s3=LimitSpec(concurrency=4))
+    with lim.lane(max_hold=1.0) as lane:
+        lane.hold("s3")
+        lim.on_throttled("s3", retry_after=5.0)
+        t.now += 0.5
+        lane.hold("s3")  # within max_hold: keeps going
+        assert t.slept == []
+        t.now += 0.6
+        start = t.now
+        lane.hold("s3")  # past max_hold: takes the slot again, so the pause applies
+        assert t.now - start >= 3.9, "the throttle's retry_after reached the lane"
+
+
+def test_a_lane_charges_bandwidth_in_batches_at_the_same_rate(tmp_path: Path) -> None:
+    t = FakeTime()
+    lim = make(tmp_path, t, lustre=LimitSpec(bandwidth_mbps=8))  # 1 MB/s, 1 MB burst
+    with lim.lane(flush_bytes=1_000_000, max_hold=1e9) as lane:
+        lane.hold("lustre")
+        for _ in range(100):
+            lane.charge(100_000)  # 10 MB in small pieces
+    # 1 MB burst, then 1 MB/s: ~9 s of sleep, taken in at most 10 settlements, not 100.
+    assert 8.9 <= sum(t.slept) <= 9.1, sum(t.slept)
+    assert len(t.slept) <= 10
+    with pytest.raises(RuntimeError, match="outside hold"):
+        lim.lane().charge(1)

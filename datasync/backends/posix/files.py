@@ -93,6 +93,8 @@ class PosixFiles:
 
         The parent of each new directory is fsynced now, or added to ``defer`` (a group
         commit's set, flushed before any replica of the group is recorded)."""
+        if dirpath != self.root and os.path.isdir(dirpath):
+            return  # the common case (a blob store's fan-out dirs exist): one stat
         self.check_root()
         rel = os.path.relpath(dirpath, self.root)
         if rel == ".":

@@ -1,6 +1,8 @@
 """The ``blobs`` task: a batch of small blobs, each copied whole into the blob store.
 
-Each blob is read whole from its source, hashed and compared with the manifest digest
+The batch is dealt into a few lanes (one per I/O thread); each lane copies its blobs one
+after the other holding one set of host-wide slots and one buffer (``SlotLane``). Each
+blob is read whole from its source, hashed and compared with the manifest digest
 BEFORE anything is written (``VerifiedReader``), written as one part to
 ``.datasync/blobs/..`` (invisible until commit), then the committed object is re-read and
 re-hashed; the batch's replicas are recorded in one transaction at the end. Where the
@@ -24,12 +26,14 @@ from datasync.transfer.exec.context import ExecContext, check_cancel
 from datasync.transfer.exec.reader import VerifiedReader, whole_check
 from datasync.transfer.failpoints import failpoint
 from datasync.transfer.layout import blob_key
+from datasync.transfer.limits import SlotLane
 from datasync.transfer.payloads import BlobItem, BlobsPayload
 from datasync.transfer.readback import hash_object
+from datasync.transfer.siteindex import SourceReplica
 from datasync.transfer.state import ReplicaRow
 from datasync.transfer.tracing import traced_write
 
-__all__ = ["adopt", "group_commit_of", "run_blobs"]
+__all__ = ["adopt", "group_commit_of", "lanes", "run_blobs"]
 
 
 def retryable_mismatch(message: str, url: str) -> ChecksumMismatch:
@@ -76,14 +80,19 @@ def run_blobs(
         todo = [i for i in todo if not adopt(ctx, dst, i.digest, i.size)]
     group = group_commit_of(ctx.backends[dst]) if todo else None
     reader = VerifiedReader(ctx)
-    futures = [ctx.io.submit(_copy_blob, ctx, reader, dst, i, cancel, group) for i in todo]
+    sources = ctx.index.sources_for_many([i.digest for i in todo], dst=dst) if todo else {}
+    futures = [
+        ctx.io.submit(_copy_lane, ctx, reader, dst, items, sources, cancel, group)
+        for items in lanes(todo, ctx.lanes)
+    ]
     verified: list[ReplicaRow] = []
     error: BaseException | None = None
     for fut in futures:
-        try:
-            verified.append(fut.result())
-        except BaseException as exc:  # collect all; the first is re-raised
-            error = error or exc
+        for outcome in fut.result():
+            if isinstance(outcome, BaseException):  # collect all; the first is re-raised
+                error = error or outcome
+            else:
+                verified.append(outcome)
     if group is not None:
         try:
             verified = _commit_group(ctx, dst, group, verified)
@@ -99,13 +108,50 @@ def run_blobs(
     return sum(row.size for row in verified)
 
 
+def lanes(items: list[BlobItem], n: int) -> list[list[BlobItem]]:
+    """Deal ``items`` into at most ``n`` lanes, same-source items next to each other so a
+    lane seldom switches the slots it holds."""
+    ordered = sorted(items, key=lambda i: i.src.site)
+    return [ordered[k :: max(n, 1)] for k in range(min(n, len(ordered)))]
+
+
+def _copy_lane(
+    ctx: ExecContext,
+    reader: VerifiedReader,
+    dst: str,
+    items: list[BlobItem],
+    sources: dict[str, list[SourceReplica]],
+    cancel: threading.Event,
+    group: GroupCommit | None,
+) -> list[ReplicaRow | BaseException]:
+    """Copy ``items`` one after the other as one stream: one buffer (taken before any slot,
+    so no slot is held while waiting for memory) and one set of slots (``SlotLane``) for
+    the lane, not per blob. Returns each blob's row or error, in order."""
+    out: list[ReplicaRow | BaseException] = []
+    with (
+        ctx.buffers.lease(max(i.size for i in items)) as buf,
+        memoryview(buf) as whole,
+        ctx.limits.lane() as lane,
+    ):
+        for item in items:
+            try:
+                known = sources.get(item.digest, [])
+                out.append(_copy_blob(ctx, reader, dst, item, known, cancel, group, whole, lane))
+            except BaseException as exc:
+                out.append(exc)
+    return out
+
+
 def _copy_blob(
     ctx: ExecContext,
     reader: VerifiedReader,
     dst: str,
     item: BlobItem,
+    sources: list[SourceReplica],
     cancel: threading.Event,
     group: GroupCommit | None,
+    whole: memoryview,
+    lane: SlotLane,
 ) -> ReplicaRow:
     """Copy, verify and return the replica row of one small blob (recorded by the caller).
 
@@ -130,14 +176,15 @@ def _copy_blob(
                     writer.abort()
                 raise
 
-    with ctx.buffers.lease(item.size) as buf, memoryview(buf) as whole:
-        mem = whole[: item.size]
-        etag = reader.transfer(dst, item.src, item.digest, 0, mem, whole_check(item.digest), write)
-        if group is not None:
-            return ReplicaRow(item.digest, item.size, key, None)
-        failpoint("after_commit")
-        # Verify what the store now holds, re-using this buffer (no second budget wait).
-        stored = hash_object(backend, key, item.size, buf=whole)
+    mem = whole[: item.size]
+    etag = reader.transfer(
+        dst, item.src, item.digest, 0, mem, whole_check(item.digest), write, lane, sources
+    )
+    if group is not None:
+        return ReplicaRow(item.digest, item.size, key, None)
+    failpoint("after_commit")
+    # Verify what the store now holds, re-using the lane's buffer (no second budget wait).
+    stored = hash_object(backend, key, item.size, buf=whole)
     if stored != item.digest:
         backend.delete(key)
         raise retryable_mismatch(

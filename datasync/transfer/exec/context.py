@@ -93,3 +93,8 @@ class ExecContext:
     limits: Limits
     buffers: BufferPool
     io: cf.ThreadPoolExecutor
+
+    @property
+    def lanes(self) -> int:
+        """How many streams a batch of small blobs is split into: one per I/O thread."""
+        return self.io._max_workers
