@@ -58,6 +58,7 @@ from datasync.backends.cloudcommon import (
     single_writer,
 )
 from datasync.backends.gcs_errors import by_status, gcs_errors, translate
+from datasync.backends.httpbody import read_body_into
 from datasync.errors import ConfigError, NotFound, SourceChanged, StorageError, Throttled
 
 __all__ = ["PARTS_DIR", "GCSBackend", "gcs_errors", "translate"]
@@ -299,33 +300,49 @@ class GCSBackend:
             raise self._missing(exc, url) from exc
 
     def read_range(self, key: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
-        """One ranged GET on the JSON API's media URL, body read in one piece.
-
-        The library's download path copies the body in 8 KiB steps through a BytesIO
-        (about 80 MB/s from 8 threads here); reading the raw response at once is ~4x that.
-        """
         if offset < 0 or length < 0:
             raise ValueError(f"bad range offset={offset} length={length}")
+        buf = bytearray(length)
+        got = self.read_range_into(key, offset, buf, etag=etag)
+        return bytes(buf) if got == length else bytes(memoryview(buf)[:got])
+
+    def read_range_into(
+        self, key: str, offset: int, buf: bytearray | memoryview, *, etag: str | None = None
+    ) -> int:
+        """One ranged GET on the JSON API's media URL, its body read straight into ``buf``.
+
+        The library's download path copies the body in 8 KiB steps through a BytesIO
+        (about 80 MB/s from 8 threads here); ``httpbody`` reads it with no copy at all.
+        """
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        if offset < 0:
+            raise ValueError(f"bad range offset={offset}")
         url = self._url(key)
         name = self._name(key)
         if length == 0:
             self._check_pin(key, etag)
-            return b""
+            return 0
         query = "alt=media" + (f"&ifGenerationMatch={int(etag)}" if etag else "")
         media = (
             f"{self.client._connection.API_BASE_URL}/download/storage/v1/b/"
             f"{quote(self.bucket_name, safe='')}/o/{quote(name, safe='')}?{query}"
         )
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        got = 0
         with self._errors(url):
             response = self.client._http.get(
                 media, headers=headers, stream=True, timeout=self._sized(length)
             )
             try:
                 status = response.status_code
-                if status in (200, 206):
-                    data: bytes = response.raw.read(decode_content=False)
-                    served = response.headers.get("x-goog-generation")
+                served = response.headers.get("x-goog-generation")
+                if status == 206:
+                    got = read_body_into(response.raw, view)
+                elif status == 200:  # the whole object (a server that ignores Range)
+                    whole = response.raw.read(decode_content=False)[offset : offset + length]
+                    view[: len(whole)] = whole
+                    got = len(whole)
                 else:
                     response.content  # noqa: B018 - drain so the connection is reused
             finally:
@@ -333,7 +350,7 @@ class GCSBackend:
         if status == 416:  # offset at or past the end
             info = self._check_pin(key, etag)
             if offset >= info.size:
-                return b""
+                return 0
         if status not in (200, 206):
             error = by_status(status, url)
             if isinstance(error, Throttled):
@@ -344,8 +361,7 @@ class GCSBackend:
         # Real GCS reports the generation it served; refuse a different one.
         if etag and served is not None and served != etag:
             raise SourceChanged(f"generation {etag} was pinned, {served} was served", url=url)
-        # A 200 is the whole object (a server that ignores Range): cut the range out.
-        return data[offset : offset + length] if status == 200 else data
+        return got
 
     def _check_pin(self, key: str, etag: str | None) -> ObjectInfo:
         return check_pin(self.stat(key), etag, self._url(key), what="generation")
