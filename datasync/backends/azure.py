@@ -9,7 +9,8 @@ gives none of them follows the SDK's and the Azure CLI's environment (``credenti
 ``AZURE_STORAGE_SAS_TOKEN`` (when ``AZURE_STORAGE_ACCOUNT[_NAME]`` is unset or names the
 URL's account), then ``DefaultAzureCredential`` (``AZURE_CLIENT_ID``..., workload identity,
 managed identity, Azure CLI ...). Also ``page_size`` (list page, default 5000),
-``checksum`` (``none`` or ``md5``: Content-MD5 on every block, checked by the service),
+``checksum`` (``md5``, the default: Content-MD5 on every block and Put Blob, checked by
+the service, which lets a commit prove its content without a re-read; or ``none``),
 ``max_pool_connections``, ``connect_timeout``, ``read_timeout`` and ``min_rate_bytes``
 (``cloudcommon.Timeouts``: each call's read timeout is sized to its bytes), and
 ``copy_timeout`` (seconds).
@@ -134,10 +135,13 @@ def tombstone_id(token: str) -> str:
     return f"{token}-aborted."
 
 
-def _written(key: str, size: int, response: Mapping[str, Any]) -> ObjectInfo:
+def _written(
+    key: str, size: int, response: Mapping[str, Any], *, verified: bool = False
+) -> ObjectInfo:
     """What ``stat`` would say, from a Put Blob / Put Block List response."""
     modified = response.get("last_modified")
-    return ObjectInfo(key, size, response.get("etag"), modified.timestamp() if modified else None)
+    mtime = modified.timestamp() if modified else None
+    return ObjectInfo(key, size, response.get("etag"), mtime, verified=verified)
 
 
 class AzureBackend:
@@ -155,7 +159,7 @@ class AzureBackend:
         sas_token: str | None = None,
         anonymous: bool = False,
         page_size: int = 5000,
-        checksum: str = "none",
+        checksum: str = "md5",
         max_pool_connections: int = 64,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
@@ -206,7 +210,7 @@ class AzureBackend:
             sas_token=opt_str(options, "sas_token"),
             anonymous=opt_bool(options, "anonymous", False),
             page_size=opt_int(options, "page_size", 5000),
-            checksum=opt_str(options, "checksum") or "none",
+            checksum=opt_str(options, "checksum") or "md5",
             max_pool_connections=opt_int(options, "max_pool_connections", 64),
             connect_timeout=timeouts.connect,
             read_timeout=timeouts.read_floor,
@@ -317,6 +321,7 @@ class AzureBackend:
             min_part_size=1,
             max_part_size=4000 * MiB,
             max_parts=50_000,
+            verified_writes=self.checksum == "md5",
         )
 
     # -- reading ----------------------------------------------------------------------
@@ -453,7 +458,7 @@ class AzureBackend:
             done = self._blob(key).upload_blob(
                 data, length=len(data), **kwargs, **self._sized(len(data))
             )
-        return _written(key, len(data), done)
+        return _written(key, len(data), done, verified=self.checksum == "md5")
 
     def delete(self, key: str) -> None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -511,6 +516,9 @@ class _AzureBlockWriter:
         self._url = backend._url(key)
         self._layout = layout
         self._token = token
+        # Parts this writer staged with Content-MD5 (the service refuses a mismatch).
+        self._checked: set[int] = set()
+        self._lock = threading.Lock()
 
     @property
     def token(self) -> str:
@@ -529,6 +537,9 @@ class _AzureBlockWriter:
                 **kwargs,
                 **self._b._sized(len(data)),
             )
+        if kwargs:
+            with self._lock:
+                self._checked.add(index)
 
     def _staged(self) -> list[Any]:
         from azure.core.exceptions import ResourceNotFoundError
@@ -579,7 +590,11 @@ class _AzureBlockWriter:
                         url=self._url,
                     ) from exc
                 raise
-        return _written(self._key, self._layout.size, done)
+        # Block ids name this writer and the part index: the committed list is exactly the
+        # blocks staged here, each checked by the service, when this writer staged them all.
+        with self._lock:
+            verified = len(self._checked) == self._layout.count
+        return _written(self._key, self._layout.size, done, verified=verified)
 
     def abort(self) -> None:
         """Mark the attempt dead; its blocks stay invisible until the service reaps them."""

@@ -33,6 +33,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import Any, Self
 from urllib.parse import SplitResult, quote
 
@@ -57,6 +58,7 @@ from datasync.backends.cloudcommon import (
     root_prefix,
     single_writer,
 )
+from datasync.backends.crc32c import crc32c_b64, crc32c_concat, crc32c_of
 from datasync.backends.gcs_errors import by_status, gcs_errors, translate
 from datasync.backends.httpbody import read_body_into
 from datasync.errors import ConfigError, NotFound, SourceChanged, StorageError, Throttled
@@ -247,6 +249,7 @@ class GCSBackend:
             min_part_size=1,
             max_part_size=5 * 1024**4,
             max_parts=10_000,
+            verified_writes=True,
         )
 
     def _missing(self, exc: NotFound, url: str) -> StorageError:
@@ -397,7 +400,9 @@ class GCSBackend:
 
     def _put_small(self, key: str, data: bytes) -> ObjectInfo:
         """One-request upload of a whole object (the single-part writer's commit)."""
-        return self._info(key, self.upload(self._name(key), data, self._url(key)))
+        blob = self.upload(self._name(key), data, self._url(key))
+        info = self._info(key, blob)
+        return replace(info, verified=blob.crc32c == crc32c_b64(crc32c_of(data)))
 
     def delete(self, key: str) -> None:
         url = self._url(key)
@@ -445,6 +450,10 @@ class _GCSComposeWriter:
         self._layout = layout
         self._token = token
         self._dir = join_key(backend.prefix, f"{PARTS_DIR}/{token}/")
+        # Part index -> (CRC32C, length) of parts this writer uploaded whose server CRC32C
+        # equalled ours; commit compares the composed object's CRC32C with their combination.
+        self._crcs: dict[int, tuple[int, int]] = {}
+        self._lock = threading.Lock()
 
     @property
     def token(self) -> str:
@@ -455,7 +464,11 @@ class _GCSComposeWriter:
 
     def put_part(self, index: int, data: bytes | memoryview) -> None:
         self._layout.check(index, len(data))
-        self._b.upload(self._part_name(index), data, self._url)
+        crc = crc32c_of(data)
+        blob = self._b.upload(self._part_name(index), data, self._url)
+        if blob.crc32c == crc32c_b64(crc):
+            with self._lock:
+                self._crcs[index] = (crc, len(data))
 
     def _temporaries(self) -> list[Any]:
         with self._b._errors(self._url):
@@ -505,7 +518,17 @@ class _GCSComposeWriter:
             self._cleanup()
         except StorageError as exc:  # committed already; leftovers are hidden and reported
             _log.warning("could not delete temporary parts under %s: %s", self._dir, exc)
-        return self._b._info(self._key, final)
+        info = self._b._info(self._key, final)
+        return replace(info, verified=self._proved(final.crc32c))
+
+    def _proved(self, server_crc: str | None) -> bool:
+        """The composed object's CRC32C (computed by the server) is that of our parts, in
+        order, each of which the server also computed as ours."""
+        with self._lock:
+            parts = [self._crcs.get(i) for i in range(self._layout.count)]
+        if server_crc is None or any(p is None for p in parts):
+            return False
+        return server_crc == crc32c_b64(crc32c_concat([p for p in parts if p is not None]))
 
     def _cleanup(self) -> None:
         for blob in self._temporaries():

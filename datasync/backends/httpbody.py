@@ -7,12 +7,16 @@ GIL, which capped our ranged downloads at a third of rclone's. ``http.client``'s
 its pooled buffer with no copy at all.
 
 The connection goes back to the pool only after the body was read to its end; a short or
-failed read closes it (a half-read connection must never carry the next request).
+failed read closes it (a half-read connection must never carry the next request). A body
+shorter than its Content-Length raises urllib3's ``ProtocolError``, as urllib3 itself
+would: the backends' translators make it a retryable network error.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from urllib3.exceptions import ProtocolError
 
 __all__ = ["read_body_into"]
 
@@ -37,6 +41,8 @@ def read_body_into(raw: Any, view: memoryview) -> int:
                 if not n:
                     break
                 got += n
+            if fp.length:  # http.client returns 0, not an error, when the peer hangs up
+                raise ProtocolError(f"body cut short: {fp.length} of its bytes never came")
         done = fp is None or fp.fp is None or fp.isclosed()
     except BaseException:
         raw.close()
