@@ -171,14 +171,8 @@ def test_cloud_to_posix(
         argv = [rclone, "copy", root, str(out), "--files-from", str(listing), "--no-traverse"]
         peer = f"rclone copy emu: DST --files-from LIST --no-traverse (http backend, {root})"
     else:
-        argv = [
-            rclone,
-            "copy",
-            "--checksum",
-            f"{root}/run" if kind == "s3" else "emu:run",
-            str(out),
-        ]
-        peer = f"rclone copy --checksum {'emu:BUCKET/run' if kind == 's3' else 'emu:run'} DST"
+        argv = [rclone, "copy", "--checksum", f"{root}/run", str(out)]
+        peer = "rclone copy --checksum emu:BUCKET/run DST"
     rc = _rclone_copy(argv, env)
     assert _tree(out if kind != "gcs" else out / "run") == (len(_files()), TOTAL)
     _record(f"{kind} emulator -> posix", ds, rc, peer)
