@@ -30,6 +30,10 @@ Invariants:
   a week, or at the next commit of the blob. (Deleting a never-committed blob would race a
   concurrent commit, and re-committing the old list would change a live blob's ETag.)
 * Objects that fit in one part are buffered and uploaded with one Put Blob at commit.
+* With ``checksum="md5"`` a commit is ``verified`` (``base.py``, "Verified writes") when
+  this writer staged every block itself, each with a Content-MD5 the service checked.
+* Ranged reads use the SDK's generated Get Blob (same pipeline and signing) but read the
+  body into the caller's buffer (``httpbody.py``) instead of joining 1 MiB blocks.
 * Listing: Azurite orders names by UTF-16 code units; ``codepoint_order`` restores the
   protocol's code-point order.
 * Errors go through ``azure_errors`` (one place, in ``azure_errors.py``); messages never

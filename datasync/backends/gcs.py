@@ -20,6 +20,10 @@ Invariants:
   temporaries, ``abort`` deletes them. ``.datasync-parts/`` is reserved and never listed.
   The final object has a CRC32C but no MD5 (GCS never gives composites an MD5).
 * Objects that fit in one part are buffered and uploaded with one request at commit.
+* A commit is ``verified`` (``base.py``, "Verified writes") when the server's CRC32C of
+  each part this writer sent, and of the composed object, equals ours (``crc32c.py``).
+* Ranged reads are one GET on the media URL whose body lands in the caller's buffer
+  (``httpbody.py``).
 * Reads are pinned with ``if_generation_match``; ``ObjectInfo.etag`` is the generation.
   ``gcp-storage-emulator`` ignores that precondition, so ``capabilities.conditional_read``
   is False for emulator endpoints (set the option to force either way).

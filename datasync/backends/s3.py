@@ -25,6 +25,9 @@ Invariants:
   commit (one request; nothing durable before). Larger ones are a multipart upload whose
   upload id is the resume token; part ``i`` is ``PartNumber i+1``; ``ListParts`` answers
   ``durable_parts`` and supplies the ETags for ``CompleteMultipartUpload``.
+* Every part and single PutObject carries Content-MD5 (S3 refuses a mismatch with
+  ``BadDigest``); a commit is ``verified`` (``base.py``, "Verified writes") when the store's
+  ETags are the MD5s we computed, or it echoed our CRC32Cs, for every part and the object.
 * Per-part CRC32C (``x-amz-checksum-crc32c``) is sent and verified by the server. With
   ``checksum="auto"`` an endpoint that rejects checksum headers (older S3-compatible
   stores) is remembered for the process and served without them; ``"crc32c"`` makes that
