@@ -11,7 +11,15 @@ import re
 import sys
 from pathlib import Path
 
-ORDER = ["hashing", "scale", "cloud-download", "fsspec", "replication", "scheduler"]
+ORDER = [
+    "hashing",
+    "scale",
+    "cloud-download",
+    "cloud-replication",
+    "fsspec",
+    "replication",
+    "scheduler",
+]
 
 PREAMBLE = """# Benchmarks
 
