@@ -25,5 +25,5 @@ def test_order_matters_and_the_wire_form_is_gcs_base64() -> None:
     ab = crc32c_concat([(crc32c_of(a), len(a)), (crc32c_of(b), len(b))])
     ba = crc32c_concat([(crc32c_of(b), len(b)), (crc32c_of(a), len(a))])
     assert ab != ba
-    wire = base64.b64encode(google_crc32c.Checksum(b"hello").digest()).decode()
+    wire = base64.b64encode(google_crc32c.value(b"hello").to_bytes(4, "big")).decode()
     assert crc32c_b64(crc32c_of(b"hello")) == wire  # the object resource's "crc32c" field
