@@ -15,6 +15,7 @@ ORDER = [
     "hashing",
     "scale",
     "cloud-download",
+    "cloud-replication",
     "fsspec",
     "replication",
     "wakeup",

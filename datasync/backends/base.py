@@ -43,6 +43,18 @@ Contract (pinned by ``tests/conformance``):
   (``backend.capabilities.local_tree``); ``isinstance`` against the protocol agrees with it
   on every backend and on ``RetryingBackend``.
 
+Verified writes (``capabilities.verified_writes``): ``commit()`` returns
+``ObjectInfo(verified=True)`` only when the store itself, from checksums it computed over
+the bytes it received, showed that the committed object is exactly the bytes this writer
+object was given by ``put_part`` (every part, in order): S3 a part ETag equal to the part's
+MD5 or its CRC32C echoed (and the object's ETag or composite CRC32C over those parts);
+Azure every block and Put Blob sent with Content-MD5, which the service checks; GCS the
+server's CRC32C of each part and of the composed object equal to ours. Anything less
+(a resumed upload whose earlier parts another writer sent, an ETag that is not an MD5,
+an endpoint that echoes nothing) is ``verified=False`` and never an error, so the caller
+re-reads the object. ``docs/design.md`` (invariant 2) says why this proves what a re-read
+proves.
+
 Every method raises only ``datasync.errors.StorageError`` subclasses, plus ``InvalidPath``
 for bad keys and ``ValueError`` for caller bugs (bad part index or length). Error messages
 carry the object's URL, never credentials.
@@ -52,7 +64,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from datasync.errors import InvalidPath
@@ -91,17 +103,23 @@ class Capabilities:
     lustre_striping: bool = False
     group_commit: bool = False  # has group_commit() (SupportsGroupCommit)
     local_tree: bool = False  # keys are files under a local directory (SupportsLocalTree)
+    # Writes carry checksums the store checks (S3 Content-MD5/CRC32C, Azure Content-MD5,
+    # GCS CRC32C), so a commit can return ObjectInfo.verified (see "Verified writes").
+    verified_writes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     """One stored object. ``etag`` is the version token used to pin reads (ETag,
-    generation, or ``mtime_ns-ino-size`` on POSIX)."""
+    generation, or ``mtime_ns-ino-size`` on POSIX). ``verified`` is set only by
+    ``Writer.commit()``: see "Verified writes" in the module docstring; it takes no part
+    in equality (a committed object equals what ``stat`` says)."""
 
     key: str
     size: int
     etag: str | None = None
     mtime: float | None = None
+    verified: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

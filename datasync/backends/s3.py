@@ -25,6 +25,9 @@ Invariants:
   commit (one request; nothing durable before). Larger ones are a multipart upload whose
   upload id is the resume token; part ``i`` is ``PartNumber i+1``; ``ListParts`` answers
   ``durable_parts`` and supplies the ETags for ``CompleteMultipartUpload``.
+* Every part and single PutObject carries Content-MD5 (S3 refuses a mismatch with
+  ``BadDigest``); a commit is ``verified`` (``base.py``, "Verified writes") when the store's
+  ETags are the MD5s we computed, or it echoed our CRC32Cs, for every part and the object.
 * Per-part CRC32C (``x-amz-checksum-crc32c``) is sent and verified by the server. With
   ``checksum="auto"`` an endpoint that rejects checksum headers (older S3-compatible
   stores) is remembered for the process and served without them; ``"crc32c"`` makes that
@@ -98,6 +101,19 @@ def _crc32c_b64(data: bytes | memoryview) -> str:
     from awscrt import checksums  # type: ignore[import-untyped]  # releases the GIL, takes views
 
     return base64.b64encode(checksums.crc32c(data).to_bytes(4, "big")).decode("ascii")
+
+
+def _md5(data: bytes | memoryview) -> bytes:
+    return hashlib.md5(data, usedforsecurity=False).digest()  # releases the GIL on big data
+
+
+def _echoed(response: Mapping[str, Any], md5: bytes, crc: str | None) -> bool:
+    """Did the store show it received exactly our bytes? Its ETag is the MD5 it computed
+    (plain objects), or it echoed the CRC32C it checked (AWS); an ETag that is no MD5
+    (SSE-KMS) with no echo proves nothing, which is not an error."""
+    if crc is not None and response.get("ChecksumCRC32C") == crc:
+        return True
+    return _strip_etag(response.get("ETag")) == md5.hex()
 
 
 def _sized_read_timeout(context: dict[str, Any], **_: Any) -> None:
@@ -273,6 +289,7 @@ class S3Backend:
             min_part_size=5 * MiB,
             max_part_size=5 * GiB,
             max_parts=10_000,
+            verified_writes=True,
         )
 
     def _missing(self, exc: NotFound, url: str) -> StorageError:
@@ -393,20 +410,34 @@ class S3Backend:
     def put_object(self, key: str, data: bytes) -> ObjectInfo:
         """One-request upload (used by small writers), with CRC32C where accepted."""
         url = self._url(key)
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._name(key), "Body": data}
+        md5 = _md5(data)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._name(key),
+            "Body": data,
+            "ContentMD5": base64.b64encode(md5).decode("ascii"),  # S3 checks it: BadDigest
+        }
+        crc: str | None = None
         with self._errors(url), self._sized(len(data)):
             response = None
             if self.use_checksums():
                 try:
-                    response = self.client.put_object(**args, ChecksumCRC32C=_crc32c_b64(data))
+                    crc = _crc32c_b64(data)
+                    response = self.client.put_object(**args, ChecksumCRC32C=crc)
                 except Exception as exc:
                     if not rejects_checksum(exc):
                         raise
                     self._checksum_rejected(exc, url)
             if response is None:
+                crc = None
                 response = self.client.put_object(**args)
         # PutObject answers no Last-Modified; a HEAD per small object would double requests.
-        return ObjectInfo(key=key, size=len(data), etag=_strip_etag(response.get("ETag")))
+        return ObjectInfo(
+            key=key,
+            size=len(data),
+            etag=_strip_etag(response.get("ETag")),
+            verified=_echoed(response, md5, crc),
+        )
 
     def delete(self, key: str) -> None:
         with self._errors(self._url(key)):
@@ -498,6 +529,8 @@ class _S3MultipartWriter:
         self._checksum = checksum
         self._lock = threading.Lock()
         self._sent: list[dict[str, Any]] | None = None  # parts of the last Complete request
+        # Part index -> (MD5, CRC32C sent or None, the store showed it got those bytes).
+        self._proof: dict[int, tuple[bytes, str | None, bool]] = {}
 
     @property
     def token(self) -> str:
@@ -521,6 +554,7 @@ class _S3MultipartWriter:
     def put_part(self, index: int, data: bytes | memoryview) -> None:
         self._layout.check(index, len(data))
         body = bytes(data) if isinstance(data, memoryview) else data  # botocore wants bytes
+        md5 = _md5(body)
         args: dict[str, Any] = {
             "Bucket": self._b.bucket,
             "Key": self._name,
@@ -528,19 +562,26 @@ class _S3MultipartWriter:
             "PartNumber": index + 1,
             "Body": body,
             "ContentLength": len(body),
+            "ContentMD5": base64.b64encode(md5).decode("ascii"),
         }
         with self._b._errors(self._url), self._b._sized(len(body)):
+            response = None
+            crc: str | None = None
             if self.uses_checksum():
                 try:
-                    self._b.client.upload_part(**args, ChecksumCRC32C=_crc32c_b64(body))
-                    return
+                    crc = _crc32c_b64(body)
+                    response = self._b.client.upload_part(**args, ChecksumCRC32C=crc)
                 except Exception as exc:
                     if not rejects_checksum(exc):
                         raise
                     self._b._checksum_rejected(exc, self._url)
                     with self._lock:
                         self._checksum = False
-            self._b.client.upload_part(**args)
+            if response is None:
+                crc = None
+                response = self._b.client.upload_part(**args)
+        with self._lock:
+            self._proof[index] = (md5, crc, _echoed(response, md5, crc))
 
     def _parts(self) -> dict[int, dict[str, Any]]:
         """Parts the store holds with the expected length, by 0-based index."""
@@ -592,7 +633,31 @@ class _S3MultipartWriter:
                 UploadId=self._upload_id,
                 MultipartUpload={"Parts": listed},
             )
-        return ObjectInfo(key=self._key, size=self._layout.size, etag=_strip_etag(done.get("ETag")))
+        return ObjectInfo(
+            key=self._key,
+            size=self._layout.size,
+            etag=_strip_etag(done.get("ETag")),
+            verified=self._proved(done),
+        )
+
+    def _proved(self, done: Mapping[str, Any]) -> bool:
+        """Every part was sent by this writer and the store showed it got those bytes, and
+        the completed object is made of exactly them: its ETag is the MD5 of our part MD5s
+        (``-N``), or its composite CRC32C is the CRC32C of our part CRC32Cs."""
+        n = self._layout.count
+        with self._lock:
+            proof = [self._proof.get(i) for i in range(n)]
+        if any(p is None or not p[2] for p in proof):
+            return False
+        parts = [p for p in proof if p is not None]
+        md5s = b"".join(p[0] for p in parts)
+        if _strip_etag(done.get("ETag")) == f"{_md5(md5s).hex()}-{n}":
+            return True
+        crcs = [p[1] for p in parts]
+        if all(crcs):
+            joined = b"".join(base64.b64decode(str(c)) for c in crcs)
+            return done.get("ChecksumCRC32C") == f"{_crc32c_b64(joined)}-{n}"
+        return False
 
     def _already_committed(self) -> ObjectInfo | None:
         """The object this writer completed earlier (its answer lost), or None."""

@@ -255,6 +255,41 @@ def test_resume_with_token(backend: Backend) -> None:
     assert read_all(backend, "resumed.bin") == data
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+def test_a_commit_is_verified_only_when_this_writer_sent_every_part(
+    backend: Backend, parts: int
+) -> None:
+    """Invariant 2 ("Verified writes" in ``base.py``): ``commit()`` says ``verified`` where
+    the backend declares ``verified_writes`` and this writer sent every part, never after
+    a resume whose earlier parts another writer sent (the executor then re-reads)."""
+    ps = part_size_for(backend, 64 * KiB)
+    size = parts * ps - 7 if parts > 1 else 1000
+    layout = PartLayout(size, ps)
+    data = payload(31 + parts, size)
+
+    def chunk(i: int) -> bytes:
+        return data[layout.offset(i) : layout.offset(i) + layout.length(i)]
+
+    writer = backend.begin("verified.bin", size, ps)
+    for i in reversed(range(layout.count)):
+        writer.put_part(i, chunk(i))
+    info = writer.commit()
+    assert info.verified == backend.capabilities.verified_writes
+    stat = backend.stat("verified.bin")
+    assert (info.key, info.size, info.etag) == (stat.key, stat.size, stat.etag)
+    assert not stat.verified  # only a commit can say it
+    assert read_all(backend, "verified.bin") == data
+    if parts == 1:
+        return
+    first = backend.begin("resumed-unverified.bin", size, ps)
+    first.put_part(0, chunk(0))
+    second = backend.begin("resumed-unverified.bin", size, ps, token=first.token)
+    for i in range(1, layout.count):
+        second.put_part(i, chunk(i))
+    assert second.commit().verified is False
+    assert read_all(backend, "resumed-unverified.bin") == data
+
+
 def test_part_length_is_checked(backend: Backend) -> None:
     ps = part_size_for(backend, 1024)
     writer = backend.begin("strict", 2 * ps + 1, ps)

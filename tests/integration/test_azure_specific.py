@@ -145,3 +145,16 @@ def test_bad_key_never_appears_in_errors(request: pytest.FixtureRequest) -> None
     with pytest.raises(PermissionDenied) as caught:
         backend.stat("k")
     assert "d3Jvbmd3" not in str(caught.value) and AZURITE_KEY not in str(caught.value)
+
+
+def test_body_cut_short_is_transient(error_server: ErrorServer) -> None:
+    """Invariant 7: a ranged read whose body stops before its Content-Length is a
+    retryable ``TransientError``, not a short read (bodies are read by ``httpbody``)."""
+    error_server.status = 206
+    error_server.headers = {"Content-Range": "bytes 0-99/100", "ETag": '"0x1"'}
+    error_server.body = b"x" * 10
+    error_server.short_by = 90
+    backend = AzureBackend("devstoreaccount1", "cut", account_url=error_server.url, anonymous=True)
+    with pytest.raises(TransientError):
+        backend.read_range("k", 0, 100)
+    backend.close()

@@ -5,10 +5,12 @@ after the other holding one set of host-wide slots and one buffer (``SlotLane``)
 blob is read whole from its source, hashed and compared with the manifest digest
 BEFORE anything is written (``VerifiedReader``), written as one part to
 ``.datasync/blobs/..`` (invisible until commit), then the committed object is re-read and
-re-hashed; the batch's replicas are recorded in one transaction at the end. Where the
-destination has a group commit (POSIX), the batch's objects are staged (bytes durable),
-renamed into place together, the names made durable with a few flushes for the whole
-batch, then every object is re-read and re-hashed, and only then recorded.
+re-hashed (unless the store proved it holds exactly those bytes: ``ObjectInfo.verified``,
+"Verified writes" in ``backends/base.py``); the batch's replicas are recorded in one
+transaction at the end. Where the destination has a group commit (POSIX), the batch's
+objects are staged (bytes durable), renamed into place together, the names made durable
+with a few flushes for the whole batch, then every object is re-read and re-hashed, and
+only then recorded.
 
 Idempotent (invariant 5): blobs already in the site's blob store are skipped, and on a
 retry an object found committed but unrecorded (a worker killed between commit and
@@ -20,7 +22,13 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from datasync.backends.base import Backend, GroupCommit, SupportsGroupCommit, SupportsLocalTree
+from datasync.backends.base import (
+    Backend,
+    GroupCommit,
+    ObjectInfo,
+    SupportsGroupCommit,
+    SupportsLocalTree,
+)
 from datasync.errors import ChecksumMismatch, NotFound, StorageError
 from datasync.transfer.exec.context import ExecContext, check_cancel
 from datasync.transfer.exec.reader import VerifiedReader, whole_check
@@ -161,6 +169,8 @@ def _copy_blob(
     backend = ctx.backends[dst]
     key = blob_key(item.digest)
 
+    committed: list[ObjectInfo] = []
+
     def write(data: memoryview) -> str | None:
         with traced_write(f"{dst}:{key}", "blob"):
             writer = (group or backend).begin(key, item.size, max(item.size, 1))
@@ -170,7 +180,8 @@ def _copy_blob(
                 if group is not None:
                     group.stage(writer)
                     return None
-                return writer.commit().etag
+                committed.append(writer.commit())
+                return committed[-1].etag
             except BaseException:
                 with contextlib.suppress(StorageError):
                     writer.abort()
@@ -183,8 +194,10 @@ def _copy_blob(
     if group is not None:
         return ReplicaRow(item.digest, item.size, key, None)
     failpoint("after_commit")
-    # Verify what the store now holds, re-using the lane's buffer (no second budget wait).
-    stored = hash_object(backend, key, item.size, buf=whole)
+    # Verify what the store now holds, re-using the lane's buffer (no second budget wait),
+    # unless the store proved it holds the bytes just verified (ObjectInfo.verified).
+    proved = bool(committed) and committed[-1].verified
+    stored = item.digest if proved else hash_object(backend, key, item.size, buf=whole)
     if stored != item.digest:
         backend.delete(key)
         raise retryable_mismatch(

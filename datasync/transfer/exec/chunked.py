@@ -8,7 +8,8 @@
   parts), reads each part pinned by ETag, verifies every chunk digest inside it,
   ``put_part``, then records the part.
 * ``finalize``: sends any part still missing (self-healing after an upload reset),
-  commits, re-reads the whole object and checks the whole-file digest, records the replica
+  commits, re-reads the whole object and checks the whole-file digest (unless the commit
+  is ``ObjectInfo.verified``: this writer sent every part, one-part blobs), records the replica
   and forgets the upload. On mismatch it deletes the object, forgets the upload and
   raises a retryable ``ChecksumMismatch``; on the last attempt the source is marked bad.
 """
@@ -212,7 +213,8 @@ def run_finalize(
     finally:
         writer.close()  # after commit a no-op; otherwise the retry resumes it
     failpoint("after_commit")
-    stored = hash_object(backend, key, size, buffers=ctx.buffers)
+    # A store that proved it holds exactly the verified parts needs no re-read.
+    stored = digest if info.verified else hash_object(backend, key, size, buffers=ctx.buffers)
     if stored != digest:
         backend.delete(key)
         ctx.state.uploads.forget(dst, digest)
