@@ -34,6 +34,7 @@ import pytest
 
 from datasync.bootstrap import bootstrap
 from datasync.errors import TransientError
+from tests.bench.targets import Target, record
 from tests.bench.test_bench_replication import OPTIONS, PROCESSES, _ds_replicate, _fill, _workers
 from tests.fixtures import emulators as em
 from tests.fixtures.replication import (
@@ -243,6 +244,21 @@ def _upload(site: Site, tree: Path) -> None:
 
 def _record(name: str, ds: float, peer: float | None, command: str) -> None:
     ROWS[name] = (ds, peer, command, datetime.now(UTC).strftime("%Y-%m-%d %H:%M"))
+    data = f"{N_SHARDS} x {SHARD // MIB} MiB + {N_SMALL:,} x {SMALL // 1024} KiB"
+    record(
+        "cloud-replication",
+        [
+            Target(
+                f"{name} ({data})",
+                f"{ds:.1f} s",
+                f"rclone: {peer:.1f} s" if peer else "no rclone peer (see the section)",
+                f"{peer / ds:.2f}x throughput" if peer else "-",
+                ">= 1.0x rclone throughput",
+                peer is not None and peer >= ds,
+            )
+        ],
+        ".venv/bin/pytest -q -s -p no:cacheprovider tests/bench/test_bench_cloud_replication.py",
+    )
     ratio = f" ({peer / ds:.2f}x rclone's throughput)" if peer else ""
     print(f"\n{name}: datasync {ds:.1f}s, rclone {peer}{ratio}")
 

@@ -33,6 +33,7 @@ from datasync.transfer.payloads import BlobsPayload
 from datasync.transfer.state import NewTask
 from datasync.transfer.state._core import Txn
 from datasync.transfer.state.tasks import insert_tasks
+from tests.bench.targets import Target, record
 from tests.fixtures.transfer import add_placement, fake_entry, make_state, register
 
 REPO = Path(__file__).resolve().parents[2]
@@ -227,3 +228,19 @@ def test_claim_and_complete_throughput(pg_url: str) -> None:
             f"| {rate / peer_rate:.2f}x |"
         )
         print(f"\nqueue: {name}: {rate:,.0f} tasks/s")
+    rate = N_TASKS / ds[0]
+    record(
+        "queue",
+        [
+            Target(
+                f"Queue: claim + complete, {WORKERS} workers on PostgreSQL, empty payloads",
+                f"{rate:,.0f} tasks/s, {ds[2]} double claims",
+                f"bare psycopg SKIP LOCKED: {peer_rate:,.0f} tasks/s",
+                f"{rate / peer_rate:.2f}x the peer's tasks/s",
+                f">= {TARGET:,.0f} tasks/s, 0 double claims",
+                rate >= TARGET and ds[2] == 0,
+            )
+        ],
+        f"BENCH_QUEUE_TASKS={N_TASKS} .venv/bin/pytest -q -s -p no:cacheprovider"
+        " tests/bench/test_bench_queue.py",
+    )

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.targets import Target, record
+
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "docs" / "bench-results" / "register.md"
 N_FILES = int(os.environ.get("BENCH_REGISTER_FILES", "20000"))
@@ -79,5 +81,19 @@ def test_register_unchanged_tree_vs_rclone_lsf(tmp_path: Path) -> None:
         )
         + "\n",
         encoding="utf-8",
+    )
+    record(
+        "register",
+        [
+            Target(
+                f"Registration of an unchanged {N_FILES:,}-file tree (stat cache)",
+                f"{ds:.2f} s",
+                f"rclone lsf -R: {peer:.2f} s",
+                f"{ds / peer:.2f}x time",
+                f"<= {TARGET:.1f}x rclone lsf -R time",
+                ds <= TARGET * peer,
+            )
+        ],
+        ".venv/bin/pytest -q -s -p no:cacheprovider tests/bench/test_bench_register.py",
     )
     print(f"\nregister unchanged {ds:.2f}s vs rclone lsf -R {peer:.2f}s ({ds / peer:.2f}x)")

@@ -34,6 +34,7 @@ import pytest
 from datasync.bootstrap import App, bootstrap
 from datasync.config import Settings
 from datasync.transfer.supervisor import WorkerOptions, run_worker
+from tests.bench.targets import Target, record
 from tests.fixtures.replication import (
     MIB,
     Site,
@@ -47,6 +48,7 @@ from tests.fixtures.transfer import version_pk
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "docs" / "bench-results" / "replication.md"
+COMMAND = ".venv/bin/pytest -q -s -p no:cacheprovider tests/bench/test_bench_replication.py"
 GIB = 1024 * MIB
 SHARD = 256 * MIB
 N_SHARDS = int(os.environ.get("BENCH_SHARDS", "8"))  # 8 x 256 MiB = 2 GiB
@@ -213,6 +215,17 @@ def test_a_large_shards_posix(tmp_path_factory: pytest.TempPathFactory) -> None:
         f"{size}; registration (hashing) {register:.1f} s separate",
     )
     _row("(a) large shards posix->posix", "cp -r SRC DST", ds, cp, "cp -r", "cp verifies nothing")
+    work = f"Large shards posix->posix ({size}), every byte verified"
+    record(
+        "replication",
+        [
+            Target(f"{work}, vs rclone", f"{ds:.1f} s", f"rclone copy --checksum: {rc:.1f} s",
+                   f"{ds / rc:.2f}x time", "<= 0.9x rclone time", ds <= 0.9 * rc),
+            Target(f"{work}, vs cp", f"{ds:.1f} s", f"cp -r: {cp:.1f} s",
+                   f"{ds / cp:.2f}x time", "<= 1.2x cp -r time", ds <= 1.2 * cp),
+        ],
+        COMMAND,
+    )  # fmt: skip
 
 
 # -- (b) + (c) small files and an incremental version --------------------------------------------
@@ -287,6 +300,26 @@ def test_b_c_small_files_and_incremental(tmp_path_factory: pytest.TempPathFactor
         "rclone sync --checksum",
         "",
     )
+    files_s, peer_s = N_SMALL / ds, N_SMALL / rc
+    inc = f"Incremental: 1% of {N_SMALL:,} files changed"
+    record(
+        "replication",
+        [
+            Target(f"{N_SMALL:,} x {SMALL // 1024} KiB posix->posix", f"{files_s:,.0f} files/s",
+                   f"rclone --transfers={transfers} (best of 4/8/16/32): {peer_s:,.0f} files/s",
+                   f"{files_s / peer_s:.2f}x files/s", ">= 1.5x rclone files/s",
+                   files_s >= 1.5 * peer_s),
+            Target(f"{inc}, bytes moved", f"{moved:,} B", f"changed: {changed_bytes:,} B",
+                   f"{moved / changed_bytes:.3f}x bytes", "<= 1.02x the changed bytes",
+                   moved <= 1.02 * changed_bytes),
+            Target(f"{inc}, vs rclone sync", f"{ds2:.1f} s", f"rclone sync: {sync:.1f} s",
+                   f"{ds2 / sync:.2f}x time", "<= 0.5x rclone sync time", ds2 <= 0.5 * sync),
+            Target(f"{inc}, vs rclone sync --checksum", f"{ds2:.1f} s",
+                   f"rclone sync --checksum: {sync_ck:.1f} s", f"{ds2 / sync_ck:.2f}x time",
+                   "<= 0.1x rclone sync --checksum time", ds2 <= 0.1 * sync_ck),
+        ],
+        COMMAND,
+    )  # fmt: skip
     assert moved <= 1.02 * changed_bytes
 
 
