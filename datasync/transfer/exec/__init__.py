@@ -66,5 +66,5 @@ class Executor:
                 run_publish(self.ctx, p, task)
                 return 0
             case LabelsPayload():
-                run_labels(self.ctx, p)
+                run_labels(self.ctx, p, task)
                 return 0

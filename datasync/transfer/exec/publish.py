@@ -25,7 +25,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from datasync.errors import Conflict, DatasyncError, NotFound
+import sqlalchemy as sa
+from sqlmodel import col
+
+from datasync.db.transfer_tables import Placement
+from datasync.errors import Conflict, DatasyncError, NotFound, TransientError
+from datasync.models import PlacementState
 from datasync.transfer.exec.context import ExecContext, ReplanNeeded
 from datasync.transfer.failpoints import failpoint
 from datasync.transfer.labels import labels_at_site
@@ -47,8 +52,21 @@ __all__ = ["run_labels", "run_publish"]
 _BATCH = 500
 
 
-def run_labels(ctx: ExecContext, payload: LabelsPayload) -> None:
-    """Make the dataset's labels at the site agree with the database."""
+def run_labels(ctx: ExecContext, payload: LabelsPayload, task: ClaimedTask) -> None:
+    """Make the dataset's labels at the site agree with the database.
+
+    A publish files this task when a label met something a user made; workers are woken at
+    once, so it can be claimed before that publish's completion commits. Run then, the new
+    version would not count as published and its labels would be removed again: it waits
+    (retryable) until its placement is no longer PUBLISHING."""
+    with ctx.state.engine.connect() as conn:
+        state = conn.execute(
+            sa.select(col(Placement.state)).where(col(Placement.id) == task.placement_id)
+        ).scalar_one_or_none()
+    if state == PlacementState.PUBLISHING:
+        raise TransientError(
+            f"placement #{task.placement_id} is still publishing: its labels wait for it"
+        )
     labels = labels_at_site(ctx.state.engine, payload.dataset, payload.dst_site)
     sync_labels(ctx.backends[payload.dst_site], payload.dataset, labels)
 
