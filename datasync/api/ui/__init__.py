@@ -106,7 +106,9 @@ def dashboard_data(
         done.append(hit[1])
     for pid in set(finished) - {pid for pid, _ in recent}:
         del finished[pid]
-    placements = [*active, *done]
+    # A placement that finished between the two reads is in both: keep its final row.
+    finished_ids = {p.id for p in done}
+    placements = [*(p for p in active if p.id not in finished_ids), *done]
     return {
         "now": now.isoformat(),
         "placements": [p.model_dump(mode="json") for p in placements],
