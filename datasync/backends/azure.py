@@ -72,7 +72,7 @@ from datasync.backends.cloudcommon import (
     root_prefix,
     single_writer,
 )
-from datasync.backends.httpbody import read_body_into
+from datasync.backends.httpbody import read_body_into, read_range_by_into
 from datasync.errors import ConfigError, NotFound, StorageError, TransientError
 
 __all__ = ["AzureBackend", "azure_errors", "credential_source", "translate"]
@@ -358,11 +358,7 @@ class AzureBackend:
         return codepoint_order(listing(), key=lambda info: info.key)
 
     def read_range(self, key: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"bad range offset={offset} length={length}")
-        buf = bytearray(length)
-        got = self.read_range_into(key, offset, buf, etag=etag)
-        return bytes(buf) if got == length else bytes(memoryview(buf)[:got])
+        return read_range_by_into(self, key, offset, length, etag)
 
     def read_range_into(
         self, key: str, offset: int, buf: bytearray | memoryview, *, etag: str | None = None

@@ -64,7 +64,7 @@ from datasync.backends.cloudcommon import (
 )
 from datasync.backends.crc32c import crc32c_b64, crc32c_concat, crc32c_of
 from datasync.backends.gcs_errors import by_status, gcs_errors, translate
-from datasync.backends.httpbody import read_body_into
+from datasync.backends.httpbody import read_body_into, read_range_by_into
 from datasync.errors import ConfigError, NotFound, SourceChanged, StorageError, Throttled
 
 __all__ = ["PARTS_DIR", "GCSBackend", "gcs_errors", "translate"]
@@ -307,11 +307,7 @@ class GCSBackend:
             raise self._missing(exc, url) from exc
 
     def read_range(self, key: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"bad range offset={offset} length={length}")
-        buf = bytearray(length)
-        got = self.read_range_into(key, offset, buf, etag=etag)
-        return bytes(buf) if got == length else bytes(memoryview(buf)[:got])
+        return read_range_by_into(self, key, offset, length, etag)
 
     def read_range_into(
         self, key: str, offset: int, buf: bytearray | memoryview, *, etag: str | None = None

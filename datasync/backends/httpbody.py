@@ -14,11 +14,11 @@ would: the backends' translators make it a retryable network error.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from urllib3.exceptions import ProtocolError
 
-__all__ = ["read_body_into"]
+__all__ = ["read_body_into", "read_range_by_into"]
 
 
 def read_body_into(raw: Any, view: memoryview) -> int:
@@ -52,3 +52,20 @@ def read_body_into(raw: Any, view: memoryview) -> int:
     else:
         raw.close()
     return got
+
+
+class _ReadsInto(Protocol):
+    def read_range_into(
+        self, key: str, offset: int, buf: bytearray | memoryview, *, etag: str | None = None
+    ) -> int: ...
+
+
+def read_range_by_into(
+    backend: _ReadsInto, key: str, offset: int, length: int, etag: str | None
+) -> bytes:
+    """``Backend.read_range`` for a backend whose ``read_range_into`` is the real read."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"bad range offset={offset} length={length}")
+    buf = bytearray(length)
+    got = backend.read_range_into(key, offset, buf, etag=etag)
+    return bytes(buf) if got == length else bytes(memoryview(buf)[:got])
