@@ -267,7 +267,9 @@ def test_a_postgresql_restart_mid_run(tmp_path: Path, restartable_pg: str) -> No
     if ctl is None or not clusters:
         pytest.skip("no local PostgreSQL cluster to restart (pg_ctlcluster)")
     src = posix_site("pipeline", tmp_path / "pipeline")
-    dst = posix_site("lustre", tmp_path / "lustre")
+    # 16 Mbit/s keeps the run going for seconds: fast workers would otherwise finish the
+    # version before the second worker process has started, and restart nothing mid-run.
+    dst = posix_site("lustre", tmp_path / "lustre", bandwidth_mbps=16)
     assert src.root is not None
     settings = settings_for(tmp_path / "home", pg_url, [src, dst])
     files = _new_version(src.root, random.Random(5), 0)
