@@ -44,13 +44,7 @@ def _fresh_logging() -> Generator[None, None, None]:
     In-process CLI runs (``CliRunner``) skip ``main()``, and a daemon command run that
     way leaves the root logger at INFO with its stderr handler: the next test's command
     would then log events into the stderr it asserts on. Processes never share that."""
-    import logging
-
-    from datasync.observe import logs
+    from datasync.observe.logs import reset_logging
 
     yield
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, logs._StderrHandler)]:
-        root.removeHandler(handler)
-    root.setLevel(logging.WARNING)
-    logs._current.clear()
+    reset_logging()

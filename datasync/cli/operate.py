@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from datasync.cli.helpers import JsonOpt, application, print_json
+from datasync.cli.replication import status_line
 from datasync.errors import UserError
 from datasync.transfer.status import parse_deadline
 
@@ -69,7 +70,4 @@ def retry(
     if as_json:
         print_json(result)
     else:
-        typer.echo(
-            f"#{result.id} {result.dataset}@{result.version_id[:12]} -> {result.site}:"
-            f" {result.state} ({result.phase})"
-        )
+        typer.echo(status_line(result))

@@ -33,7 +33,7 @@ from datasync.textfmt import human_bytes
 from datasync.transfer.sites import SiteInfo
 from datasync.transfer.status import PlacementStatus, parse_deadline
 
-__all__ = ["commands", "watch"]
+__all__ = ["commands", "status_line", "watch"]
 
 commands = typer.Typer()
 WAIT_POLL_SECONDS = 1.0
@@ -53,7 +53,8 @@ def _percent(p: PlacementStatus) -> str:
     return f"{100.0 * p.bytes_done / p.bytes_total if p.bytes_total else 100.0:.0f}%"
 
 
-def _line(p: PlacementStatus) -> str:
+def status_line(p: PlacementStatus) -> str:
+    """One placement as `replicate` and `status` print it (its phase, its error)."""
     risk = "  AT RISK" if p.at_risk else ""
     text = (
         f"#{p.id} {p.dataset}@{p.version_id[:12]} -> {p.site}: {p.state}  "
@@ -129,7 +130,7 @@ def watch(
     if quiet or not console.is_terminal:
         while current.state not in ("READY", "FAILED"):
             if not quiet:
-                console.print(_line(current), highlight=False, soft_wrap=True)
+                console.print(status_line(current), highlight=False, soft_wrap=True)
             time.sleep(WAIT_POLL_SECONDS)
             current = poll()
         return current
@@ -201,7 +202,7 @@ def replicate(
     if as_json:
         print_json(result)
     else:
-        typer.echo(_line(result))
+        typer.echo(status_line(result))
     if result.state == "FAILED":
         typer.echo(f"datasync: error: placement #{result.id} FAILED: {result.error}", err=True)
         raise typer.Exit(1)

@@ -22,6 +22,7 @@ from datasync.db.engine import DB_UNAVAILABLE
 from datasync.observe import state
 from datasync.observe.metrics import STATE_GAUGES
 from datasync.observe.workers import db_now
+from datasync.transfer.state import active_pauses
 from datasync.transfer.status import status
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class StateCollector:
             hosts = state.workers_by_host(conn, now)
             links = state.link_throughput(conn)
             usage = self._site_usage(conn)
-            paused = state.paused_sites(conn, now)
+            paused = set(active_pauses(conn, now))
         for name, n in queue.tasks.items():
             f["datasync_queue_tasks"].add_metric([name], n)
         f["datasync_queue_oldest_waiting_seconds"].add_metric([], queue.oldest_waiting_seconds)

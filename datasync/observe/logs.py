@@ -51,7 +51,14 @@ from datasync.events import (
 )
 from datasync.observe.lookup import Lookup
 
-__all__ = ["ACTIONS", "EventLog", "LogFormat", "current_logging", "setup_logging"]
+__all__ = [
+    "ACTIONS",
+    "EventLog",
+    "LogFormat",
+    "current_logging",
+    "reset_logging",
+    "setup_logging",
+]
 
 LogFormat = Literal["auto", "json", "human"]
 
@@ -186,6 +193,16 @@ def setup_logging(
     setup = LoggingSetup(chosen, "json" if wanted == "json" else "human")
     _current[:] = [setup]
     return setup
+
+
+def reset_logging() -> None:
+    """Undo ``setup_logging``: the root logger as a new process has it (tests that run
+    commands in-process need this between them)."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(old)
+    root.setLevel(logging.WARNING)
+    _current.clear()
 
 
 class EventLog:

@@ -18,7 +18,7 @@ from sqlmodel import col
 
 from datasync.config import SiteConfig
 from datasync.db.ops_tables import LinkStat, WorkerRow
-from datasync.db.transfer_tables import Placement, Replica, SitePause, Task
+from datasync.db.transfer_tables import Placement, Replica, Task
 from datasync.models import PlacementState, ReplicaKind, ReplicaState, TaskState
 from datasync.observe.metrics import QUEUE_STATES
 from datasync.observe.workers import live_since
@@ -30,7 +30,6 @@ __all__ = [
     "WorkerHost",
     "deadline_slack",
     "link_throughput",
-    "paused_sites",
     "placements_by_state",
     "queue_depth",
     "recent_finished",
@@ -106,16 +105,6 @@ def deadline_slack(
             left = (p.deadline - now).total_seconds() - (p.eta_seconds or 0.0)
             slack[p.site] = min(slack.get(p.site, left), left)
     return at_risk, slack
-
-
-def paused_sites(conn: Connection, now: datetime) -> set[str]:
-    """Sites an operator's pause holds at ``now``."""
-    return {
-        str(site)
-        for site in conn.execute(
-            sa.select(col(SitePause.site)).where(col(SitePause.until) > now)
-        ).scalars()
-    }
 
 
 def site_usage(conn: Connection, sites: Mapping[str, SiteConfig]) -> dict[str, int]:

@@ -61,6 +61,7 @@ from datasync.transfer.payloads import (
     SourceRef,
     kind_of,
 )
+from datasync.transfer.siteindex import source_rows
 from datasync.transfer.state import BlobWant, EngineState, NewTask, as_utc
 
 __all__ = ["PlanResult", "Planner", "PlannerConfig", "SourceRanking"]
@@ -133,17 +134,6 @@ class SourceRanking:
             site,
             key,
         )
-
-
-def _usable_source(now: datetime) -> sa.ColumnElement[bool]:
-    """Ok replicas, and bad ones whose re-check time has come (bad is not forever)."""
-    return sa.or_(
-        col(Replica.state) == ReplicaState.OK,
-        sa.and_(
-            col(Replica.recheck_after).is_not(None),
-            col(Replica.recheck_after) <= now,
-        ),
-    )
 
 
 def _present_at(site: str) -> sa.Exists:
@@ -287,23 +277,8 @@ class _Plan:
             match = col(Replica.digest) == sa.any_(sa.literal(digests, postgresql.ARRAY(sa.String)))
         else:
             match = col(Replica.digest).in_(digests)
-        replicas = conn.execute(
-            sa.select(
-                col(Replica.digest),
-                col(Replica.site),
-                col(Replica.key),
-                col(Replica.etag),
-                col(Replica.kind),
-                col(Replica.state),
-            ).where(
-                match,
-                _usable_source(datetime.now(UTC)),
-                # The destination's own blob store is what is missing; its sources count.
-                sa.not_(
-                    sa.and_(col(Replica.site) == self.dst, col(Replica.kind) == ReplicaKind.BLOB)
-                ),
-            )
-        ).all()
+        # The destination's own blob store is what is missing; its sources count.
+        replicas = conn.execute(source_rows(match, self.dst, datetime.now(UTC))).all()
         best: dict[str, tuple[tuple[bool, bool, int, float, float, bool, str, str], SourceRef]]
         best = {}
         for digest, site, key, etag, kind, state in replicas:

@@ -19,7 +19,29 @@ from sqlmodel import col
 from datasync.db.transfer_tables import Replica
 from datasync.models import ReplicaKind, ReplicaState
 
-__all__ = ["BlobRow", "SiteIndex", "SourceReplica"]
+__all__ = ["BlobRow", "SiteIndex", "SourceReplica", "source_rows"]
+
+
+def source_rows(
+    match: sa.ColumnElement[bool], dst: str, now: datetime
+) -> sa.Select[str, str, str, str | None, str, str]:
+    """``(digest, site, key, etag, kind, state)`` of the replicas ``match`` selects that may
+    be read to bring a blob to ``dst``: ok ones, bad ones whose re-check time has come (bad
+    is not forever), never ``dst``'s own blob store (what is missing there)."""
+    usable = sa.or_(
+        col(Replica.state) == ReplicaState.OK,
+        sa.and_(col(Replica.recheck_after).is_not(None), col(Replica.recheck_after) <= now),
+    )
+    own = sa.and_(col(Replica.site) == dst, col(Replica.kind) == ReplicaKind.BLOB)
+    return sa.select(
+        col(Replica.digest),
+        col(Replica.site),
+        col(Replica.key),
+        col(Replica.etag),
+        col(Replica.kind),
+        col(Replica.state),
+    ).where(match, usable, sa.not_(own))
+
 
 _IN_BATCH = 500
 
@@ -95,30 +117,12 @@ class SiteIndex:
         """``sources_for`` of each of ``digests`` (one query per 500; a digest with no
         usable replica is absent). A batch of small blobs asks once, not once per blob."""
         now = now or datetime.now(UTC)
-        usable = sa.or_(
-            col(Replica.state) == ReplicaState.OK,
-            sa.and_(col(Replica.recheck_after).is_not(None), col(Replica.recheck_after) <= now),
-        )
         found: dict[str, list[SourceReplica]] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(digests), _IN_BATCH):
-                query = (
-                    sa.select(
-                        col(Replica.digest),
-                        col(Replica.site),
-                        col(Replica.key),
-                        col(Replica.etag),
-                        col(Replica.kind),
-                        col(Replica.state),
-                    )
-                    .where(
-                        col(Replica.digest).in_(digests[i : i + _IN_BATCH]),
-                        usable,
-                        sa.not_(
-                            sa.and_(col(Replica.site) == dst, col(Replica.kind) == ReplicaKind.BLOB)
-                        ),
-                    )
-                    .order_by(col(Replica.digest), col(Replica.site), col(Replica.key))
+                batch = col(Replica.digest).in_(digests[i : i + _IN_BATCH])
+                query = source_rows(batch, dst, now).order_by(
+                    col(Replica.digest), col(Replica.site), col(Replica.key)
                 )
                 for digest, site, key, etag, kind, state in conn.execute(query):
                     found.setdefault(digest, []).append(

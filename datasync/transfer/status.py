@@ -17,11 +17,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import col
 
 from datasync.db.ops_tables import WorkerRow
-from datasync.db.transfer_tables import NO_DEADLINE, Placement, SitePause, Task
+from datasync.db.transfer_tables import NO_DEADLINE, Placement, Task
 from datasync.errors import UnknownReference, UserError
 from datasync.models import PlacementState, TaskState, VersionSummary
 from datasync.observe.workers import live_since
-from datasync.transfer.state import STUCK_AFTER, as_utc
+from datasync.transfer.state import STUCK_AFTER, active_pauses, as_utc
 
 __all__ = [
     "NO_WORKER_AFTER",
@@ -151,20 +151,20 @@ def status(
         waits = _waits(conn, ids, now)
         orphaned = _orphaned(conn, ids, now)
         errors = _last_errors(conn, ids)
-        last_claim = as_utc(conn.execute(sa.select(sa.func.max(col(Task.started_at)))).scalar())
+        # Work is due and nobody has claimed anything for a while: say so, never wait
+        # silently. Asked only when some placement has queued tasks and none running (the
+        # max over every task is a scan: not on each poll of a busy dashboard).
+        idle = any(c.get(TaskState.QUEUED) and not c.get(TaskState.LEASED) for c in counts.values())
+        last_claim = (
+            as_utc(conn.execute(sa.select(sa.func.max(col(Task.started_at)))).scalar())
+            if idle
+            else now
+        )
         paused = {
-            str(r.site): f"site {r.site} paused by {r.paused_by} until"
-            f" {(as_utc(r.until) or now).isoformat(timespec='seconds')}: {r.reason}"
-            for r in conn.execute(
-                sa.select(
-                    col(SitePause.site),
-                    col(SitePause.until),
-                    col(SitePause.reason),
-                    col(SitePause.paused_by),
-                ).where(col(SitePause.until) > now)
-            )
+            site: f"site {site} paused by {p.by} until"
+            f" {p.until.isoformat(timespec='seconds')}: {p.reason}"
+            for site, p in active_pauses(conn, now).items()
         }
-    # Work is due and nobody has claimed anything for a while: say so, never wait silently.
     no_worker = last_claim is None or last_claim < now - NO_WORKER_AFTER
     return [
         _one(

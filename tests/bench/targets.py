@@ -7,12 +7,13 @@ of ``docs/benchmarks.md``. A run that selects some tests (``-k``) replaces only 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["Target", "record"]
+__all__ = ["Target", "record", "write_section"]
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "bench-results"
 
@@ -40,3 +41,30 @@ def record(section: str, rows: Sequence[Target], command: str) -> None:
     path.write_text(
         json.dumps({"command": command, "rows": kept + new}, indent=1) + "\n", encoding="utf-8"
     )
+
+
+def write_section(
+    out: Path,
+    title: str,
+    machine: str,
+    setup: str,
+    header: Sequence[str],
+    rows: Sequence[str],
+    reproduce: str | None = None,
+) -> None:
+    """A bench's result file: title, when and on what (``machine``: after the core count),
+    ``setup``, its table (``rows`` are ready ``| ... |`` lines), and the command."""
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        f"# {title}",
+        "",
+        f"Measured {when} on this machine ({os.cpu_count()} cores{machine}). {setup}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *rows,
+    ]
+    if reproduce is not None:
+        lines += ["", f"Reproduce: `{reproduce}`"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -32,9 +32,8 @@ from sqlmodel import col
 
 from datasync.bootstrap import App, bootstrap
 from datasync.db.transfer_tables import Task
-from tests.faults.harness import xxh128sum_tree
 from tests.fixtures.hosts import WorkerHost, host_network, start_host
-from tests.fixtures.replication import MIB, posix_site, settings_for
+from tests.fixtures.replication import MIB, posix_site, settings_for, xxh128sum_tree
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "docs" / "bench-results" / "multihost.md"

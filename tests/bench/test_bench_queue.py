@@ -33,7 +33,7 @@ from datasync.transfer.payloads import BlobsPayload
 from datasync.transfer.state import NewTask
 from datasync.transfer.state._core import Txn
 from datasync.transfer.state.tasks import insert_tasks
-from tests.bench.targets import Target, record
+from tests.bench.targets import Target, record, write_section
 from tests.fixtures.transfer import add_placement, fake_entry, make_state, register
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,25 +177,19 @@ def _write_results() -> Iterator[None]:
     yield
     if not ROWS:
         return
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "# Task queue throughput (PostgreSQL)",
-        "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on this machine "
-        f"({os.cpu_count()} cores, PostgreSQL on loopback, shared with the workers). "
+    write_section(
+        OUT,
+        "Task queue throughput (PostgreSQL)",
+        ", PostgreSQL on loopback, shared with the workers",
         f"{WORKERS} worker processes claim {BATCH} tasks at a time and complete each; empty "
         "payloads. datasync runs `TaskStates.claim` / `TaskStates.complete` (the production "
         "code); the peer is a bare psycopg `FOR UPDATE SKIP LOCKED` loop on a one-index "
         f"table, in the same run. Target: >= {TARGET:,.0f} tasks/s.",
-        "",
-        "| Queue | Tasks | Seconds | Tasks/s | Double claims | vs flushed peer |",
-        "|---|---|---|---|---|---|",
-        *ROWS,
-        "",
-        f"Reproduce: `BENCH_QUEUE_TASKS={N_TASKS} .venv/bin/pytest -q -s -p no:cacheprovider "
-        "tests/bench/test_bench_queue.py`",
-    ]
-    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        ["Queue", "Tasks", "Seconds", "Tasks/s", "Double claims", "vs flushed peer"],
+        ROWS,
+        f"BENCH_QUEUE_TASKS={N_TASKS} .venv/bin/pytest -q -s -p no:cacheprovider "
+        "tests/bench/test_bench_queue.py",
+    )
 
 
 def _reset_bare(url: str) -> None:

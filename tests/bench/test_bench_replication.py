@@ -34,7 +34,7 @@ import pytest
 from datasync.bootstrap import App, bootstrap
 from datasync.config import Settings
 from datasync.transfer.supervisor import WorkerOptions, run_worker
-from tests.bench.targets import Target, record
+from tests.bench.targets import Target, record, write_section
 from tests.fixtures.replication import (
     MIB,
     Site,
@@ -161,23 +161,21 @@ def _write_results() -> Iterator[None]:
     yield
     if not ROWS:
         return
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "# Replication benchmarks",
+    cells = ("row", "command", "datasync", "peer", "ratio", "note")
+    write_section(
+        OUT,
+        "Replication benchmarks",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on this machine "
-        f"({os.cpu_count()} cores), `make bench` (tests/bench/test_bench_replication.py). "
-        "Page cache warm for every tool alike; datasync = plan + transfer + verify + publish "
-        f"with {PROCESSES} worker processes already running (as `datasync worker` runs); "
-        "a ratio < 1 means datasync is faster.",
-        "",
-        "| Row | Peer command | datasync | Peer | datasync / peer | Notes |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in ROWS:
-        cells = [r["row"], f"`{r['command']}`", r["datasync"], r["peer"], r["ratio"], r["note"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        "`make bench` (tests/bench/test_bench_replication.py). Page cache warm for every tool "
+        "alike; datasync = plan + transfer + verify + publish with "
+        f"{PROCESSES} worker processes already running (as `datasync worker` runs); a ratio "
+        "< 1 means datasync is faster.",
+        ["Row", "Peer command", "datasync", "Peer", "datasync / peer", "Notes"],
+        [
+            "| " + " | ".join(f"`{r[c]}`" if c == "command" else r[c] for c in cells) + " |"
+            for r in ROWS
+        ],
+    )
 
 
 # -- (a) large shards --------------------------------------------------------------------------

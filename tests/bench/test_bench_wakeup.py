@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from datasync.bootstrap import App, bootstrap
 from datasync.transfer.supervisor import WorkerOptions, run_worker
-from tests.bench.targets import Target, record
+from tests.bench.targets import Target, record, write_section
 from tests.fixtures.replication import posix_site, settings_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,29 +110,31 @@ def _write_results() -> Iterator[None]:
     yield
     if not ROWS:
         return
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "# Idle worker to first byte",
-        "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on this machine "
-        f"({os.cpu_count()} cores, shared). One spawned worker process waits idle (fallback "
-        f"poll {IDLE:.0f} s, so only the wake-up starts it sooner); the clock runs from "
-        "`replicate` (which plans the placement) to the first non-empty file at the "
-        "destination, and to READY. Workers are woken by the commit of the plan's first page, "
-        f"so the first byte may come before `replicate` returns. {ROUNDS} rounds of a 1 MiB "
-        "one-file dataset, posix to "
-        f"posix. Target: first byte <= {TARGET} s. Peer: `rclone copy` of the same file, "
-        "process start to first byte, in the same run.",
-        "",
-        "| Database | first byte: median | best | worst | `replicate` returned: median "
-        "| READY: median | rclone first byte: median | datasync / rclone |",
-        "|---|---|---|---|---|---|---|---|",
-        *ROWS,
-        "",
-        f"Reproduce: `BENCH_WAKEUP_ROUNDS={ROUNDS} .venv/bin/pytest -q -s -p no:cacheprovider "
-        "tests/bench/test_bench_wakeup.py`",
-    ]
-    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_section(
+        OUT,
+        "Idle worker to first byte",
+        ", shared",
+        f"One spawned worker process waits idle (fallback poll {IDLE:.0f} s, so only the "
+        "wake-up starts it sooner); the clock runs from `replicate` (which plans the "
+        "placement) to the first non-empty file at the destination, and to READY. Workers "
+        "are woken by the commit of the plan's first page, so the first byte may come before "
+        f"`replicate` returns. {ROUNDS} rounds of a 1 MiB one-file dataset, posix to posix. "
+        f"Target: first byte <= {TARGET} s. Peer: `rclone copy` of the same file, process "
+        "start to first byte, in the same run.",
+        [
+            "Database",
+            "first byte: median",
+            "best",
+            "worst",
+            "`replicate` returned: median",
+            "READY: median",
+            "rclone first byte: median",
+            "datasync / rclone",
+        ],
+        ROWS,
+        f"BENCH_WAKEUP_ROUNDS={ROUNDS} .venv/bin/pytest -q -s -p no:cacheprovider "
+        "tests/bench/test_bench_wakeup.py",
+    )
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -44,14 +42,13 @@ from datasync.events import Event, TaskFailed, TaskRetried
 from datasync.integrity.audit import QUARANTINE_PREFIX
 from datasync.transfer.layout import BLOB_PREFIX, COMPLETE_MARKER
 from datasync.transfer.supervisor import WorkerOptions
-from tests.fixtures.replication import Site
+from tests.fixtures.replication import Site, xxh128sum_tree
 
 FAST = WorkerOptions(
     queue_backoff_base=0.0, idle_sleep=0.05, lease_seconds=30, task_slots=4, io_threads=4
 )
 # A classified failure names the task, why it stopped, and the error's class.
 CLASSIFIED = re.compile(r"\w+ task \d+ failed \((permanent error|\d+ attempts)\): [A-Z]\w+: ")
-XXH128SUM = shutil.which("xxh128sum")
 
 
 def xxh(data: bytes) -> str:
@@ -244,19 +241,6 @@ def leftover_temps(site: Site) -> list[str]:
 
 
 # -- independent readers ---------------------------------------------------------------------
-
-
-def xxh128sum_tree(root: Path) -> dict[str, str]:
-    """``relative path -> hex`` of every file under ``root`` by Debian's ``xxh128sum``."""
-    assert XXH128SUM is not None, "xxh128sum not installed (make system-deps)"
-    paths = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    if not paths:
-        return {}
-    out = subprocess.run(
-        [XXH128SUM, "--", *paths], cwd=root, capture_output=True, text=True, check=True
-    ).stdout
-    # A name with a backslash or newline is escaped with a leading "\"; none here.
-    return {line.split("  ", 1)[1]: line.split("  ", 1)[0] for line in out.splitlines()}
 
 
 def sdk_objects(site: Site, prefix: str) -> dict[str, bytes]:

@@ -37,21 +37,10 @@ from tests.fixtures.replication import (
     settings_for,
     write_tree,
     xxh,
+    xxh128sum_tree,
 )
 
 FAST = WorkerOptions(queue_backoff_base=0.0, idle_sleep=0.05, lease_seconds=30)
-XXH128SUM = shutil.which("xxh128sum")
-
-
-def xxh128sum_tree(root: Path) -> dict[str, str]:
-    """``relative path -> hex`` of every file under ``root``, by Debian's ``xxh128sum``."""
-    if XXH128SUM is None:
-        pytest.skip("xxh128sum not installed (make system-deps)")
-    paths = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    out = subprocess.run(
-        [XXH128SUM, *paths], cwd=root, capture_output=True, text=True, check=True
-    ).stdout
-    return {line.split("  ", 1)[1]: line.split("  ", 1)[0] for line in out.splitlines()}
 
 
 def assert_posix_view(root: Path, dataset: str, version_id: str, files: dict[str, bytes]) -> None:

@@ -39,9 +39,9 @@ from datasync.bootstrap import App, bootstrap
 from datasync.db.transfer_tables import Task
 from datasync.transfer.planner import PlannerConfig
 from datasync.transfer.tracing import read_trace
-from tests.faults.harness import xxh, xxh128sum_tree
+from tests.faults.harness import xxh
 from tests.fixtures.hosts import DATASYNC, WorkerHost, host_network, in_slot_peak, start_host
-from tests.fixtures.replication import MIB, posix_site, settings_for, write_tree
+from tests.fixtures.replication import MIB, posix_site, settings_for, write_tree, xxh128sum_tree
 from tests.integration.test_kill_workers import _assert_no_overlapping_writes
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from datasync.events import EventBus
 from datasync.transfer.state._core import as_utc, row_id
-from datasync.transfer.state.pauses import Pause, SitePauses
+from datasync.transfer.state.pauses import Pause, SitePauses, active_pauses
 from datasync.transfer.state.placements import PlacementStates
 from datasync.transfer.state.replicas import DEFAULT_RECHECK, ReplicaRow, ReplicaStates
 from datasync.transfer.state.sharing import BlobSharing, BlobWant
@@ -55,6 +55,7 @@ __all__ = [
     "StagingStates",
     "TaskStates",
     "UploadState",
+    "active_pauses",
     "as_utc",
     "error_entry",
     "row_id",

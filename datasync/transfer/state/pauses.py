@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 from sqlmodel import col
 
 from datasync.db.transfer_tables import SitePause
 from datasync.events import SiteHeld, SiteResumed
 from datasync.transfer.state._core import StateBase, as_utc
 
-__all__ = ["Pause", "SitePauses"]
+__all__ = ["Pause", "SitePauses", "active_pauses"]
 
 MAX_REASON = 500
 
@@ -30,6 +31,12 @@ class Pause:
     until: datetime
     reason: str
     by: str
+
+
+def active_pauses(conn: Connection, now: datetime) -> dict[str, Pause]:
+    """Pauses in force at ``now``, by site (the one reader: status, sites, metrics)."""
+    rows = conn.execute(sa.select(SitePause).where(col(SitePause.until) > now)).all()
+    return {r.site: Pause(r.site, as_utc(r.until) or now, r.reason, r.paused_by) for r in rows}
 
 
 class SitePauses(StateBase):
@@ -54,19 +61,18 @@ class SitePauses(StateBase):
     def resume(self, site: str, by: str) -> bool:
         """Lift ``site``'s pause; False if it had none in force."""
         with self._write() as txn:
-            lifted = txn.conn.execute(
-                sa.delete(SitePause).where(
-                    col(SitePause.site) == site, col(SitePause.until) > txn.now
-                )
-            ).rowcount
-            txn.conn.execute(sa.delete(SitePause).where(col(SitePause.site) == site))
+            until = txn.conn.execute(
+                sa.delete(SitePause)
+                .where(col(SitePause.site) == site)
+                .returning(col(SitePause.until))
+            ).scalar_one_or_none()
+            lifted = until is not None and (as_utc(until) or txn.now) > txn.now
             if lifted:
                 txn.emit(SiteResumed(site=site, by=by))
                 txn.tasks_ready()  # its tasks are claimable again: wake idle workers
-        return bool(lifted)
+        return lifted
 
     def active(self, now: datetime) -> dict[str, Pause]:
         """Pauses in force at ``now``, by site."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(SitePause).where(col(SitePause.until) > now)).all()
-        return {r.site: Pause(r.site, as_utc(r.until) or now, r.reason, r.paused_by) for r in rows}
+            return active_pauses(conn, now)
