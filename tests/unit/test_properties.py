@@ -36,7 +36,7 @@ from datasync.auth.tokens import check_token_name
 from datasync.config import load_settings
 from datasync.errors import ConfigError, InvalidManifest, InvalidPath, UserError
 from datasync.manifest.canonical import encode_entry, encode_header
-from datasync.manifest.refs import check_dataset_name, check_label, parse_ref
+from datasync.manifest.refs import check_dataset_name, check_label, is_id_prefix, parse_ref
 from datasync.models import FileEntry, ManifestHeader
 from datasync.service import _read_manifest
 
@@ -79,8 +79,11 @@ def test_each_documented_pattern_is_what_its_check_accepts(
     @given(near(pattern))
     def agree(text: str) -> None:
         documented = re.fullmatch(pattern, text) is not None
-        # A 64-hex segment (a version id's shape) is refused in words, not by the pattern.
-        id_shaped = any(HEX64.fullmatch(segment) for segment in text.split("/"))
+        # A 64-hex segment (a version id's shape), or a label shaped like an id prefix, is
+        # refused in words, not by the pattern.
+        id_shaped = any(HEX64.fullmatch(segment) for segment in text.split("/")) or (
+            check is check_label and is_id_prefix(text)
+        )
         assert accepts(check, text) == (documented and not id_shaped), repr(text)
 
     agree()
