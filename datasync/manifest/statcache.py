@@ -60,7 +60,7 @@ def _signed(v: int) -> int:
 
 
 def _hit(row: _Row | None, key: tuple[int, int, int, int, int], chunk_size: int) -> Hit | None:
-    """A hit only if all six of the identity (and the chunk size) match."""
+    """A hit only if all five fields of the stat identity and the chunk size match."""
     if row is None or row[:5] != key or row[5] != chunk_size:
         return None
     return row[6], tuple(row[7].split()) if row[7] else ()
