@@ -343,6 +343,7 @@ class DatasyncService:
                 labels=labels,
                 verified=True,
                 source=source,
+                version_id=checker.hexdigest(),  # unchanged content: the spool is not read
             )
         return self._registered(reg, source, verified=True)
 

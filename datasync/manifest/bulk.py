@@ -26,7 +26,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlmodel import col
@@ -134,6 +133,13 @@ def refresh_statistics(conn: Connection) -> None:
 
 
 def _flush(conn: Connection, version_pk: int, batch: list[_EntryRow], staging: bool) -> None:
+    duplicate: tuple[type[Exception], ...] = (sa.exc.IntegrityError,)
+    if is_postgresql(conn):
+        # COPY raises the driver's own error. Imported here: a process on SQLite never
+        # loads psycopg (it costs a short command like ``register`` a tenth of a second).
+        import psycopg
+
+        duplicate = (sa.exc.IntegrityError, psycopg.IntegrityError)
     try:
         with conn.begin_nested():
             if is_postgresql(conn):
@@ -142,7 +148,7 @@ def _flush(conn: Connection, version_pk: int, batch: list[_EntryRow], staging: b
                 conn.exec_driver_sql(
                     f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)", batch
                 )
-    except (sa.exc.IntegrityError, psycopg.IntegrityError) as exc:
+    except duplicate as exc:
         raise duplicate_error(_find_duplicate(conn, version_pk, batch)) from exc
 
 

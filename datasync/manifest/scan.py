@@ -27,9 +27,16 @@ This is the one scanner for every local tree: ``register /dir``, ``register SITE
 a POSIX site and ``file://`` URLs all come here (``manifest.remote``).
 
 Hashing runs on a bounded thread pool; entries are yielded in walk order regardless of
-which finishes first. Files are opened with ``O_NOFOLLOW`` (a file swapped for a
-symlink after listing fails) and ``O_NONBLOCK`` (a file swapped for a FIFO cannot hang
-the scan), and checked with ``fstat`` before reading.
+which finishes first. With a stat cache, files go to the pool in runs of
+``_RESOLVE_BATCH``: a task stats a run and looks it up in the cache with one query
+(``StatCache.lookup_many``); hits are entries at once, and only misses are then hashed,
+one task each. An unchanged tree thus costs a stat per file and one task and one query
+per run, not a task and a query per file (which was most of an unchanged registration);
+the stats still run in parallel, which is what counts on Lustre and NFS.
+
+Files are opened with ``O_NOFOLLOW`` (a file swapped for a symlink after listing fails)
+and ``O_NONBLOCK`` (a file swapped for a FIFO cannot hang the scan), and checked with
+``fstat`` before reading.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ ProgressCallback = Callable[[int, int], None]
 
 _PROGRESS_INTERVAL_S: Final = 0.1
 _WINDOW_PER_WORKER: Final = 8
+_RESOLVE_BATCH: Final = 256  # files stat'ed and looked up in the stat cache per task
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +254,32 @@ def _check_file(item: _Item, st: os.stat_result) -> None:
         )
 
 
+def _resolve(
+    items: list[_Item], chunk_size: int, cache: StatCache, progress: _Progress
+) -> list[FileEntry | _Item]:
+    """Stat a run of files and look them up in the stat cache at once: each hit becomes
+    its entry (a stat only: no open/close, which is what costs on Lustre and NFS), each
+    miss stays an item, for ``_hash_item``."""
+    stats = []
+    for item in items:
+        try:
+            st = os.stat(item.open_path, follow_symlinks=item.follow)
+        except OSError as exc:
+            raise _os_error(exc, item.path) from exc
+        _check_file(item, st)
+        stats.append((item.path, st))
+    out: list[FileEntry | _Item] = []
+    hit_bytes = 0
+    for item, (_, st), hit in zip(items, stats, cache.lookup_many(stats, chunk_size), strict=True):
+        if hit is None:
+            out.append(item)
+        else:
+            out.append(FileEntry(item.rel, st.st_size, hit[0], hit[1]))
+            hit_bytes += st.st_size
+    progress.add(hit_bytes)
+    return out
+
+
 def _hash_item(
     item: _Item,
     chunk_size: int,
@@ -254,17 +288,7 @@ def _hash_item(
     buffer_size: int,
     progress: _Progress,
 ) -> FileEntry:
-    if cache is not None:
-        # A hit needs only a stat: no open/close, which is what costs on Lustre and NFS.
-        try:
-            st0 = os.stat(item.open_path, follow_symlinks=item.follow)
-        except OSError as exc:
-            raise _os_error(exc, item.path) from exc
-        _check_file(item, st0)
-        hit = cache.lookup(item.path, st0, chunk_size)
-        if hit is not None:
-            progress.add(st0.st_size)
-            return FileEntry(item.rel, st0.st_size, hit[0], hit[1])
+    """Hash one file (a stat-cache miss, or every file without a cache) and remember it."""
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if item.follow else os.O_NOFOLLOW)
     try:
         fd = os.open(item.open_path, flags)
@@ -346,6 +370,10 @@ def scan_directory(
     return _scan(walker, chunk_size, workers, stat_cache, on_progress, hash_threads, buffer_size)
 
 
+_Resolved = list[FileEntry | _Item]  # a run of files after the stat-cache lookup
+_Slot = FileEntry | Future[FileEntry] | Future[_Resolved]
+
+
 def _scan(
     walker: _Walker,
     chunk_size: int,
@@ -358,45 +386,73 @@ def _scan(
     progress = _Progress()
     files_done = 0
     last_report = time.monotonic()
-    window: deque[Future[FileEntry]] = deque()
-    max_in_flight = workers * _WINDOW_PER_WORKER
+    # Walk order: entries, files being hashed, and runs being looked up in the cache.
+    window: deque[_Slot] = deque()
+    in_window = 0  # files the window stands for
+    max_in_flight = workers * (_WINDOW_PER_WORKER if cache is None else _RESOLVE_BATCH)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datasync-hash")
 
-    def take() -> FileEntry:
-        nonlocal files_done, last_report
-        fut = window.popleft()
+    def hash_later(item: _Item) -> Future[FileEntry]:
+        return pool.submit(_hash_item, item, chunk_size, cache, hash_threads, buffer_size, progress)
+
+    def wait(fut: Future[FileEntry] | Future[_Resolved]) -> FileEntry | _Resolved:
+        nonlocal last_report
         while True:
             try:
-                entry = fut.result(timeout=_PROGRESS_INTERVAL_S)
-                break
+                return fut.result(timeout=_PROGRESS_INTERVAL_S)
             except TimeoutError:
                 if on_progress is not None:
                     on_progress(files_done, progress.bytes)
                     last_report = time.monotonic()
+
+    def take() -> FileEntry:
+        nonlocal files_done, last_report, in_window
+        while True:
+            slot = window.popleft()
+            done = slot if isinstance(slot, FileEntry) else wait(slot)
+            if isinstance(done, FileEntry):
+                break
+            # A looked-up run: hits stand in line as entries, misses are hashed now.
+            window.extendleft(
+                reversed([x if isinstance(x, FileEntry) else hash_later(x) for x in done])
+            )
+        in_window -= 1
         files_done += 1
         if on_progress is not None:
             now = time.monotonic()
             if now - last_report >= _PROGRESS_INTERVAL_S:
                 on_progress(files_done, progress.bytes)
                 last_report = now
-        return entry
+        return done
+
+    run: list[_Item] = []
+
+    def look_up(cache: StatCache) -> None:
+        nonlocal run
+        window.append(pool.submit(_resolve, run, chunk_size, cache, progress))
+        run = []
 
     try:
         for item in walker:
-            window.append(
-                pool.submit(
-                    _hash_item, item, chunk_size, cache, hash_threads, buffer_size, progress
-                )
-            )
-            if len(window) >= max_in_flight:
+            in_window += 1
+            if cache is None:
+                window.append(hash_later(item))
+            else:
+                run.append(item)
+                if len(run) >= _RESOLVE_BATCH:
+                    look_up(cache)
+            while in_window >= max_in_flight and window:
                 yield take()
+        if run and cache is not None:
+            look_up(cache)
         while window:
             yield take()
         if on_progress is not None:
             on_progress(files_done, progress.bytes)
     finally:
-        for fut in window:
-            fut.cancel()
+        for slot in window:
+            if isinstance(slot, Future):
+                slot.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         if cache is not None:
             cache.flush()

@@ -11,6 +11,9 @@ files whose mtime or ctime is within ``racy_window_ns`` of the moment hashing st
 they are simply hashed again next time. The default (2 s) also absorbs coarse
 timestamps and small clock skew on network filesystems.
 
+Lookups are batched too (``lookup_many``: one ``IN`` query for a run of files): one
+query per file cost an unchanged 20,000-file registration a quarter of its scan.
+
 Writes are batched (``batch_size`` rows per transaction); ``flush``/``close`` commit the
 rest. A lost batch only costs re-hashing. The cache is an optimisation, never a source
 of truth: a corrupt or unreadable cache file is reported, not silently trusted.
@@ -22,11 +25,14 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-__all__ = ["StatCache"]
+__all__ = ["Hit", "StatCache"]
+
+Hit = tuple[str, tuple[str, ...]]  # (digest, chunk digests)
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS stat_cache (
@@ -44,10 +50,20 @@ CREATE TABLE IF NOT EXISTS stat_cache (
 
 # SQLite integers are signed 64-bit; st_dev/st_ino are unsigned and may exceed that.
 _I64: Final = 1 << 63
+# Paths per ``IN (...)`` query: under SQLite's oldest limit on bound parameters (999).
+_LOOKUP_ROWS: Final = 500
+_Row = tuple[int, int, int, int, int, int, str, str]  # the key, chunk_size, digest, chunks
 
 
 def _signed(v: int) -> int:
     return v - (1 << 64) if v >= _I64 else v
+
+
+def _hit(row: _Row | None, key: tuple[int, int, int, int, int], chunk_size: int) -> Hit | None:
+    """A hit only if all five fields of the stat identity and the chunk size match."""
+    if row is None or row[:5] != key or row[5] != chunk_size:
+        return None
+    return row[6], tuple(row[7].split()) if row[7] else ()
 
 
 class StatCache:
@@ -71,7 +87,7 @@ class StatCache:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute(_SCHEMA)
-        self._pending: dict[str, tuple[int, int, int, int, int, int, str, str]] = {}
+        self._pending: dict[str, _Row] = {}
 
     @staticmethod
     def _key(st: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -79,24 +95,32 @@ class StatCache:
 
     def lookup(
         self, path: str | os.PathLike[str], st: os.stat_result, chunk_size: int
-    ) -> tuple[str, tuple[str, ...]] | None:
+    ) -> Hit | None:
         """``(digest, chunks)`` if ``path`` was hashed with exactly this stat identity."""
-        key = os.fspath(path)
+        return self.lookup_many([(os.fspath(path), st)], chunk_size)[0]
+
+    def lookup_many(
+        self, files: Sequence[tuple[str, os.stat_result]], chunk_size: int
+    ) -> list[Hit | None]:
+        """``lookup`` for each ``(path, stat)``, in order, with one query per 500 paths."""
+        rows: dict[str, _Row] = {}
         with self._lock:
-            row = self._pending.get(key)
-            if row is None:
-                found = self._conn.execute(
-                    "SELECT dev, ino, size, mtime_ns, ctime_ns, chunk_size, digest, chunks "
-                    "FROM stat_cache WHERE path = ?",
-                    (key,),
-                ).fetchone()
-                if found is None:
-                    return None
-                row = found
-        if tuple(row[:5]) != self._key(st) or row[5] != chunk_size:
-            return None
-        chunks = tuple(row[7].split()) if row[7] else ()
-        return row[6], chunks
+            missing = []
+            for path, _ in files:
+                row = self._pending.get(path)
+                if row is None:
+                    missing.append(path)
+                else:
+                    rows[path] = row
+            for start in range(0, len(missing), _LOOKUP_ROWS):
+                part = missing[start : start + _LOOKUP_ROWS]
+                for path, dev, ino, size, mtime, ctime, chunk, digest, chunks in self._conn.execute(
+                    "SELECT path, dev, ino, size, mtime_ns, ctime_ns, chunk_size, digest, chunks "
+                    f"FROM stat_cache WHERE path IN ({','.join('?' * len(part))})",
+                    part,
+                ):
+                    rows[path] = (dev, ino, size, mtime, ctime, chunk, digest, chunks)
+        return [_hit(rows.get(path), self._key(st), chunk_size) for path, st in files]
 
     def store(
         self,

@@ -13,6 +13,12 @@ Registration is one write transaction (``BEGIN IMMEDIATE`` on SQLite):
    return it (``created=False``); otherwise seal the row and move ``latest`` (and the
    requested labels) to it, then commit.
 
+A caller that already hashed the entries in canonical order (a directory scan goes
+through a ``VersionIdBuilder`` on its way to the spool) passes that ``version_id``: when
+the dataset already has it sealed, nothing is inserted at all. Registering unchanged
+content writes nothing unless it has something to change (a label to move, an
+unverified twin to mark verified).
+
 Any error rolls the transaction back, so a rejected registration changes nothing
 (invariant 1: a sealed version never changes; identical content yields the same id).
 Memory stays bounded by one batch, whatever the number of files.
@@ -89,16 +95,24 @@ class ManifestStore:
         labels: Sequence[str] = (),
         verified: bool = True,
         source: str = "",
+        version_id: str | None = None,
     ) -> Registration:
         """Register ``entries`` (any order) as a version of ``dataset``.
 
         Returns the new version (``created=True``) or the existing one with identical
         content (``created=False``; explicit ``labels`` still move to it, and a verified
         registration marks an unverified twin verified). Raises ``UserError`` subclasses
-        for bad input, with nothing changed.
+        for bad input, with nothing changed. ``version_id``: the id of exactly these
+        entries, if the caller computed it; then ``entries`` is not read at all when that
+        version exists (and an id that turns out different is a bug, raised).
         """
         check_dataset_name(dataset)
         wanted = [check_label(label) for label in labels]
+        if version_id is not None:
+            with self.engine.connect() as conn:
+                existing = _sealed_by_name(conn, dataset, version_id)
+            if existing is not None:
+                return self._existing(existing, wanted, verified)
         try:
             with write_transaction(self.engine) as conn:
                 dataset_pk = _get_or_create_dataset(conn, dataset)
@@ -122,27 +136,42 @@ class ManifestStore:
                 builder = VersionIdBuilder(header)
                 with bulk_cache(conn):
                     if insert_entries(conn, version_pk, entries, builder):
-                        version_id = builder.hexdigest()
+                        computed = builder.hexdigest()
                         files, nbytes = builder.files, builder.bytes
                     else:
-                        version_id, files, nbytes = _compute_id(conn, version_pk, header)
-                _seal(conn, dataset_pk, version_pk, version_id, files, nbytes)
+                        computed, files, nbytes = _compute_id(conn, version_pk, header)
+                if version_id is not None and computed != version_id:
+                    raise RuntimeError(
+                        f"registration of {dataset}: the caller's version id {version_id} "
+                        f"is not the id of its entries ({computed})"
+                    )
+                _seal(conn, dataset_pk, version_pk, computed, files, nbytes)
                 refresh_statistics(conn)
                 for name in (LATEST, *wanted):
                     _move_label(conn, dataset_pk, name, version_pk)
         except _AlreadySealed as exc:
+            return self._existing(exc.version_pk, wanted, verified)
+        return Registration(self._summary(version_pk), created=True)
+
+    def _existing(self, version_pk: int, wanted: list[str], verified: bool) -> Registration:
+        """The outcome of registering content that is already ``version_pk``: the wanted
+        labels move to it and a verified registration marks it verified, in one write
+        transaction, and only if either changes something."""
+        summary = self._summary(version_pk)
+        moves = [name for name in wanted if name not in summary.labels]
+        if moves or (verified and not summary.verified):
             with write_transaction(self.engine) as conn:
-                dataset_pk = _get_or_create_dataset(conn, dataset)
-                for name in wanted:
-                    _move_label(conn, dataset_pk, name, exc.version_pk)
+                dataset_pk = _dataset_pk(conn, summary.dataset)
+                for name in moves:
+                    _move_label(conn, dataset_pk, name, version_pk)
                 if verified:
                     conn.execute(
                         sa.update(Version)
-                        .where(col(Version.pk) == exc.version_pk)
+                        .where(col(Version.pk) == version_pk)
                         .values(verified=True)
                     )
-            return Registration(self._summary(exc.version_pk), created=False)
-        return Registration(self._summary(version_pk), created=True)
+            summary = self._summary(version_pk)
+        return Registration(summary, created=False)
 
     # -------------------------------------------------------------------- reading
 
@@ -320,6 +349,15 @@ def _sealed_pk(conn: Connection, dataset_pk: int, version_id: str) -> int | None
     return found
 
 
+def _sealed_by_name(conn: Connection, dataset: str, version_id: str) -> int | None:
+    found: int | None = conn.execute(
+        sa.select(col(Version.pk))
+        .join(Dataset, col(Dataset.pk) == col(Version.dataset_pk))
+        .where(col(Dataset.name) == dataset, col(Version.version_id) == version_id)
+    ).scalar_one_or_none()
+    return found
+
+
 def _move_label(conn: Connection, dataset_pk: int, name: str, version_pk: int) -> None:
     now = datetime.now(UTC)
     moved = conn.execute(
@@ -348,11 +386,7 @@ def _dataset_pk(conn: Connection, name: str) -> int:
 
 
 def _version_pk(conn: Connection, version: VersionSummary) -> int:
-    found = conn.execute(
-        sa.select(col(Version.pk))
-        .join(Dataset, col(Dataset.pk) == col(Version.dataset_pk))
-        .where(col(Dataset.name) == version.dataset, col(Version.version_id) == version.version_id)
-    ).scalar_one_or_none()
+    found = _sealed_by_name(conn, version.dataset, version.version_id)
     if found is None:
         raise UnknownReference(f"unknown version {version.dataset}@{version.version_id}")
     return found

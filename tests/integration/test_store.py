@@ -267,3 +267,58 @@ def test_a_failing_entry_stream_rolls_everything_back(store: ManifestStore, db_u
     with store.engine.connect() as conn:
         pending = sa.text("SELECT count(*) FROM versions WHERE version_id IS NULL")
         assert conn.execute(pending).scalar_one() == 0
+
+
+def _writes(engine: sa.engine.Engine) -> list[str]:
+    """Every statement ``engine`` sends from now on that writes or takes the write lock
+    (SQLite's ``BEGIN IMMEDIATE``; a read transaction there is ``BEGIN DEFERRED``)."""
+    seen: list[str] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def record(_c: object, _cur: object, statement: str, *_args: object) -> None:
+        if not statement.lstrip().upper().startswith(("SELECT", "PRAGMA", "BEGIN DEFERRED")):
+            seen.append(statement)
+
+    return seen
+
+
+def test_a_known_id_of_a_sealed_version_reads_no_entry_and_writes_nothing(
+    store: ManifestStore, db_url: str
+) -> None:
+    """Invariant 1: an unchanged re-registration (a directory scan knows its id) changes
+    nothing, not even a label's timestamp, and does not read its entries."""
+    first = store.register("drive/a", HEADER, entries(50), labels=["v1"]).summary
+
+    def unread() -> Iterator[FileEntry]:
+        raise AssertionError("the entries of a known version were read")
+        yield  # pragma: no cover
+
+    before = counts(db_url)
+    writes = _writes(store.engine)
+    again = store.register("drive/a", HEADER, unread(), labels=["v1"], version_id=first.version_id)
+    assert not again.created and again.summary == first
+    assert writes == [] and counts(db_url) == before
+    # A label that has to move is still moved (and only then is anything written).
+    moved = store.register("drive/a", HEADER, unread(), labels=["v2"], version_id=first.version_id)
+    assert moved.summary.labels == ("latest", "v1", "v2") and writes != []
+
+
+def test_a_verified_registration_of_a_known_unverified_version_marks_it_verified(
+    store: ManifestStore,
+) -> None:
+    first = store.register("drive/a", HEADER, entries(5), verified=False).summary
+    assert not first.verified
+    again = store.register("drive/a", HEADER, iter(()), version_id=first.version_id)
+    assert again.summary.verified and not again.created
+
+
+def test_a_known_id_not_yet_sealed_is_checked_against_the_entries(
+    store: ManifestStore, db_url: str
+) -> None:
+    good = version_id(HEADER, entries(5))
+    made = store.register("drive/a", HEADER, entries(5), version_id=good)
+    assert made.created and made.summary.version_id == good
+    before = counts(db_url)
+    with pytest.raises(RuntimeError, match="is not the id of its entries"):
+        store.register("drive/a", HEADER, entries(6), version_id=good[::-1])
+    assert counts(db_url) == before

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 import datasync.manifest.scan as scan_module
+from datasync.bootstrap import bootstrap
+from datasync.config import Settings
 from datasync.manifest.hashing import hash_fd as real_hash_fd
 from datasync.manifest.scan import scan_directory
 from datasync.manifest.statcache import StatCache
@@ -124,3 +127,114 @@ def test_store_refuses_racy_files(tmp_path: Path) -> None:
     with StatCache(tmp_path / "c.sqlite", racy_window_ns=2 * 10**9) as cache:
         assert not cache.store("/f", st, MiB, D0, (), hashed_at_ns=st.st_mtime_ns + 10**9)
         assert cache.store("/f", st, MiB, D0, (), hashed_at_ns=st.st_ctime_ns + 3 * 10**9)
+
+
+_IDENTITY = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
+
+
+def _changed(st: os.stat_result, field: str) -> os.stat_result:
+    """``st`` with one field of the identity moved by one (a stat no real file gave)."""
+    seq = list(st[:10])
+    extra = {f: getattr(st, f) for f in ("st_atime", "st_mtime", "st_ctime")}
+    extra |= {f: getattr(st, f) for f in ("st_atime_ns", "st_mtime_ns", "st_ctime_ns")}
+    index = {"st_dev": 2, "st_ino": 1, "st_size": 6}
+    if field in index:
+        seq[index[field]] += 1
+    else:
+        extra[field] += 1
+    return os.stat_result(seq, extra)
+
+
+@pytest.mark.parametrize("field", _IDENTITY)
+def test_a_hit_needs_every_field_of_the_stat_identity(tmp_path: Path, field: str) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    st = os.stat(tmp_path / "f")
+    later = time.time_ns() + 10**9
+    with StatCache(tmp_path / "c.sqlite", batch_size=1, racy_window_ns=0) as cache:
+        cache.store("/f", st, MiB, D0, (), hashed_at_ns=later)
+        assert cache.lookup_many([("/f", st)], MiB) == [(D0, ())]
+        assert getattr(_changed(st, field), field) != getattr(st, field)
+        assert cache.lookup_many([("/f", _changed(st, field))], MiB) == [None]
+
+
+def test_lookup_many_answers_in_order_across_queries_and_pending_rows(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    st = os.stat(tmp_path / "f")
+    later = time.time_ns() + 10**9
+    digests = [f"xxh3-128:{i:032x}" for i in range(1200)]
+    with StatCache(tmp_path / "c.sqlite", batch_size=1000, racy_window_ns=0) as cache:
+        for i, d in enumerate(digests):  # 1000 committed, 200 still pending
+            if i % 3:
+                cache.store(f"/t/{i:04}", st, MiB, d, (d,) if i % 2 else (), hashed_at_ns=later)
+        asked = [(f"/t/{i:04}", st) for i in reversed(range(1200))]
+        got = cache.lookup_many(asked, MiB)
+    want = [(d, (d,) if i % 2 else ()) if i % 3 else None for i, d in enumerate(digests)]
+    assert got == want[::-1]
+
+
+def test_a_rescan_never_returns_a_stale_digest(tmp_path: Path, hashed: list[int]) -> None:
+    """Over several lookup runs (``_RESOLVE_BATCH`` files each): whatever changed is
+    hashed again and the result equals a scan without any cache."""
+    root = tmp_path / "tree"
+    n = 2 * scan_module._RESOLVE_BATCH + 7
+    for i in range(n):
+        (root / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 3}" / f"f{i:04}").write_bytes(i.to_bytes(4, "little") * 64)
+    with StatCache(tmp_path / "cache.sqlite", racy_window_ns=0) as cache:
+        first = scan(root, cache)
+        hashed.clear()
+        same = root / "d0" / "f0003"  # new bytes, same size, mtime put back
+        st = os.stat(same)
+        same.write_bytes(b"\xff" * st.st_size)
+        os.utime(same, ns=(st.st_atime_ns, st.st_mtime_ns))
+        touched = root / "d1" / "f0301"  # bytes unchanged, mtime moved
+        os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        renamed = root / "d2" / "f0500"  # a new inode renamed over it, same size and mtime
+        st = os.stat(renamed)
+        (root / "d2" / "tmp").write_bytes(b"\xee" * st.st_size)
+        os.utime(root / "d2" / "tmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(root / "d2" / "tmp", renamed)
+        time.sleep(0.01)
+        again = scan(root, cache)
+    assert len(hashed) == 3
+    assert again == list(scan_directory(root, chunk_size=MiB, workers=2))  # no cache at all
+    changed = {a.path for a, b in zip(first, again, strict=True) if a != b}
+    assert changed == {"d0/f0003", "d2/f0500"}
+
+
+def test_an_unchanged_tree_is_not_hashed_and_writes_nothing(
+    tmp_path: Path, hashed: list[int]
+) -> None:
+    """Invariant 1 through the service, as ``datasync register`` runs it: every file a
+    stat-cache hit, the same version id, and not one write."""
+    tree = tmp_path / "tree"
+    for i in range(600):  # a few lookup runs
+        (tree / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (tree / f"d{i % 4}" / f"f{i:04}").write_bytes(i.to_bytes(4, "little") * 8)
+    url = f"sqlite:///{tmp_path / 'ds.db'}"
+    with bootstrap(Settings(home=tmp_path / "home", database_url=url)) as app:
+        app.stat_cache.racy_window_ns = 0  # the files were just written
+        first = app.service.register("drive/a", str(tree), label="v1")
+        assert first.created and len(hashed) == 600
+        hashed.clear()
+        cached = len(app.stat_cache)
+        writes: list[str] = []
+
+        @sa.event.listens_for(app.engine, "before_cursor_execute")
+        def record(_c: object, _cur: object, statement: str, *_args: object) -> None:
+            if not statement.lstrip().upper().startswith(("SELECT", "PRAGMA", "BEGIN DEFERRED")):
+                writes.append(statement)
+
+        again = app.service.register("drive/a", str(tree), label="v1")
+        assert (again.created, again.version_id, again.labels) == (
+            False,
+            first.version_id,
+            first.labels,
+        )
+        assert hashed == [] and writes == [] and len(app.stat_cache) == cached
+
+        # One changed file (same size) is hashed again and makes a new version.
+        victim = tree / "d1" / "f0005"
+        victim.write_bytes(b"\0" * victim.stat().st_size)
+        changed = app.service.register("drive/a", str(tree))
+        assert changed.created and changed.version_id != first.version_id and len(hashed) == 1
