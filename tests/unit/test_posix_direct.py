@@ -189,3 +189,26 @@ def test_bytes_changed_after_the_commit_are_caught_by_the_direct_read_back(root:
     # A truncated file hashes short, so it cannot match either.
     os.truncate(path, PART + DIRECT_ALIGN + 7)
     assert hash_object(backend, "flip.bin", len(data), buffers=pool) != expected
+
+
+def test_a_resumed_upload_writes_direct_and_close_releases_both_descriptors(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A chunk task writes its parts and closes its writer; finalize resumes by token.
+    backend = _backend(root, direct_io=True)
+    wrote = _spy_direct(monkeypatch)
+    data = _content(2 * PART)
+    first = backend.begin("resumed.bin", len(data), PART)
+    first.put_part(0, _pooled(data[:PART]))
+    first.close()
+    held = [
+        os.readlink(f"/proc/self/fd/{fd}")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    ]
+    assert not [t for t in held if t.startswith(str(root))], "no descriptor outlives close()"
+    second = backend.begin("resumed.bin", len(data), PART, token=first.token)
+    second.put_part(1, _pooled(data[PART:]))
+    second.commit()
+    assert wrote == [PART, PART]
+    assert (root / "resumed.bin").read_bytes() == data

@@ -69,15 +69,16 @@ def _direct_twin(files: PosixFiles, tmp: str, fd: int) -> int | None:
     the site writes buffered or its file system refuses direct I/O."""
     if not files.direct_io:
         return None
+    dfd: int | None = None
     try:
-        if os.fstat(fd).st_size < files.writeback_min_bytes:
-            return None
-        dfd = open_direct(tmp, os.O_WRONLY)
+        if os.fstat(fd).st_size >= files.writeback_min_bytes:
+            dfd = open_direct(tmp, os.O_WRONLY)
+        if dfd is not None and os.fstat(dfd).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(tmp)  # the name moved under us: stay buffered
     except OSError:
+        if dfd is not None:
+            os.close(dfd)
         return None  # direct I/O is only faster, never needed
-    if dfd is not None and os.fstat(dfd).st_ino != os.fstat(fd).st_ino:
-        os.close(dfd)  # the name moved under us: stay buffered
-        return None
     return dfd
 
 
