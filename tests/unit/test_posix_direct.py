@@ -86,6 +86,12 @@ def _spy_direct(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return wrote
 
 
+@pytest.fixture
+def spied(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[PosixBackend, list[int]]:
+    """A backend that writes large parts direct, and the bytes each part wrote so."""
+    return _backend(root, direct_io=True), _spy_direct(monkeypatch)
+
+
 def test_direct_io_option_auto_picks_local_file_systems(tmp_path: Path) -> None:
     root = tmp_path / "r"
     root.mkdir()
@@ -102,11 +108,10 @@ def test_direct_io_option_auto_picks_local_file_systems(tmp_path: Path) -> None:
 
 
 def test_large_parts_are_written_direct_and_read_back_direct(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, spied: tuple[PosixBackend, list[int]]
 ) -> None:
-    backend = _backend(root, direct_io=True)
+    backend, wrote = spied
     data = _content(3 * PART + 1000)  # the last part is small and unaligned: buffered
-    wrote = _spy_direct(monkeypatch)
     _write(backend, "big.bin", data, _pooled)
     assert (root / "big.bin").read_bytes() == data
     assert sorted(wrote) == [PART, PART, PART], "every full part went to the device directly"
@@ -118,10 +123,9 @@ def test_large_parts_are_written_direct_and_read_back_direct(
 
 
 def test_unaligned_buffers_and_offsets_fall_back_to_buffered_writes(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, spied: tuple[PosixBackend, list[int]]
 ) -> None:
-    backend = _backend(root, direct_io=True)
-    wrote = _spy_direct(monkeypatch)
+    backend, wrote = spied
     data = _content(2 * PART)  # two full parts from odd addresses
 
     def unaligned(b: bytes) -> memoryview:
@@ -192,11 +196,10 @@ def test_bytes_changed_after_the_commit_are_caught_by_the_direct_read_back(root:
 
 
 def test_a_resumed_upload_writes_direct_and_close_releases_both_descriptors(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, spied: tuple[PosixBackend, list[int]]
 ) -> None:
     # A chunk task writes its parts and closes its writer; finalize resumes by token.
-    backend = _backend(root, direct_io=True)
-    wrote = _spy_direct(monkeypatch)
+    backend, wrote = spied
     data = _content(2 * PART)
     first = backend.begin("resumed.bin", len(data), PART)
     first.put_part(0, _pooled(data[:PART]))
