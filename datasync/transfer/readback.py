@@ -5,8 +5,9 @@ after a server-side copy) hashes bytes read back from the store with
 ``datasync.manifest.hashing``; a store's own metadata (ETag, CRC, size) is never trusted
 as proof of content.
 
-* POSIX: the file is hashed with ``hash_file`` (a reader thread overlaps ``readv`` with the
-  hash, ``POSIX_FADV_SEQUENTIAL``).
+* POSIX: ``PosixBackend.digest``: a large file of a site that writes large parts with
+  direct I/O is read back the same way (``O_DIRECT``, from the device, into one pool
+  buffer); anything else with ``hash_file`` through the page cache.
 * Other stores: ranged reads through ``backends.base.read_range_into`` into one buffer
   (the caller's, or one taken from the pool, never both, so a thread holding a buffer can
   verify without waiting on the budget), hashed at least 1 MiB at a time so xxhash
@@ -18,9 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasync.backends.base import Backend, SupportsLocalTree, read_range_into
-from datasync.backends.posix import translate_os_errors
+from datasync.backends.posix import PosixBackend, translate_os_errors
+from datasync.backends.retrying import RetryingBackend
 from datasync.manifest.hashing import ChunkedHasher, hash_file
-from datasync.transfer.buffers import BufferPool
+from datasync.transfer.buffers import BufferPool, PoolBuffer
 
 __all__ = ["VERIFY_BLOCK", "hash_object", "posix_root", "read_into"]
 
@@ -33,6 +35,11 @@ def posix_root(backend: Backend) -> Path | None:
     if backend.capabilities.local_tree and isinstance(backend, SupportsLocalTree):
         return Path(backend.root)
     return None
+
+
+def _posix(backend: Backend) -> PosixBackend | None:
+    inner = backend.unwrap() if isinstance(backend, RetryingBackend) else backend
+    return inner if isinstance(inner, PosixBackend) else None
 
 
 def read_into(
@@ -56,11 +63,16 @@ def hash_object(
     comparison with the manifest digest fails)."""
     root = posix_root(backend)
     if root is not None and etag is None:
-        with translate_os_errors(f"{backend.url}/{key}"):
-            digest, _ = hash_file(root / key, _WHOLE)
-        return digest
+        posix = _posix(backend)
+        if posix is None:
+            with translate_os_errors(f"{backend.url}/{key}"):
+                return hash_file(root / key, _WHOLE)[0]
+        if buf is not None or buffers is None or not posix.reads_direct(size):
+            return posix.digest(key, buf)
+        with buffers.lease(min(block, size)) as lent, memoryview(lent) as mem:
+            return posix.digest(key, mem)
     hasher = ChunkedHasher(_WHOLE)
-    owned: bytearray | None = None
+    owned: PoolBuffer | bytearray | None = None
     if buf is None:
         want = min(block, max(size, 1))
         owned = buffers.acquire(want) if buffers is not None else bytearray(want)
@@ -77,5 +89,5 @@ def hash_object(
     finally:
         if owned is not None:
             buf.release()
-            if buffers is not None:
+            if buffers is not None and isinstance(owned, PoolBuffer):
                 buffers.release(owned)

@@ -196,6 +196,53 @@ def test_posix_chunk_tasks_and_group_commits_leave_no_open_descriptors(
         app.close()
 
 
+def test_posix_direct_parts_are_verified_by_the_read_back_and_a_misdirected_one_retried(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Chunks of 1 MiB written with O_DIRECT (threshold lowered to 256 KiB). The first
+    # direct write of the second part lands one block off: every chunk digest matched
+    # before the write, so only the read-back at finalize can catch it (invariant 2); it
+    # deletes the blob, restarts the upload, and the retry publishes the right bytes.
+    from datasync.backends.posix.io import DIRECT_ALIGN, pwrite_direct
+
+    src = posix_site("pipeline", tmp_path / "src")
+    dst = Site(
+        "lustre",
+        SiteConfig(
+            url=str(tmp_path / "dst"),
+            options={"direct_io": True, "writeback_min_bytes": 256 * 1024},
+        ),
+        "posix",
+        tmp_path / "dst",
+    )
+    assert src.root is not None and dst.root is not None
+    dst.root.mkdir()
+    files = make_tree(src.root / "run", shards=(3 * MIB + 5,))
+    settings = settings_for(tmp_path / "home", sqlite_url, [src, dst], MIB)
+    misdirected: list[int] = []
+
+    def once_off(fd: int, view: memoryview, offset: int) -> int:
+        if offset == MIB and not misdirected:
+            misdirected.append(offset)
+            return pwrite_direct(fd, view, offset + DIRECT_ALIGN)
+        return pwrite_direct(fd, view, offset)
+
+    monkeypatch.setattr("datasync.backends.posix.writer.pwrite_direct", once_off)
+    app = bootstrap(settings)
+    try:
+        v = app.service.register_directory("drive/direct", src.root / "run", chunk_size=MIB)
+        placement = app.replication.replicate(f"drive/direct@{v.version_id}", "lustre")
+        run_until_idle(settings, [placement.id], options=FAST)
+        st = app.replication.status(placement_id=placement.id)[0]
+        assert st.state == "READY", st.error
+        assert misdirected == [MIB], "the fault was injected into a direct write"
+        finalize = [t for t in tasks_of(app.engine, placement.id) if t.kind == "finalize"]
+        assert [t.attempts for t in finalize] == [2], "caught at finalize, then retried"
+        assert_view_matches(dst, "drive/direct", v.version_id, files)
+    finally:
+        app.close()
+
+
 def test_transient_errors_are_retried_inside_the_call_by_the_one_policy(
     tmp_path: Path, sqlite_url: str, stores: tuple[str, str]
 ) -> None:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from datasync.transfer.buffers import MIN_BUFFER, BufferPool, BufferTimeout
+from datasync.transfer.buffers import MIN_BUFFER, BufferPool, BufferTimeout, PoolBuffer
 
 MiB = 1024 * 1024
 
@@ -32,7 +32,7 @@ def test_acquire_blocks_until_budget_frees() -> None:
     pool = BufferPool(2 * MiB)
     a = pool.acquire(MiB)
     b = pool.acquire(MiB)
-    got: list[bytearray] = []
+    got: list[PoolBuffer] = []
     t = threading.Thread(target=lambda: got.append(pool.acquire(MiB)))
     t.start()
     time.sleep(0.1)
@@ -92,3 +92,15 @@ def test_idle_buffers_of_other_sizes_make_room() -> None:
 def test_budget_smaller_than_a_buffer_is_refused() -> None:
     with pytest.raises(ValueError):
         BufferPool(1000)
+
+
+def test_buffers_are_page_aligned_for_direct_io() -> None:
+    import ctypes
+    import mmap
+
+    pool = BufferPool(8 * MiB)
+    with pool.lease(3 * MiB) as a, pool.lease(MiB) as b:
+        for buf in (a, b):
+            address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            assert address % mmap.PAGESIZE == 0
+            del address

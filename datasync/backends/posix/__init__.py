@@ -37,9 +37,15 @@ Invariants:
   instead of ~3 per file). ``auto`` picks ``syncfs`` on local file systems
   (``SYNCFS_TYPES``), ``fsync`` elsewhere (NFS, Lustre: a client-wide flush there may
   wait for other writers' data). ``syncfs`` reports write-back errors since Linux 5.8.
-* Large files: each ``put_part`` starts write-back of its range (``sync_file_range``
-  ``SYNC_FILE_RANGE_WRITE``, no wait), so the fsync at ``commit`` finds most pages already
-  written instead of starting the whole file's write-back then.
+* Large files: a ``put_part`` of at least ``writeback_min_bytes`` goes to the device at
+  once. With ``direct_io`` (``auto``: ext4, xfs, Lustre) its aligned head is written
+  through an ``O_DIRECT`` twin of the writer's descriptor, straight from the caller's
+  buffer (page-aligned pool buffers; an unaligned buffer, offset or tail is written
+  buffered), and ``digest`` reads large files back with ``O_DIRECT`` too. Otherwise the
+  part is written buffered and its write-back started (``sync_file_range``
+  ``SYNC_FILE_RANGE_WRITE``, no wait). Either way the fsync at ``commit`` finds most bytes
+  already written instead of starting the whole file's write-back then, and it still
+  comes before the rename.
 
 Lustre: when the root is on Lustre (or ``lustre = true``), each new temp file is created
 with its layout by ``lfs setstripe`` before any byte is written (see ``lustre.py``).

@@ -15,6 +15,8 @@ from urllib.parse import SplitResult
 from datasync.backends.base import Capabilities, ObjectInfo, check_key
 from datasync.backends.posix.files import PosixFiles
 from datasync.backends.posix.io import (
+    DIRECT_ALIGN,
+    DIRECT_TYPES,
     GROUP_SYNC_MODES,
     SYNCFS_TYPES,
     TEMP_RE,
@@ -22,7 +24,9 @@ from datasync.backends.posix.io import (
     copy_fd,
     fsync_dir,
     is_temp_name,
+    open_direct,
     option_bool,
+    pread_direct,
     translate_os_errors,
     unlink_quietly,
 )
@@ -30,10 +34,12 @@ from datasync.backends.posix.lustre import DEFAULT_LARGE_LAYOUT, fs_type, stripe
 from datasync.backends.posix.tree import LINK_IMPOSSIBLE, LocalTreeOps
 from datasync.backends.posix.writer import PosixGroupCommit, PosixWriter, open_writer
 from datasync.errors import ConfigError, NotFound, SourceChanged
+from datasync.manifest.hashing import ChunkedHasher, hash_file
 
 __all__ = ["PosixBackend"]
 
 log = logging.getLogger(__name__)
+_WHOLE = 2**62  # a chunk size no file reaches: the hashers then give the whole-file digest
 
 _OPTIONS = frozenset(
     {
@@ -45,6 +51,7 @@ _OPTIONS = frozenset(
         "lfs_command",
         "group_sync",
         "writeback_min_bytes",
+        "direct_io",
         "file_mode",
     }
 )
@@ -66,13 +73,18 @@ class PosixBackend(LocalTreeOps):
         mountinfo: str = "/proc/self/mountinfo",
         group_sync: str = "auto",
         writeback_min_bytes: int = 8 * 1024 * 1024,
+        direct_io: bool | str = "auto",
         file_mode: int = 0o444,
     ) -> None:
         root = os.path.abspath(os.fspath(root))
         if group_sync not in GROUP_SYNC_MODES:
             raise ValueError(f"group_sync must be one of {', '.join(GROUP_SYNC_MODES)}")
+        kind = fs_type(root, mountinfo) if "auto" in (group_sync, direct_io) else None
         if group_sync == "auto":
-            group_sync = "syncfs" if fs_type(root, mountinfo) in SYNCFS_TYPES else "fsync"
+            group_sync = "syncfs" if kind in SYNCFS_TYPES else "fsync"
+        direct = (
+            kind in DIRECT_TYPES if direct_io == "auto" else option_bool(direct_io, "direct_io")
+        )
         if not 0 <= file_mode <= 0o777:
             raise ValueError(f"file_mode must be a permission mode, got {file_mode:o}")
         striping = stripe_policy(
@@ -92,6 +104,7 @@ class PosixBackend(LocalTreeOps):
             group_sync=group_sync,
             # Parts smaller than this are left to the commit's fsync (no early write-back).
             writeback_min_bytes=writeback_min_bytes,
+            direct_io=direct,
         )
 
     @classmethod
@@ -122,6 +135,27 @@ class PosixBackend(LocalTreeOps):
     @property
     def group_sync(self) -> str:
         return self.files.group_sync
+
+    def reads_direct(self, size: int) -> bool:
+        """Does ``digest`` read a file of ``size`` bytes with direct I/O (given a buffer)?
+        Exactly when its parts were written that way: a file too small for that is read
+        through the page cache, where its bytes still are."""
+        return self.files.direct_io and size >= self.files.writeback_min_bytes
+
+    def digest(self, key: str, buf: memoryview | None = None) -> str:
+        """The xxh3-128 digest of the whole file at ``key``, read back to verify a commit.
+
+        Where ``reads_direct`` and ``buf`` is page-aligned (a pool buffer), the bytes come
+        from the device with ``O_DIRECT``, ``len(buf)`` at a time: what a later reader
+        gets, not a copy in the page cache (and nothing is copied into it). Otherwise, or
+        if the file system refuses, ``hash_file`` reads it through the page cache."""
+        path, url = self.files.path(key), self.files.url(key)
+        with translate_os_errors(url):
+            if buf is not None and len(buf) >= DIRECT_ALIGN and self.files.direct_io:
+                got = _hash_direct(path, buf, self.files.writeback_min_bytes)
+                if got is not None:
+                    return got
+            return hash_file(path, _WHOLE)[0]
 
     @property
     def capabilities(self) -> Capabilities:
@@ -323,3 +357,32 @@ class PosixBackend(LocalTreeOps):
                 except FileNotFoundError:
                     continue  # deleted while we listed
                 yield self.files.info(key, st)
+
+
+def _hash_direct(path: str, buf: memoryview, min_bytes: int) -> str | None:
+    """The digest of the file at ``path`` read with ``O_DIRECT`` into ``buf``; None when
+    it is smaller than ``min_bytes`` or direct reads are refused (the caller reads it
+    buffered). A short read ends the digest early, so it cannot match the manifest."""
+    fd = open_direct(path, os.O_RDONLY | os.O_NONBLOCK)
+    if fd is None:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not statmod.S_ISREG(st.st_mode):
+            raise OSError(f"not a regular file: {path}")
+        if st.st_size < min_bytes:
+            return None
+        hasher = ChunkedHasher(_WHOLE)
+        offset = 0
+        while (n := pread_direct(fd, buf, offset)) != 0:
+            if n is None:
+                if offset:
+                    raise OSError(f"direct read of {path} refused at byte {offset}")
+                return None
+            hasher.update(buf[:n])
+            offset += n
+            if n % DIRECT_ALIGN:
+                break  # end of file (an unaligned offset cannot be read direct)
+        return hasher.result().digest
+    finally:
+        os.close(fd)

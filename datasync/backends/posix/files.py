@@ -40,7 +40,10 @@ class PosixFiles:
     preallocate: bool = True
     striping: StripePolicy | None = None
     group_sync: str = "fsync"  # "fsync" | "syncfs", resolved by the backend
+    # Parts of at least this many bytes go to disk at once: direct I/O where ``direct_io``
+    # (resolved by the backend), else early write-back.
     writeback_min_bytes: int = 8 * 1024 * 1024
+    direct_io: bool = False
 
     def path(self, key: str) -> str:
         check_key(key)

@@ -29,6 +29,8 @@ from datasync.errors import (
 )
 
 __all__ = [
+    "DIRECT_ALIGN",
+    "DIRECT_TYPES",
     "GROUP_SYNC_MODES",
     "SYNCFS_TYPES",
     "TEMP_RE",
@@ -38,9 +40,13 @@ __all__ = [
     "exchange_paths",
     "fsync_dir",
     "is_temp_name",
+    "open_direct",
     "option_bool",
     "os_error_to_storage",
+    "pread_direct",
     "preallocate_fd",
+    "pwrite_all",
+    "pwrite_direct",
     "rename_noreplace",
     "start_writeback",
     "syncfs_fd",
@@ -174,6 +180,72 @@ def syncfs_fd(fd: int) -> None:
     if fn(ctypes.c_int(fd)) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+# Direct I/O (O_DIRECT) for the large parts of big files: the device reads the verified
+# buffer itself, so neither the part nor the read-back passes through the page cache.
+# Where "auto" turns it on: local file systems and Lustre, whose O_DIRECT is plain
+# (btrfs checksums and NFS's uncached semantics are left buffered).
+DIRECT_TYPES = frozenset({"ext4", "xfs", "lustre"})
+# Offsets, lengths and buffer addresses of direct transfers are multiples of this (the
+# page size covers every logical block size in use).
+DIRECT_ALIGN = 4096
+# The kernel, the file system or the buffer refuse direct I/O: the caller goes buffered.
+_NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def open_direct(path: str, flags: int) -> int | None:
+    """``path`` opened with ``O_DIRECT`` added to ``flags``; None where the file system
+    refuses it (tmpfs, some FUSE mounts), so the caller stays buffered."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return None
+    try:
+        return os.open(path, flags | direct | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in _NO_DIRECT:
+            return None
+        raise
+
+
+def pread_direct(fd: int, view: memoryview, offset: int) -> int | None:
+    """One read through the ``O_DIRECT`` descriptor ``fd`` into the aligned head of
+    ``view``; None when the buffer or the file system refuses direct I/O."""
+    head = len(view) - len(view) % DIRECT_ALIGN
+    try:
+        return os.preadv(fd, [view[:head]], offset)
+    except OSError as exc:
+        if exc.errno in _NO_DIRECT:
+            return None
+        raise
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def pwrite_direct(fd: int, view: memoryview, offset: int) -> int:
+    """Write the aligned head of ``view`` at ``offset`` through the ``O_DIRECT`` descriptor
+    ``fd``; return how many bytes were written (a multiple of ``DIRECT_ALIGN``), 0 when the
+    offset or the buffer is not aligned (the caller writes the rest buffered)."""
+    head = len(view) - len(view) % DIRECT_ALIGN
+    if offset % DIRECT_ALIGN or head == 0:
+        return 0
+    done = 0
+    try:
+        while done < head:
+            n = os.pwrite(fd, view[done:head], offset + done)
+            if n <= 0 or n % DIRECT_ALIGN:  # a short, unaligned write: finish buffered
+                return done + max(n, 0)
+            done += n
+    except OSError as exc:
+        if exc.errno not in _NO_DIRECT:
+            raise
+        # An unaligned buffer (not from the pool) or a file system that takes direct
+        # opens but not these writes: the caller writes the rest buffered.
+    return done
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

@@ -15,6 +15,9 @@ from datasync.backends.posix.files import PosixFiles
 from datasync.backends.posix.io import (
     TOKEN_RE,
     fsync_dir,
+    open_direct,
+    pwrite_all,
+    pwrite_direct,
     start_writeback,
     syncfs_fd,
     temp_name,
@@ -58,7 +61,25 @@ def open_writer(
         if found != size:
             os.close(fd)
             raise ValueError(f"upload {token} holds {found} bytes, not {size}")
-    return PosixWriter(files, key, path, tmp, fd, layout, token)
+    return PosixWriter(files, key, path, tmp, fd, layout, token, _direct_twin(files, tmp, fd))
+
+
+def _direct_twin(files: PosixFiles, tmp: str, fd: int) -> int | None:
+    """A second descriptor on the temp, with ``O_DIRECT``, for the large parts; None when
+    the site writes buffered or its file system refuses direct I/O."""
+    if not files.direct_io:
+        return None
+    dfd: int | None = None
+    try:
+        if os.fstat(fd).st_size >= files.writeback_min_bytes:
+            dfd = open_direct(tmp, os.O_WRONLY)
+        if dfd is not None and os.fstat(dfd).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(tmp)  # the name moved under us: stay buffered
+    except OSError:
+        if dfd is not None:
+            os.close(dfd)
+        return None  # direct I/O is only faster, never needed
+    return dfd
 
 
 class PosixWriter:
@@ -73,9 +94,11 @@ class PosixWriter:
         fd: int,
         layout: PartLayout,
         token: str,
+        direct_fd: int | None = None,
     ) -> None:
         self._files = files
         self._fd: int | None = fd
+        self._direct_fd = direct_fd  # O_DIRECT twin of _fd for large parts, or None
         # Guards ``_fd``: abort() may run while other threads are in put_part, and a closed
         # descriptor number is soon reused by an unrelated open() in this process.
         self._fd_lock = threading.Lock()
@@ -96,16 +119,21 @@ class PosixWriter:
         offset = self._layout.offset(index)
         # A private duplicate: if abort() closes the writer's fd meanwhile, this part still
         # lands in the (now unlinked) temp file, never in whatever reuses the number.
+        large = len(view) >= self._files.writeback_min_bytes
         with translate_os_errors(self.url):
-            fd = self._dup()
+            fd, dfd = self._dups(direct=large)
             try:
-                done = 0
-                while done < len(view):
-                    done += os.pwrite(fd, view[done:], offset + done)
-                if done >= self._files.writeback_min_bytes:
-                    start_writeback(fd, offset, done)
+                # Direct I/O writes the aligned head from the verified buffer itself and
+                # returns once the device has it; the rest (an unaligned tail, or all of
+                # it where direct I/O is off) goes through the page cache.
+                done = pwrite_direct(dfd, view, offset) if dfd is not None else 0
+                pwrite_all(fd, view[done:], offset + done)
+                if large and not done:
+                    start_writeback(fd, offset, len(view))
             finally:
                 os.close(fd)
+                if dfd is not None:
+                    os.close(dfd)
 
     def durable_parts(self) -> set[int]:
         # The engine's chunk map is authoritative on POSIX (see the package docstring).
@@ -141,8 +169,10 @@ class PosixWriter:
         (and committed) by another writer. Idempotent; ``commit`` after it fails."""
         with self._fd_lock:
             fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+            dfd, self._direct_fd = self._direct_fd, None
+        for f in (fd, dfd):
+            if f is not None:
+                os.close(f)
 
     def stage(self, *, sync: bool) -> None:
         """For a group commit: give the temp its final mode, fsync it when ``sync``, and
@@ -162,17 +192,28 @@ class PosixWriter:
 
     def __del__(self) -> None:
         # A writer dropped without commit/abort/close must not leak its descriptor.
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            self._fd = None
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for name in ("_fd", "_direct_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                setattr(self, name, None)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _dup(self) -> int:
+        return self._dups(direct=False)[0]
+
+    def _dups(self, *, direct: bool) -> tuple[int, int | None]:
+        """Duplicates of the descriptor and (``direct``) of its O_DIRECT twin, if any."""
         with self._fd_lock:
             if self._fd is None:
                 raise ValueError(f"writer for {self.key} is already committed or aborted")
-            return os.dup(self._fd)
+            fd = os.dup(self._fd)
+            try:
+                dfd = os.dup(self._direct_fd) if direct and self._direct_fd is not None else None
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, dfd
 
 
 class PosixGroupCommit:

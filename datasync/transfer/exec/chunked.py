@@ -213,8 +213,14 @@ def run_finalize(
     finally:
         writer.close()  # after commit a no-op; otherwise the retry resumes it
     failpoint("after_commit")
-    # A store that proved it holds exactly the verified parts needs no re-read.
-    stored = digest if info.verified else hash_object(backend, key, size, buffers=ctx.buffers)
+    # A store that proved it holds exactly the verified parts needs no re-read. The re-read
+    # goes a part at a time: the pool's part-sized buffers are reused, not evicted for a
+    # smaller size (a POSIX direct read-back of 256 MiB then takes 4 reads, not 32).
+    stored = (
+        digest
+        if info.verified
+        else hash_object(backend, key, size, buffers=ctx.buffers, block=lay.layout.part_size)
+    )
     if stored != digest:
         backend.delete(key)
         ctx.state.uploads.forget(dst, digest)
