@@ -102,15 +102,34 @@ def _candidates(now: str, not_full: str) -> str:
                      LIMIT :window) AS expired"""
 
 
+def _heads(now: str, reach: str, lock: str) -> str:
+    """Without caps: the first ``n`` claimable rows of each claim index, locked as they are
+    read (rows others hold are skipped; a row taken meanwhile fails its re-checked WHERE),
+    then the first ``n`` of those in claim order. The rows left over stay locked until the
+    claim commits; nobody waits for them."""
+    not_paused = _NOT_PAUSED.format(now=now)
+    columns = "id, latest_start, priority, created_at"
+    return f"""SELECT id FROM (
+    SELECT {columns} FROM (SELECT {columns} FROM tasks
+                     WHERE state = 'queued' AND blocked_by = 0 AND not_before <= {now}
+                       {not_paused} {reach}
+                     ORDER BY {_ORDER}{lock}
+                     LIMIT :n) AS queued
+    UNION ALL
+    SELECT {columns} FROM (SELECT {columns} FROM tasks
+                     WHERE state = 'leased' AND lease_expires_at < {now}
+                       AND attempts < max_attempts {not_paused} {reach}
+                     ORDER BY lease_expires_at{lock}
+                     LIMIT :n) AS expired) AS heads
+         ORDER BY {_ORDER}
+         LIMIT :n"""
+
+
 def _chosen(now: str, capped: bool, reach: str, lock: str) -> str:
     """The ids to lease, in claim order: claimable candidates, at most a link's room each."""
     claimable = _CLAIMABLE.format(now=now)
     if not capped:
-        return f"""SELECT id FROM tasks
-         WHERE id IN ({_candidates(now, reach)})
-           AND {claimable}
-         ORDER BY {_ORDER}{lock}
-         LIMIT :n"""
+        return _heads(now, reach, lock)
     # Rank each link's candidates in claim order; a link with cap c and b live leases
     # takes its first c - b.
     ranked = f"""SELECT c.id FROM (
