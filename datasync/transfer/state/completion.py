@@ -34,6 +34,7 @@ from datasync.events import PlacementPublishing, PlacementReady, TaskCompleted
 from datasync.models import PlacementState
 from datasync.transfer.payloads import TaskKind
 from datasync.transfer.state._core import Txn
+from datasync.transfer.state.claim_sql import returning_columns
 from datasync.transfer.state.sharing import take_waits
 
 __all__ = ["Completion", "Credit", "complete_tasks", "write_placements"]
@@ -54,10 +55,11 @@ UPDATE tasks AS t
  WHERE t.id = mine.id AND d.id = mine.id
 RETURNING {", ".join(f"t.{c.strip()}" for c in _RETURNING.split(","))}
 """
-)
+).columns(*returning_columns(_RETURNING, {}))
 # SQLite: no row locks (``BEGIN IMMEDIATE`` holds the database's); :done is [[id, moved]].
-_DONE_SQLITE = sa.text(
-    f"""
+_DONE_SQLITE = (
+    sa.text(
+        f"""
 UPDATE tasks
    SET state = 'done', lease_expires_at = NULL, finished_at = :now, bytes_moved = d.moved
   FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS moved
@@ -65,7 +67,10 @@ UPDATE tasks
  WHERE tasks.id = d.id AND tasks.state = 'leased' AND tasks.lease_owner = :owner
 RETURNING {", ".join(f"tasks.{c.strip()}" for c in _RETURNING.split(","))}
 """
-).bindparams(sa.bindparam("now", type_=_TS))
+    )
+    .bindparams(sa.bindparam("now", type_=_TS))
+    .columns(*returning_columns(_RETURNING, {}))
+)
 _UNBLOCK = (
     sa.update(Task)
     .where(col(Task.id) == sa.bindparam("task_id"))
