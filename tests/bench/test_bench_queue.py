@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "docs" / "bench-results" / "queue.md"
 N_TASKS = int(os.environ.get("BENCH_QUEUE_TASKS", "20000"))
 WORKERS = int(os.environ.get("BENCH_QUEUE_WORKERS", "8"))
+ROUNDS = int(os.environ.get("BENCH_QUEUE_ROUNDS", "2"))
 BATCH = 4  # WorkerOptions.task_slots: what a worker claims at once
 TARGET = 5000.0
 ROWS: list[str] = []
@@ -202,7 +203,8 @@ def _write_results() -> Iterator[None]:
         "payloads. datasync runs `TaskStates.complete_and_claim` (the production worker's "
         "turn: the tasks finished since the last turn completed and the free slots claimed "
         "in one transaction); the peer is a bare psycopg `FOR UPDATE SKIP LOCKED` loop on a "
-        f"one-index table, in the same run. Target: >= {TARGET:,.0f} tasks/s.",
+        f"one-index table, in the same run; {ROUNDS} interleaved rounds, each queue's best "
+        f"shown. Target: >= {TARGET:,.0f} tasks/s.",
         [
             "Queue",
             "Tasks",
@@ -242,8 +244,8 @@ def _profile(ds: tuple[float, int, int, float, float]) -> list[str]:
         "| Where | CPU per task | What it is | What would cut it |",
         "|---|---|---|---|",
         f"| datasync worker (Python) | {cpu:,.0f} µs | SQLAlchemy per statement: pool "
-        "checkout and pre-ping, result metadata built from the cursor description for each "
-        "text statement, row conversion (payload JSON, datetimes); the event objects | "
+        "checkout and pre-ping, psycopg building each result's cursor description, row "
+        "conversion (payload JSON, datetimes), the event objects | "
         "no pre-ping on every checkout (`datasync/db/engine.py`: `pool_pre_ping` costs a "
         "round trip per transaction); the two hot statements through the driver "
         "(`exec_driver_sql`, prepared) instead of `text()` results |",
@@ -265,18 +267,35 @@ def _reset_bare(url: str) -> None:
         conn.execute("VACUUM ANALYZE bare_jobs")
 
 
+def _reset_datasync(url: str) -> None:
+    with psycopg.connect(_psycopg_dsn(url), autocommit=True) as conn:
+        conn.execute(
+            "UPDATE tasks SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL,"
+            " attempts = 0, finished_at = NULL"
+        )
+        conn.execute("VACUUM ANALYZE tasks")
+
+
+_Race = tuple[float, int, int, float, float]
+
+
 def test_claim_and_complete_throughput(pg_url: str) -> None:
     _fill_datasync(pg_url)
     _fill_bare(pg_url)
-    bare = _race(bare_worker, pg_url)
-    assert _done(pg_url, "SELECT count(*) FROM bare_jobs WHERE state = 'done'") == N_TASKS
-    _reset_bare(pg_url)
-    relaxed = _race(bare_worker_relaxed, pg_url)
-    assert _done(pg_url, "SELECT count(*) FROM bare_jobs WHERE state = 'done'") == N_TASKS
-    ds = _race(datasync_worker, pg_url)
-    assert _done(pg_url, "SELECT count(*) FROM tasks WHERE state = 'done'") == N_TASKS
-    for _seconds, claimed, doubles, _cpu, _pg in (bare, relaxed, ds):
+    # Interleaved rounds (the machine is shared): each queue's best round is reported.
+    rounds: dict[str, list[_Race]] = {"bare": [], "relaxed": [], "ds": []}
+    for _ in range(ROUNDS):
+        for name, worker, table, reset in (
+            ("bare", bare_worker, "bare_jobs", _reset_bare),
+            ("ds", datasync_worker, "tasks", _reset_datasync),
+            ("relaxed", bare_worker_relaxed, "bare_jobs", _reset_bare),
+        ):
+            rounds[name].append(_race(worker, pg_url))
+            assert _done(pg_url, f"SELECT count(*) FROM {table} WHERE state = 'done'") == N_TASKS
+            reset(pg_url)
+    for _seconds, claimed, doubles, _cpu, _pg in (r for rs in rounds.values() for r in rs):
         assert (claimed, doubles) == (N_TASKS, 0)
+    bare, relaxed, ds = (min(rounds[n]) for n in ("bare", "relaxed", "ds"))
     peer_rate = N_TASKS / bare[0]
     for name, (seconds, _n, doubles, cpu, pg_cpu) in (
         ("datasync `TaskStates.complete_and_claim`", ds),
