@@ -8,7 +8,8 @@ use, not at import.
 Points: ``after_put_part`` (a chunk written, not yet in the chunk map), ``after_mark_part``,
 ``before_commit``, ``after_commit`` (object committed, replica not yet recorded),
 ``mid_publish`` (staging half built), ``before_rename`` (staging complete, not yet visible),
-``after_publish`` (view visible, placement not yet READY).
+``after_publish`` (view visible, placement not yet READY), ``before_complete`` (tasks
+finished, their completion not yet sent: the worker's group commit).
 """
 
 from __future__ import annotations

@@ -4,10 +4,12 @@
 nothing inherited but the settings; each builds its own engine, backends and pools through
 ``bootstrap``). Each process runs one ``WorkerLoop``:
 
-* claim up to ``task_slots`` free slots' worth of tasks -> run each in the task pool (the
-  executor fans its parts out to the bounded I/O pool, sharing one ``BufferPool``) ->
-  ``complete`` with the bytes moved, or ``fail`` with the error (the queue decides between
-  retry and permanent failure);
+* each turn, one transaction (``TaskStates.complete_and_claim``) completes every task that
+  finished since the last turn, with the bytes it moved (group commit), and claims up to
+  ``task_slots`` free slots' worth of tasks -> run each in the task pool (the executor fans
+  its parts out to the bounded I/O pool, sharing one ``BufferPool``); a task that raised
+  is ``fail``ed with the error at once (the queue decides between retry and permanent
+  failure);
 * with nothing to claim, wait on the ``Wakeup`` (tasks queued anywhere, or one of ours
   finished) or, at most, the fallback poll ``idle_sleep``;
 * a heartbeat thread extends the leases of running tasks every ``lease_seconds / 3``; a
@@ -50,6 +52,7 @@ from datasync.errors import DatasyncError
 from datasync.models import TaskState
 from datasync.observe.workers import WORKER_BEAT_SECONDS, WorkerLiveness
 from datasync.transfer.exec import Executor, ReplanNeeded
+from datasync.transfer.failpoints import failpoint
 from datasync.transfer.state import ClaimedTask, TaskStates
 from datasync.transfer.wakeup import Wakeup
 
@@ -154,6 +157,8 @@ class WorkerLoop:
         self.tasks = cf.ThreadPoolExecutor(options.task_slots, thread_name_prefix="datasync-task")
         self.stats = WorkerStats()
         self._running: dict[int, tuple[cf.Future[int], threading.Event, ClaimedTask]] = {}
+        # Finished, not yet recorded complete: task id -> (task, bytes moved).
+        self._finished: dict[int, tuple[ClaimedTask, int]] = {}
         self._lock = threading.Lock()
         self._beat_stop = threading.Event()
 
@@ -222,16 +227,34 @@ class WorkerLoop:
                 log.warning("could not record the failure of task %s", task.id, exc_info=True)
             self.stats.failed += 1
             return
+        self._finished[task.id] = (task, moved)  # completed at the next turn
+
+    def _turn(self, free: int) -> list[ClaimedTask]:
+        """Complete every task that finished since the last turn and claim up to ``free``
+        more, in one transaction (group commit). Completions the database could not take
+        are kept for the next turn; should this process die first, their leases expire
+        and the tasks run again, a no-op (invariant 5)."""
+        finished = dict(self._finished)
+        if free <= 0 and not finished:
+            return []
+        moved = {task_id: m for task_id, (_task, m) in finished.items()}
+        if finished:
+            failpoint("before_complete")
         try:
-            # False when the lease was lost: the new owner's run is a no-op (idempotent).
-            done = self.queue.complete(self.owner, task.id, moved)
-        except DB_UNAVAILABLE:
-            log.warning("could not complete task %s; its lease will expire", task.id, exc_info=True)
-            return
-        if done:
-            self.stats.completed += 1
-            self.stats.bytes_moved += moved
-            self.stats.by_kind[task.kind] = self.stats.by_kind.get(task.kind, 0) + 1
+            done, claimed = self.queue.complete_and_claim(
+                self.owner, moved, free, self.options.lease_seconds, self.options.sites
+            )
+        except DB_UNAVAILABLE:  # database restart or network blip: try again shortly
+            log.warning("claim or complete failed; retrying", exc_info=True)
+            return []
+        for task_id, (task, m) in finished.items():
+            del self._finished[task_id]
+            # Not done when the lease was lost: the new owner's run is a no-op.
+            if task_id in done:
+                self.stats.completed += 1
+                self.stats.bytes_moved += m
+                self.stats.by_kind[task.kind] = self.stats.by_kind.get(task.kind, 0) + 1
+        return claimed
 
     def _reap(self, timeout: float) -> None:
         with self._lock:
@@ -258,15 +281,10 @@ class WorkerLoop:
         wakeup = Wakeup(self.engine).start()
         try:
             while not stop.is_set():
+                self._reap(0)  # tasks that finished meanwhile: completed by this turn
                 with self._lock:
                     free = self.options.task_slots - len(self._running)
-                try:
-                    claimed = self.queue.claim(
-                        self.owner, free, self.options.lease_seconds, self.options.sites
-                    )
-                except DB_UNAVAILABLE:  # database restart or network blip: try again shortly
-                    log.warning("claim failed; retrying", exc_info=True)
-                    claimed = []
+                claimed = self._turn(free)
                 for task in claimed:
                     cancel = threading.Event()
                     fut = self.tasks.submit(self.executor.execute, task, cancel)
@@ -274,16 +292,14 @@ class WorkerLoop:
                     with self._lock:
                         self._running[task.id] = (fut, cancel, task)
                 if claimed:
-                    self._reap(0)
                     continue
                 with self._lock:
                     running = len(self._running)
-                if not running and once and self._idle(placements):
+                if not running and not self._finished and once and self._idle(placements):
                     break
                 # Until tasks are queued (a notification), one of ours finishes, or the
                 # fallback poll: leases expire and retries come due unannounced.
                 wakeup.wait(stop, self.options.idle_sleep)
-                self._reap(0)
             self._drain()
         finally:
             wakeup.close()
@@ -302,22 +318,31 @@ class WorkerLoop:
     def _drain(self) -> None:
         """Stop: let running tasks finish for ``grace`` seconds, then cancel the rest."""
         deadline = time.monotonic() + self.options.grace
-        while True:
+        try:
+            while True:
+                self._turn(0)  # complete what finished, claim nothing
+                with self._lock:
+                    if not self._running:
+                        return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._reap(min(remaining, 1.0))
             with self._lock:
-                if not self._running:
-                    return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._reap(min(remaining, 1.0))
-        with self._lock:
-            for _fut, cancel, _task in self._running.values():
-                cancel.set()  # parts stop at their next boundary; _finish hands them back
-        while True:
-            with self._lock:
-                if not self._running:
-                    return
-            self._reap(1.0)
+                for _fut, cancel, _task in self._running.values():
+                    cancel.set()  # parts stop at their next boundary; _finish hands them back
+            while True:
+                with self._lock:
+                    if not self._running:
+                        return
+                self._reap(1.0)
+        finally:
+            self._turn(0)
+            if self._finished:
+                log.warning(
+                    "%d finished tasks not recorded complete; their leases will expire",
+                    len(self._finished),
+                )
 
     def close(self) -> None:
         self.tasks.shutdown(wait=True)

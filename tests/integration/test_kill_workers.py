@@ -68,6 +68,7 @@ SCENARIOS = [
     ("mid_publish:1", False),
     ("before_rename:1", False),
     ("after_publish:1", False),
+    ("before_complete:1", False),  # tasks done, the turn that completes them never sent
     ("random", False),
 ]
 _FORK = multiprocessing.get_context("fork")

@@ -8,6 +8,7 @@ import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -29,6 +30,7 @@ from tests.fixtures.transfer import (
     task_row,
     task_states,
     tasks_of,
+    turn_until_empty,
 )
 
 
@@ -121,16 +123,16 @@ def test_a_worker_claims_only_tasks_within_its_reach(engine: Engine, placement: 
     assert queue.claim("anyone", 10, 60) == []
 
 
+# Each process claims and completes task by task, or takes turns as the worker does
+# (``complete_and_claim``: the previous turn's tasks completed with the next claim).
+@pytest.mark.parametrize("entry", [claim_until_empty, turn_until_empty])
 def test_concurrent_processes_never_claim_the_same_task(
-    engine: Engine, placement: int, db_url: str
+    engine: Engine, placement: int, db_url: str, entry: Any
 ) -> None:
     ids = {add_task(engine, placement) for _ in range(600)}
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Barrier(5), ctx.Queue()  # 4 claimers + this test
-    procs = [
-        ctx.Process(target=claim_until_empty, args=(db_url, f"proc{i}", 3, start, out))
-        for i in range(4)
-    ]
+    procs = [ctx.Process(target=entry, args=(db_url, f"proc{i}", 3, start, out)) for i in range(4)]
     for proc in procs:
         proc.start()
     start.wait(120)  # every process has connected: now they race

@@ -9,7 +9,9 @@ A claim is ONE statement (``TaskStates.claim`` runs it):
   lock), so two claimers never get the same task.
 
 Candidates are the head of each claim index (queued tasks in claim order; leases that may
-have expired), so a claim reads O(window) rows however long the queue is.
+have expired), so a claim reads O(n) rows however long the queue is. Without link caps each
+head is read and locked in one pass (``FOR UPDATE SKIP LOCKED LIMIT n``, as a bare
+SKIP LOCKED queue does); with caps a window of candidates is ranked per link first.
 
 **Link caps** (``[sites.SRC.links.DST] concurrency``, as FTS3's per-link "max active"):
 the claim never leases more tasks on a link than its cap, counting live leases of every
@@ -41,7 +43,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-__all__ = ["CLAIM_COLUMNS", "claim_statement"]
+__all__ = ["CLAIM_COLUMNS", "claim_statement", "returning_columns"]
 
 _TS = sa.DateTime(timezone=True)
 _ORDER = "latest_start, priority DESC, created_at, id"
@@ -102,15 +104,34 @@ def _candidates(now: str, not_full: str) -> str:
                      LIMIT :window) AS expired"""
 
 
+def _heads(now: str, reach: str, lock: str) -> str:
+    """Without caps: the first ``n`` claimable rows of each claim index, locked as they are
+    read (rows others hold are skipped; a row taken meanwhile fails its re-checked WHERE),
+    then the first ``n`` of those in claim order. The rows left over stay locked until the
+    claim commits; nobody waits for them."""
+    not_paused = _NOT_PAUSED.format(now=now)
+    columns = "id, latest_start, priority, created_at"
+    return f"""SELECT id FROM (
+    SELECT {columns} FROM (SELECT {columns} FROM tasks
+                     WHERE state = 'queued' AND blocked_by = 0 AND not_before <= {now}
+                       {not_paused} {reach}
+                     ORDER BY {_ORDER}{lock}
+                     LIMIT :n) AS queued
+    UNION ALL
+    SELECT {columns} FROM (SELECT {columns} FROM tasks
+                     WHERE state = 'leased' AND lease_expires_at < {now}
+                       AND attempts < max_attempts {not_paused} {reach}
+                     ORDER BY lease_expires_at{lock}
+                     LIMIT :n) AS expired) AS heads
+         ORDER BY {_ORDER}
+         LIMIT :n"""
+
+
 def _chosen(now: str, capped: bool, reach: str, lock: str) -> str:
     """The ids to lease, in claim order: claimable candidates, at most a link's room each."""
     claimable = _CLAIMABLE.format(now=now)
     if not capped:
-        return f"""SELECT id FROM tasks
-         WHERE id IN ({_candidates(now, reach)})
-           AND {claimable}
-         ORDER BY {_ORDER}{lock}
-         LIMIT :n"""
+        return _heads(now, reach, lock)
     # Rank each link's candidates in claim order; a link with cap c and b live leases
     # takes its first c - b.
     ranked = f"""SELECT c.id FROM (
@@ -159,7 +180,7 @@ def claim_statement(pg: bool, capped: bool, scoped: bool = False) -> sa.TextualS
  WHERE t.id IN ({_chosen(now, capped, reach, lock=" FOR UPDATE SKIP LOCKED")})
 RETURNING {_RETURNING}
 """
-        return sa.text(sql).columns(**CLAIM_COLUMNS)
+        return sa.text(sql).columns(*returning_columns(_RETURNING, CLAIM_COLUMNS))
     sql = f"""{ctes if capped else ""}UPDATE tasks
    SET state = 'leased',
        lease_owner = :owner,
@@ -178,7 +199,7 @@ RETURNING {_RETURNING}
     return (
         sa.text(sql)
         .bindparams(sa.bindparam("now", type_=_TS), sa.bindparam("until", type_=_TS))
-        .columns(**CLAIM_COLUMNS)
+        .columns(*returning_columns(_RETURNING, CLAIM_COLUMNS))
     )
 
 
@@ -189,3 +210,12 @@ CLAIM_COLUMNS: dict[str, sa.types.TypeEngine[Any]] = {
     "created_at": _TS,
     "latest_start": _TS,
 }
+
+
+def returning_columns(
+    names: str, types: dict[str, sa.types.TypeEngine[Any]]
+) -> list[sa.ColumnClause[Any]]:
+    """A text statement's RETURNING list as columns, in order: SQLAlchemy then matches the
+    result by position and caches its metadata with the statement (by name, it rebuilds
+    it from the cursor description at every execution)."""
+    return [sa.column(n.strip(), types.get(n.strip())) for n in names.split(",")]

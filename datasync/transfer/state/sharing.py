@@ -11,7 +11,7 @@ the unit of planning is the placement, so sharing is explicit:
   checks the mover is still queued or leased in the same statement that bumps it, so a
   mover cannot complete unseen in between.
 * When the mover completes, the same transaction credits each waiting placement with the
-  blob's files and bytes and releases its publish counts (``settle_completed``).
+  blob's files and bytes and releases its publish counts (``take_waits``).
 * When the mover ends any other way (failed, its placement failed or was re-planned or
   removed), ``settle_orphans`` (a worker chore) releases the waits and returns the waiting
   placements so they are planned again: the blob is then present, in flight elsewhere, or
@@ -37,7 +37,14 @@ from datasync.models import PlacementState, TaskState
 from datasync.transfer.payloads import BlobsPayload, FinalizePayload, Payload
 from datasync.transfer.state._core import StateBase, Txn, row_id
 
-__all__ = ["BlobSharing", "BlobWant", "attach_waits", "moved_blobs", "record_moves"]
+__all__ = [
+    "BlobSharing",
+    "BlobWant",
+    "attach_waits",
+    "moved_blobs",
+    "record_moves",
+    "take_waits",
+]
 
 _ACTIVE = (TaskState.QUEUED, TaskState.LEASED)
 # Waiting placements still worth planning again when their mover is gone.
@@ -134,15 +141,18 @@ def attach_waits(
     return unresolved
 
 
-def settle_completed(txn: Txn, mover_id: int) -> None:
-    """The mover completed: credit each waiting placement and release its publish."""
-    waits = _delete_waits(txn, col(BlobWait.mover_id) == mover_id)
-    _release(txn, waits)
-    for placement_id, (files, nbytes) in _sum_by_placement(waits).items():
-        _credit(txn, placement_id, files, nbytes)
-
-
 _Waits = Sequence[tuple[int, int, int, int]]  # publish, placement, files, bytes
+
+
+def take_waits(txn: Txn, mover_ids: Sequence[int]) -> _Waits:
+    """The movers completed: remove the waits on them and return them. The caller (the
+    completion, same transaction) releases each wait's publish count and credits its
+    placement with the blob's files and bytes."""
+    if not mover_ids:
+        return []
+    return _delete_waits(txn, col(BlobWait.mover_id).in_(mover_ids))
+
+
 _WAIT_COLUMNS = (
     col(BlobWait.publish_id),
     col(BlobWait.placement_id),
@@ -154,14 +164,6 @@ _WAIT_COLUMNS = (
 def _delete_waits(txn: Txn, where: sa.ColumnElement[bool]) -> _Waits:
     rows = txn.conn.execute(sa.delete(BlobWait).where(where).returning(*_WAIT_COLUMNS))
     return [(int(a), int(b), int(c), int(d)) for a, b, c, d in rows]
-
-
-def _sum_by_placement(waits: _Waits) -> dict[int, tuple[int, int]]:
-    sums: dict[int, tuple[int, int]] = {}
-    for _publish, placement, files, nbytes in waits:
-        f, b = sums.get(placement, (0, 0))
-        sums[placement] = (f + files, b + nbytes)
-    return sums
 
 
 def _release(txn: Txn, waits: _Waits) -> None:

@@ -25,6 +25,10 @@ Invariants:
   same with ten tasks queued or ten million.
 * Only the lease owner can heartbeat, complete or fail a task; a worker whose lease was
   taken over learns it from the return value and must stop (its work is idempotent).
+* A worker's turn is one transaction (``complete_and_claim``): the tasks it finished since
+  its last turn are completed (``completion``), then its free slots claimed. Rows are
+  locked in one order: task rows (descending id, as ``schedule`` and the heartbeat lock
+  them) before placement rows (descending id).
 * Completing a task decrements its parent's ``blocked_by`` and adds the task's logical
   files/bytes to its placement in the same transaction; completing ``publish`` makes the
   placement READY.
@@ -56,11 +60,8 @@ from datasync.db.transfer_tables import NO_DEADLINE, Placement, Task
 from datasync.errors import DatasyncError, TransientError
 from datasync.events import (
     PlacementFailed,
-    PlacementPublishing,
-    PlacementReady,
     SitePaused,
     TaskClaimed,
-    TaskCompleted,
     TaskFailed,
     TaskRetried,
     TaskStuck,
@@ -69,7 +70,7 @@ from datasync.models import PlacementState, TaskState
 from datasync.transfer.payloads import Payload, TaskKind, encode, kind_of, link_of
 from datasync.transfer.state._core import StateBase, Txn, as_utc, row_id
 from datasync.transfer.state.claim_sql import claim_statement
-from datasync.transfer.state.sharing import settle_completed
+from datasync.transfer.state.completion import complete_tasks, write_placements
 
 __all__ = [
     "ERROR_HISTORY",
@@ -97,7 +98,10 @@ _TS = sa.DateTime(timezone=True)
 HEARTBEAT_PG = sa.text(
     """
 UPDATE tasks SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
- WHERE id IN :ids AND state = 'leased' AND lease_owner = :owner
+ WHERE id IN (SELECT id FROM tasks
+               WHERE id IN :ids AND state = 'leased' AND lease_owner = :owner
+               ORDER BY id DESC
+                 FOR UPDATE)
 RETURNING id
 """
 ).bindparams(sa.bindparam("ids", expanding=True))
@@ -379,57 +383,72 @@ class TaskStates(StateBase):
     ) -> list[ClaimedTask]:
         """Lease up to ``limit`` claimable tasks to ``owner``, in claim order; with ``sites``,
         only tasks whose source and destination are among them (what the worker reaches)."""
-        if limit <= 0:
-            return []
+        return self.complete_and_claim(owner, {}, limit, lease_seconds, sites)[1]
+
+    def complete_and_claim(
+        self,
+        owner: str,
+        moved: Mapping[int, int],
+        limit: int,
+        lease_seconds: float,
+        sites: Collection[str] | None = None,
+    ) -> tuple[set[int], list[ClaimedTask]]:
+        """A worker's turn, in one transaction: complete the tasks of ``moved`` (task id ->
+        bytes moved) that ``owner`` still holds, then claim up to ``limit`` more (as
+        ``claim``). Returns the ids completed and the tasks claimed."""
+        if limit <= 0 and not moved:
+            return set(), []
         with self._write() as txn:
-            caps = self.link_caps
-            stmt = claim_statement(self.pg, bool(caps), sites is not None)
-            params: dict[str, Any] = {"owner": owner}
-            if sites is not None:
-                params["sites"] = json.dumps(sorted(sites))
-            if self.pg:
-                params["lease_seconds"] = lease_seconds
-            else:
-                params |= {"now": txn.now, "until": txn.now + timedelta(seconds=lease_seconds)}
+            # Task rows first (ours in descending id order, then parents), placements last.
+            done = complete_tasks(txn, owner, moved)
+            tasks = self._claim_in(txn, owner, limit, lease_seconds, sites) if limit > 0 else []
+            publishing = {t.placement_id for t in tasks if t.kind is TaskKind.PUBLISH}
+            write_placements(txn, done.credits, publishing)
+        return done.done, tasks
+
+    def _claim_in(
+        self,
+        txn: Txn,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        sites: Collection[str] | None,
+    ) -> list[ClaimedTask]:
+        caps = self.link_caps
+        stmt = claim_statement(self.pg, bool(caps), sites is not None)
+        params: dict[str, Any] = {"owner": owner}
+        if sites is not None:
+            params["sites"] = json.dumps(sorted(sites))
+        if self.pg:
+            params["lease_seconds"] = lease_seconds
+        else:
+            params |= {"now": txn.now, "until": txn.now + timedelta(seconds=lease_seconds)}
+        if caps:
+            params["caps"] = json.dumps(
+                [{"src": s, "dst": d, "n": n} for (s, d), n in sorted(caps.items())]
+            )
+        tasks: list[ClaimedTask] = []
+        # With caps, a round stops at the links it fills; the next round's scan leaves
+        # them out and reaches the others' tasks (at most one round per capped link).
+        while len(tasks) < limit:
+            n = limit - len(tasks)
             if caps:
-                params["caps"] = json.dumps(
-                    [{"src": s, "dst": d, "n": n} for (s, d), n in sorted(caps.items())]
+                params["window"] = max(4 * n, n + 64)  # room to skip rows others lock
+            rows = txn.conn.execute(stmt, {**params, "n": n}).mappings()
+            got = [_claimed(r) for r in rows.all()]
+            tasks += got
+            if not caps or not got:
+                break
+        for t in tasks:
+            txn.emit(
+                TaskClaimed(
+                    task_id=t.id,
+                    placement_id=t.placement_id,
+                    kind=t.kind,
+                    owner=owner,
+                    attempt=t.attempts,
                 )
-            tasks: list[ClaimedTask] = []
-            # With caps, a round stops at the links it fills; the next round's scan leaves
-            # them out and reaches the others' tasks (at most one round per capped link).
-            while len(tasks) < limit:
-                n = limit - len(tasks)
-                window = max(4 * n, n + 64)  # room to skip rows other claimers lock
-                rows = txn.conn.execute(stmt, {**params, "n": n, "window": window}).mappings()
-                got = [_claimed(r) for r in rows.all()]
-                tasks += got
-                if not caps or not got:
-                    break
-            publishing = [t.placement_id for t in tasks if t.kind is TaskKind.PUBLISH]
-            if publishing:
-                moved = txn.conn.execute(
-                    sa.update(Placement)
-                    .where(
-                        col(Placement.id).in_(publishing),
-                        col(Placement.state) == PlacementState.TRANSFERRING,
-                    )
-                    .values(state=PlacementState.PUBLISHING, updated_at=txn.clock)
-                    .returning(col(Placement.id))
-                ).scalars()
-                for pid in moved:
-                    txn.entered(row_id(pid), PlacementState.PUBLISHING)
-                    txn.emit(PlacementPublishing(placement_id=row_id(pid)))
-            for t in tasks:
-                txn.emit(
-                    TaskClaimed(
-                        task_id=t.id,
-                        placement_id=t.placement_id,
-                        kind=t.kind,
-                        owner=owner,
-                        attempt=t.attempts,
-                    )
-                )
+            )
         return sorted(tasks, key=_claim_order)
 
     def heartbeat(self, owner: str, task_ids: Iterable[int], lease_seconds: float) -> set[int]:
@@ -456,80 +475,16 @@ class TaskStates(StateBase):
 
     def complete(self, owner: str, task_id: int, bytes_moved: int = 0) -> bool:
         """Mark a leased task done. False (and nothing changed) if ``owner`` lost the lease."""
-        with self._write() as txn:
-            row = txn.conn.execute(
-                sa.update(Task)
-                .where(
-                    col(Task.id) == task_id,
-                    col(Task.state) == TaskState.LEASED,
-                    col(Task.lease_owner) == owner,
-                )
-                .values(
-                    state=TaskState.DONE,
-                    lease_expires_at=None,
-                    finished_at=txn.clock,
-                    bytes_moved=bytes_moved,
-                )
-                .returning(
-                    col(Task.parent_id),
-                    col(Task.placement_id),
-                    col(Task.kind),
-                    col(Task.files),
-                    col(Task.bytes),
-                    col(Task.waiters),
-                )
-            ).one_or_none()
-            if row is None:
-                return False
-            parent_id, placement_id, kind, files, nbytes, waiters = row
-            if waiters:  # other placements waited for the blobs this task moved
-                settle_completed(txn, task_id)
-            txn.emit(
-                TaskCompleted(
-                    task_id=task_id,
-                    placement_id=placement_id,
-                    kind=kind,
-                    owner=owner,
-                    bytes_moved=bytes_moved,
-                    files=files,
-                    bytes=nbytes,
-                )
-            )
-            if parent_id is not None:
-                txn.conn.execute(
-                    sa.update(Task)
-                    .where(col(Task.id) == parent_id)
-                    .values(blocked_by=col(Task.blocked_by) - 1)
-                )
-            ready = kind == TaskKind.PUBLISH
-            if not (ready or files or nbytes):
-                return True  # nothing to add: spare the hot placement row its lock
-            values: dict[str, Any] = {
-                "files_done": col(Placement.files_done) + files,
-                "bytes_done": col(Placement.bytes_done) + nbytes,
-                "updated_at": txn.clock,
-            }
-            if ready:
-                became_ready = txn.conn.execute(
-                    sa.update(Placement)
-                    .where(
-                        col(Placement.id) == placement_id,
-                        col(Placement.state).in_(
-                            (PlacementState.PUBLISHING, PlacementState.TRANSFERRING)
-                        ),
-                    )
-                    .values(
-                        state=PlacementState.READY, error=None, last_used_at=txn.clock, **values
-                    )
-                )
-                if became_ready.rowcount:
-                    txn.entered(placement_id, PlacementState.READY)
-                    txn.emit(PlacementReady(placement_id=placement_id))
-                    return True
-            txn.conn.execute(
-                sa.update(Placement).where(col(Placement.id) == placement_id).values(**values)
-            )
-            return True
+        return task_id in self.complete_many(owner, {task_id: bytes_moved})
+
+    def complete_many(self, owner: str, moved: Mapping[int, int]) -> set[int]:
+        """Mark done, in one transaction, the tasks of ``moved`` (task id -> bytes moved)
+        that ``owner`` still holds; return their ids. A task whose lease was lost is left
+        as it is (the new owner's run is a no-op: tasks are idempotent). See
+        ``completion``."""
+        if not moved:
+            return set()
+        return self.complete_and_claim(owner, moved, 0, 0)[0]
 
     def fail(self, owner: str, task_id: int, exc: BaseException) -> TaskState | None:
         """Record a failed attempt. Returns the task's new state (``queued`` = will retry,
