@@ -12,6 +12,7 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
 
 if TYPE_CHECKING:
     from pluggy import Result
@@ -24,6 +25,11 @@ pytest_plugins = [
 ]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+# No per-example time limit: tests check behaviour, not speed, and a busy 2-core box
+# makes hypothesis's 200 ms default deadline fail at random.
+settings.register_profile("datasync", deadline=None)
+settings.load_profile("datasync")
 
 
 @pytest.hookimpl(hookwrapper=True)
