@@ -61,7 +61,7 @@ from datasync.transfer.payloads import (
     SourceRef,
     kind_of,
 )
-from datasync.transfer.siteindex import source_rows
+from datasync.transfer.siteindex import present_at, source_rows
 from datasync.transfer.state import BlobWant, EngineState, NewTask, as_utc
 
 __all__ = ["PlanResult", "Planner", "PlannerConfig", "SourceRanking"]
@@ -134,20 +134,6 @@ class SourceRanking:
             site,
             key,
         )
-
-
-def _present_at(site: str) -> sa.Exists:
-    """An ok blob-store replica of the entry's digest at ``site``."""
-    return (
-        sa.select(sa.literal(1))
-        .where(
-            col(Replica.site) == site,
-            col(Replica.digest) == col(Entry.digest),
-            col(Replica.state) == ReplicaState.OK,
-            col(Replica.kind) == ReplicaKind.BLOB,
-        )
-        .exists()
-    )
 
 
 class _Plan:
@@ -226,7 +212,7 @@ class _Plan:
         with self.engine.connect() as conn:
             files, nbytes = conn.execute(
                 sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(col(Entry.size)), 0)).where(
-                    col(Entry.version_pk) == self.version_pk, _present_at(self.dst)
+                    col(Entry.version_pk) == self.version_pk, present_at(self.dst)
                 )
             ).one()
         self.result.files_present, self.result.bytes_present = int(files), int(nbytes)
@@ -261,7 +247,7 @@ class _Plan:
             .where(
                 col(Entry.version_pk) == self.version_pk,
                 col(Entry.digest) > after,
-                ~_present_at(self.dst),
+                ~present_at(self.dst),
             )
             .group_by(col(Entry.digest))
             .order_by(col(Entry.digest))
