@@ -80,7 +80,7 @@ def run_labels(ctx: ExecContext, payload: LabelsPayload, task: ClaimedTask) -> N
 def run_publish(ctx: ExecContext, payload: PublishPayload, task: ClaimedTask) -> PublishResult:
     """Build the view of the payload's version at its site, then its labels (idempotent)."""
     try:
-        return _publish(ctx, payload, task.placement_id)
+        return _publish(ctx, payload)
     except (BlobDamaged, BlobsDamaged) as exc:
         damaged = exc.damaged if isinstance(exc, BlobsDamaged) else (exc,)
         for blob in damaged:
@@ -89,7 +89,7 @@ def run_publish(ctx: ExecContext, payload: PublishPayload, task: ClaimedTask) ->
             )
         raise ReplanNeeded(
             f"{payload.dataset}@{payload.version_id[:12]} at {payload.dst_site}: {exc};"
-            " moving them again"
+            " moving what is damaged again"
         ) from exc
     except DatasyncError as exc:
         final = not exc.retryable or task.attempts >= task.max_attempts
@@ -102,13 +102,13 @@ def run_publish(ctx: ExecContext, payload: PublishPayload, task: ClaimedTask) ->
         raise
 
 
-def _publish(ctx: ExecContext, payload: PublishPayload, placement_id: int) -> PublishResult:
+def _publish(ctx: ExecContext, payload: PublishPayload) -> PublishResult:
     site = payload.dst_site
     version = ctx.manifests.resolve(f"{payload.dataset}@{payload.version_id}")
     backend = ctx.backends[site]
     with ctx.state.engine.connect() as conn:
         version_pk = conn.execute(
-            sa.select(col(Placement.version_pk)).where(col(Placement.id) == placement_id)
+            sa.select(col(Placement.version_pk)).where(col(Placement.id) == payload.placement_id)
         ).scalar_one()
 
     def files() -> Iterator[ViewFile]:
