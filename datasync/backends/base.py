@@ -63,7 +63,7 @@ carry the object's URL, never credentials.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -162,7 +162,9 @@ def check_key(key: str) -> str:
         raise InvalidPath(f"empty object key {key!r}")
     if key.startswith("/") or "\\" in key:
         raise InvalidPath(f"object key {key!r} must be relative and use '/' separators")
-    if any(unicodedata.category(ch) == "Cc" for ch in key):
+    if not (key.isascii() and key.isprintable()) and any(
+        unicodedata.category(ch) == "Cc" for ch in key
+    ):
         raise InvalidPath(f"object key {key!r} contains control characters")
     for segment in key.split("/"):
         if segment in ("", ".", ".."):
@@ -305,6 +307,13 @@ class SupportsLocalTree(Protocol):
         EPERM, ENOTSUP) write an independent copy instead: temp file, fsync, re-hashed
         against ``expect_digest`` (``ChecksumMismatch`` otherwise), renamed in place.
         Returns True when it copied."""
+        ...
+
+    def link_many(self, links: Sequence[tuple[str, str]]) -> list[ObjectInfo | None]:
+        """Hard-link each ``(src, dst)`` as ``link_new`` does, in one call and without its
+        copy: per link, the new name's ``ObjectInfo`` (the source's inode, so its etag is
+        the source's), or None where no link was made because the source does not exist
+        or a hard link is impossible there (``link_new`` copies those)."""
         ...
 
     def sync_tree(self, prefix_key: str) -> None:

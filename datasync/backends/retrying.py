@@ -23,7 +23,7 @@ own retries are off, so this layer sees every throttling answer).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 from datasync.backends.base import (
@@ -272,6 +272,9 @@ class _LocalTree(RetryingBackend):
 
     def link_new(self, src_key: str, dst_key: str, *, expect_digest: str) -> bool:
         return self._once(self._tree.link_new, src_key, dst_key, expect_digest=expect_digest)
+
+    def link_many(self, links: Sequence[tuple[str, str]]) -> list[ObjectInfo | None]:
+        return self._once(self._tree.link_many, links)
 
     def sync_tree(self, prefix_key: str) -> None:
         self._call(self._tree.sync_tree, prefix_key)

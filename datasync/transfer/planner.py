@@ -5,7 +5,9 @@ How it plans (Rucio derives transfers from rules the same way):
 1. ``begin_planning``: drop the placement's old tasks (a re-plan after a crash or a retry
    starts clean; replicas earlier tasks recorded stay, so nothing verified moves twice),
    insert the ``publish`` task holding one *planning* count in ``blocked_by``, and count
-   the files and bytes already in the site's blob store.
+   the files and bytes already in the site's blob store (when the first page of step 2
+   holds every missing blob, as for an incremental version, they follow from the
+   version's totals minus that page, without a second pass over the manifest).
 2. Page through the version's *distinct* digests not yet an ``ok`` blob replica at the
    site, in digest order (``entries (version_pk, digest)`` index; duplicates are adjacent,
    so one digest under many paths is one blob, and keyset paging never revisits a digest).
@@ -61,7 +63,7 @@ from datasync.transfer.payloads import (
     SourceRef,
     kind_of,
 )
-from datasync.transfer.siteindex import source_rows
+from datasync.transfer.siteindex import present_at, source_rows
 from datasync.transfer.state import BlobWant, EngineState, NewTask, as_utc
 
 __all__ = ["PlanResult", "Planner", "PlannerConfig", "SourceRanking"]
@@ -136,20 +138,6 @@ class SourceRanking:
         )
 
 
-def _present_at(site: str) -> sa.Exists:
-    """An ok blob-store replica of the entry's digest at ``site``."""
-    return (
-        sa.select(sa.literal(1))
-        .where(
-            col(Replica.site) == site,
-            col(Replica.digest) == col(Entry.digest),
-            col(Replica.state) == ReplicaState.OK,
-            col(Replica.kind) == ReplicaKind.BLOB,
-        )
-        .exists()
-    )
-
-
 class _Plan:
     def __init__(
         self,
@@ -170,6 +158,7 @@ class _Plan:
         self.batch_bytes = 0
         self.batch_logical = 0
         self.first_missing: str | None = None
+        self.first_page: list[_Blob] | None = None  # read by ``start``, planned by ``page``
         with engine.connect() as conn:
             row = conn.execute(
                 sa.select(
@@ -224,11 +213,18 @@ class _Plan:
     def start(self) -> None:
         self._fresh_statistics()
         with self.engine.connect() as conn:
-            files, nbytes = conn.execute(
-                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(col(Entry.size)), 0)).where(
-                    col(Entry.version_pk) == self.version_pk, _present_at(self.dst)
-                )
-            ).one()
+            self.first_page = self._missing_blobs(conn, "")
+            if len(self.first_page) < self.config.page_size:
+                # All that is missing is on this page (an incremental version): what is
+                # present follows from the version's totals, without a second pass.
+                files = self.totals[0] - sum(b.files for b in self.first_page)
+                nbytes = self.totals[1] - sum(b.size * b.files for b in self.first_page)
+            else:
+                files, nbytes = conn.execute(
+                    sa.select(
+                        sa.func.count(), sa.func.coalesce(sa.func.sum(col(Entry.size)), 0)
+                    ).where(col(Entry.version_pk) == self.version_pk, present_at(self.dst))
+                ).one()
         self.result.files_present, self.result.bytes_present = int(files), int(nbytes)
         self.ranking.remaining = max(1, self.totals[1] - int(nbytes))
         publish = PublishPayload(self.placement_id, self.dst, self.dataset, self.version_id)
@@ -251,6 +247,15 @@ class _Plan:
         ``replicas (digest, state)``. Joined in one statement, PostgreSQL prefers hashing
         the whole replicas table, 50x slower per page at 100,000 replicas.
         """
+        if after == "" and self.first_page is not None:
+            blobs, self.first_page = self.first_page, None
+        else:
+            blobs = self._missing_blobs(conn, after)
+        if not blobs:
+            return [], {}
+        return blobs, self._sources(conn, blobs)
+
+    def _missing_blobs(self, conn: Connection, after: str) -> list[_Blob]:
         rows = conn.execute(
             sa.select(
                 col(Entry.digest),
@@ -261,17 +266,17 @@ class _Plan:
             .where(
                 col(Entry.version_pk) == self.version_pk,
                 col(Entry.digest) > after,
-                ~_present_at(self.dst),
+                ~present_at(self.dst),
             )
             .group_by(col(Entry.digest))
             .order_by(col(Entry.digest))
             .limit(self.config.page_size)
         ).all()
-        blobs = [
+        return [
             _Blob(str(d), int(s), int(n), tuple(json.loads(c)) if c else ()) for d, s, n, c in rows
         ]
-        if not blobs:
-            return [], {}
+
+    def _sources(self, conn: Connection, blobs: list[_Blob]) -> dict[str, SourceRef]:
         digests = [b.digest for b in blobs]
         if is_postgresql(conn):  # one array parameter, not a thousand
             match = col(Replica.digest) == sa.any_(sa.literal(digests, postgresql.ARRAY(sa.String)))
@@ -287,7 +292,7 @@ class _Plan:
             rank = self.ranking.key(site, key, kind, state)
             if digest not in best or rank < best[digest][0]:
                 best[digest] = (rank, SourceRef(site, key, etag))
-        return blobs, {d: s for d, (_, s) in best.items()}
+        return {d: s for d, (_, s) in best.items()}
 
     def page(self, after: str) -> str | None:
         """Plan one page of missing blobs after digest ``after``; return the last digest."""

@@ -8,7 +8,7 @@ hashed) as transfer sources only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -16,10 +16,25 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import col
 
+from datasync.db.tables import Entry
 from datasync.db.transfer_tables import Replica
 from datasync.models import ReplicaKind, ReplicaState
 
-__all__ = ["BlobRow", "SiteIndex", "SourceReplica", "source_rows"]
+__all__ = ["BlobRow", "SiteIndex", "SourceReplica", "ViewRow", "present_at", "source_rows"]
+
+
+def present_at(site: str) -> sa.Exists:
+    """An ok blob-store replica of the entry's digest at ``site`` (``entries`` correlated)."""
+    return (
+        sa.select(sa.literal(1))
+        .where(
+            col(Replica.site) == site,
+            col(Replica.digest) == col(Entry.digest),
+            col(Replica.state) == ReplicaState.OK,
+            col(Replica.kind) == ReplicaKind.BLOB,
+        )
+        .exists()
+    )
 
 
 def source_rows(
@@ -44,6 +59,7 @@ def source_rows(
 
 
 _IN_BATCH = 500
+_VIEW_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +80,10 @@ class BlobRow:
     key: str
     size: int
     etag: str | None
+
+
+# A file of a version: path, digest, size, and its blob's ok row at a site (None: none).
+ViewRow = tuple[str, str, int, BlobRow | None]
 
 
 def _blob_ok(site: str) -> sa.ColumnElement[bool]:
@@ -103,6 +123,38 @@ class SiteIndex:
                 for digest, key, size, etag in rows:
                     found[digest] = BlobRow(key, int(size), etag)
         return found
+
+    def view_rows(self, version_pk: int, site: str) -> Iterator[list[ViewRow]]:
+        """The files of a version in path order, a batch at a time, each with its blob's
+        ok row at ``site`` (None: it has none). One streamed query: the entries' primary
+        key gives the order, the replicas' primary key ``(site, digest)`` finds each row."""
+        ok = sa.and_(_blob_ok(site), col(Replica.digest) == col(Entry.digest))
+        query = (
+            sa.select(
+                col(Entry.path),
+                col(Entry.digest),
+                col(Entry.size),
+                col(Replica.key),
+                col(Replica.size),
+                col(Replica.etag),
+            )
+            .select_from(Entry)
+            .outerjoin(Replica, ok)
+            .where(col(Entry.version_pk) == version_pk)
+            .order_by(col(Entry.path))
+        )
+        last = None
+        with self.engine.connect() as conn:
+            result = conn.execution_options(yield_per=_VIEW_BATCH).execute(query)
+            for part in result.partitions():
+                batch: list[ViewRow] = []
+                for path, digest, size, key, stored, etag in part:
+                    if path == last:
+                        continue  # a second ok row of the same blob: one is enough
+                    last = path
+                    row = None if key is None else BlobRow(key, int(stored), etag)
+                    batch.append((path, digest, int(size), row))
+                yield batch
 
     def sources_for(
         self, digest: str, *, dst: str, now: datetime | None = None

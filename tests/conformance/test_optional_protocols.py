@@ -138,6 +138,29 @@ def test_link_new_links_at_new_names_only(backend: Backend, tree: SupportsLocalT
 
 
 @pytest.mark.parametrize("backend_kind", LOCAL_TREE_KINDS)
+def test_link_many_links_a_batch_and_shows_what_each_link_is(
+    backend: Backend, tree: SupportsLocalTree
+) -> None:
+    root = Path(tree.root)
+    put(backend, "blobs/m", b"many")
+    blob = backend.stat("blobs/m")
+    made = tree.link_many([("blobs/m", "v/a/1"), ("blobs/missing", "v/a/2"), ("blobs/m", "v/b/3")])
+    assert [None if m is None else (m.key, m.size, m.etag) for m in made] == [
+        ("v/a/1", 4, backend.stat("v/a/1").etag),
+        None,  # no source: nothing made, the caller decides
+        ("v/b/3", 4, backend.stat("v/b/3").etag),
+    ]
+    assert (root / "v/b/3").stat().st_ino == (root / "blobs/m").stat().st_ino
+    assert not (root / "v/a/2").exists()
+    # A link is the blob's own inode: it shows the token recorded for the blob.
+    assert made[0] is not None and (made[0].size, made[0].etag) == (blob.size, blob.etag)
+    with pytest.raises(Conflict):  # an existing name is never replaced
+        tree.link_many([("blobs/m", "v/a/1")])
+    with pytest.raises(InvalidPath):
+        tree.link_many([("blobs/m", "v/../escape")])
+
+
+@pytest.mark.parametrize("backend_kind", LOCAL_TREE_KINDS)
 def test_trees_are_synced_renamed_and_exchanged(backend: Backend, tree: SupportsLocalTree) -> None:
     root = Path(tree.root)
     put(backend, "blobs/c", b"c")

@@ -98,6 +98,39 @@ def test_a_damaged_posix_blob_is_moved_again_for_the_next_version(
     assert_posix_view(lustre.root, "drive/heal", v2.version_id, files2)
 
 
+def test_a_new_versions_view_trusts_nothing_in_the_previous_view(
+    tmp_path: Path, db_url: str
+) -> None:
+    """v2 at a site that shows v1 equals v2 built at a fresh site (both hashed by
+    ``xxh128sum``): a file someone replaced in v1's view (a new inode) and one written in
+    place (the blob's own inode, so the blob is damaged) reach neither."""
+    pipeline = posix_site("pipeline", tmp_path / "pipeline")
+    lustre = posix_site("lustre", tmp_path / "lustre")
+    fresh = posix_site("fresh", tmp_path / "fresh")
+    assert pipeline.root is not None and lustre.root is not None and fresh.root is not None
+    app = bootstrap(settings_for(tmp_path / "home", db_url, [pipeline, lustre, fresh]))
+    try:
+        files = make_tree(pipeline.root / "run1")
+        v1 = app.service.register_directory("drive/inc", pipeline.root / "run1")
+        assert replicate(app, f"drive/inc@{v1.version_id}", "lustre").startswith("READY")
+        old = lustre.root / "drive/inc" / v1.version_id
+        os.chmod(old / "cam0", 0o755)  # root (or the owner) lifts the view's protection
+        (old / "cam0/000002.jpg").unlink()
+        (old / "cam0/000002.jpg").write_bytes(b"a user's own file")
+        os.chmod(old / "cam0/000004.jpg", 0o644)
+        (old / "cam0/000004.jpg").write_bytes(b"x" * len(files["cam0/000004.jpg"]))
+        files2 = {**files, "cam1/000005.jpg": b"changed in v2"}
+        write_tree(pipeline.root / "run2", files2)
+        v2 = app.service.register_directory("drive/inc", pipeline.root / "run2")
+        for site in ("lustre", "fresh"):
+            assert replicate(app, f"drive/inc@{v2.version_id}", site).startswith("READY")
+    finally:
+        app.close()
+    want = {p: xxh(d) for p, d in files2.items()}
+    assert xxh128sum_tree(lustre.root / "drive/inc" / v2.version_id) == want
+    assert xxh128sum_tree(fresh.root / "drive/inc" / v2.version_id) == want
+
+
 @pytest.mark.parametrize("kind", ["s3", "azure", "gcs"])
 def test_an_object_store_that_lost_its_blobs_heals(
     tmp_path: Path, db_url: str, request: pytest.FixtureRequest, kind: str

@@ -14,18 +14,20 @@ import shutil
 import stat
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import xxhash
 
-from datasync.backends.base import Backend
+from datasync.backends.base import Backend, ObjectInfo
 from datasync.backends.memory import MemoryBackend, drop_store
 from datasync.backends.posix import PosixBackend
 from datasync.errors import Conflict, NotFound, TransientError
 from datasync.transfer.layout import COMPLETE_MARKER, blob_key, label_body
 from datasync.transfer.views import (
     BlobDamaged,
+    BlobsDamaged,
     PublishResult,
     ViewFile,
     publish_view,
@@ -75,6 +77,10 @@ def posix(tmp_path: Path) -> PosixBackend:
     root = tmp_path / "site"
     root.mkdir()
     return PosixBackend(root)
+
+
+def xxh128(path: Path) -> str:
+    return digest(path.read_bytes())
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -173,6 +179,54 @@ def test_posix_leftover_staging_of_a_killed_worker_is_cleaned(posix: PosixBacken
     assert not stale.exists()
     assert other_version.exists(), "another version's staging dir is not ours to remove"
     assert tree(root / "drive/tokyo" / VID) == FILES
+
+
+def test_posix_publish_checks_each_link_against_the_recorded_token(posix: PosixBackend) -> None:
+    """What a link shows is the blob's inode: a token that moved goes to ``check``, which
+    may keep the file (a touch) or report damage; all damage is reported after one pass
+    and nothing is published."""
+    root = Path(posix.root)
+    recorded = [replace(v, etag=posix.stat(v.key).etag) for v in stock(posix)]
+    touched, rotten = recorded[0], recorded[2]  # cam0/000001.jpg (and copy-of-1.jpg), lidar
+    os.utime(root / touched.key, ns=(1, 1))
+    os.chmod(root / rotten.key, 0o644)  # what root can do to a read-only blob
+    (root / rotten.key).write_bytes(b"X" * rotten.size)
+    asked: list[tuple[str, str | None]] = []
+
+    def check(f: ViewFile, seen: ObjectInfo | None) -> BlobDamaged | None:
+        assert seen is not None and seen.etag == posix.stat(f.key).etag
+        asked.append((f.path, seen.key))
+        bad = xxh128(root / seen.key) != f.digest
+        return BlobDamaged(f.digest, f.key, "rewritten") if bad else None
+
+    with pytest.raises(BlobsDamaged) as caught:
+        publish_view(posix, "drive/tokyo", VID, lambda: recorded, io=IO, check=check)
+    assert [d.digest for d in caught.value.damaged] == [rotten.digest]
+    assert sorted(path for path, _ in asked) == ["cam0/000001.jpg", "copy-of-1.jpg", rotten.path]
+    assert all(f"/.staging-{VID}-" in f"/{key}" for _, key in asked), "the link was checked"
+    assert not (root / "drive/tokyo" / VID).exists(), "nothing is published"
+
+    (root / rotten.key).write_bytes(FILES[rotten.path])  # right bytes, a new token again
+    asked.clear()
+    result = publish_view(posix, "drive/tokyo", VID, lambda: recorded, io=IO, check=check)
+    assert tree(Path(result.location)) == FILES and result.copied == 0
+    assert len(asked) == 3
+
+
+def test_posix_blob_that_could_not_be_linked_goes_to_check(posix: PosixBackend) -> None:
+    views = stock(posix)
+    ghost = ViewFile("ghost.bin", digest(b"ghost"), 5, blob_key(digest(b"ghost")))
+    asked: list[str] = []
+
+    def check(f: ViewFile, seen: ObjectInfo | None) -> BlobDamaged | None:
+        assert seen is None
+        asked.append(f.path)
+        return BlobDamaged(f.digest, f.key, "missing")
+
+    with pytest.raises(BlobsDamaged, match="1 blob"):
+        publish_view(posix, "drive/tokyo", VID, lambda: [*views, ghost], io=IO, check=check)
+    assert asked == ["ghost.bin"]
+    assert not (Path(posix.root) / "drive/tokyo" / VID).exists()
 
 
 def test_posix_missing_blob_publishes_nothing(posix: PosixBackend) -> None:

@@ -21,12 +21,15 @@ import logging
 import os
 import shutil
 import stat as statmod
+from collections.abc import Sequence
 
+from datasync.backends.base import ObjectInfo
 from datasync.backends.posix.files import PosixFiles
 from datasync.backends.posix.io import (
     copy_fd,
     exchange_paths,
     fsync_dir,
+    os_error_to_storage,
     rename_noreplace,
     translate_os_errors,
     unlink_quietly,
@@ -116,6 +119,29 @@ class LocalTreeOps:
                 log.info("hard link %s -> %s impossible (%s); copying", src, dst, exc)
         self._copy_verified(src_key, dst_key, expect_digest)
         return True
+
+    def link_many(self, links: Sequence[tuple[str, str]]) -> list[ObjectInfo | None]:
+        made: list[ObjectInfo | None] = []
+        parents: set[str] = set()  # known to exist
+        dst_key = ""
+        try:  # one handler for the loop: this runs once per file of a view
+            for src_key, dst_key in links:
+                src, dst = self.files.path(src_key), self.files.path(dst_key)
+                parent = os.path.dirname(dst)
+                if parent not in parents:
+                    self.files.ensure_dir(parent, self.files.url(dst_key), defer=set())
+                    parents.add(parent)
+                try:
+                    os.link(src, dst, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno in LINK_IMPOSSIBLE or not os.path.lexists(src):
+                        made.append(None)
+                        continue
+                    raise
+                made.append(self.files.info(dst_key, os.lstat(dst)))
+        except OSError as exc:
+            raise os_error_to_storage(exc, self.files.url(dst_key)) from exc
+        return made
 
     def sync_tree(self, prefix_key: str) -> None:
         path = self.files.path(prefix_key)

@@ -1,19 +1,24 @@
 """The ``publish`` and ``labels`` tasks: a placement's view from the site's blob store, and
 the dataset's labels at the site.
 
-It runs when every other task of the placement is done, in two passes over the manifest:
+It runs when every other task of the placement is done:
 
-1. Check every blob the view will use: its blob-store replica at the site exists, has its
-   size, and still carries the version token (ETag, POSIX ``mtime-ino-size``) recorded
+1. Every file of the version must have an ok replica in the site's blob store; else
+   (one was marked bad since planning) the placement is re-planned (``ReplanNeeded``).
+2. Every blob the view uses must still be what was verified: its stored object has its
+   size and still carries the version token (ETag, POSIX ``mtime-ino-size``) recorded
    when it was verified; a changed token means the object was rewritten, so it is
-   re-hashed (a mere ``touch`` passes and the token is refreshed). Blobs that are missing
-   or hash wrong are marked bad and the placement is re-planned (``ReplanNeeded``): a
-   store that lost or damaged acknowledged bytes heals instead of failing forever.
-2. Hand the files to ``datasync.transfer.views``, which builds the view atomically, then
-   point the dataset's labels at the site at what is published there. Only blob-store
-   replicas are ever used: bytes datasync wrote and verified. A blob found damaged while
-   copying (object stores) is handled as in step 1. When the publish fails for good, an
-   object-store view left without its completion marker is deleted.
+   re-hashed (a mere ``touch`` passes and the token is refreshed). POSIX checks each
+   link as it is made, on what the link shows (the blob's inode); object stores stat
+   every blob first. Blobs that are missing or hash wrong are marked bad, all of them
+   in one pass, and the placement is re-planned: a store that lost or damaged
+   acknowledged bytes heals instead of failing forever.
+3. ``datasync.transfer.views`` builds the view atomically from the files streamed in
+   batches (entries and their blob rows, no per-file query), then the dataset's labels
+   at the site are pointed at what is published there. Only blob-store replicas are ever
+   used: bytes datasync wrote and verified. A blob found damaged while copying (object
+   stores) is handled as in step 2. When the publish fails for good, an object-store
+   view left without its completion marker is deleted.
 
 The queue's ``complete`` then makes the placement READY. A version registered from a
 producer manifest (unverified) is marked verified after its first publish, since every
@@ -23,11 +28,12 @@ blob was just checked against its digests.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import sqlalchemy as sa
 from sqlmodel import col
 
+from datasync.backends.base import ObjectInfo
 from datasync.db.transfer_tables import Placement
 from datasync.errors import Conflict, DatasyncError, NotFound, TransientError
 from datasync.models import PlacementState
@@ -36,10 +42,10 @@ from datasync.transfer.failpoints import failpoint
 from datasync.transfer.labels import labels_at_site
 from datasync.transfer.payloads import LabelsPayload, PublishPayload
 from datasync.transfer.readback import hash_object
-from datasync.transfer.siteindex import BlobRow
 from datasync.transfer.state import ClaimedTask, ReplicaRow
 from datasync.transfer.views import (
     BlobDamaged,
+    BlobsDamaged,
     PublishResult,
     ViewFile,
     publish_view,
@@ -75,11 +81,16 @@ def run_publish(ctx: ExecContext, payload: PublishPayload, task: ClaimedTask) ->
     """Build the view of the payload's version at its site, then its labels (idempotent)."""
     try:
         return _publish(ctx, payload)
-    except BlobDamaged as exc:
-        ctx.state.replicas.mark_bad(
-            payload.dst_site, exc.digest, exc.key, f"found at publish: {exc.why}"
-        )
-        raise ReplanNeeded(f"{payload.dataset}@{payload.version_id[:12]}: {exc}") from exc
+    except (BlobDamaged, BlobsDamaged) as exc:
+        damaged = exc.damaged if isinstance(exc, BlobsDamaged) else (exc,)
+        for blob in damaged:
+            ctx.state.replicas.mark_bad(
+                payload.dst_site, blob.digest, blob.key, f"found at publish: {blob.why}"
+            )
+        raise ReplanNeeded(
+            f"{payload.dataset}@{payload.version_id[:12]} at {payload.dst_site}: {exc};"
+            " moving what is damaged again"
+        ) from exc
     except DatasyncError as exc:
         final = not exc.retryable or task.attempts >= task.max_attempts
         if final and not isinstance(exc, ReplanNeeded):
@@ -95,36 +106,33 @@ def _publish(ctx: ExecContext, payload: PublishPayload) -> PublishResult:
     site = payload.dst_site
     version = ctx.manifests.resolve(f"{payload.dataset}@{payload.version_id}")
     backend = ctx.backends[site]
-
-    def batches() -> Iterator[tuple[list[tuple[str, str, int]], dict[str, BlobRow]]]:
-        batch: list[tuple[str, str, int]] = []
-        for entry in ctx.manifests.iter_entries(version):
-            batch.append((entry.path, entry.digest, entry.size))
-            if len(batch) >= _BATCH:
-                yield batch, ctx.index.blobs(site, sorted({d for _, d, _ in batch}))
-                batch = []
-        if batch:
-            yield batch, ctx.index.blobs(site, sorted({d for _, d, _ in batch}))
-
-    damaged: list[str] = []
-    for batch, rows in batches():
-        damaged += _check_blobs(ctx, site, batch, rows)
-    if damaged:
-        raise ReplanNeeded(
-            f"{payload.dataset}@{payload.version_id[:12]} at {site}: {len(damaged)} blob(s)"
-            f" missing or damaged in the blob store (first: {damaged[0]}); moving them again"
-        )
+    with ctx.state.engine.connect() as conn:
+        version_pk = conn.execute(
+            sa.select(col(Placement.version_pk)).where(col(Placement.id) == payload.placement_id)
+        ).scalar_one()
 
     def files() -> Iterator[ViewFile]:
-        for batch, rows in batches():
-            for path, digest, size in batch:
-                row = rows.get(digest)
-                if row is None:  # recorded bad since the check: the next attempt re-plans
-                    raise NotFound(f"cannot publish: blob {digest} of {path} is not at {site}")
-                yield ViewFile(path, digest, size, row.key)
+        for batch in ctx.index.view_rows(version_pk, site):
+            for path, digest, size, row in batch:
+                if row is None:  # marked bad (by verify, by another publish) since planned
+                    raise ReplanNeeded(
+                        f"{payload.dataset}@{payload.version_id[:12]} at {site}: blob"
+                        f" {digest} of {path} is not in the site's blob store; moving it again"
+                    )
+                yield ViewFile(path, digest, size, row.key, row.etag)
 
+    blobs = _BlobCheck(ctx, site)
+    if not backend.capabilities.local_tree:
+        # Object stores: every blob's token is checked first (POSIX checks as it links).
+        blobs.check_all(files())
     result = publish_view(
-        backend, payload.dataset, payload.version_id, files, io=ctx.io, buffers=ctx.buffers
+        backend,
+        payload.dataset,
+        payload.version_id,
+        files,
+        io=ctx.io,
+        buffers=ctx.buffers,
+        check=blobs.settle,
     )
     labels = labels_at_site(ctx.state.engine, payload.dataset, site, publishing=payload.version_id)
     try:
@@ -139,39 +147,70 @@ def _publish(ctx: ExecContext, payload: PublishPayload) -> PublishResult:
     return result
 
 
-def _check_blobs(
-    ctx: ExecContext, site: str, batch: list[tuple[str, str, int]], rows: dict[str, BlobRow]
-) -> list[str]:
-    """Problems of this batch's blobs (``path: why``); damaged replicas are marked bad."""
-    paths: dict[str, str] = {}
-    for path, digest, _size in batch:
-        paths.setdefault(digest, path)
-    backend = ctx.backends[site]
+class _BlobCheck:
+    """Decides whether a blob whose stored object does not show the size and version token
+    recorded at verification may still be published (see the module docstring, step 1)."""
 
-    def check(digest: str) -> str | None:
-        row = rows.get(digest)
-        if row is None:
-            return "not in the site's blob store"
-        try:
-            info = backend.stat(row.key)
-        except NotFound:
-            return f"{row.key} is missing"
-        if info.size != row.size:
-            return f"{row.key} holds {info.size} bytes, not {row.size}"
-        if row.etag is None or info.etag == row.etag:
+    def __init__(self, ctx: ExecContext, site: str) -> None:
+        self.ctx = ctx
+        self.site = site
+        self.backend = ctx.backends[site]
+        self.settled: dict[tuple[str, str | None], BlobDamaged | None] = {}
+
+    def settle(self, f: ViewFile, seen: ObjectInfo | None) -> BlobDamaged | None:
+        """``seen``: what a view file linked to the blob shows (None: look at the blob)."""
+        if seen is None:
+            try:
+                seen = self.backend.stat(f.key)
+            except NotFound:
+                return BlobDamaged(f.digest, f.key, f"{f.key} is missing (for {f.path})")
+        if seen.size != f.size:
+            why = f"{seen.key} holds {seen.size} bytes, not {f.size} (for {f.path})"
+            return BlobDamaged(f.digest, f.key, why)
+        if f.etag is None or seen.etag == f.etag:
             return None
-        got = hash_object(backend, row.key, row.size, buffers=ctx.buffers)
-        if got != digest:
-            return f"{row.key} was rewritten: it hashes to {got}"
-        ctx.state.replicas.record(site, [ReplicaRow(digest, row.size, row.key, info.etag)])
-        return None
+        if (f.digest, seen.etag) not in self.settled:
+            # Hash what was seen: for a link, exactly the bytes the view will show.
+            got = hash_object(self.backend, seen.key, f.size, buffers=self.ctx.buffers)
+            damage = None
+            if got != f.digest:
+                why = f"{f.key} was rewritten: it hashes to {got} (for {f.path})"
+                damage = BlobDamaged(f.digest, f.key, why)
+            else:  # only touched: the new token is the one to expect from now on
+                row = ReplicaRow(f.digest, f.size, f.key, seen.etag)
+                self.ctx.state.replicas.record(self.site, [row])
+            self.settled[(f.digest, seen.etag)] = damage
+        return self.settled[(f.digest, seen.etag)]
 
-    problems = []
-    for digest, why in zip(paths, ctx.io.map(check, list(paths)), strict=True):
-        if why is None:
-            continue
-        row = rows.get(digest)
-        if row is not None:
-            ctx.state.replicas.mark_bad(site, digest, row.key, f"found at publish: {why}")
-        problems.append(f"{paths[digest]} ({digest}): {why}")
-    return problems
+    def check_all(self, files: Iterable[ViewFile]) -> None:
+        """Stat every distinct blob of ``files`` (in parallel); ``BlobsDamaged`` names all
+        that are missing or wrong."""
+
+        def check(f: ViewFile) -> BlobDamaged | None:
+            try:
+                info = self.backend.stat(f.key)
+            except NotFound:
+                info = None
+            if info is not None and info.size == f.size and f.etag in (None, info.etag):
+                return None
+            return self.settle(f, info)
+
+        damaged: list[BlobDamaged] = []
+        for batch in _distinct_batches(files):
+            damaged += [d for d in self.ctx.io.map(check, batch) if d is not None]
+        if damaged:
+            raise BlobsDamaged(damaged)
+
+
+def _distinct_batches(files: Iterable[ViewFile]) -> Iterator[list[ViewFile]]:
+    seen: set[str] = set()
+    batch: list[ViewFile] = []
+    for f in files:
+        if f.digest not in seen:
+            seen.add(f.digest)
+            batch.append(f)
+            if len(batch) >= _BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch

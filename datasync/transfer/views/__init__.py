@@ -16,12 +16,20 @@ from datasync.errors import NotFound
 from datasync.transfer.buffers import BufferPool
 from datasync.transfer.layout import COMPLETE_MARKER, view_prefix
 from datasync.transfer.views.labels import sync_labels
-from datasync.transfer.views.model import BlobDamaged, PublishResult, ViewFile
+from datasync.transfer.views.model import (
+    BlobCheck,
+    BlobDamaged,
+    BlobsDamaged,
+    PublishResult,
+    ViewFile,
+)
 from datasync.transfer.views.objects import publish_objects, remove_unmarked_view
 from datasync.transfer.views.posix import publish_posix
 
 __all__ = [
+    "BlobCheck",
     "BlobDamaged",
+    "BlobsDamaged",
     "PublishResult",
     "ViewFile",
     "publish_view",
@@ -51,9 +59,11 @@ def publish_view(
     *,
     io: cf.Executor,
     buffers: BufferPool | None = None,
+    check: BlobCheck | None = None,
 ) -> PublishResult:
     """Publish ``dataset/version_id`` from the blobs in ``files()`` (called at most once
-    per attempt)."""
+    per attempt). POSIX hands ``check`` each file whose linked blob does not show its
+    recorded token; object stores re-hash every copy instead."""
     if backend.capabilities.local_tree and isinstance(backend, SupportsLocalTree):
-        return publish_posix(backend, dataset, version_id, files)
+        return publish_posix(backend, dataset, version_id, files, check)
     return publish_objects(backend, dataset, version_id, files, io=io, buffers=buffers)
