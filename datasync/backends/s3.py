@@ -65,6 +65,7 @@ from datasync.backends.cloudcommon import (
     root_prefix,
     single_writer,
 )
+from datasync.backends.httpbody import read_body_into, read_range_by_into
 from datasync.backends.s3_errors import error_code, rejects_checksum, s3_errors, translate
 from datasync.errors import ConfigError, NotFound, StorageError, Unsupported
 
@@ -336,12 +337,22 @@ class S3Backend:
                     )
 
     def read_range(self, key: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"bad range offset={offset} length={length}")
+        return read_range_by_into(self, key, offset, length, etag)
+
+    def read_range_into(
+        self, key: str, offset: int, buf: bytearray | memoryview, *, etag: str | None = None
+    ) -> int:
+        """One ranged GetObject whose body is read straight into ``buf`` (``httpbody``):
+        ``StreamingBody.read()`` joins the body in blocks and the caller copied it again
+        into its pooled buffer, two passes over every byte under the GIL."""
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        if offset < 0:
+            raise ValueError(f"bad range offset={offset}")
         url = self._url(key)
         if length == 0:
             self._check_pin(key, etag)
-            return b""
+            return 0
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self._name(key),
@@ -357,12 +368,22 @@ class S3Backend:
                     if error_code(exc)[0] == "InvalidRange":  # offset >= size
                         info = self._check_pin(key, etag)
                         if offset >= info.size:
-                            return b""
+                            return 0
                     raise
-                data: bytes = response["Body"].read()
+                body = response["Body"]
+                size = int(response.get("ContentLength", length))
+                if size > length:  # the range was not honoured: never read past it
+                    body.close()
+                    raise StorageError(f"asked for {length} bytes, got {size}", url=url)
+                # The urllib3 response under botocore's StreamingBody (its private name).
+                raw = getattr(body, "_raw_stream", None)
+                if raw is None:  # pragma: no cover - a botocore without it: one copy
+                    data = body.read()
+                    view[: len(data)] = data
+                    return len(data)
+                return read_body_into(raw, view[:size])
         except NotFound as exc:
             raise self._missing(exc, url) from exc
-        return data
 
     def _check_pin(self, key: str, etag: str | None) -> ObjectInfo:
         return check_pin(self.stat(key), _strip_etag(etag), self._url(key))
