@@ -21,6 +21,9 @@ Invariants:
 * Each call's read timeout is sized to its bytes (``Timeouts.read``), set per request
   through botocore's request context (``before-call`` hook, botocore >= 1.43.72); the
   client's own read timeout is the floor, which listings and HEADs use.
+* A ranged read's body goes straight into the caller's buffer (``httpbody``), never
+  through ``StreamingBody.read()``'s joined blocks; an answer longer than the range is an
+  error, not bytes from another offset.
 * Writer: an object that fits in one part is buffered and sent as one ``PutObject`` at
   commit (one request; nothing durable before). Larger ones are a multipart upload whose
   upload id is the resume token; part ``i`` is ``PartNumber i+1``; ``ListParts`` answers
