@@ -1,4 +1,4 @@
-"""Read an HTTP response body straight into a caller's buffer (Azure and GCS reads).
+"""Read an HTTP response body straight into a caller's buffer (S3, Azure and GCS reads).
 
 urllib3's ``HTTPResponse.readinto`` reads into a temporary ``bytes`` and copies it, and
 the SDKs read bodies in blocks that they join: two or three copies of every byte under the

@@ -21,6 +21,9 @@ Invariants:
 * Each call's read timeout is sized to its bytes (``Timeouts.read``), set per request
   through botocore's request context (``before-call`` hook, botocore >= 1.43.72); the
   client's own read timeout is the floor, which listings and HEADs use.
+* A ranged read's body goes straight into the caller's buffer (``httpbody``), never
+  through ``StreamingBody.read()``'s joined blocks; an answer longer than the range is an
+  error, not bytes from another offset.
 * Writer: an object that fits in one part is buffered and sent as one ``PutObject`` at
   commit (one request; nothing durable before). Larger ones are a multipart upload whose
   upload id is the resume token; part ``i`` is ``PartNumber i+1``; ``ListParts`` answers
@@ -65,6 +68,7 @@ from datasync.backends.cloudcommon import (
     root_prefix,
     single_writer,
 )
+from datasync.backends.httpbody import read_body_into, read_range_by_into
 from datasync.backends.s3_errors import error_code, rejects_checksum, s3_errors, translate
 from datasync.errors import ConfigError, NotFound, StorageError, Unsupported
 
@@ -336,12 +340,22 @@ class S3Backend:
                     )
 
     def read_range(self, key: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"bad range offset={offset} length={length}")
+        return read_range_by_into(self, key, offset, length, etag)
+
+    def read_range_into(
+        self, key: str, offset: int, buf: bytearray | memoryview, *, etag: str | None = None
+    ) -> int:
+        """One ranged GetObject whose body is read straight into ``buf`` (``httpbody``):
+        ``StreamingBody.read()`` joins the body in blocks and the caller copied it again
+        into its pooled buffer, two passes over every byte under the GIL."""
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        if offset < 0:
+            raise ValueError(f"bad range offset={offset}")
         url = self._url(key)
         if length == 0:
             self._check_pin(key, etag)
-            return b""
+            return 0
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self._name(key),
@@ -357,12 +371,22 @@ class S3Backend:
                     if error_code(exc)[0] == "InvalidRange":  # offset >= size
                         info = self._check_pin(key, etag)
                         if offset >= info.size:
-                            return b""
+                            return 0
                     raise
-                data: bytes = response["Body"].read()
+                body = response["Body"]
+                size = int(response.get("ContentLength", length))
+                if size > length:  # the range was not honoured: never read past it
+                    body.close()
+                    raise StorageError(f"asked for {length} bytes, got {size}", url=url)
+                # The urllib3 response under botocore's StreamingBody (its private name).
+                raw = getattr(body, "_raw_stream", None)
+                if raw is None:  # pragma: no cover - a botocore without it: one copy
+                    data = body.read()
+                    view[: len(data)] = data
+                    return len(data)
+                return read_body_into(raw, view[:size])
         except NotFound as exc:
             raise self._missing(exc, url) from exc
-        return data
 
     def _check_pin(self, key: str, etag: str | None) -> ObjectInfo:
         return check_pin(self.stat(key), _strip_etag(etag), self._url(key))

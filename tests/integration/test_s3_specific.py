@@ -25,11 +25,12 @@ from datasync.errors import (
     NotFound,
     PermissionDenied,
     SourceChanged,
+    StorageError,
     Throttled,
     TransientError,
     Unsupported,
 )
-from tests.fixtures.emulators import S3_KEYS, make_s3_backend, unique_name
+from tests.fixtures.emulators import S3_KEYS, ErrorServer, make_s3_backend, unique_name
 
 pytestmark = pytest.mark.emulator
 
@@ -217,6 +218,33 @@ def test_short_body_translates_to_transient() -> None:
 
     error = IncompleteReadError(actual_bytes=10, expected_bytes=100)
     assert type(s3.translate(error, "s3://b/k")) is TransientError
+
+
+def _on(server: ErrorServer) -> S3Backend:
+    return S3Backend("cut", endpoint_url=server.url, region_name="us-east-1", **S3_KEYS)
+
+
+def test_a_ranged_body_cut_short_is_transient(error_server: ErrorServer) -> None:
+    """Invariant 7: a ranged read whose body stops before its Content-Length is a
+    retryable ``TransientError``, not a short read (bodies are read by ``httpbody``)."""
+    error_server.status = 206
+    error_server.headers = {"Content-Range": "bytes 0-99/100", "ETag": '"e"'}
+    error_server.body = b"x" * 10
+    error_server.short_by = 90
+    backend = _on(error_server)
+    with pytest.raises(TransientError):
+        backend.read_range("k", 0, 100)
+    backend.close()
+
+
+def test_a_range_the_endpoint_ignored_is_never_read_past(error_server: ErrorServer) -> None:
+    """A whole object answered for a range is an error, not bytes from the wrong offset."""
+    error_server.status = 200
+    error_server.body = b"x" * 100
+    backend = _on(error_server)
+    with pytest.raises(StorageError, match="asked for 10 bytes, got 100"):
+        backend.read_range("k", 50, 10)
+    backend.close()
 
 
 def test_closed_port_is_transient() -> None:
