@@ -64,7 +64,7 @@ def targets_table(results: Path) -> str:
             lines.append(f"| {section}: no run recorded yet ({command}) | | | | | | |")
             continue
         for r in json.loads(path.read_text(encoding="utf-8"))["rows"]:
-            met = "met" if r["met"] else "**missed**"
+            met = {True: "met", False: "**missed**", None: "no peer"}[r["met"]]
             cells = [r["workload"], r["datasync"], r["peer"], r["ratio"], r["target"], met]
             lines.append("| " + " | ".join([*cells, r["measured"]]) + " |")
     return "\n".join(lines) + "\n"

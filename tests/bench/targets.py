@@ -25,7 +25,7 @@ class Target:
     peer: str  # the peer and its value, same unit
     ratio: str  # datasync against the peer, as the target states it ("0.53x files/s")
     target: str  # the target, in the same terms
-    met: bool
+    met: bool | None  # None: no peer could run this workload, so no ratio to judge
 
 
 def record(section: str, rows: Sequence[Target], command: str) -> None:

@@ -265,7 +265,7 @@ def _record(name: str, ds: float, peer: float | None, command: str) -> None:
                 f"rclone: {peer:.1f} s" if peer else "no rclone peer (see the section)",
                 f"{peer / ds:.2f}x throughput" if peer else "-",
                 ">= 1.0x rclone throughput",
-                peer is not None and peer >= ds,
+                None if peer is None else peer >= ds,
             )
         ],
         ".venv/bin/pytest -q -s -p no:cacheprovider tests/bench/test_bench_cloud_replication.py",
