@@ -1,4 +1,5 @@
-"""``PosixBackend.put_small``: the one-call group commit of small objects (and read-back).
+"""``PosixBackend.put_small``: the one-call group commit of small objects (and read-back),
+and the directories it makes (``PosixFiles.ensure_dir``).
 
 Pins, on POSIX: nothing partial is ever visible under a final name (temps only, removed
 on failure), bytes are durable before the renames and names before the call returns
@@ -17,7 +18,7 @@ import xxhash
 from datasync.backends.base import SmallPut
 from datasync.backends.posix import PosixBackend
 from datasync.backends.posix import writer as posix_writer
-from datasync.errors import Conflict, StorageError
+from datasync.errors import Conflict, NotFound, StorageError
 
 
 def digest(data: bytes) -> str:
@@ -118,3 +119,22 @@ def test_bytes_changed_after_the_write_show_in_the_digest(
     a, b = backend.put_small([("g/a", b"aaaa"), ("g/b", b"bbbb")])
     assert isinstance(a, SmallPut) and a.digest == digest(b"aaaa")
     assert isinstance(b, SmallPut) and b.digest == digest(b"Xbbb")
+
+
+def test_directories_are_made_from_the_deepest_missing_one(root: Path) -> None:
+    files = PosixBackend(root, lustre=False).files
+    (root / "a").mkdir()
+    deferred: set[str] = set()
+    files.ensure_dir(str(root / "a/b/c/d"), "url", deferred)
+    assert (root / "a/b/c/d").is_dir()
+    assert deferred == {str(root / "a"), str(root / "a/b"), str(root / "a/b/c")}
+    deferred.clear()
+    files.ensure_dir(str(root / "a/b/c/e"), "url", deferred)  # one mkdir
+    assert deferred == {str(root / "a/b/c")}
+    (root / "f").write_bytes(b"")
+    with pytest.raises(Conflict, match="cannot hold other keys"):
+        files.ensure_dir(str(root / "f/g/h"), "url", set())
+    gone = PosixBackend(root / "missing", lustre=False).files
+    with pytest.raises(NotFound, match="not mounted"):
+        gone.ensure_dir(str(root / "missing/x/y"), "url", set())
+    assert not (root / "missing").exists()
