@@ -39,7 +39,8 @@ Contract (pinned by ``tests/conformance``):
 * Optional extras, each declared by a capability flag: ``rename`` (``atomic_rename``),
   ``link`` (``hard_links``), ``group_commit()`` (``group_commit``) and the local-tree
   operations views are built with (``local_tree``); see ``SupportsRename``,
-  ``SupportsLink``, ``SupportsGroupCommit``, ``SupportsLocalTree``. Callers test the flag
+  ``SupportsLink``, ``SupportsGroupCommit``, ``SupportsLocalTree``, and ``put_small``
+  (``small_puts``, ``SupportsPutSmall``). Callers test the flag
   (``backend.capabilities.local_tree``); ``isinstance`` against the protocol agrees with it
   on every backend and on ``RetryingBackend``.
 
@@ -65,7 +66,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from datasync.errors import InvalidPath
 
@@ -75,9 +76,11 @@ __all__ = [
     "GroupCommit",
     "ObjectInfo",
     "PartLayout",
+    "SmallPut",
     "SupportsGroupCommit",
     "SupportsLink",
     "SupportsLocalTree",
+    "SupportsPutSmall",
     "SupportsReadInto",
     "SupportsRename",
     "Writer",
@@ -106,6 +109,7 @@ class Capabilities:
     # Writes carry checksums the store checks (S3 Content-MD5/CRC32C, Azure Content-MD5,
     # GCS CRC32C), so a commit can return ObjectInfo.verified (see "Verified writes").
     verified_writes: bool = False
+    small_puts: bool = False  # has put_small(items) (SupportsPutSmall)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +273,33 @@ class SupportsGroupCommit(Protocol):
     """Optional (``capabilities.group_commit``): commit batches of small objects together."""
 
     def group_commit(self) -> GroupCommit: ...
+
+
+class SmallPut(NamedTuple):
+    """One object written by ``put_small``: what ``stat`` says of it, and the xxh3-128
+    digest of its bytes re-read from the store at its key after the commit."""
+
+    info: ObjectInfo
+    digest: str
+
+
+@runtime_checkable
+class SupportsPutSmall(Protocol):
+    """Optional (``capabilities.small_puts``): write many small whole objects in one call.
+
+    ``put_small([(key, data), ...])`` returns, per item in order, a ``SmallPut`` or the
+    exception that item failed with (one item's failure never fails the others). Each
+    object is written whole and invisibly, made durable, then made visible at its key
+    atomically (replacing any object there); every returned name is durable when the call
+    returns; then each committed object is read back in full from the store and hashed, so
+    the caller compares ``SmallPut.digest`` with the digest it expects (and deletes the key
+    on a mismatch) before recording it. A failed item leaves nothing at its key. An error
+    of the whole batch (a flush) is raised; names already committed are then harmless,
+    as after a failed ``GroupCommit.commit_all``."""
+
+    def put_small(
+        self, items: Sequence[tuple[str, bytes | memoryview]]
+    ) -> list[SmallPut | Exception]: ...
 
 
 @runtime_checkable

@@ -16,17 +16,26 @@ missing store behave like a missing bucket: every call raises ``NotFound``).
 from __future__ import annotations
 
 import bisect
+import builtins
 import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult
 
-from datasync.backends.base import Capabilities, ObjectInfo, PartLayout, check_key, join_url
+from datasync.backends.base import (
+    Capabilities,
+    ObjectInfo,
+    PartLayout,
+    SmallPut,
+    check_key,
+    join_url,
+)
 from datasync.errors import ConfigError, NotFound, SourceChanged
+from datasync.manifest.hashing import digest_bytes
 
 __all__ = ["MemoryBackend", "MemoryWriter", "drop_store"]
 
@@ -125,6 +134,7 @@ class MemoryBackend:
             hard_links=True,
             conditional_read=True,
             lists_parts=True,
+            small_puts=True,
         )
 
     def stat(self, key: str) -> ObjectInfo:
@@ -192,6 +202,27 @@ class MemoryBackend:
                 if upload.key != full or upload.layout != layout:
                     raise ValueError(f"upload {token} was begun for another key or layout")
         return MemoryWriter(self, store, key, token, layout)
+
+    def put_small(
+        self, items: Sequence[tuple[str, bytes | memoryview]]
+    ) -> builtins.list[SmallPut | Exception]:
+        """Each object stored whole (a fault injected on ``put_small`` fails one item)."""
+        out: list[SmallPut | Exception] = []
+        for key, data in items:
+            try:
+                full = self._full(key)
+                store = self._enter("put_small", key)
+                with store.lock:
+                    obj = store.put(full, bytes(data))
+                    stored = obj.data
+                out.append(
+                    SmallPut(
+                        ObjectInfo(key, len(stored), obj.etag, obj.mtime), digest_bytes(stored)
+                    )
+                )
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     def delete(self, key: str) -> None:
         full = self._full(key)

@@ -8,7 +8,8 @@ own retries are off, so this layer sees every throttling answer).
   repeat, see ``base.py``), ``abort``, ``delete``, ``copy``, ``link`` and the idempotent
   local-tree operations. Called once (not idempotent, and local: nothing to gain):
   ``rename``, ``link_new``, ``rename_tree``, ``exchange``, a group's ``stage`` and
-  ``commit_all``.
+  ``commit_all``, and ``put_small`` (a batch reports its items' errors in its result, and
+  a repeated flush after a failed one proves nothing; its hooks run once per batch).
 * Hooks, for the engine's AIMD limits and metrics, know nothing of sites (the engine binds
   the site when it builds the wrapper): ``on_throttled(error)`` for every ``Throttled``
   answer, retried or not; ``on_success()`` after every successful call (a listing: once,
@@ -31,9 +32,11 @@ from datasync.backends.base import (
     Capabilities,
     GroupCommit,
     ObjectInfo,
+    SmallPut,
     SupportsGroupCommit,
     SupportsLink,
     SupportsLocalTree,
+    SupportsPutSmall,
     SupportsReadInto,
     SupportsRename,
     Writer,
@@ -249,6 +252,13 @@ class _GroupCommit(RetryingBackend):
         return _RetryingGroup(cast(SupportsGroupCommit, self._inner).group_commit(), self)
 
 
+class _PutSmall(RetryingBackend):
+    def put_small(
+        self, items: Sequence[tuple[str, bytes | memoryview]]
+    ) -> list[SmallPut | Exception]:
+        return self._once(cast(SupportsPutSmall, self._inner).put_small, items)
+
+
 class _LocalTree(RetryingBackend):
     @property
     def _tree(self) -> SupportsLocalTree:
@@ -307,6 +317,7 @@ _OPTIONAL: dict[Any, type[RetryingBackend]] = {
     SupportsLink: _Link,
     SupportsGroupCommit: _GroupCommit,
     SupportsLocalTree: _LocalTree,
+    SupportsPutSmall: _PutSmall,
 }
 
 

@@ -44,6 +44,7 @@ MakeBackend = Callable[..., Backend]
 # every kind against them, so a table cannot drift from what a backend declares.
 GROUP_COMMIT_KINDS = ("posix", "retrying")
 LOCAL_TREE_KINDS = ("posix", "retrying")
+PUT_SMALL_KINDS = ("memory", "posix", "retrying")
 
 
 @pytest.fixture(params=KINDS)

@@ -1,8 +1,8 @@
 """The optional protocols of ``datasync/backends/base.py``: ``Writer.close``,
-``SupportsGroupCommit`` and ``SupportsLocalTree``.
+``SupportsGroupCommit``, ``SupportsPutSmall`` and ``SupportsLocalTree``.
 
 Tests of an optional protocol are parametrized over the kinds that declare it
-(``GROUP_COMMIT_KINDS``, ``LOCAL_TREE_KINDS``), so nothing is skipped;
+(``GROUP_COMMIT_KINDS``, ``PUT_SMALL_KINDS``, ``LOCAL_TREE_KINDS``), so nothing is skipped;
 ``test_optional_protocols_match_the_tables`` runs on every kind and fails when a backend
 declares something the tables do not say (or the reverse), or when its capability flag and
 ``isinstance`` disagree.
@@ -20,11 +20,13 @@ import xxhash
 from datasync.backends.base import (
     Backend,
     PartLayout,
+    SmallPut,
     SupportsGroupCommit,
     SupportsLocalTree,
+    SupportsPutSmall,
 )
 from datasync.errors import Conflict, InvalidPath, NotFound
-from tests.conformance.conftest import GROUP_COMMIT_KINDS, LOCAL_TREE_KINDS
+from tests.conformance.conftest import GROUP_COMMIT_KINDS, LOCAL_TREE_KINDS, PUT_SMALL_KINDS
 from tests.conformance.test_backend_contract import part_size_for, payload, put, read_all
 
 
@@ -38,6 +40,8 @@ def test_optional_protocols_match_the_tables(backend: Backend, backend_kind: str
     assert isinstance(backend, SupportsGroupCommit) is caps.group_commit
     assert caps.local_tree is (backend_kind in LOCAL_TREE_KINDS)
     assert isinstance(backend, SupportsLocalTree) is caps.local_tree
+    assert caps.small_puts is (backend_kind in PUT_SMALL_KINDS)
+    assert isinstance(backend, SupportsPutSmall) is caps.small_puts
 
 
 def test_writer_close_keeps_the_upload_resumable(backend: Backend) -> None:
@@ -80,6 +84,35 @@ def test_group_commit_publishes_together(backend: Backend) -> None:
     for key, data in blobs.items():
         assert read_all(backend, key) == data
         assert infos[key] == backend.stat(key)
+
+
+# -- put_small -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_kind", PUT_SMALL_KINDS)
+def test_put_small_commits_each_object_and_reads_it_back(backend: Backend) -> None:
+    assert isinstance(backend, SupportsPutSmall)
+    put(backend, "s/00/blob", b"old bytes, replaced")
+    blobs = {f"s/{i:02d}/blob": payload(60 + i, 100 * i) for i in range(8)}  # s/00 is empty
+    results = backend.put_small([(k, memoryview(v)) for k, v in blobs.items()])
+    assert len(results) == len(blobs)
+    for (key, data), got in zip(blobs.items(), results, strict=True):
+        assert isinstance(got, SmallPut), got
+        assert got.digest == digest(data), "the digest of the bytes read back"
+        assert got.info == backend.stat(key)
+        assert read_all(backend, key) == data
+    assert sorted(o.key for o in backend.list("s/")) == sorted(blobs), "no temp is listed"
+
+
+@pytest.mark.parametrize("backend_kind", PUT_SMALL_KINDS)
+def test_put_small_fails_an_item_alone(backend: Backend) -> None:
+    assert isinstance(backend, SupportsPutSmall)
+    items = [("ok/a", b"a" * 10), ("bad/../key", b"b"), ("ok/c", b"c" * 30)]
+    a, bad, c = backend.put_small(items)
+    assert isinstance(bad, InvalidPath)
+    assert isinstance(a, SmallPut) and a.digest == digest(b"a" * 10)
+    assert isinstance(c, SmallPut) and c.digest == digest(b"c" * 30)
+    assert sorted(o.key for o in backend.list("")) == ["ok/a", "ok/c"]
 
 
 # -- local tree ----------------------------------------------------------------------------

@@ -37,6 +37,9 @@ Invariants:
   instead of ~3 per file). ``auto`` picks ``syncfs`` on local file systems
   (``SYNCFS_TYPES``), ``fsync`` elsewhere (NFS, Lustre: a client-wide flush there may
   wait for other writers' data). ``syncfs`` reports write-back errors since Linux 5.8.
+  ``put_small(items)`` is the same group commit in one call (no writer objects), followed
+  by each object's read-back at its key (open, read whole, xxh3-128) for the caller to
+  match: one backend call per batch instead of ~10 per blob.
 * Large files: a ``put_part`` of at least ``writeback_min_bytes`` goes to the device at
   once. With ``direct_io`` (``auto``: ext4, xfs, Lustre) its aligned head is written
   through an ``O_DIRECT`` twin of the writer's descriptor, straight from the caller's

@@ -4,6 +4,7 @@ writers from ``writer.py``; both work through the shared ``PosixFiles``."""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
@@ -12,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import SplitResult
 
-from datasync.backends.base import Capabilities, ObjectInfo, check_key
+from datasync.backends.base import Capabilities, ObjectInfo, SmallPut, check_key
 from datasync.backends.posix.files import PosixFiles
 from datasync.backends.posix.io import (
     DIRECT_ALIGN,
@@ -32,7 +33,7 @@ from datasync.backends.posix.io import (
 )
 from datasync.backends.posix.lustre import DEFAULT_LARGE_LAYOUT, fs_type, stripe_policy
 from datasync.backends.posix.tree import LINK_IMPOSSIBLE, LocalTreeOps
-from datasync.backends.posix.writer import PosixGroupCommit, PosixWriter, open_writer
+from datasync.backends.posix.writer import PosixGroupCommit, PosixWriter, open_writer, put_small
 from datasync.errors import ConfigError, NotFound, SourceChanged
 from datasync.manifest.hashing import ChunkedHasher, hash_file
 
@@ -168,6 +169,7 @@ class PosixBackend(LocalTreeOps):
             lustre_striping=self.files.striping is not None,
             group_commit=True,
             local_tree=True,
+            small_puts=True,
         )
 
     def stat(self, key: str) -> ObjectInfo:
@@ -227,6 +229,12 @@ class PosixBackend(LocalTreeOps):
     def group_commit(self) -> PosixGroupCommit:
         """A group of new small objects made durable together (see the package docstring)."""
         return PosixGroupCommit(self.files)
+
+    def put_small(
+        self, items: Sequence[tuple[str, bytes | memoryview]]
+    ) -> builtins.list[SmallPut | Exception]:
+        """Many small objects written, committed together and read back (``put_small``)."""
+        return put_small(self.files, items)
 
     def delete(self, key: str) -> None:
         path = self.files.path(key)

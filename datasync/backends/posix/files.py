@@ -95,25 +95,45 @@ class PosixFiles:
         """Create the directories between the root and ``dirpath``; never the root itself.
 
         The parent of each new directory is fsynced now, or added to ``defer`` (a group
-        commit's set, flushed before any replica of the group is recorded)."""
+        commit's set, flushed before any replica of the group is recorded). Tried from the
+        deepest directory up, so a new leaf under existing parents (a blob store's fan-out)
+        costs one ``mkdir``."""
         if dirpath != self.root and os.path.isdir(dirpath):
             return  # the common case (a blob store's fan-out dirs exist): one stat
-        self.check_root()
         rel = os.path.relpath(dirpath, self.root)
-        if rel == ".":
+        if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
+            self.check_root()
             return
-        current = self.root
+        missing: list[str] = []  # deepest first
+        current = os.path.join(self.root, rel)
         created: list[str] = []
         with translate_os_errors(url):
-            for part in rel.split(os.sep):
-                current = os.path.join(current, part)
+            while current != self.root:
                 try:
                     os.mkdir(current)
-                    created.append(os.path.dirname(current))
+                except (FileNotFoundError, NotADirectoryError):  # a parent is missing (or a file)
+                    missing.append(current)
+                    current = os.path.dirname(current)
+                    continue
                 except FileExistsError:
                     if not os.path.isdir(current):
                         raise Conflict(
                             f"{current} is a file, so it cannot hold other keys", url=url
+                        ) from None
+                else:
+                    created.append(os.path.dirname(current))
+                break
+            else:
+                self.check_root()  # nothing below the root exists: is the root there?
+                raise FileNotFoundError(errno.ENOENT, "cannot create directories", dirpath)
+            for path in reversed(missing):
+                try:
+                    os.mkdir(path)
+                    created.append(os.path.dirname(path))
+                except FileExistsError:  # made meanwhile by another writer
+                    if not os.path.isdir(path):
+                        raise Conflict(
+                            f"{path} is a file, so it cannot hold other keys", url=url
                         ) from None
             if defer is not None:
                 defer.update(created)

@@ -1,6 +1,7 @@
-"""Writers of the POSIX backend: one temp-file upload (``PosixWriter``) and a group commit
-of many small objects (``PosixGroupCommit``). Both work through ``PosixFiles``, never
-through the backend. The invariants are stated in the package docstring.
+"""Writers of the POSIX backend: one temp-file upload (``PosixWriter``), a group commit
+of many small objects (``PosixGroupCommit``) and its one-call form (``put_small``). All
+work through ``PosixFiles``, never through the backend. The invariants are stated in the
+package docstring.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ import contextlib
 import os
 import secrets
 import threading
+from collections.abc import Sequence
 
-from datasync.backends.base import ObjectInfo, PartLayout, Writer
+import xxhash
+
+from datasync.backends.base import ObjectInfo, PartLayout, SmallPut, Writer
 from datasync.backends.posix.files import PosixFiles
 from datasync.backends.posix.io import (
     TOKEN_RE,
@@ -25,8 +29,9 @@ from datasync.backends.posix.io import (
     unlink_quietly,
 )
 from datasync.errors import NotFound
+from datasync.manifest.hashing import DIGEST_PREFIX
 
-__all__ = ["PosixGroupCommit", "PosixWriter", "open_writer"]
+__all__ = ["PosixGroupCommit", "PosixWriter", "open_writer", "put_small"]
 
 
 def open_writer(
@@ -294,9 +299,104 @@ class PosixGroupCommit:
         return out
 
     def _syncfs(self) -> None:
-        fd = os.open(self._files.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            syncfs_fd(fd)
-        finally:
-            os.close(fd)
+        _syncfs(self._files.root)
         self.flushes += 1
+
+
+def put_small(
+    files: PosixFiles, items: Sequence[tuple[str, bytes | memoryview]]
+) -> list[SmallPut | Exception]:
+    """``SupportsPutSmall.put_small`` on POSIX: the group commit of many small objects in
+    one loop, without a writer object, a retry wrapper or a limits check per object.
+
+    Per item: a hidden sized temp (``create_temp``), its bytes written, its final mode,
+    fsync'd (``fsync`` mode); then one ``syncfs`` (``syncfs`` mode), the renames, the names
+    made durable (a second ``syncfs``, or one fsync per directory), and each object
+    opened again at its key, read back in full (through the page cache, docs/design.md
+    invariant 2) and hashed. A failure of one item removes its temp and is returned in its
+    place; a failed flush is raised, with the temps not yet renamed removed."""
+    out: list[SmallPut | Exception | None] = [None] * len(items)
+    dirs: set[str] = set()  # directories whose entries changed
+    sync_each = files.group_sync == "fsync"
+    staged: list[tuple[int, str, str]] = []  # (index, temp, path)
+    for i, (key, data) in enumerate(items):
+        made = ""  # the temp, once created (create_temp removes it if it fails itself)
+        try:
+            url = files.url(key)
+            path = files.path(key)
+            dirpath, name = os.path.split(path)
+            tmp = os.path.join(dirpath, temp_name(name, secrets.token_hex(8)))
+            view = memoryview(data).cast("B")
+            fd = files.create_temp(dirpath, tmp, len(view), url, dirs)
+            made = tmp
+            try:
+                with translate_os_errors(url):
+                    pwrite_all(fd, view, 0)
+                    os.fchmod(fd, files.file_mode)
+                    if sync_each:
+                        os.fsync(fd)
+            finally:
+                os.close(fd)
+        except Exception as exc:
+            if made:
+                with contextlib.suppress(OSError):
+                    unlink_quietly(made)
+            out[i] = exc
+            continue
+        staged.append((i, tmp, path))
+    renamed: list[tuple[int, str]] = []
+    done = 0
+    try:
+        with translate_os_errors(files.root):
+            if staged and not sync_each:
+                _syncfs(files.root)  # every staged byte durable before any rename
+            for i, tmp, path in staged:
+                done += 1
+                try:
+                    with translate_os_errors(files.url(items[i][0])):
+                        os.rename(tmp, path)
+                except Exception as exc:
+                    with contextlib.suppress(OSError):
+                        unlink_quietly(tmp)
+                    out[i] = exc
+                    continue
+                renamed.append((i, path))
+                dirs.add(os.path.dirname(path))
+            if renamed and not sync_each:
+                _syncfs(files.root)  # the renames and the new directories
+            elif renamed:
+                for d in sorted(dirs, reverse=True):
+                    fsync_dir(d)
+    except BaseException:
+        for _, tmp, _ in staged[done:]:
+            unlink_quietly(tmp)
+        raise
+    for i, path in renamed:
+        key = items[i][0]
+        try:
+            with translate_os_errors(files.url(key)):
+                out[i] = _read_back(files, key, path)
+        except Exception as exc:
+            out[i] = exc
+    return [o if o is not None else RuntimeError("put_small: item not handled") for o in out]
+
+
+def _read_back(files: PosixFiles, key: str, path: str) -> SmallPut:
+    """Open the committed file at its key again, read it whole, hash it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        hasher = xxhash.xxh3_128()
+        while block := os.read(fd, max(st.st_size, 1 << 16)):
+            hasher.update(block)
+    finally:
+        os.close(fd)
+    return SmallPut(files.info(key, st), DIGEST_PREFIX + hasher.hexdigest())
+
+
+def _syncfs(root: str) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        syncfs_fd(fd)
+    finally:
+        os.close(fd)
