@@ -19,6 +19,7 @@ ORDER = [
     "cloud-replication",
     "fsspec",
     "replication",
+    "shards-profile",
     "wakeup",
     "queue",
     "register",
