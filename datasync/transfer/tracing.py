@@ -1,11 +1,12 @@
 """Write-interval tracing for the concurrency tests: ``DATASYNC_TRACE_WRITES=/path/file``.
 
-When set, every destination write (a blob commit, a part, a chunked commit) appends two
-lines, ``start`` and ``end``, with the target, kind, pid, thread and a monotonic timestamp
-(CLOCK_MONOTONIC is one clock for every process on the host). Each line is one
-``O_APPEND`` write, so lines from many processes never interleave. The kill tests read the
-file to prove two workers never wrote the same destination at the same time. Unset (the
-default) it costs one attribute check. Read on first use, never at import.
+When set, every destination write (a blob commit, a part, a chunked commit, a
+``put_small`` batch and each object in it) appends two lines, ``start`` and ``end``, with
+the target, kind, pid, thread and a monotonic timestamp (CLOCK_MONOTONIC is one clock for
+every process on the host). Each line is one ``O_APPEND`` write, so lines from many
+processes never interleave. The kill tests read the file to prove two workers never wrote
+the same destination at the same time. Unset (the default) it costs one attribute check.
+Read on first use, never at import.
 """
 
 from __future__ import annotations

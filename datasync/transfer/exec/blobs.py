@@ -237,8 +237,11 @@ def _put_verified(
     assert isinstance(backend, SupportsPutSmall)
     keys = [blob_key(item.digest) for item, _ in ready]
     with ctx.limits.slot(dst), contextlib.ExitStack() as traced:
+        # One slot, one stream: the call is traced once as the slot holder ("batch"), and
+        # each object under its own key ("batched") for the overlap checks.
+        traced.enter_context(traced_write(f"{dst}:put_small#{keys[0]}", "batch"))
         for key in keys:
-            traced.enter_context(traced_write(f"{dst}:{key}", "blob"))
+            traced.enter_context(traced_write(f"{dst}:{key}", "batched"))
         results = backend.put_small(
             [(key, data) for key, (_, data) in zip(keys, ready, strict=True)]
         )
