@@ -36,7 +36,14 @@ import sqlalchemy as sa
 from datasync.bootstrap import bootstrap
 from datasync.errors import TransientError
 from tests.bench.targets import Target, record
-from tests.bench.test_bench_replication import OPTIONS, PROCESSES, _ds_replicate, _fill, _workers
+from tests.bench.test_bench_replication import (
+    OPTIONS,
+    PROCESSES,
+    _ds_replicate,
+    _fill,
+    _workers,
+    sync_destination,
+)
 from tests.fixtures import emulators as em
 from tests.fixtures.replication import (
     MIB,
@@ -132,7 +139,7 @@ def _rclone_copy(argv: list[str], env: dict[str, str]) -> float:
     done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     if Path(argv[-1]).is_absolute():
-        subprocess.run(["sync", "-f", argv[-1]], check=True)
+        sync_destination(argv[-1])
     return time.perf_counter() - t0
 
 

@@ -79,8 +79,13 @@ def _timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     when the view is durable (fsynced), so the peer's ends when its copy is."""
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    subprocess.run(["sync", "-f", argv[-1]], check=True)
+    sync_destination(argv[-1])
     return time.perf_counter() - t0
+
+
+def sync_destination(path: str) -> None:
+    """Make a peer's local copy durable (``syncfs`` of its file system), inside its time."""
+    subprocess.run(["sync", "-f", path], check=True)
 
 
 def _fill(root: Path, files: dict[str, int], seed: int) -> None:
