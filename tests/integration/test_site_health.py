@@ -232,7 +232,8 @@ def test_a_site_that_is_down_pauses_its_tasks_with_the_reason(tmp_path: Path, db
         assert held and all(row.attempts == 0 for row in held)
         seen = Recorder()
         app.bus.subscribe(seen)
-        health = SiteHealth(settings, app.engine, app.state.tasks.pause_site, timeout=3, pause=120)
+        # A refused port answers at once; 15 s keeps a busy box from making it "no answer".
+        health = SiteHealth(settings, app.engine, app.state.tasks.pause_site, timeout=15, pause=120)
         assert health.check() == {}  # nothing failed yet: nothing is probed
         # A worker retried one of the site's tasks: the site becomes a suspect.
         health.on_event(
