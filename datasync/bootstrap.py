@@ -132,6 +132,7 @@ class App:
                 health.check,
             ),
             liveness=WorkerLiveness(self.engine),
+            warm=backends.warm,
             closers=(lambda: io.shutdown(wait=True), backends.close, limits.close),
         )
         return WorkerLoop(parts, options)

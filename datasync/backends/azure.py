@@ -245,6 +245,9 @@ class AzureBackend:
             "read_timeout": self.timeouts.read(nbytes),
         }
 
+    def prepare(self) -> None:
+        _ = self.container_client  # builds it (no request)
+
     @property
     def endpoint(self) -> str | None:
         """``host:port`` of the blob endpoint in use; builds the client (no request)."""
@@ -470,11 +473,11 @@ class AzureBackend:
                 if error_code(exc) == "ContainerNotFound":
                     raise  # a missing container is an error; a missing blob is not
 
-    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+    def copy(self, src_key: str, dst_key: str, *, source: ObjectInfo | None = None) -> ObjectInfo:
         """Server-side Copy Blob from URL, pinned to the source's ETag, waited for."""
         from azure.core import MatchConditions
 
-        src = self.stat(src_key)
+        src = source if source is not None and source.etag else self.stat(src_key)
         url = self._url(dst_key)
         dst = self._blob(dst_key)
         with self._errors(url):
@@ -484,6 +487,7 @@ class AzureBackend:
                 source_match_condition=MatchConditions.IfNotModified,
             )
             status = result.get("copy_status")
+            etag, modified = result.get("etag"), result.get("last_modified")
             deadline = time.monotonic() + self.copy_timeout
             delay = 0.05
             while status == "pending":
@@ -492,10 +496,13 @@ class AzureBackend:
                     raise TransientError(f"copy not done after {self.copy_timeout}s", url=url)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                status = dst.get_blob_properties().copy.status
+                props = dst.get_blob_properties()
+                status, etag, modified = props.copy.status, props.etag, props.last_modified
             if status != "success":
                 raise TransientError(f"server-side copy ended with status {status}", url=url)
-        return self.stat(dst_key)
+        # Pinned to the source's version, the copy has its size: no stat of the new blob.
+        mtime = modified.timestamp() if modified else None
+        return ObjectInfo(key=dst_key, size=src.size, etag=etag, mtime=mtime)
 
     def close(self) -> None:
         with self._lock:

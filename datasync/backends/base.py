@@ -35,7 +35,10 @@ Contract (pinned by ``tests/conformance``):
   committed, reaped) raises ``NotFound`` rather than silently starting over.
 * ``delete(key)`` is idempotent: deleting a missing key is not an error.
 * ``copy(src, dst)`` is a server-side copy producing an independent object; a backend
-  without ``capabilities.server_side_copy`` raises ``Unsupported``.
+  without ``capabilities.server_side_copy`` raises ``Unsupported``. ``source=`` (the
+  ``ObjectInfo`` the caller recorded for ``src``) pins the copy to that version without a
+  stat: ``SourceChanged`` when ``src`` is another version now. The returned
+  ``ObjectInfo`` describes the new object (its size and version token).
 * Optional extras, each declared by a capability flag: ``rename`` (``atomic_rename``),
   ``link`` (``hard_links``), ``group_commit()`` (``group_commit``) and the local-tree
   operations views are built with (``local_tree``); see ``SupportsRename``,
@@ -223,7 +226,9 @@ class Backend(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def copy(self, src_key: str, dst_key: str) -> ObjectInfo: ...
+    def copy(
+        self, src_key: str, dst_key: str, *, source: ObjectInfo | None = None
+    ) -> ObjectInfo: ...
 
     def close(self) -> None: ...
 

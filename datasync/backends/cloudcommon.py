@@ -41,6 +41,7 @@ __all__ = [
     "SINGLE_PUT_PREFIX",
     "TIMEOUT_OPTIONS",
     "HasEndpoint",
+    "Prepares",
     "SingleRequestWriter",
     "SmallObjectBuffer",
     "Timeouts",
@@ -96,6 +97,15 @@ class Timeouts:
             read_floor=opt_seconds(options, floor, READ_TIMEOUT),
             min_rate=opt_seconds(options, "min_rate_bytes", MIN_RATE_BYTES),
         )
+
+
+@runtime_checkable
+class Prepares(Protocol):
+    """An object store whose SDK client can be built ahead of its first call."""
+
+    def prepare(self) -> None:
+        """Build the client now (SDK imports, credentials, pools); no network I/O."""
+        ...
 
 
 @runtime_checkable

@@ -140,7 +140,7 @@ class FsspecSource:
     def delete(self, key: str) -> None:
         self._read_only("delete")
 
-    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+    def copy(self, src_key: str, dst_key: str, *, source: ObjectInfo | None = None) -> ObjectInfo:
         self._read_only("copy")
 
     def close(self) -> None:

@@ -170,6 +170,9 @@ class GCSBackend:
         """``(connect, read)`` timeouts of a call moving ``nbytes`` (``Timeouts.read``)."""
         return (self.timeouts.connect, self.timeouts.read(nbytes))
 
+    def prepare(self) -> None:
+        _ = self.client  # builds it (no request)
+
     @property
     def endpoint(self) -> str | None:
         """``host:port`` of the JSON API in use; builds the client (no request)."""
@@ -414,9 +417,9 @@ class GCSBackend:
             if missing is not exc:
                 raise missing from exc  # the bucket is gone: that is an error
 
-    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+    def copy(self, src_key: str, dst_key: str, *, source: ObjectInfo | None = None) -> ObjectInfo:
         """Server-side rewrite (works for any size), pinned to the source generation."""
-        src = self.stat(src_key)
+        src = source if source is not None and source.etag else self.stat(src_key)
         source = self.bucket.blob(self._name(src_key))
         dest = self.bucket.blob(self._name(dst_key))
         with self._errors(self._url(dst_key)):
@@ -431,7 +434,7 @@ class GCSBackend:
                 )
                 if token is None:
                     break
-        return self.stat(dst_key)
+        return self._info(dst_key, dest)  # the last rewrite answered with the new object
 
     def close(self) -> None:
         with self._lock:

@@ -230,8 +230,9 @@ class MemoryBackend:
         with store.lock:
             store.remove(full)
 
-    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
-        return self._duplicate("copy", src_key, dst_key, remove_src=False)
+    def copy(self, src_key: str, dst_key: str, *, source: ObjectInfo | None = None) -> ObjectInfo:
+        pin = source.etag if source is not None else None
+        return self._duplicate("copy", src_key, dst_key, remove_src=False, pin=pin)
 
     def rename(self, src_key: str, dst_key: str) -> ObjectInfo:
         return self._duplicate("rename", src_key, dst_key, remove_src=True)
@@ -289,13 +290,20 @@ class MemoryBackend:
             raise NotFound(f"memory store {self.name!r} does not exist", url=self._key_url(key))
         return self._store
 
-    def _duplicate(self, op: str, src_key: str, dst_key: str, *, remove_src: bool) -> ObjectInfo:
+    def _duplicate(
+        self, op: str, src_key: str, dst_key: str, *, remove_src: bool, pin: str | None = None
+    ) -> ObjectInfo:
         src, dst = self._full(src_key), self._full(dst_key)
         store = self._enter(op, src_key)
         with store.lock:
             obj = store.objects.get(src)
             if obj is None:
                 raise NotFound("no such object", url=self._key_url(src_key))
+            if pin is not None and obj.etag != pin:
+                raise SourceChanged(
+                    f"object changed since it was pinned (etag {obj.etag}, expected {pin})",
+                    url=self._key_url(src_key),
+                )
             new = store.put(dst, obj.data)
             if remove_src and src != dst:
                 store.remove(src)

@@ -146,8 +146,8 @@ class RetryingBackend:
     def delete(self, key: str) -> None:
         self._call(self._inner.delete, key)
 
-    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
-        return self._call(self._inner.copy, src_key, dst_key)
+    def copy(self, src_key: str, dst_key: str, *, source: ObjectInfo | None = None) -> ObjectInfo:
+        return self._call(self._inner.copy, src_key, dst_key, source=source)
 
     def close(self) -> None:
         self._inner.close()

@@ -241,6 +241,9 @@ class S3Backend:
         finally:
             _READ_TIMEOUT.reset(token)
 
+    def prepare(self) -> None:
+        _ = self.client  # builds it (no request)
+
     @property
     def endpoint(self) -> str | None:
         """``host:port`` the client talks to (the option, else what boto3 resolved from the
@@ -467,20 +470,20 @@ class S3Backend:
         with self._errors(self._url(key)):
             self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
 
-    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
-        src = self.stat(src_key)
+    def copy(self, src_key: str, dst_key: str, *, source: ObjectInfo | None = None) -> ObjectInfo:
+        src = source if source is not None and source.etag else self.stat(src_key)
         url = self._url(dst_key)
-        source = {"Bucket": self.bucket, "Key": self._name(src_key)}
+        copy_source = {"Bucket": self.bucket, "Key": self._name(src_key)}
         pin = _quote_etag(src.etag) if src.etag else None
         pin_args = {"CopySourceIfMatch": pin} if pin else {}
         if src.size <= self.multipart_copy_threshold:
             with self._errors(url), self._sized(src.size):
                 result = self.client.copy_object(
-                    Bucket=self.bucket, Key=self._name(dst_key), CopySource=source, **pin_args
+                    Bucket=self.bucket, Key=self._name(dst_key), CopySource=copy_source, **pin_args
                 )["CopyObjectResult"]
             mtime = result["LastModified"].timestamp() if result.get("LastModified") else None
             return ObjectInfo(dst_key, src.size, _strip_etag(result.get("ETag")), mtime)
-        return self._copy_multipart(source, src, dst_key, pin_args)
+        return self._copy_multipart(copy_source, src, dst_key, pin_args)
 
     def _copy_multipart(
         self, source: dict[str, str], src: ObjectInfo, dst_key: str, pin_args: dict[str, str]

@@ -141,6 +141,8 @@ class WorkerParts:
     # a `serve` + `worker` deployment without `datasync up` still does them.
     chores: tuple[Callable[[], object], ...]
     liveness: WorkerLiveness  # this process's row in ``workers``
+    # Opens the sites this worker serves (SDK imports, clients) before its first claim.
+    warm: Callable[[Collection[str] | None], None]
     closers: tuple[Callable[[], None], ...]  # pools, backends, limits: closed in order
 
 
@@ -277,6 +279,8 @@ class WorkerLoop:
         self.parts.liveness.register(self.owner)
         beat = threading.Thread(target=self._heartbeat, name="datasync-heartbeat", daemon=True)
         beat.start()
+        if not once:  # a daemon: its first task must not pay for SDK imports and clients
+            self.parts.warm(self.options.sites)
         # Listen before the first claim, so tasks queued in between still wake us.
         wakeup = Wakeup(self.engine).start()
         try:

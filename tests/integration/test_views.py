@@ -360,7 +360,46 @@ def test_object_store_damaged_blob_is_reported_as_such(memory: MemoryBackend) ->
     data = b"true bytes"
     put(memory, blob_key(digest(data)), b"rotten bytes")  # the blob store itself is corrupt
     views = [ViewFile("f.bin", digest(data), len(data), blob_key(digest(data)))]
-    with pytest.raises(BlobDamaged, match="no longer hashes") as caught:
+    with pytest.raises(BlobsDamaged, match="no longer hashes") as caught:
         publish(memory, views)
-    assert caught.value.digest == digest(data)
+    assert [d.digest for d in caught.value.damaged] == [digest(data)]
     assert list(memory.list(f"drive/tokyo/{VID}/")) == [], "nothing unverified is left"
+
+
+def test_object_store_every_damaged_blob_is_found_in_one_pass(memory: MemoryBackend) -> None:
+    """A view's copies are the check of its blobs: a missing blob and a rotten one are
+    both named by one publish, which writes no marker; the right files stay copied."""
+    views = stock(memory)
+    rotten, missing = views[2], views[3]  # blobs no other file of the view shares
+    memory.delete(rotten.key)
+    put(memory, rotten.key, b"R" * rotten.size)
+    memory.delete(missing.key)
+    with pytest.raises(BlobsDamaged) as caught:
+        publish(memory, views)
+    assert {d.digest for d in caught.value.damaged} == {rotten.digest, missing.digest}
+    with pytest.raises(NotFound):
+        memory.stat(f"drive/tokyo/{VID}/{COMPLETE_MARKER}")
+    right = [f for f in views if f not in (rotten, missing)]
+    kept = objects(memory, f"drive/tokyo/{VID}/")
+    assert kept == {f.path: FILES[f.path] for f in right}
+
+
+def test_object_store_copies_pin_the_recorded_version_and_survive_a_touch(
+    memory: MemoryBackend,
+) -> None:
+    """Copies are pinned to the token recorded at verification: a blob rewritten since
+    with the same bytes (a touch) is copied as it is now and passes its re-hash; one
+    rewritten with other bytes is damaged."""
+    views = [replace(f, etag=memory.stat(f.key).etag) for f in stock(memory)]
+    touched, rotten = views[2], views[3]
+    put(memory, touched.key, FILES[touched.path])
+    put(memory, rotten.key, b"?" * rotten.size)
+    assert memory.stat(touched.key).etag != touched.etag
+    with pytest.raises(BlobsDamaged) as caught:
+        publish(memory, views)
+    assert [d.digest for d in caught.value.damaged] == [rotten.digest]
+    put(memory, rotten.key, FILES[rotten.path])  # the re-plan moves it again
+    publish(memory, views)
+    got = objects(memory, f"drive/tokyo/{VID}/")
+    got.pop(COMPLETE_MARKER)
+    assert got == FILES

@@ -1,19 +1,27 @@
 """Worker start: spawned worker processes re-import the console script (``from
-datasync.cli import main``) before they run, so that import must stay cheap; and they open
-the database their parent migrated without loading Alembic."""
+datasync.cli import main``) before they run, so that import must stay cheap; they open
+the database their parent migrated without loading Alembic; and a running worker opens
+its sites (SDK imports, clients) before its first claim."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from datasync.backends.retrying import RetryingBackend
+from datasync.backends.s3 import S3Backend
 from datasync.bootstrap import bootstrap
-from datasync.config import Settings
+from datasync.config import Settings, SiteConfig
 from datasync.errors import ConfigError
+from datasync.transfer.worker import WorkerLoop, WorkerOptions
 
 HEAVY = ("typer", "rich", "click", "sqlalchemy", "pydantic", "datasync.cli.commands")
 
@@ -56,3 +64,54 @@ def test_a_worker_bootstrap_refuses_a_database_without_schema(tmp_path: Path) ->
     settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'x.db'}")
     with pytest.raises(ConfigError, match="no datasync schema"):
         bootstrap(settings, migrate=False)
+
+
+@pytest.fixture
+def worker(tmp_path: Path, moto_server: str) -> Iterator[WorkerLoop]:
+    """A worker of a fresh database with three sites: POSIX, S3 (a bucket that does not
+    exist: opening must not ask), and one that cannot be opened."""
+    sites = {
+        "lustre": SiteConfig(url=str(tmp_path / "lustre")),
+        "aws": SiteConfig(
+            url="s3://never-asked/p",
+            options={"endpoint_url": moto_server, "region_name": "us-east-1"},
+        ),
+        "broken": SiteConfig(url="gs:///no-bucket"),
+    }
+    url = f"sqlite:///{tmp_path / 'ds.db'}"
+    app = bootstrap(Settings(home=tmp_path / "home", database_url=url, sites=sites))
+    loop = app.worker(WorkerOptions(idle_sleep=0.05))
+    yield loop
+    loop.close()
+    app.close()
+
+
+def test_a_daemon_worker_opens_its_sites_before_its_first_claim(
+    worker: WorkerLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first task at a cloud site must not pay for the SDK's import and client: a
+    running worker builds them at start, without a request. A site that cannot be opened
+    is logged and does not stop the others."""
+    backends = worker.executor.ctx.backends
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,))
+    with caplog.at_level(logging.WARNING, logger="datasync.transfer.exec.context"):
+        runner.start()
+        deadline = time.monotonic() + 60
+        while "site broken" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)  # broken is the last site warmed (sorted)
+        opened = backends.opened
+        aws = backends["aws"]
+        stop.set()
+        runner.join(60)
+    assert not runner.is_alive()
+    assert opened == {"aws", "lustre"}
+    assert isinstance(aws, RetryingBackend) and isinstance(aws.unwrap(), S3Backend)
+    assert aws.unwrap()._client is not None, "the S3 client was not built at start"
+    assert "site broken not opened at worker start" in caplog.text
+    assert "missing bucket name" in caplog.text
+
+
+def test_a_worker_run_once_opens_no_site_it_has_no_task_for(worker: WorkerLoop) -> None:
+    worker.run(threading.Event(), once=True)
+    assert worker.executor.ctx.backends.opened == set()

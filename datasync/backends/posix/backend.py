@@ -245,13 +245,14 @@ class PosixBackend(LocalTreeOps):
                 return
             fsync_dir(os.path.dirname(path))
 
-    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+    def copy(self, src_key: str, dst_key: str, *, source: ObjectInfo | None = None) -> ObjectInfo:
         """An independent copy (copy_file_range: a reflink on file systems that have them,
         never a hard link), published atomically like a commit."""
         dst = self.files.path(dst_key)
         url = self.files.url(dst_key)
         sfd, st = self.files.open_regular(src_key)
         try:
+            self._check_etag(src_key, st, source.etag if source is not None else None)
             tmp = self.files.new_temp(dst)
             dfd = self.files.create_temp(os.path.dirname(dst), tmp, st.st_size, url)
             try:

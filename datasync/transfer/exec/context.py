@@ -1,21 +1,25 @@
 """What every task runner needs, built once per worker process by the composition root.
 
-``SiteBackends`` opens one backend per configured site on first use and shares it between
-the process's threads. ``ExecContext`` carries the state owner, the site index, the
-manifest store, the backends, the host-wide limits, the buffer pool and the I/O pool.
+``SiteBackends`` opens one backend per configured site on first use (or all of them when a
+worker starts, ``warm``) and shares it between the process's threads. ``ExecContext``
+carries the state owner, the site index, the manifest store, the backends, the host-wide
+limits, the buffer pool and the I/O pool.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from datasync.backends.base import Backend
+from datasync.backends.cloudcommon import Prepares
 from datasync.backends.registry import open_backend
+from datasync.backends.retrying import RetryingBackend
 from datasync.config import SiteConfig
 from datasync.errors import ConfigError, DatasyncError, TransientError
 from datasync.manifest.store import ManifestStore
@@ -25,6 +29,8 @@ from datasync.transfer.siteindex import SiteIndex
 from datasync.transfer.state import EngineState
 
 __all__ = ["ExecContext", "LeaseLost", "ReplanNeeded", "SiteBackends", "check_cancel"]
+
+log = logging.getLogger(__name__)
 
 BackendOpener = Callable[[str, Mapping[str, Any]], Backend]
 
@@ -75,6 +81,26 @@ class SiteBackends:
                     backend = self._wrap(site, backend)
                 self._open[site] = backend
             return backend
+
+    @property
+    def opened(self) -> frozenset[str]:
+        """The sites whose backend this process has opened."""
+        with self._lock:
+            return frozenset(self._open)
+
+    def warm(self, sites: Collection[str] | None = None) -> None:
+        """Open ``sites`` (None: every configured site) and build their SDK clients: the
+        imports, credentials and connection pools a site's first task would otherwise pay
+        for (about a second of CPU per cloud SDK). No request is made. A site that cannot
+        be opened is logged and left to its first task, which reports the error."""
+        for site in sorted(self._sites if sites is None else set(sites) & set(self._sites)):
+            try:
+                backend = self[site]
+                inner = backend.unwrap() if isinstance(backend, RetryingBackend) else backend
+                if isinstance(inner, Prepares):
+                    inner.prepare()
+            except Exception as exc:  # a broken site must not stop the worker serving others
+                log.warning("site %s not opened at worker start: %s", site, exc)
 
     def close(self) -> None:
         with self._lock:

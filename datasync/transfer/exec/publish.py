@@ -9,15 +9,16 @@ It runs when every other task of the placement is done:
    size and still carries the version token (ETag, POSIX ``mtime-ino-size``) recorded
    when it was verified; a changed token means the object was rewritten, so it is
    re-hashed (a mere ``touch`` passes and the token is refreshed). POSIX checks each
-   link as it is made, on what the link shows (the blob's inode); object stores stat
-   every blob first. Blobs that are missing or hash wrong are marked bad, all of them
-   in one pass, and the placement is re-planned: a store that lost or damaged
-   acknowledged bytes heals instead of failing forever.
+   link as it is made, on what the link shows (the blob's inode). On object stores the
+   view's copy is the check: each copy is re-hashed, and a copy that hashes wrong has
+   its blob re-hashed (no stat of every blob first, which cost a request per file).
+   Blobs that are missing or hash wrong are marked bad, all of them in one pass, and
+   the placement is re-planned: a store that lost or damaged acknowledged bytes heals
+   instead of failing forever.
 3. ``datasync.transfer.views`` builds the view atomically from the files streamed in
    batches (entries and their blob rows, no per-file query), then the dataset's labels
    at the site are pointed at what is published there. Only blob-store replicas are ever
-   used: bytes datasync wrote and verified. A blob found damaged while copying (object
-   stores) is handled as in step 2. When the publish fails for good, an object-store
+   used: bytes datasync wrote and verified. When the publish fails for good, an object-store
    view left without its completion marker is deleted.
 
 The queue's ``complete`` then makes the placement READY. A version registered from a
@@ -28,7 +29,7 @@ blob was just checked against its digests.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import sqlalchemy as sa
 from sqlmodel import col
@@ -54,8 +55,6 @@ from datasync.transfer.views import (
 )
 
 __all__ = ["run_labels", "run_publish"]
-
-_BATCH = 500
 
 
 def run_labels(ctx: ExecContext, payload: LabelsPayload, task: ClaimedTask) -> None:
@@ -122,9 +121,6 @@ def _publish(ctx: ExecContext, payload: PublishPayload) -> PublishResult:
                 yield ViewFile(path, digest, size, row.key, row.etag)
 
     blobs = _BlobCheck(ctx, site)
-    if not backend.capabilities.local_tree:
-        # Object stores: every blob's token is checked first (POSIX checks as it links).
-        blobs.check_all(files())
     result = publish_view(
         backend,
         payload.dataset,
@@ -181,36 +177,3 @@ class _BlobCheck:
                 self.ctx.state.replicas.record(self.site, [row])
             self.settled[(f.digest, seen.etag)] = damage
         return self.settled[(f.digest, seen.etag)]
-
-    def check_all(self, files: Iterable[ViewFile]) -> None:
-        """Stat every distinct blob of ``files`` (in parallel); ``BlobsDamaged`` names all
-        that are missing or wrong."""
-
-        def check(f: ViewFile) -> BlobDamaged | None:
-            try:
-                info = self.backend.stat(f.key)
-            except NotFound:
-                info = None
-            if info is not None and info.size == f.size and f.etag in (None, info.etag):
-                return None
-            return self.settle(f, info)
-
-        damaged: list[BlobDamaged] = []
-        for batch in _distinct_batches(files):
-            damaged += [d for d in self.ctx.io.map(check, batch) if d is not None]
-        if damaged:
-            raise BlobsDamaged(damaged)
-
-
-def _distinct_batches(files: Iterable[ViewFile]) -> Iterator[list[ViewFile]]:
-    seen: set[str] = set()
-    batch: list[ViewFile] = []
-    for f in files:
-        if f.digest not in seen:
-            seen.add(f.digest)
-            batch.append(f)
-            if len(batch) >= _BATCH:
-                yield batch
-                batch = []
-    if batch:
-        yield batch

@@ -7,9 +7,13 @@ reader treats a version prefix without it as absent (invariant 3). Objects a kil
 publisher left are kept when they re-hash right. Files are processed in parallel batches
 on the worker's I/O pool.
 
-A copy whose blob is missing, or whose blob itself hashes wrong, raises ``BlobDamaged``:
-the blob is what must move again, not the view. A wrong copy of a right blob is a
-retryable ``ChecksumMismatch``.
+Requests per file, for a fresh view: the copy (a store that must pin the source first
+stats it) and the re-read, pinned to the copy's version where the store enforces it. What
+a killed publisher left is found by one listing of the version prefix, not a stat per key.
+A copy is the check of its blob too: a copy whose blob is missing, or whose blob itself
+hashes wrong, is a ``BlobDamaged``; all of them are collected over the whole view and
+raised together (``BlobsDamaged``) before any marker is written, so the blob store heals
+in one re-plan. A wrong copy of a right blob is a retryable ``ChecksumMismatch``.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from itertools import islice
 
-from datasync.backends.base import Backend
-from datasync.errors import ChecksumMismatch, NotFound, StorageError
+from datasync.backends.base import Backend, ObjectInfo
+from datasync.errors import ChecksumMismatch, NotFound, SourceChanged, StorageError
 from datasync.transfer.buffers import BufferPool
 from datasync.transfer.failpoints import failpoint
 from datasync.transfer.layout import COMPLETE_MARKER, view_prefix
 from datasync.transfer.readback import hash_object
-from datasync.transfer.views.model import BlobDamaged, PublishResult, ViewFile
+from datasync.transfer.views.model import BlobDamaged, BlobsDamaged, PublishResult, ViewFile
 
 __all__ = ["publish_objects", "put_small", "remove_unmarked_view"]
 
@@ -60,27 +64,58 @@ def _copy_by_stream(backend: Backend, src: str, dst: str, size: int) -> None:
         raise
 
 
+def _hashes_right(
+    backend: Backend, key: str, f: ViewFile, seen: ObjectInfo, buffers: BufferPool | None
+) -> bool:
+    """Does ``key``, seen as ``seen``, hold ``f``'s bytes? Read pinned to the version seen
+    where the store enforces it, so the size checked is the size of what is hashed."""
+    pin = seen.etag if backend.capabilities.conditional_read else None
+    if seen.size != f.size:
+        return False
+    return hash_object(backend, key, f.size, etag=pin, buffers=buffers) == f.digest
+
+
 def _holds(backend: Backend, key: str, f: ViewFile, buffers: BufferPool | None) -> bool:
     try:
         info = backend.stat(key)
     except NotFound:
         return False
-    return info.size == f.size and hash_object(backend, key, f.size, buffers=buffers) == f.digest
+    return _hashes_right(backend, key, f, info, buffers)
 
 
-def _place(backend: Backend, dst: str, f: ViewFile, buffers: BufferPool | None) -> bool:
-    """Make ``dst`` hold ``f``'s verified bytes; True when it had to be copied by stream."""
-    if _holds(backend, dst, f, buffers):  # left by a killed publisher, and right
+def _copy(backend: Backend, f: ViewFile, dst: str) -> ObjectInfo:
+    """Copy ``f``'s blob pinned to the version recorded when it was verified (no stat);
+    a blob rewritten since (a touch, or worse) is copied as it is now, and the re-hash
+    of the copy decides."""
+    if f.etag is None:
+        return backend.copy(f.key, dst)
+    try:
+        return backend.copy(f.key, dst, source=ObjectInfo(f.key, f.size, f.etag, None))
+    except SourceChanged:
+        return backend.copy(f.key, dst)
+
+
+def _place(
+    backend: Backend,
+    dst: str,
+    f: ViewFile,
+    left: ObjectInfo | None,
+    buffers: BufferPool | None,
+) -> bool:
+    """Make ``dst`` hold ``f``'s verified bytes; True when it had to be copied by stream.
+    ``left``: what the listing found at ``dst`` (a killed publisher's copy), else None."""
+    if left is not None and _hashes_right(backend, dst, f, left, buffers):
         return False
     streamed = not backend.capabilities.server_side_copy
     try:
         if streamed:
             _copy_by_stream(backend, f.key, dst, f.size)
+            right = _holds(backend, dst, f, buffers)
         else:
-            backend.copy(f.key, dst)
+            right = _hashes_right(backend, dst, f, _copy(backend, f, dst), buffers)
     except NotFound as exc:
         raise BlobDamaged(f.digest, f.key, f"missing: {exc}") from exc
-    if _holds(backend, dst, f, buffers):
+    if right:
         return streamed
     backend.delete(dst)
     if not _holds(backend, f.key, f, buffers):
@@ -113,13 +148,28 @@ def publish_objects(
     with contextlib.suppress(NotFound):
         backend.stat(marker)
         return PublishResult(f"{backend.url}/{prefix}", 0, 0, 0, already=True)
+    # What a killed publisher left: one listing instead of a stat per file.
+    left = {info.key: info for info in backend.list(prefix + "/")}
+
+    def place(f: ViewFile) -> tuple[bool, BlobDamaged | None]:
+        dst = f"{prefix}/{f.path}"
+        try:
+            return _place(backend, dst, f, left.get(dst), buffers), None
+        except BlobDamaged as damage:
+            return False, damage
+
     n = nbytes = copied = 0
+    damaged: list[BlobDamaged] = []
     for batch in _batches(files(), _PARALLEL):
-        placed = io.map(lambda f: _place(backend, f"{prefix}/{f.path}", f, buffers), batch)
-        copied += sum(placed)
+        for streamed, damage in io.map(place, batch):
+            copied += streamed
+            if damage is not None:
+                damaged.append(damage)
         n += len(batch)
         nbytes += sum(f.size for f in batch)
         failpoint("mid_publish")
+    if damaged:
+        raise BlobsDamaged(damaged)
     failpoint("before_rename")
     body = {
         "dataset": dataset,
