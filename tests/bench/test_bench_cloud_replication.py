@@ -4,8 +4,9 @@ the same emulator in the same run (``make bench``; not part of ``make test``).
 Rows, each the same data (``BENCH_CLOUD_SHARDS`` x ``BENCH_CLOUD_SHARD_MIB`` MiB shards,
 4 x 256 MiB = 1 GiB by default, plus ``BENCH_CLOUD_SMALL`` = 2,000 objects of 64 KiB):
 
-* S3 (moto), Azure (Azurite), GCS (gcp-storage-emulator) -> posix;
-* posix -> S3, Azure, GCS.
+* S3 (moto), Azure (Azurite), GCS (gcp-storage-emulator) -> posix, ``BENCH_CLOUD_ROUNDS``
+  (3) interleaved rounds of datasync then rclone, each to a fresh destination;
+* posix -> S3, Azure, GCS, one round (a minute each).
 
 datasync's time runs from ``replicate`` until the placement is READY (view published),
 with worker processes already running, as in ``test_bench_replication.py``; every chunk is
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -61,6 +63,8 @@ OUT = REPO / "docs" / "bench-results" / "cloud-replication.md"
 SHARD = int(os.environ.get("BENCH_CLOUD_SHARD_MIB", "256")) * MIB
 N_SHARDS = int(os.environ.get("BENCH_CLOUD_SHARDS", "4"))
 N_SMALL = int(os.environ.get("BENCH_CLOUD_SMALL", "2000"))
+# emulator -> posix rows: interleaved rounds (datasync, then rclone), best and median.
+ROUNDS = int(os.environ.get("BENCH_CLOUD_ROUNDS", "3"))
 SMALL = 64 * 1024
 CHUNK = 64 * MIB
 ROWS: dict[str, tuple[float, float | None, str, str]] = {}
@@ -160,35 +164,44 @@ def test_cloud_to_posix(
     tree = pipeline.root / "run"
     base = tmp_path_factory.mktemp(f"cloud-down-{kind}")
     cloud = cloud_site("cloud", kind, request)
-    dst = posix_site("lustre", base / "dst")
-    scratch = posix_site("scratch", base / "scratch")  # holds the warm-up file
-    sites = [cloud, dst, scratch]
-    settings = settings_for(base / "home", f"sqlite:///{base / 'ds.db'}", sites, CHUNK)
-    app = bootstrap(settings)
-    try:
-        dataset = f"bench/down-{kind}"
-        v = app.service.register_directory(dataset, tree, chunk_size=CHUNK)
-        _upload(cloud, tree)
-        pk = version_pk(app.engine, app.store.resolve(f"{dataset}@{v.version_id}"))
-        seed_cloud_source(app, pk, cloud, "run")
-        with _workers(app, settings, base / "scratch" / "warm"):
-            ds, moved = _ds_replicate(app, settings, v.version_id, dataset, "lustre")
-    finally:
-        app.close()
-    assert moved == TOTAL
     env, root = _remote(kind, cloud, request)
-    out = base / "rclone"
     if kind == "gcs":
         listing = base / "files.txt"
         listing.write_text("".join(f"run/{p}\n" for p in _files()), encoding="utf-8")
-        argv = [rclone, "copy", "--files-from", str(listing), "--no-traverse", root, str(out)]
+        argv = [rclone, "copy", "--files-from", str(listing), "--no-traverse", root]
         peer = f"rclone copy emu: DST --files-from LIST --no-traverse (http backend, {root})"
     else:
-        argv = [rclone, "copy", "--checksum", f"{root}/run", str(out)]
+        argv = [rclone, "copy", "--checksum", f"{root}/run"]
         peer = "rclone copy --checksum emu:BUCKET/run DST"
-    rc = _rclone_copy(argv, env)
-    assert _tree(out if kind != "gcs" else out / "run") == (len(_files()), TOTAL)
-    _record(f"{kind} emulator -> posix", ds, rc, peer)
+    ds_times: list[float] = []
+    rc_times: list[float] = []
+    for r in range(ROUNDS):  # interleaved: the box's load hits both alike
+        # Each round a database and destination of its own: the emulator is the only
+        # copy datasync knows of, as in the first.
+        here = base / f"round{r}"
+        dst = posix_site("lustre", here / "dst")
+        scratch = posix_site("scratch", here / "scratch")  # holds the warm-up file
+        settings = settings_for(
+            here / "home", f"sqlite:///{here / 'ds.db'}", [cloud, dst, scratch], CHUNK
+        )
+        app = bootstrap(settings)
+        try:
+            dataset = f"bench/down-{kind}"
+            v = app.service.register_directory(dataset, tree, chunk_size=CHUNK)
+            if r == 0:
+                _upload(cloud, tree)
+            pk = version_pk(app.engine, app.store.resolve(f"{dataset}@{v.version_id}"))
+            seed_cloud_source(app, pk, cloud, "run")
+            with _workers(app, settings, here / "scratch" / "warm"):
+                ds, moved = _ds_replicate(app, settings, v.version_id, dataset, "lustre")
+        finally:
+            app.close()
+        assert moved == TOTAL
+        ds_times.append(ds)
+        out = here / "rclone"
+        rc_times.append(_rclone_copy([*argv, str(out)], env))
+        assert _tree(out if kind != "gcs" else out / "run") == (len(_files()), TOTAL)
+    _record(f"{kind} emulator -> posix", ds_times, rc_times, peer)
 
 
 @pytest.mark.parametrize("kind", ["s3", "azure", "gcs"])
@@ -221,7 +234,7 @@ def test_posix_to_cloud(
     # counted, so fewer bytes than the data is possible only with a retry.
     assert moved == TOTAL or (moved < TOTAL and retries > 0), (moved, TOTAL, retries)
     if kind == "gcs":
-        _record("posix -> gcs emulator", ds, None, "none: no rclone backend writes to it")
+        _record("posix -> gcs emulator", [ds], None, "none: no rclone backend writes to it")
         return
     rclone = _rclone()
     env, root = _remote(kind, cloud, request)
@@ -235,7 +248,7 @@ def test_posix_to_cloud(
         listed.close()
     assert (len(found), sum(found)) == (len(_files()), TOTAL)
     peer = "rclone copy --checksum SRC emu:BUCKET/rclone"
-    _record(f"posix -> {kind} emulator", ds, rc, peer)
+    _record(f"posix -> {kind} emulator", [ds], [rc], peer)
 
 
 def _upload(site: Site, tree: Path) -> None:
@@ -260,25 +273,34 @@ def _upload(site: Site, tree: Path) -> None:
         backend.close()
 
 
-def _record(name: str, ds: float, peer: float | None, command: str) -> None:
+def _record(name: str, ds_times: list[float], rc_times: list[float] | None, command: str) -> None:
+    """One row: best of each tool (the ratio the target is judged on) and, over several
+    rounds, the medians too."""
+    ds, peer = min(ds_times), min(rc_times) if rc_times else None
+    rounds = len(ds_times)
+    median = ""
+    if rounds > 1 and rc_times:
+        mid_ds, mid_rc = statistics.median(ds_times), statistics.median(rc_times)
+        median = f"; medians {mid_ds:.1f} s vs {mid_rc:.1f} s ({mid_rc / mid_ds:.2f}x)"
     ROWS[name] = (ds, peer, command, datetime.now(UTC).strftime("%Y-%m-%d %H:%M"))
     data = f"{N_SHARDS} x {SHARD // MIB} MiB + {N_SMALL:,} x {SMALL // 1024} KiB"
+    best = f"best of {rounds}: " if rounds > 1 else ""
     record(
         "cloud-replication",
         [
             Target(
                 f"{name} ({data})",
-                f"{ds:.1f} s",
-                f"rclone: {peer:.1f} s" if peer else "no rclone peer (see the section)",
-                f"{peer / ds:.2f}x throughput" if peer else "-",
+                f"{best}{ds:.1f} s",
+                f"rclone: {best}{peer:.1f} s" if peer else "no rclone peer (see the section)",
+                f"{peer / ds:.2f}x throughput{median}" if peer else "-",
                 ">= 1.0x rclone throughput",
                 None if peer is None else peer >= ds,
             )
         ],
         ".venv/bin/pytest -q -s -p no:cacheprovider tests/bench/test_bench_cloud_replication.py",
     )
-    ratio = f" ({peer / ds:.2f}x rclone's throughput)" if peer else ""
-    print(f"\n{name}: datasync {ds:.1f}s, rclone {peer}{ratio}")
+    ratio = f" ({peer / ds:.2f}x rclone's throughput{median})" if peer else ""
+    print(f"\n{name}: datasync {ds_times}, rclone {rc_times}{ratio}")
 
 
 def _earlier_rows() -> dict[str, str]:
@@ -305,7 +327,9 @@ def _write_results() -> Iterator[None]:
         f"cores), {data} ({TOTAL / MIB:.0f} MiB), chunk size {CHUNK // MIB} MiB. datasync = "
         f"plan + transfer + verify + publish with {PROCESSES} worker processes already "
         f"running ({OPTIONS.task_slots} task slots, {OPTIONS.io_threads} I/O threads); "
-        "rclone with its defaults. Target (issue 9): datasync / rclone throughput >= 1.0.",
+        "rclone with its defaults. Target (issue 9): datasync / rclone throughput >= 1.0. "
+        f"Emulator -> posix rows: best of {ROUNDS} interleaved rounds (the medians are in "
+        "`docs/benchmarks.md`'s targets table); posix -> emulator rows: one round.",
         "",
         "Command: `make bench`, or `.venv/bin/pytest -q -s tests/bench/"
         "test_bench_cloud_replication.py` (`BENCH_CLOUD_SHARDS`, `BENCH_CLOUD_SHARD_MIB`, "
@@ -330,26 +354,30 @@ def _write_results() -> Iterator[None]:
         "reads through its `http` backend (public object URLs), since its GCS backend cannot",
         "parse the emulator's JSON; it cannot write there at all.",
         "",
-        "Where the time goes (py-spy, `--subprocesses`, worker processes, 2026-11-29):",
+        "Where the time goes (py-spy `--subprocesses` of the workers, and the requests the",
+        "emulator logged; 2026-11-29, the dated sections below have the figures):",
         "",
         "* emulator -> posix is CPU-bound in the two worker processes: per object, the",
         "  SDK's request pipeline (Azure: ~10 policies per Get Blob, 16% of worker CPU),",
         "  `RetryingBackend` and the retry policy around every call, the limits' shared lock",
-        "  (`transfer/limits.py` `_Shared.locked`, 7% self time) and SQLAlchemy (7%); the",
-        "  bytes themselves are cheap since ranged reads land in pooled buffers",
-        "  (`backends/httpbody.py`). rclone does the same requests from Go. Fix: a lean",
-        "  path for small objects (one signed GET, no SDK pipeline, no `stat`), and a",
-        "  lock-free fast path in the limits.",
-        "* posix -> emulator: object-store views are server-side copies of every blob, each",
-        "  re-read and re-hashed (`transfer/views/objects.py`, a third of worker samples, plus",
-        "  a `stat` before and after each copy), and large blobs are re-read once more after",
-        "  `finalize`, because the writer that commits did not send the parts (`chunks`",
-        "  tasks did), so its commit cannot be `verified`. rclone writes each object once.",
-        "  Fix: record each part's server checksum in the chunk map so `finalize` can prove",
-        "  the composed object (S3 ETag/CRC list, GCS composite CRC32C) without a GET, and",
-        "  publish object-store views without a copy per file (a manifest object pointing",
-        "  at the blob store, or copies verified by the source's server checksum).",
+        "  and SQLAlchemy; the bytes themselves are cheap since ranged reads land in pooled",
+        "  buffers (`backends/httpbody.py`). The same requests as rclone (1 GET per small",
+        "  object, ranged GETs per shard), from Python instead of Go, on the 2 cores the",
+        "  emulator uses too. Workers open their sites' SDK clients when they start, so the",
+        "  first task no longer pays ~2 s of imports and client set-up.",
+        "* posix -> emulator: the emulator serves one request at a time under one GIL, so",
+        "  the number of requests decides the time. rclone: HEAD + PUT per object. datasync:",
+        "  PUT of the blob, then the view: CopyObject (pinned to the blob's recorded ETag)",
+        "  and a ranged GET re-reading the copy, 3 per object; large blobs are also re-read",
+        "  after `finalize` (its writer did not send the parts, so its commit cannot be",
+        "  `verified`) and their view copy is re-read in full. Fix: record each part's",
+        "  server checksum in the chunk map so `finalize` can prove the composed object",
+        "  without a GET; a view without a copy per file would need views that are not",
+        "  plain objects under the version prefix, which the jobs read.",
         "",
     ]
+    old = OUT.read_text(encoding="utf-8") if OUT.exists() else ""
+    if "\n## " in old:  # dated, hand-written sections (A/B runs, request counts) stay
+        lines.append(old[old.index("\n## ") + 1 :])
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines), encoding="utf-8")
