@@ -23,7 +23,7 @@ import xxhash
 from datasync.backends.base import Backend, ObjectInfo
 from datasync.backends.memory import MemoryBackend, drop_store
 from datasync.backends.posix import PosixBackend
-from datasync.errors import Conflict, NotFound, TransientError
+from datasync.errors import Conflict, NotFound, SourceChanged, TransientError
 from datasync.transfer.layout import COMPLETE_MARKER, blob_key, label_body
 from datasync.transfer.views import (
     BlobDamaged,
@@ -403,3 +403,18 @@ def test_object_store_copies_pin_the_recorded_version_and_survive_a_touch(
     got = objects(memory, f"drive/tokyo/{VID}/")
     got.pop(COMPLETE_MARKER)
     assert got == FILES
+
+
+def test_object_store_leftover_replaced_after_the_listing_is_copied_again(
+    memory: MemoryBackend,
+) -> None:
+    """A killed publisher's copy that changes between the listing and its re-read (the
+    read is pinned to the listed version) is copied again, neither trusted nor fatal."""
+    view = next(f for f in stock(memory) if f.path == "cam0/000001.jpg")
+    key = f"drive/tokyo/{VID}/{view.path}"
+    put(memory, key, b"X" * view.size)  # what a killed publisher left
+    # Its pinned re-read finds another version (replaced after the listing).
+    memory.inject(lambda: SourceChanged("injected: replaced since listed"), ops={"read_range"})
+    result = publish(memory, [view])
+    assert result.files == 1 and not result.already
+    assert objects(memory, f"drive/tokyo/{VID}/")[view.path] == FILES[view.path]

@@ -72,7 +72,10 @@ def _hashes_right(
     pin = seen.etag if backend.capabilities.conditional_read else None
     if seen.size != f.size:
         return False
-    return hash_object(backend, key, f.size, etag=pin, buffers=buffers) == f.digest
+    try:
+        return hash_object(backend, key, f.size, etag=pin, buffers=buffers) == f.digest
+    except (NotFound, SourceChanged):  # replaced or removed since it was seen
+        return False
 
 
 def _holds(backend: Backend, key: str, f: ViewFile, buffers: BufferPool | None) -> bool:
