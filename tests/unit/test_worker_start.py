@@ -106,8 +106,10 @@ def test_a_daemon_worker_opens_its_sites_before_its_first_claim(
         runner.join(60)
     assert not runner.is_alive()
     assert opened == {"aws", "lustre"}
-    assert isinstance(aws, RetryingBackend) and isinstance(aws.unwrap(), S3Backend)
-    assert aws.unwrap()._client is not None, "the S3 client was not built at start"
+    assert isinstance(aws, RetryingBackend)
+    s3 = aws.unwrap()
+    assert isinstance(s3, S3Backend)
+    assert s3._client is not None, "the S3 client was not built at start"
     assert "site broken not opened at worker start" in caplog.text
     assert "missing bucket name" in caplog.text
 
