@@ -487,7 +487,6 @@ class AzureBackend:
                 source_match_condition=MatchConditions.IfNotModified,
             )
             status = result.get("copy_status")
-            etag, modified = result.get("etag"), result.get("last_modified")
             deadline = time.monotonic() + self.copy_timeout
             delay = 0.05
             while status == "pending":
@@ -496,13 +495,12 @@ class AzureBackend:
                     raise TransientError(f"copy not done after {self.copy_timeout}s", url=url)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                props = dst.get_blob_properties()
-                status, etag, modified = props.copy.status, props.etag, props.last_modified
+                status = dst.get_blob_properties().copy.status
             if status != "success":
                 raise TransientError(f"server-side copy ended with status {status}", url=url)
-        # Pinned to the source's version, the copy has its size: no stat of the new blob.
-        mtime = modified.timestamp() if modified else None
-        return ObjectInfo(key=dst_key, size=src.size, etag=etag, mtime=mtime)
+        # The copy's own size and ETag (a copy gets an ETag of its own, so nothing in the
+        # answer proves which source version was copied).
+        return self.stat(dst_key)
 
     def close(self) -> None:
         with self._lock:

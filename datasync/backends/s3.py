@@ -481,8 +481,14 @@ class S3Backend:
                 result = self.client.copy_object(
                     Bucket=self.bucket, Key=self._name(dst_key), CopySource=copy_source, **pin_args
                 )["CopyObjectResult"]
+            etag = _strip_etag(result.get("ETag"))
+            if etag != src.etag:
+                # Not provably a copy of the version pinned (SSE-KMS and multipart sources
+                # get ETags of their own; an endpoint may ignore CopySourceIfMatch, as moto
+                # does): the copy's size is the copy's to say, not the pin's.
+                return self.stat(dst_key)
             mtime = result["LastModified"].timestamp() if result.get("LastModified") else None
-            return ObjectInfo(dst_key, src.size, _strip_etag(result.get("ETag")), mtime)
+            return ObjectInfo(dst_key, src.size, etag, mtime)
         return self._copy_multipart(copy_source, src, dst_key, pin_args)
 
     def _copy_multipart(

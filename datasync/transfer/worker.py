@@ -279,11 +279,11 @@ class WorkerLoop:
         self.parts.liveness.register(self.owner)
         beat = threading.Thread(target=self._heartbeat, name="datasync-heartbeat", daemon=True)
         beat.start()
-        if not once:  # a daemon: its first task must not pay for SDK imports and clients
-            self.parts.warm(self.options.sites)
         # Listen before the first claim, so tasks queued in between still wake us.
         wakeup = Wakeup(self.engine).start()
         try:
+            if not once:  # a daemon: its first task must not pay for SDK imports and clients
+                self.parts.warm(self.options.sites)
             while not stop.is_set():
                 self._reap(0)  # tasks that finished meanwhile: completed by this turn
                 with self._lock:

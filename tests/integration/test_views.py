@@ -418,3 +418,32 @@ def test_object_store_leftover_replaced_after_the_listing_is_copied_again(
     result = publish(memory, [view])
     assert result.files == 1 and not result.already
     assert objects(memory, f"drive/tokyo/{VID}/")[view.path] == FILES[view.path]
+
+
+@pytest.mark.parametrize("store", ["memory", "s3", "azure", "gcs"])
+def test_object_store_view_never_shows_bytes_added_to_its_blob_after_verification(
+    store: str, memory: MemoryBackend, request: pytest.FixtureRequest
+) -> None:
+    """A blob that grew since its token was recorded (the right bytes plus a tail) must
+    not reach a view: the copy's size is the copy's own, never the pin's, even on a store
+    that ignores the copy's source condition (moto ignores CopySourceIfMatch)."""
+    from tests.fixtures import emulators as em
+
+    backend: Backend = memory
+    if store == "s3":
+        backend = em.make_s3_backend(request)
+    elif store == "azure":
+        backend = em.make_azure_backend(request)
+    elif store == "gcs":
+        backend = em.make_gcs_backend(request)
+    data = b"true bytes"
+    key = blob_key(digest(data))
+    put(backend, key, data)
+    view = ViewFile("f.bin", digest(data), len(data), key, backend.stat(key).etag)
+    put(backend, key, data + b"UNVERIFIED TAIL")
+    with pytest.raises(BlobsDamaged) as caught:
+        publish(backend, [view])
+    assert [d.digest for d in caught.value.damaged] == [view.digest]
+    with pytest.raises(NotFound):
+        backend.stat(f"drive/tokyo/{VID}/{COMPLETE_MARKER}")
+    assert list(backend.list(f"drive/tokyo/{VID}/")) == [], "nothing unverified is left"

@@ -8,7 +8,8 @@ It runs when every other task of the placement is done:
 2. Every blob the view uses must still be what was verified: its stored object has its
    size and still carries the version token (ETag, POSIX ``mtime-ino-size``) recorded
    when it was verified; a changed token means the object was rewritten, so it is
-   re-hashed (a mere ``touch`` passes and the token is refreshed). POSIX checks each
+   re-hashed (a mere ``touch`` passes and, on POSIX, the token is refreshed; on object
+   stores ``verify`` refreshes it). POSIX checks each
    link as it is made, on what the link shows (the blob's inode). On object stores the
    view's copy is the check: each copy is re-hashed, and a copy that hashes wrong has
    its blob re-hashed (no stat of every blob first, which cost a request per file).
