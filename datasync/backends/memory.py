@@ -34,6 +34,7 @@ from datasync.backends.base import (
     check_key,
     join_url,
 )
+from datasync.backends.cloudcommon import check_pin
 from datasync.errors import ConfigError, NotFound, SourceChanged
 from datasync.manifest.hashing import digest_bytes
 
@@ -299,11 +300,7 @@ class MemoryBackend:
             obj = store.objects.get(src)
             if obj is None:
                 raise NotFound("no such object", url=self._key_url(src_key))
-            if pin is not None and obj.etag != pin:
-                raise SourceChanged(
-                    f"object changed since it was pinned (etag {obj.etag}, expected {pin})",
-                    url=self._key_url(src_key),
-                )
+            check_pin(ObjectInfo(src_key, len(obj.data), obj.etag), pin, self._key_url(src_key))
             new = store.put(dst, obj.data)
             if remove_src and src != dst:
                 store.remove(src)

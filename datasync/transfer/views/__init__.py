@@ -12,9 +12,8 @@ import concurrent.futures as cf
 from collections.abc import Callable, Iterable
 
 from datasync.backends.base import Backend, SupportsLocalTree
-from datasync.errors import NotFound
 from datasync.transfer.buffers import BufferPool
-from datasync.transfer.layout import COMPLETE_MARKER, view_prefix
+from datasync.transfer.layout import view_prefix
 from datasync.transfer.views.labels import sync_labels
 from datasync.transfer.views.model import (
     BlobCheck,
@@ -23,7 +22,7 @@ from datasync.transfer.views.model import (
     PublishResult,
     ViewFile,
 )
-from datasync.transfer.views.objects import publish_objects, remove_unmarked_view
+from datasync.transfer.views.objects import is_marked, publish_objects, remove_unmarked_view
 from datasync.transfer.views.posix import publish_posix
 
 __all__ = [
@@ -44,11 +43,7 @@ def view_present(backend: Backend, dataset: str, version_id: str) -> bool:
     prefix = view_prefix(dataset, version_id)
     if backend.capabilities.local_tree and isinstance(backend, SupportsLocalTree):
         return backend.is_dir(prefix)
-    try:
-        backend.stat(f"{prefix}/{COMPLETE_MARKER}")
-    except NotFound:
-        return False
-    return True
+    return is_marked(backend, prefix)
 
 
 def publish_view(

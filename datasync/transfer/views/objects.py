@@ -33,7 +33,7 @@ from datasync.transfer.layout import COMPLETE_MARKER, view_prefix
 from datasync.transfer.readback import hash_object
 from datasync.transfer.views.model import BlobDamaged, BlobsDamaged, PublishResult, ViewFile
 
-__all__ = ["publish_objects", "put_small", "remove_unmarked_view"]
+__all__ = ["is_marked", "publish_objects", "put_small", "remove_unmarked_view"]
 
 _PARALLEL = 64
 _STREAM_PART = 8 * 1024 * 1024
@@ -131,6 +131,15 @@ def _place(
     raise wrong
 
 
+def is_marked(backend: Backend, prefix: str) -> bool:
+    """Does the object-store view at ``prefix`` carry its completion marker (one stat)?"""
+    try:
+        backend.stat(f"{prefix}/{COMPLETE_MARKER}")
+    except NotFound:
+        return False
+    return True
+
+
 def _batches(items: Iterable[ViewFile], size: int) -> Iterator[list[ViewFile]]:
     it = iter(items)
     while batch := list(islice(it, size)):
@@ -148,8 +157,7 @@ def publish_objects(
 ) -> PublishResult:
     prefix = view_prefix(dataset, version_id)
     marker = f"{prefix}/{COMPLETE_MARKER}"
-    with contextlib.suppress(NotFound):
-        backend.stat(marker)
+    if is_marked(backend, prefix):
         return PublishResult(f"{backend.url}/{prefix}", 0, 0, 0, already=True)
     # What a killed publisher left: one listing instead of a stat per file.
     left = {info.key: info for info in backend.list(prefix + "/")}
@@ -189,11 +197,8 @@ def remove_unmarked_view(backend: Backend, dataset: str, version_id: str) -> int
     """Delete what a failed publish left under the version's prefix, unless the view is
     complete (its marker exists). Returns the number of objects deleted."""
     prefix = view_prefix(dataset, version_id)
-    try:
-        backend.stat(f"{prefix}/{COMPLETE_MARKER}")
+    if is_marked(backend, prefix):
         return 0
-    except NotFound:
-        pass
     gone = 0
     for obj in list(backend.list(prefix + "/")):
         backend.delete(obj.key)
