@@ -238,21 +238,30 @@ def _profile(ds: tuple[float, int, int, float, float]) -> list[str]:
         f"{per_turn} tasks, where the flushed peer needs 5 round trips and 5 flushes. "
         "Before the turn, datasync claimed and completed each task in its own transaction "
         "(3 round trips each: 491 tasks/s, 0.21x the peer, in the run of 2026-11-29 17:21). "
+        "The pre-ping is not what limits it: an A/B on 2026-11-30 (3 interleaved rounds of "
+        "this bench's datasync queue, one with a ping only after a second idle) gave best "
+        "2,454 vs 2,335 tasks/s and medians 1,924 vs 2,031 for the idle-only ping vs the "
+        "pre-ping: no measurable difference, so the pre-ping stayed. "
         "CPU per task, from the table (worker: `time.process_time`; PostgreSQL: its "
         "backends' `/proc/<pid>/stat`):",
         "",
         "| Where | CPU per task | What it is | What would cut it |",
         "|---|---|---|---|",
         f"| datasync worker (Python) | {cpu:,.0f} µs | SQLAlchemy per statement: pool "
-        "checkout and pre-ping, psycopg building each result's cursor description, row "
-        "conversion (payload JSON, datetimes), the event objects | "
-        "no pre-ping on every checkout (`datasync/db/engine.py`: `pool_pre_ping` costs a "
-        "round trip per transaction); the two hot statements through the driver "
-        "(`exec_driver_sql`, prepared) instead of `text()` results |",
+        "checkout, pre-ping and return, compiled-statement lookup and parameter processing, "
+        "psycopg building each result's cursor description, row conversion (payload JSON, "
+        "datetimes), the event objects (a cProfile of one worker spreads it over many small "
+        "functions) | "
+        "the two hot statements through the raw psycopg connection: measured on "
+        "2026-11-30 with the same SQL in a bare psycopg loop (one worker, no SQLAlchemy, no "
+        "events), 137-197 µs of worker CPU per task against 375-388 µs, and PostgreSQL's "
+        "CPU unchanged (310-410 µs): a ceiling near 3,200 tasks/s instead of 2,150, not 5,000 |",
         f"| PostgreSQL backends | {pg_cpu:,.0f} µs | parse/plan/execute of 4 statements "
-        "per turn, the claim's index scan over entries of rows just claimed by others, the "
-        "commit | more tasks per turn (a worker's `task_slots` is 4: each turn's fixed "
-        "cost is shared by 4 tasks) |",
+        "per turn (the claim's custom plan costs more to plan than to run: 0.41 ms vs "
+        "0.26 ms in `EXPLAIN ANALYZE`), the claim's index scan over entries of rows just "
+        "claimed by others, the commit | more tasks per turn (a worker's `task_slots` is 4: "
+        "each turn's fixed cost is shared by 4 tasks); `plan_cache_mode = "
+        "force_generic_plan` was tried (one worker, 2 runs each): not measurably cheaper |",
         "",
         f"With {cpu + pg_cpu:,.0f} µs of CPU per task and {cores} cores shared by the 8 "
         f"workers and PostgreSQL, this machine cannot pass ~{ceiling:,.0f} tasks/s "

@@ -2,6 +2,9 @@
 
 * ``memory``: a fresh process-global store, dropped after the test.
 * ``posix``: an existing empty directory under ``tmp_path``.
+* ``posix-direct``: the same with direct I/O forced on from 4 KiB (``direct_io = true``,
+  ``writeback_min_bytes`` = one page): every part and read of a page or more goes through
+  ``O_DIRECT`` where the file system allows it, not only those of 8 MiB and more.
 * ``retrying``: a posix backend behind ``RetryingBackend`` (which must pass the same suite
   and expose the same optional protocols; sleeps are no-ops).
 * ``s3`` / ``azure`` / ``gcs``: a fresh bucket or container on an emulator started once per
@@ -25,12 +28,14 @@ import pytest
 from datasync.backends.base import Backend
 from datasync.backends.memory import MemoryBackend, drop_store
 from datasync.backends.posix import PosixBackend
+from datasync.backends.posix.io import DIRECT_ALIGN
 from datasync.backends.retrying import RetryingBackend
 from datasync.retry import RetryPolicy
 
 KINDS = [
     "memory",
     "posix",
+    "posix-direct",
     "retrying",
     pytest.param("s3", marks=pytest.mark.emulator),
     pytest.param("azure", marks=pytest.mark.emulator),
@@ -42,9 +47,9 @@ MakeBackend = Callable[..., Backend]
 # Which kinds declare each optional protocol. Optional tests are parametrized over these
 # kinds only (nothing is skipped), and test_optional_protocols_match_the_tables checks
 # every kind against them, so a table cannot drift from what a backend declares.
-GROUP_COMMIT_KINDS = ("posix", "retrying")
-LOCAL_TREE_KINDS = ("posix", "retrying")
-PUT_SMALL_KINDS = ("memory", "posix", "retrying")
+GROUP_COMMIT_KINDS = ("posix", "posix-direct", "retrying")
+LOCAL_TREE_KINDS = ("posix", "posix-direct", "retrying")
+PUT_SMALL_KINDS = ("memory", "posix", "posix-direct", "retrying")
 
 
 @pytest.fixture(params=KINDS)
@@ -65,10 +70,12 @@ def make_backend(
             if not missing_bucket:
                 stores.append(name)
             return MemoryBackend(name, "root", create=not missing_bucket)
-        if backend_kind in ("posix", "retrying"):
+        if backend_kind in ("posix", "posix-direct", "retrying"):
             root = tmp_path / f"root-{uuid.uuid4().hex[:8]}"
             if not missing_bucket:
                 root.mkdir()
+            if backend_kind == "posix-direct":
+                return PosixBackend(root, direct_io=True, writeback_min_bytes=DIRECT_ALIGN)
             posix = PosixBackend(root)
             if backend_kind == "posix":
                 return posix

@@ -588,7 +588,7 @@ def test_bad_credentials_are_permission_denied(
         assert sleeps == []
         assert backend.stat("k").size == 1
         return
-    if backend_kind in ("posix", "retrying"):
+    if backend_kind in ("posix", "posix-direct", "retrying"):
         # POSIX credentials are the process's uid. Root bypasses modes, so the denied
         # access runs in a child that drops to nobody (65534): a real EACCES either way.
         outer = tempfile.mkdtemp(prefix="datasync-perm-")

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,39 +125,76 @@ def _cli(
     return run.stdout
 
 
+def _cli_at_once(setup: Setup, *calls: tuple[tuple[str, ...], int | None]) -> None:
+    """Independent commands (``(args, exit code)``), run side by side: each is a process
+    that spends most of its life importing, and this test runs many."""
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(_cli, setup, *args, code=code) for args, code in calls]:
+            future.result()
+
+
+def _every_claimable_task_failed_once(setup: Setup, timeout: float = 120.0) -> None:
+    """Wait until every task a worker could claim has an error in its history (each met
+    a closed port), and at least one has."""
+    engine = sa.create_engine(setup.env["DATASYNC_DATABASE_URL"])
+    untried = sa.text(
+        "SELECT count(*) FILTER (WHERE errors::text = '[]' AND state IN ('queued', 'leased')"
+        " AND blocked_by = 0), count(*) FILTER (WHERE errors::text <> '[]') FROM tasks"
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                left, tried = conn.execute(untried).one()
+            if left == 0 and tried > 0:
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"{left} claimable tasks never failed within {timeout}s")
+    finally:
+        engine.dispose()
+
+
 def test_no_cli_output_holds_a_secret(setup: Setup) -> None:
     _cli(setup, "register", "drive/a", "lustre:run", "--label", "v1", "--json", code=0)
-    _cli(setup, "register", "drive/s3", "aws:run", code=1)
-    _cli(setup, "register", "drive/az", "azure:run", code=1)
-    _cli(setup, "sites", "--json")
-    _cli(setup, "sites")
-    _cli(setup, "replicate", "drive/a@v1", "--to", "aws", "--json", code=0)
-    _cli(setup, "replicate", "drive/a@v1", "--to", "azure", "--json", code=0)
-    _cli(setup, "replicate", "drive/a@v1", "--to", "nowhere", code=2)
-    _cli(setup, "show", "drive/a@nope", code=2)
-    _cli(setup, "verify", "lustre")
+    _cli_at_once(
+        setup,
+        (("register", "drive/s3", "aws:run"), 1),
+        (("register", "drive/az", "azure:run"), 1),
+        (("sites", "--json"), None),
+        (("sites",), None),
+        (("replicate", "drive/a@v1", "--to", "aws", "--json"), 0),
+        (("replicate", "drive/a@v1", "--to", "azure", "--json"), 0),
+        (("replicate", "drive/a@v1", "--to", "nowhere"), 2),
+        (("show", "drive/a@nope"), 2),
+        (("verify", "lustre"), None),
+    )
     worker = subprocess.Popen(
         [EXE, "worker", "--once"], env=setup.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    time.sleep(12)  # long enough for every task to fail at least once against closed ports
+    _every_claimable_task_failed_once(setup)  # each met a closed port: its error is scanned
     worker.send_signal(signal.SIGTERM)
     setup.outputs["datasync worker"] = worker.communicate(timeout=120)[0].decode()
     status = json.loads(_cli(setup, "status", "--all", "--json", code=0))
     assert any(p["last_errors"] or p["error"] for p in status), status  # errors were scanned
-    _cli(setup, "status", "--all")
     created = json.loads(_cli(setup, "token", "create", "hook-1", "-r", "hook", "--json", code=0))
     setup.outputs.pop("datasync token create hook-1 -r hook --json")  # shows it, by design
     setup.secrets["hook token"] = created["token"]
     setup.secrets["admin token"] = served_admin_token(setup.home)
-    _cli(setup, "token", "list", "--json", code=0)
-    _cli(setup, "token", "list", code=0)
-    _cli(setup, "token", "revoke", "hook-1", code=0)
-    _cli(setup, "token", "create", "hook-1", "-r", "hook", code=2)
     down = {**setup.env}
     closed = f"@127.0.0.1:{free_port()}/"
     down["DATASYNC_DATABASE_URL"] = re.sub(r"@[^/]+/", closed, down["DATASYNC_DATABASE_URL"])
     assert PG_PASSWORD in down["DATASYNC_DATABASE_URL"]
-    message = _cli(setup, "datasets", env=down) or setup.outputs["datasync datasets"]
+    with ThreadPoolExecutor(1) as pool:
+        unreachable = pool.submit(_cli, setup, "datasets", env=down)
+        _cli_at_once(
+            setup,
+            (("status", "--all"), None),
+            (("token", "list", "--json"), 0),
+            (("token", "list"), 0),
+        )
+        _cli(setup, "token", "revoke", "hook-1", code=0)
+        _cli(setup, "token", "create", "hook-1", "-r", "hook", code=2)
+        message = unreachable.result() or setup.outputs["datasync datasets"]
     assert "cannot open database" in message
     assert setup.scan() == []
 

@@ -13,9 +13,11 @@ import os
 import shutil
 import stat
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import xxhash
@@ -36,7 +38,8 @@ from datasync.transfer.views import (
 
 VID = "a" * 64
 VID2 = "b" * 64
-IO = cf.ThreadPoolExecutor(4)
+IO_THREADS = 4
+IO = cf.ThreadPoolExecutor(IO_THREADS)
 
 
 def publish(backend: Backend, views: Iterable[ViewFile], vid: str = VID) -> PublishResult:
@@ -223,9 +226,10 @@ def test_posix_blob_that_could_not_be_linked_goes_to_check(posix: PosixBackend) 
         asked.append(f.path)
         return BlobDamaged(f.digest, f.key, "missing")
 
+    twin = replace(ghost, path="ghost-twin.bin")  # the same missing blob: reported once
     with pytest.raises(BlobsDamaged, match="1 blob"):
-        publish_view(posix, "drive/tokyo", VID, lambda: [*views, ghost], io=IO, check=check)
-    assert asked == ["ghost.bin"]
+        publish_view(posix, "drive/tokyo", VID, lambda: [*views, ghost, twin], io=IO, check=check)
+    assert asked == ["ghost.bin", "ghost-twin.bin"]
     assert not (Path(posix.root) / "drive/tokyo" / VID).exists()
 
 
@@ -382,6 +386,42 @@ def test_object_store_every_damaged_blob_is_found_in_one_pass(memory: MemoryBack
     right = [f for f in views if f not in (rotten, missing)]
     kept = objects(memory, f"drive/tokyo/{VID}/")
     assert kept == {f.path: FILES[f.path] for f in right}
+
+
+class _CountingCopies:
+    """The store, counting the copies made of each key (everything else passes through)."""
+
+    def __init__(self, inner: MemoryBackend) -> None:
+        self.inner = inner
+        self.copies: Counter[str] = Counter()
+
+    def copy(self, src_key: str, dst_key: str, **kwargs: Any) -> ObjectInfo:
+        self.copies[src_key] += 1
+        return self.inner.copy(src_key, dst_key, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_object_store_a_damaged_blob_many_files_share_is_judged_once(
+    memory: MemoryBackend,
+) -> None:
+    """200 identical frames share one blob, which rots: it is copied and hashed by a few
+    files at most (those in flight on the I/O pool when the first found it damaged), not by
+    all 200, and reported once; the right blob's files are all copied."""
+    frame, other = b"black frame" * 50, b"calibration"
+    files = {f"cam0/{i:06d}.jpg": frame for i in range(200)} | {"calib.json": other}
+    views = stock(memory, files)
+    rotten = views[0].key
+    memory.delete(rotten)
+    put(memory, rotten, b"X" * len(frame))
+    counting = _CountingCopies(memory)
+    with pytest.raises(BlobsDamaged) as caught:
+        publish(cast(Backend, counting), views)
+    assert [d.digest for d in caught.value.damaged] == [digest(frame)]
+    assert 1 <= counting.copies[rotten] <= IO_THREADS
+    assert counting.copies[blob_key(digest(other))] == 1
+    assert objects(memory, f"drive/tokyo/{VID}/") == {"calib.json": other}
 
 
 def test_object_store_copies_pin_the_recorded_version_and_survive_a_touch(

@@ -12,8 +12,10 @@ stats it) and the re-read, pinned to the copy's version where the store enforces
 a killed publisher left is found by one listing of the version prefix, not a stat per key.
 A copy is the check of its blob too: a copy whose blob is missing, or whose blob itself
 hashes wrong, is a ``BlobDamaged``; all of them are collected over the whole view and
-raised together (``BlobsDamaged``) before any marker is written, so the blob store heals
-in one re-plan. A wrong copy of a right blob is a retryable ``ChecksumMismatch``.
+raised together (``BlobsDamaged``, one entry per blob) before any marker is written, so
+the blob store heals in one re-plan. A damaged blob many files share is judged once: the
+files after it are skipped, not copied and hashed again. A wrong copy of a right blob is
+a retryable ``ChecksumMismatch``.
 """
 
 from __future__ import annotations
@@ -162,25 +164,31 @@ def publish_objects(
     # What a killed publisher left: one listing instead of a stat per file.
     left = {info.key: info for info in backend.list(prefix + "/")}
 
+    # Blobs found damaged, by digest: the other files of the view that share one (many
+    # identical frames) are neither copied nor hashed again, and it is reported once.
+    bad: dict[str, BlobDamaged] = {}
+
     def place(f: ViewFile) -> tuple[bool, BlobDamaged | None]:
+        if f.digest in bad:
+            return False, None
         dst = f"{prefix}/{f.path}"
         try:
             return _place(backend, dst, f, left.get(dst), buffers), None
         except BlobDamaged as damage:
-            return False, damage
+            return False, bad.setdefault(f.digest, damage)
 
     n = nbytes = copied = 0
-    damaged: list[BlobDamaged] = []
+    damaged: dict[str, BlobDamaged] = {}
     for batch in _batches(files(), _PARALLEL):
         for streamed, damage in io.map(place, batch):
             copied += streamed
             if damage is not None:
-                damaged.append(damage)
+                damaged.setdefault(damage.digest, damage)
         n += len(batch)
         nbytes += sum(f.size for f in batch)
         failpoint("mid_publish")
     if damaged:
-        raise BlobsDamaged(damaged)
+        raise BlobsDamaged(list(damaged.values()))
     failpoint("before_rename")
     body = {
         "dataset": dataset,

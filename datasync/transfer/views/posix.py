@@ -104,7 +104,7 @@ def _link_all(
 ) -> tuple[int, int, int]:
     """Link every file into ``staging``; ``(files, bytes, copied)``."""
     n = nbytes = copied = 0
-    damaged: list[BlobDamaged] = []
+    damaged: dict[str, BlobDamaged] = {}  # by digest: a blob many files share, once
     for batch in _batches(files):
         made = tree.link_many([(f.key, f"{staging}/{f.path}") for f in batch])
         for f, info in zip(batch, made, strict=True):
@@ -112,12 +112,12 @@ def _link_all(
                 continue  # linked, and the blob is as it was verified
             found = check(f, info) if check is not None else None
             if found is not None:
-                damaged.append(found)
+                damaged.setdefault(found.digest, found)
             elif info is None:
                 copied += tree.link_new(f.key, f"{staging}/{f.path}", expect_digest=f.digest)
         n += len(batch)
         nbytes += sum(f.size for f in batch)
         failpoint("mid_publish")
     if damaged:
-        raise BlobsDamaged(damaged)
+        raise BlobsDamaged(list(damaged.values()))
     return n, nbytes, copied
