@@ -46,6 +46,7 @@ from datasync.transfer.layout import COMPLETE_MARKER, blob_key, view_prefix
 from datasync.transfer.readback import hash_object
 from datasync.transfer.service import ReplicationService
 from datasync.transfer.state import EngineState, ReplicaRow, row_id
+from datasync.transfer.views.objects import is_marked
 
 __all__ = ["Damage", "Pacer", "Verifier", "VerifyReport"]
 
@@ -258,9 +259,7 @@ class Verifier:
         if isinstance(tree, SupportsLocalTree):
             self._check_posix_view(Path(tree.root), prefix, version, damage, pacer, report)
             return
-        try:
-            backend.stat(f"{prefix}/{COMPLETE_MARKER}")
-        except NotFound:
+        if not is_marked(backend, prefix):
             damage.add(f"no {COMPLETE_MARKER}: the view is not published")
             return
         seen: set[str] = set()

@@ -47,9 +47,10 @@ MakeBackend = Callable[..., Backend]
 # Which kinds declare each optional protocol. Optional tests are parametrized over these
 # kinds only (nothing is skipped), and test_optional_protocols_match_the_tables checks
 # every kind against them, so a table cannot drift from what a backend declares.
-GROUP_COMMIT_KINDS = ("posix", "posix-direct", "retrying")
-LOCAL_TREE_KINDS = ("posix", "posix-direct", "retrying")
-PUT_SMALL_KINDS = ("memory", "posix", "posix-direct", "retrying")
+POSIX_KINDS = ("posix", "posix-direct", "retrying")  # a directory on the local file system
+GROUP_COMMIT_KINDS = POSIX_KINDS
+LOCAL_TREE_KINDS = POSIX_KINDS
+PUT_SMALL_KINDS = ("memory", *POSIX_KINDS)
 
 
 @pytest.fixture(params=KINDS)
@@ -70,7 +71,7 @@ def make_backend(
             if not missing_bucket:
                 stores.append(name)
             return MemoryBackend(name, "root", create=not missing_bucket)
-        if backend_kind in ("posix", "posix-direct", "retrying"):
+        if backend_kind in POSIX_KINDS:
             root = tmp_path / f"root-{uuid.uuid4().hex[:8]}"
             if not missing_bucket:
                 root.mkdir()

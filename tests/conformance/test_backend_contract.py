@@ -44,7 +44,7 @@ from datasync.errors import (
     Unsupported,
 )
 from datasync.retry import RetryEvent, RetryPolicy
-from tests.conformance.conftest import MakeBackend
+from tests.conformance.conftest import POSIX_KINDS, MakeBackend
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -588,7 +588,7 @@ def test_bad_credentials_are_permission_denied(
         assert sleeps == []
         assert backend.stat("k").size == 1
         return
-    if backend_kind in ("posix", "posix-direct", "retrying"):
+    if backend_kind in POSIX_KINDS:
         # POSIX credentials are the process's uid. Root bypasses modes, so the denied
         # access runs in a child that drops to nobody (65534): a real EACCES either way.
         outer = tempfile.mkdtemp(prefix="datasync-perm-")

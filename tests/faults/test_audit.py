@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlmodel import col
 from typer.testing import CliRunner
 
-from datasync.backends.base import Backend, Capabilities, ObjectInfo
+from datasync.backends.base import Backend, ObjectInfo
 from datasync.bootstrap import App, bootstrap
 from datasync.cli import app as cli_app
 from datasync.cli.daemons import _audit_every_site, start_maintenance
@@ -42,6 +42,7 @@ from tests.faults.harness import (
     view_digests,
     xxh,
 )
+from tests.fixtures.passthrough import PassThrough
 from tests.fixtures.replication import Site, cloud_site, make_tree, posix_site, settings_for
 
 DATASET = "drive/audit"
@@ -335,28 +336,17 @@ def _put(backend: Backend, key: str, data: bytes) -> None:
     writer.commit()
 
 
-class HiddenKey:
+class HiddenKey(PassThrough):
     """A real backend whose listing misses ``hidden`` (written behind the listing) and calls
     ``on_key`` as it yields each key (a transfer finishing meanwhile)."""
 
     def __init__(self, inner: Backend, hidden: str, on_key: Callable[[str], None]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._hidden = hidden
         self._on_key = on_key
 
-    @property
-    def url(self) -> str:
-        return self._inner.url
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self._inner.capabilities
-
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        for info in self._inner.list(prefix):
+        for info in self.inner.list(prefix):
             if info.key != self._hidden:
                 self._on_key(info.key)
                 yield info
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)

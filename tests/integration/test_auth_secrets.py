@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,12 +125,11 @@ def _cli(
     return run.stdout
 
 
-def _cli_at_once(setup: Setup, *calls: tuple[tuple[str, ...], int | None]) -> None:
-    """Independent commands (``(args, exit code)``), run side by side: each is a process
-    that spends most of its life importing, and this test runs many."""
+def _side_by_side(*runs: Callable[[], str]) -> list[str]:
+    """Independent commands, run at once (each is a process that spends most of its life
+    importing, and this test runs many); their results, in order."""
     with ThreadPoolExecutor(4) as pool:
-        for future in [pool.submit(_cli, setup, *args, code=code) for args, code in calls]:
-            future.result()
+        return [f.result() for f in [pool.submit(run) for run in runs]]
 
 
 def _every_claimable_task_failed_once(setup: Setup, timeout: float = 120.0) -> None:
@@ -156,17 +155,16 @@ def _every_claimable_task_failed_once(setup: Setup, timeout: float = 120.0) -> N
 
 def test_no_cli_output_holds_a_secret(setup: Setup) -> None:
     _cli(setup, "register", "drive/a", "lustre:run", "--label", "v1", "--json", code=0)
-    _cli_at_once(
-        setup,
-        (("register", "drive/s3", "aws:run"), 1),
-        (("register", "drive/az", "azure:run"), 1),
-        (("sites", "--json"), None),
-        (("sites",), None),
-        (("replicate", "drive/a@v1", "--to", "aws", "--json"), 0),
-        (("replicate", "drive/a@v1", "--to", "azure", "--json"), 0),
-        (("replicate", "drive/a@v1", "--to", "nowhere"), 2),
-        (("show", "drive/a@nope"), 2),
-        (("verify", "lustre"), None),
+    _side_by_side(
+        lambda: _cli(setup, "register", "drive/s3", "aws:run", code=1),
+        lambda: _cli(setup, "register", "drive/az", "azure:run", code=1),
+        lambda: _cli(setup, "sites", "--json"),
+        lambda: _cli(setup, "sites"),
+        lambda: _cli(setup, "replicate", "drive/a@v1", "--to", "aws", "--json", code=0),
+        lambda: _cli(setup, "replicate", "drive/a@v1", "--to", "azure", "--json", code=0),
+        lambda: _cli(setup, "replicate", "drive/a@v1", "--to", "nowhere", code=2),
+        lambda: _cli(setup, "show", "drive/a@nope", code=2),
+        lambda: _cli(setup, "verify", "lustre"),
     )
     worker = subprocess.Popen(
         [EXE, "worker", "--once"], env=setup.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -184,17 +182,15 @@ def test_no_cli_output_holds_a_secret(setup: Setup) -> None:
     closed = f"@127.0.0.1:{free_port()}/"
     down["DATASYNC_DATABASE_URL"] = re.sub(r"@[^/]+/", closed, down["DATASYNC_DATABASE_URL"])
     assert PG_PASSWORD in down["DATASYNC_DATABASE_URL"]
-    with ThreadPoolExecutor(1) as pool:
-        unreachable = pool.submit(_cli, setup, "datasets", env=down)
-        _cli_at_once(
-            setup,
-            (("status", "--all"), None),
-            (("token", "list", "--json"), 0),
-            (("token", "list"), 0),
-        )
-        _cli(setup, "token", "revoke", "hook-1", code=0)
-        _cli(setup, "token", "create", "hook-1", "-r", "hook", code=2)
-        message = unreachable.result() or setup.outputs["datasync datasets"]
+    unreachable, *_ = _side_by_side(
+        lambda: _cli(setup, "datasets", env=down),
+        lambda: _cli(setup, "status", "--all"),
+        lambda: _cli(setup, "token", "list", "--json", code=0),
+        lambda: _cli(setup, "token", "list", code=0),
+    )
+    _cli(setup, "token", "revoke", "hook-1", code=0)
+    _cli(setup, "token", "create", "hook-1", "-r", "hook", code=2)
+    message = unreachable or setup.outputs["datasync datasets"]
     assert "cannot open database" in message
     assert setup.scan() == []
 

@@ -22,6 +22,7 @@ from datasync.manifest.canonical import version_id
 from datasync.manifest.scan import scan_directory
 from datasync.models import ManifestHeader
 from tests.fixtures.emulators import make_azure_backend, make_gcs_backend, make_s3_backend
+from tests.fixtures.passthrough import PassThrough
 
 pytestmark = pytest.mark.emulator
 
@@ -99,15 +100,12 @@ def test_object_changed_during_scan_is_source_changed(
     listed = list(cloud.list("f/"))
     _upload(cloud, "f/one", b"2" * 1000)  # replaced after the listing
 
-    class StaleListing:
-        def __getattr__(self, name: str) -> object:
-            return getattr(cloud, name)
-
+    class StaleListing(PassThrough):
         def list(self, prefix: str = "") -> object:
             return iter(listed)
 
     with pytest.raises(SourceChanged):
-        list(scan_backend(cast(Backend, StaleListing()), "f", chunk_size=CHUNK))
+        list(scan_backend(cast(Backend, StaleListing(cloud)), "f", chunk_size=CHUNK))
 
 
 def _infos(*keys: str) -> list[ObjectInfo]:

@@ -35,6 +35,7 @@ from datasync.transfer.views import (
     publish_view,
     sync_labels,
 )
+from tests.fixtures.passthrough import PassThrough
 
 VID = "a" * 64
 VID2 = "b" * 64
@@ -388,19 +389,16 @@ def test_object_store_every_damaged_blob_is_found_in_one_pass(memory: MemoryBack
     assert kept == {f.path: FILES[f.path] for f in right}
 
 
-class _CountingCopies:
+class _CountingCopies(PassThrough):
     """The store, counting the copies made of each key (everything else passes through)."""
 
-    def __init__(self, inner: MemoryBackend) -> None:
-        self.inner = inner
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
         self.copies: Counter[str] = Counter()
 
     def copy(self, src_key: str, dst_key: str, **kwargs: Any) -> ObjectInfo:
         self.copies[src_key] += 1
         return self.inner.copy(src_key, dst_key, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def test_object_store_a_damaged_blob_many_files_share_is_judged_once(

@@ -166,24 +166,21 @@ def publish_objects(
 
     # Blobs found damaged, by digest: the other files of the view that share one (many
     # identical frames) are neither copied nor hashed again, and it is reported once.
-    bad: dict[str, BlobDamaged] = {}
+    damaged: dict[str, BlobDamaged] = {}
 
-    def place(f: ViewFile) -> tuple[bool, BlobDamaged | None]:
-        if f.digest in bad:
-            return False, None
+    def place(f: ViewFile) -> bool:
+        if f.digest in damaged:
+            return False
         dst = f"{prefix}/{f.path}"
         try:
-            return _place(backend, dst, f, left.get(dst), buffers), None
+            return _place(backend, dst, f, left.get(dst), buffers)
         except BlobDamaged as damage:
-            return False, bad.setdefault(f.digest, damage)
+            damaged.setdefault(f.digest, damage)
+            return False
 
     n = nbytes = copied = 0
-    damaged: dict[str, BlobDamaged] = {}
     for batch in _batches(files(), _PARALLEL):
-        for streamed, damage in io.map(place, batch):
-            copied += streamed
-            if damage is not None:
-                damaged.setdefault(damage.digest, damage)
+        copied += sum(io.map(place, batch))
         n += len(batch)
         nbytes += sum(f.size for f in batch)
         failpoint("mid_publish")
