@@ -42,6 +42,7 @@ from datasync.events import Event, TaskFailed, TaskRetried
 from datasync.integrity.audit import QUARANTINE_PREFIX
 from datasync.transfer.layout import BLOB_PREFIX, COMPLETE_MARKER
 from datasync.transfer.supervisor import WorkerOptions
+from tests.fixtures.rawstore import object_bytes
 from tests.fixtures.replication import Site, xxh128sum_tree
 
 FAST = WorkerOptions(
@@ -246,51 +247,4 @@ def leftover_temps(site: Site) -> list[str]:
 def sdk_objects(site: Site, prefix: str) -> dict[str, bytes]:
     """Every object under ``prefix`` at a cloud site, downloaded by the store's own SDK
     (straight to the emulator, never through a fault proxy)."""
-    opts = site.config.options
-    url = site.config.url
-    if site.kind == "s3":
-        import boto3
-        from botocore.config import Config
-
-        bucket = url.split("://", 1)[1].split("/", 1)[0]
-        client = boto3.client(
-            "s3",
-            endpoint_url=opts["endpoint_url"],
-            region_name=opts.get("region_name", "us-east-1"),
-            aws_access_key_id=opts["aws_access_key_id"],
-            aws_secret_access_key=opts["aws_secret_access_key"],
-            config=Config(response_checksum_validation="when_required"),
-        )
-        out: dict[str, bytes] = {}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", ()):
-                key = obj["Key"]
-                out[key] = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        client.close()
-        return out
-    if site.kind == "azure":
-        from azure.storage.blob import BlobServiceClient
-
-        container = url.split("://", 1)[1].split("/")[1]
-        service = BlobServiceClient.from_connection_string(opts["connection_string"])
-        client = service.get_container_client(container)
-        out = {
-            b.name: client.download_blob(b.name).readall()
-            for b in client.list_blobs(name_starts_with=prefix)
-        }
-        service.close()
-        return out
-    if site.kind == "gcs":
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        bucket = url.split("://", 1)[1].split("/", 1)[0]
-        gcs = storage.Client(
-            project="test",
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-            client_options={"api_endpoint": opts["endpoint"]},
-        )
-        out = {b.name: b.download_as_bytes() for b in gcs.list_blobs(bucket, prefix=prefix)}
-        gcs.close()
-        return out
-    raise ValueError(site.kind)
+    return object_bytes(site.kind, site.config, prefix)
