@@ -2,9 +2,10 @@
 
 Each destination is checked independently of the engine: a POSIX view is hashed by
 ``xxh128sum``, an object-store view listed and read by the store's own SDK
-(``tests/fixtures/rawstore.py``), then compared with the source tree. A second version moves only the new blobs (bytes counted
-from the tasks). Chunk size is 1 MiB, so the 2 MiB and 11 MiB shards become chunk tasks
-(and on S3, whose parts are >= 5 MiB, multi-chunk parts).
+(``tests/fixtures/rawstore.py``), then compared with the source tree. A second version
+moves only the new blobs (bytes counted from the tasks). Chunk size is 1 MiB, so the 2 MiB
+and 11 MiB shards become chunk tasks (and on S3, whose parts are >= 5 MiB, multi-chunk
+parts).
 """
 
 from __future__ import annotations
