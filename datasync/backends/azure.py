@@ -546,6 +546,19 @@ class _AzureBlockWriter:
             with self._lock:
                 self._checked.add(index)
 
+    def part_proof(self, index: int) -> str | None:
+        """``md5`` for a block staged here with Content-MD5, which the service checked."""
+        with self._lock:
+            return "md5" if index in self._checked else None
+
+    def accept_part_proofs(self, proofs: Mapping[int, str]) -> None:
+        """Blocks of this upload that earlier writers staged with a checked Content-MD5:
+        their ids name the token and the index, so the committed list names them."""
+        if self._b.checksum != "md5":
+            return
+        with self._lock:
+            self._checked.update(i for i, p in proofs.items() if p == "md5")
+
     def _staged(self) -> list[Any]:
         from azure.core.exceptions import ResourceNotFoundError
 

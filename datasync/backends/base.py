@@ -83,6 +83,7 @@ __all__ = [
     "SupportsGroupCommit",
     "SupportsLink",
     "SupportsLocalTree",
+    "SupportsPartProofs",
     "SupportsPutSmall",
     "SupportsReadInto",
     "SupportsRename",
@@ -201,6 +202,25 @@ class Writer(Protocol):
 
     def close(self) -> None:
         """Release local resources without commit or abort (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class SupportsPartProofs(Protocol):
+    """A writer whose parts' proofs outlive it: what the store showed for each part it
+    sent ("Verified writes") can be recorded and handed to a later writer of the same
+    upload (same ``token``), whose commit is then ``verified`` though it did not send
+    every part itself. A proof proves nothing on its own: the commit still checks the
+    composed object against the proofs of all its parts (MD5 of MD5s, combined CRC32C)."""
+
+    def part_proof(self, index: int) -> str | None:
+        """What the store showed for part ``index`` as this writer sent it; None when it
+        showed nothing (or the part was not sent here)."""
+        ...
+
+    def accept_part_proofs(self, proofs: Mapping[int, str]) -> None:
+        """Proofs of parts that earlier writers of this upload sent (their ``part_proof``).
+        A malformed proof is ignored; a part this writer sent keeps its own."""
         ...
 
 

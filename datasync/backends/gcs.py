@@ -473,6 +473,19 @@ class _GCSComposeWriter:
             with self._lock:
                 self._crcs[index] = (crc, len(data))
 
+    def part_proof(self, index: int) -> str | None:
+        """``CRC32C:length`` of a part object whose server CRC32C equalled ours."""
+        with self._lock:
+            known = self._crcs.get(index)
+        return None if known is None else f"{known[0]}:{known[1]}"
+
+    def accept_part_proofs(self, proofs: Mapping[int, str]) -> None:
+        with self._lock:
+            for index, text in proofs.items():
+                crc, _, length = text.partition(":")
+                if crc.isdigit() and length.isdigit():
+                    self._crcs.setdefault(index, (int(crc), int(length)))
+
     def _temporaries(self) -> list[Any]:
         with self._b._errors(self._url):
             return list(

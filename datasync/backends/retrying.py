@@ -36,6 +36,7 @@ from datasync.backends.base import (
     SupportsGroupCommit,
     SupportsLink,
     SupportsLocalTree,
+    SupportsPartProofs,
     SupportsPutSmall,
     SupportsReadInto,
     SupportsRename,
@@ -196,6 +197,14 @@ class RetryingWriter:
 
     def durable_parts(self) -> set[int]:
         return self._b._call(self._inner.durable_parts)
+
+    def part_proof(self, index: int) -> str | None:
+        inner = self._inner
+        return inner.part_proof(index) if isinstance(inner, SupportsPartProofs) else None
+
+    def accept_part_proofs(self, proofs: Mapping[int, str]) -> None:
+        if isinstance(self._inner, SupportsPartProofs):
+            self._inner.accept_part_proofs(proofs)
 
     def commit(self) -> ObjectInfo:
         return self._b._call(self._inner.commit)

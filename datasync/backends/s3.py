@@ -616,6 +616,25 @@ class _S3MultipartWriter:
         with self._lock:
             self._proof[index] = (md5, crc, _echoed(response, md5, crc))
 
+    def part_proof(self, index: int) -> str | None:
+        """``MD5hex:CRC32C`` of a part the store showed it got (ETag or echoed checksum)."""
+        with self._lock:
+            proof = self._proof.get(index)
+        if proof is None or not proof[2]:
+            return None
+        return f"{proof[0].hex()}:{proof[1] or ''}"
+
+    def accept_part_proofs(self, proofs: Mapping[int, str]) -> None:
+        with self._lock:
+            for index, text in proofs.items():
+                md5_hex, sep, crc = text.partition(":")
+                try:
+                    md5 = bytes.fromhex(md5_hex)
+                except ValueError:
+                    continue
+                if sep and len(md5) == 16:
+                    self._proof.setdefault(index, (md5, crc or None, True))
+
     def _parts(self) -> dict[int, dict[str, Any]]:
         """Parts the store holds with the expected length, by 0-based index."""
         found: dict[int, dict[str, Any]] = {}

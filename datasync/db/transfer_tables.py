@@ -226,6 +226,9 @@ class UploadPart(SQLModel, table=True):
     site: str = Field(primary_key=True, sa_type=sa.String(64))
     digest: str = Field(primary_key=True, sa_type=sa.String(64))
     idx: int = Field(primary_key=True, sa_type=sa.Integer)
+    # What the store showed for the part (``SupportsPartProofs``): lets the writer that
+    # commits the upload prove the object without re-reading it. NULL: re-read.
+    proof: str | None = Field(default=None, sa_type=sa.Text)
 
 
 class BlobMove(SQLModel, table=True):

@@ -51,6 +51,16 @@ POSIX_KINDS = ("posix", "posix-direct", "retrying")  # a directory on the local 
 GROUP_COMMIT_KINDS = POSIX_KINDS
 LOCAL_TREE_KINDS = POSIX_KINDS
 PUT_SMALL_KINDS = ("memory", *POSIX_KINDS)
+# Commits ``verified`` by the store (``verified_writes``), whose writers hand on part proofs
+# (``SupportsPartProofs``); on S3 and GCS a proof names the part's bytes (MD5, CRC32C), on
+# Azure the checked send (a block list carries no checksums).
+PART_PROOF_KINDS = ("s3", "azure", "gcs")
+BYTES_PROOF_KINDS = ("s3", "gcs")
+
+
+def emulator_kinds(kinds: tuple[str, ...]) -> list[Any]:
+    """``kinds`` as parameters of ``backend_kind``, marked as needing their emulator."""
+    return [pytest.param(kind, marks=pytest.mark.emulator) for kind in kinds]
 
 
 @pytest.fixture(params=KINDS)

@@ -1,8 +1,10 @@
 """The optional protocols of ``datasync/backends/base.py``: ``Writer.close``,
-``SupportsGroupCommit``, ``SupportsPutSmall`` and ``SupportsLocalTree``.
+``SupportsGroupCommit``, ``SupportsPutSmall``, ``SupportsLocalTree`` and
+``SupportsPartProofs``.
 
 Tests of an optional protocol are parametrized over the kinds that declare it
-(``GROUP_COMMIT_KINDS``, ``PUT_SMALL_KINDS``, ``LOCAL_TREE_KINDS``), so nothing is skipped;
+(``GROUP_COMMIT_KINDS``, ``PUT_SMALL_KINDS``, ``LOCAL_TREE_KINDS``, ``PART_PROOF_KINDS``),
+so nothing is skipped;
 ``test_optional_protocols_match_the_tables`` runs on every kind and fails when a backend
 declares something the tables do not say (or the reverse), or when its capability flag and
 ``isinstance`` disagree.
@@ -23,10 +25,18 @@ from datasync.backends.base import (
     SmallPut,
     SupportsGroupCommit,
     SupportsLocalTree,
+    SupportsPartProofs,
     SupportsPutSmall,
 )
 from datasync.errors import Conflict, InvalidPath, NotFound
-from tests.conformance.conftest import GROUP_COMMIT_KINDS, LOCAL_TREE_KINDS, PUT_SMALL_KINDS
+from tests.conformance.conftest import (
+    BYTES_PROOF_KINDS,
+    GROUP_COMMIT_KINDS,
+    LOCAL_TREE_KINDS,
+    PART_PROOF_KINDS,
+    PUT_SMALL_KINDS,
+    emulator_kinds,
+)
 from tests.conformance.test_backend_contract import part_size_for, payload, put, read_all
 
 
@@ -42,6 +52,7 @@ def test_optional_protocols_match_the_tables(backend: Backend, backend_kind: str
     assert isinstance(backend, SupportsLocalTree) is caps.local_tree
     assert caps.small_puts is (backend_kind in PUT_SMALL_KINDS)
     assert isinstance(backend, SupportsPutSmall) is caps.small_puts
+    assert caps.verified_writes is (backend_kind in PART_PROOF_KINDS)
 
 
 def test_writer_close_keeps_the_upload_resumable(backend: Backend) -> None:
@@ -64,6 +75,62 @@ def test_writer_close_keeps_the_upload_resumable(backend: Backend) -> None:
         second.put_part(0, data[: layout.length(0)])  # the engine's chunk map would say so
     second.commit()
     assert read_all(backend, "closed.bin") == data
+
+
+# -- part proofs -------------------------------------------------------------------------
+
+
+def _resume_with_proofs(backend: Backend, *, tamper: bool) -> bool:
+    """One writer sends parts 0 and 2, another (same upload) accepts their proofs, sends
+    part 1 and commits; ``tamper`` hands on, for part 2, the proof of other bytes of the
+    same length. Returns whether the commit was ``verified``; the object must hold the data
+    either way."""
+    ps = part_size_for(backend, 64 * 1024)
+    size = 3 * ps - 7
+    layout = PartLayout(size, ps)
+    data = payload(41, size)
+
+    def chunk(i: int) -> bytes:
+        return data[layout.offset(i) : layout.offset(i) + layout.length(i)]
+
+    first = backend.begin("proved.bin", size, ps)
+    assert isinstance(first, SupportsPartProofs)
+    first.put_part(0, chunk(0))
+    first.put_part(2, chunk(2))
+    proofs = {i: first.part_proof(i) for i in (0, 2)}
+    assert first.part_proof(1) is None  # not sent here
+    if tamper:
+        other = backend.begin("other.bin", size, ps)
+        assert isinstance(other, SupportsPartProofs)
+        other.put_part(2, bytes(layout.length(2)))
+        proofs[2] = other.part_proof(2)
+        other.abort()
+    sent = {i: p for i, p in proofs.items() if p is not None}
+    assert sent.keys() == {0, 2}, proofs  # the store showed it got each part
+    second = backend.begin("proved.bin", size, ps, token=first.token)
+    assert isinstance(second, SupportsPartProofs)
+    second.accept_part_proofs({**sent, 7: "not a proof"})
+    second.put_part(1, chunk(1))
+    verified = second.commit().verified
+    assert read_all(backend, "proved.bin") == data
+    return verified
+
+
+@pytest.mark.parametrize("backend_kind", emulator_kinds(PART_PROOF_KINDS))
+def test_a_resumed_commit_is_verified_by_the_proofs_of_the_parts_others_sent(
+    backend: Backend,
+) -> None:
+    """The proof of a part another writer of the upload sent (a ``chunks`` task records
+    it in the chunk map) lets the writer that commits prove the object without a re-read;
+    without the proofs it cannot (``test_a_commit_is_verified_only_when...``)."""
+    assert _resume_with_proofs(backend, tamper=False) is True
+
+
+@pytest.mark.parametrize("backend_kind", emulator_kinds(BYTES_PROOF_KINDS))
+def test_a_proof_of_other_bytes_proves_nothing(backend: Backend) -> None:
+    """Where a proof names the part's bytes, one that does not match what the committed
+    object is made of leaves the commit unverified: the executor then re-reads."""
+    assert _resume_with_proofs(backend, tamper=True) is False
 
 
 # -- group commit ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
+from datasync.backends import s3
 from datasync.backends.base import Backend, Capabilities
 from datasync.backends.memory import MemoryBackend, drop_store
 from datasync.backends.posix import PosixBackend
@@ -30,6 +31,7 @@ from tests.fixtures.replication import (
     Site,
     assert_view_matches,
     bytes_moved,
+    cloud_site,
     make_tree,
     posix_site,
     seed_cloud_source,
@@ -67,6 +69,19 @@ def _setup(
     pk = version_pk(app.engine, app.store.resolve(f"drive/mem@{v.version_id}"))
     seed_cloud_source(app, pk, src, "run")
     return app, settings, src, dst, v.version_id, files
+
+
+def _replicated(
+    app: App, settings: Settings, dataset: str, tree: Path, site: str
+) -> tuple[str, int]:
+    """Register ``tree`` (1 MiB chunks), replicate it to ``site`` with in-process workers
+    until idle, and check it is READY. Returns the version id and the placement id."""
+    v = app.service.register_directory(dataset, tree, chunk_size=MIB)
+    placement = app.replication.replicate(f"{dataset}@{v.version_id}", site)
+    run_until_idle(settings, [placement.id], options=FAST)
+    st = app.replication.status(placement_id=placement.id)[0]
+    assert st.state == "READY", st.error
+    return v.version_id, placement.id
 
 
 def _views(site: Site, version_id: str, files: dict[str, bytes]) -> None:
@@ -230,15 +245,13 @@ def test_posix_direct_parts_are_verified_by_the_read_back_and_a_misdirected_one_
     monkeypatch.setattr("datasync.backends.posix.writer.pwrite_direct", once_off)
     app = bootstrap(settings)
     try:
-        v = app.service.register_directory("drive/direct", src.root / "run", chunk_size=MIB)
-        placement = app.replication.replicate(f"drive/direct@{v.version_id}", "lustre")
-        run_until_idle(settings, [placement.id], options=FAST)
-        st = app.replication.status(placement_id=placement.id)[0]
-        assert st.state == "READY", st.error
+        version_id, placement_id = _replicated(
+            app, settings, "drive/direct", src.root / "run", "lustre"
+        )
         assert misdirected == [MIB], "the fault was injected into a direct write"
-        finalize = [t for t in tasks_of(app.engine, placement.id) if t.kind == "finalize"]
+        finalize = [t for t in tasks_of(app.engine, placement_id) if t.kind == "finalize"]
         assert [t.attempts for t in finalize] == [2], "caught at finalize, then retried"
-        assert_view_matches(dst, "drive/direct", v.version_id, files)
+        assert_view_matches(dst, "drive/direct", version_id, files)
     finally:
         app.close()
 
@@ -273,3 +286,51 @@ def test_transient_errors_are_retried_inside_the_call_by_the_one_policy(
         assert attempts and all(n == 1 for _kind, n in attempts), attempts
     finally:
         app.close()
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize(
+    ("kind", "proofs"), [("s3", True), ("azure", True), ("gcs", True), ("s3", False)]
+)
+def test_finalize_proves_the_parts_chunks_tasks_sent_without_a_reread(
+    tmp_path: Path,
+    db_url: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    proofs: bool,
+) -> None:
+    # An 11 MiB shard in 1 MiB chunks goes to a cloud site as a multipart upload whose
+    # parts three `chunks` tasks send; `finalize` only commits. Each task records what the
+    # store showed for its part; the commit checks the whole object against those proofs
+    # (MD5 of MD5s, combined CRC32C, checked block ids), so the whole-object re-read is
+    # skipped. With the proofs lost, finalize re-reads as before.
+    from datasync.transfer import readback
+    from datasync.transfer.exec import chunked
+
+    if not proofs:
+        monkeypatch.setattr(s3._S3MultipartWriter, "part_proof", lambda _self, _i: None)
+    reread: list[str] = []
+    real_hash = readback.hash_object
+
+    def counting(backend: Backend, key: str, size: int, **kwargs: Any) -> str:
+        reread.append(key)
+        return real_hash(backend, key, size, **kwargs)
+
+    monkeypatch.setattr(chunked, "hash_object", counting)
+    src = posix_site("pipeline", tmp_path / "src")
+    assert src.root is not None
+    cloud = cloud_site("cloud", kind, request)
+    files = make_tree(src.root / "run", shards=(11 * MIB,))
+    settings = settings_for(tmp_path / "home", db_url, [src, cloud], MIB)
+    app = bootstrap(settings)
+    try:
+        version_id, placement_id = _replicated(
+            app, settings, "drive/proved", src.root / "run", "cloud"
+        )
+        kinds = [t.kind for t in tasks_of(app.engine, placement_id)]
+        assert kinds.count("chunks") >= 2 and kinds.count("finalize") == 1, kinds
+        assert_view_matches(cloud, "drive/proved", version_id, files)  # the SDK's reads
+    finally:
+        app.close()
+    assert len(reread) == (0 if proofs else 1), reread

@@ -6,10 +6,12 @@
   has exactly one owner. It joins the blob's single upload (``ChunkMap.upload_for``),
   skips parts already done (the chunk map, plus ``durable_parts()`` where the store lists
   parts), reads each part pinned by ETag, verifies every chunk digest inside it,
-  ``put_part``, then records the part.
+  ``put_part``, then records the part with what the store showed for it (its proof:
+  ``SupportsPartProofs``).
 * ``finalize``: sends any part still missing (self-healing after an upload reset),
   commits, re-reads the whole object and checks the whole-file digest (unless the commit
-  is ``ObjectInfo.verified``: this writer sent every part, one-part blobs), records the replica
+  is ``ObjectInfo.verified``: every part was sent by this writer or proved by the proof a
+  ``chunks`` task recorded, and the store's checksum of the whole matches), records the replica
   and forgets the upload. On mismatch it deletes the object, forgets the upload and
   raises a retryable ``ChecksumMismatch``; on the last attempt the source is marked bad.
 """
@@ -21,7 +23,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from datasync.backends.base import Backend, PartLayout, Writer
+from datasync.backends.base import Backend, PartLayout, SupportsPartProofs, Writer
 from datasync.errors import ChecksumMismatch, NotFound, StorageError, TransientError, Unsupported
 from datasync.manifest.hashing import digest_bytes
 from datasync.transfer.exec.blobs import adopt, retryable_mismatch
@@ -99,6 +101,8 @@ def _open_upload(
             f"upload of {digest} at {dst} was lost ({exc}); restarting it"
         ) from exc
     done = ctx.state.uploads.parts_done(dst, digest)
+    if isinstance(writer, SupportsPartProofs):  # parts other tasks sent: their commit proof
+        writer.accept_part_proofs(ctx.state.uploads.part_proofs(dst, digest))
     if backend.capabilities.lists_parts:
         done |= writer.durable_parts()
     return backend, writer, done
@@ -142,7 +146,8 @@ def _send_parts(
             )
         failpoint("after_put_part")
         if record:
-            ctx.state.uploads.mark_part(dst, digest, j)
+            proof = writer.part_proof(j) if isinstance(writer, SupportsPartProofs) else None
+            ctx.state.uploads.mark_part(dst, digest, j, proof)
             failpoint("after_mark_part")
         return n
 

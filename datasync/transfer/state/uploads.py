@@ -105,18 +105,37 @@ class ChunkMap(StateBase):
             found = conn.execute(sa.select(col(UploadPart.idx)).where(_parts(site, digest)))
             return {int(i) for i in found.scalars()}
 
-    def mark_part(self, site: str, digest: str, idx: int) -> bool:
-        """Record part ``idx`` as written and verified (idempotent).
+    def part_proofs(self, site: str, digest: str) -> dict[int, str]:
+        """Part index -> what the store showed for it (``SupportsPartProofs``), for the
+        recorded parts that have a proof."""
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                sa.select(col(UploadPart.idx), col(UploadPart.proof)).where(
+                    _parts(site, digest), col(UploadPart.proof).is_not(None)
+                )
+            )
+            return {int(i): str(p) for i, p in found}
+
+    def mark_part(self, site: str, digest: str, idx: int, proof: str | None = None) -> bool:
+        """Record part ``idx`` as written and verified (idempotent), with what the store
+        showed for it (a part sent again keeps the proof of its last send).
 
         False if the upload is gone (committed or replaced meanwhile): nothing recorded.
         """
         row = sa.select(
-            sa.literal(site, sa.String), sa.literal(digest, sa.String), sa.literal(idx, sa.Integer)
+            sa.literal(site, sa.String),
+            sa.literal(digest, sa.String),
+            sa.literal(idx, sa.Integer),
+            sa.literal(proof, sa.Text),
         ).where(sa.exists().where(_upload(site, digest)))
         with self._write() as txn:
             insert = postgresql.insert(UploadPart) if txn.pg else sqlite.insert(UploadPart)
-            stmt = insert.from_select(["site", "digest", "idx"], row)
-            txn.conn.execute(stmt.on_conflict_do_nothing())
+            stmt = insert.from_select(["site", "digest", "idx", "proof"], row)
+            txn.conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["site", "digest", "idx"], set_={"proof": stmt.excluded.proof}
+                )
+            )
             present = txn.conn.execute(
                 sa.select(sa.literal(1)).where(_parts(site, digest), col(UploadPart.idx) == idx)
             ).first()
