@@ -556,8 +556,9 @@ class _AzureBlockWriter:
         their ids name the token and the index, so the committed list names them."""
         if self._b.checksum != "md5":
             return
+        count = self._layout.count
         with self._lock:
-            self._checked.update(i for i, p in proofs.items() if p == "md5")
+            self._checked.update(i for i, p in proofs.items() if p == "md5" and 0 <= i < count)
 
     def _staged(self) -> list[Any]:
         from azure.core.exceptions import ResourceNotFoundError
@@ -611,7 +612,7 @@ class _AzureBlockWriter:
         # Block ids name this writer and the part index: the committed list is exactly the
         # blocks staged here, each checked by the service, when this writer staged them all.
         with self._lock:
-            verified = len(self._checked) == self._layout.count
+            verified = set(range(self._layout.count)) <= self._checked
         return _written(self._key, self._layout.size, done, verified=verified)
 
     def abort(self) -> None:

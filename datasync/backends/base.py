@@ -210,8 +210,10 @@ class SupportsPartProofs(Protocol):
     """A writer whose parts' proofs outlive it: what the store showed for each part it
     sent ("Verified writes") can be recorded and handed to a later writer of the same
     upload (same ``token``), whose commit is then ``verified`` though it did not send
-    every part itself. A proof proves nothing on its own: the commit still checks the
-    composed object against the proofs of all its parts (MD5 of MD5s, combined CRC32C)."""
+    every part itself. Where a proof names the part's bytes (S3: MD5, CRC32C; GCS:
+    CRC32C) the commit checks the composed object against the proofs of all its parts (MD5
+    of MD5s, combined CRC32C); an Azure proof names a send the service checked (its block
+    list carries no checksums). Every part needs a proof, or the commit is not verified."""
 
     def part_proof(self, index: int) -> str | None:
         """What the store showed for part ``index`` as this writer sent it; None when it

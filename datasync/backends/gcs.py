@@ -469,9 +469,11 @@ class _GCSComposeWriter:
         self._layout.check(index, len(data))
         crc = crc32c_of(data)
         blob = self._b.upload(self._part_name(index), data, self._url)
-        if blob.crc32c == crc32c_b64(crc):
-            with self._lock:
+        with self._lock:
+            if blob.crc32c == crc32c_b64(crc):
                 self._crcs[index] = (crc, len(data))
+            else:  # this send proved nothing, whatever an earlier one did
+                self._crcs.pop(index, None)
 
     def part_proof(self, index: int) -> str | None:
         """``CRC32C:length`` of a part object whose server CRC32C equalled ours."""
@@ -483,7 +485,7 @@ class _GCSComposeWriter:
         with self._lock:
             for index, text in proofs.items():
                 crc, _, length = text.partition(":")
-                if crc.isdigit() and length.isdigit():
+                if crc.isascii() and crc.isdecimal() and length.isascii() and length.isdecimal():
                     self._crcs.setdefault(index, (int(crc), int(length)))
 
     def _temporaries(self) -> list[Any]:

@@ -630,9 +630,10 @@ class _S3MultipartWriter:
                 md5_hex, sep, crc = text.partition(":")
                 try:
                     md5 = bytes.fromhex(md5_hex)
-                except ValueError:
+                    crc_ok = not crc or len(base64.b64decode(crc, validate=True)) == 4
+                except ValueError:  # binascii.Error is one
                     continue
-                if sep and len(md5) == 16:
+                if sep and len(md5) == 16 and crc_ok:
                     self._proof.setdefault(index, (md5, crc or None, True))
 
     def _parts(self) -> dict[int, dict[str, Any]]:

@@ -80,11 +80,12 @@ def test_writer_close_keeps_the_upload_resumable(backend: Backend) -> None:
 # -- part proofs -------------------------------------------------------------------------
 
 
-def _resume_with_proofs(backend: Backend, *, tamper: bool) -> bool:
+def _resume_with_proofs(backend: Backend, *, tamper: bool = False, drop: bool = False) -> bool:
     """One writer sends parts 0 and 2, another (same upload) accepts their proofs, sends
     part 1 and commits; ``tamper`` hands on, for part 2, the proof of other bytes of the
-    same length. Returns whether the commit was ``verified``; the object must hold the data
-    either way."""
+    same length; ``drop`` hands on none for part 2 (its task was killed before recording
+    it) but one for an index past the last part. Returns whether the commit was
+    ``verified``; the object must hold the data either way."""
     ps = part_size_for(backend, 64 * 1024)
     size = 3 * ps - 7
     layout = PartLayout(size, ps)
@@ -107,6 +108,8 @@ def _resume_with_proofs(backend: Backend, *, tamper: bool) -> bool:
         other.abort()
     sent = {i: p for i, p in proofs.items() if p is not None}
     assert sent.keys() == {0, 2}, proofs  # the store showed it got each part
+    if drop:
+        sent[layout.count] = sent.pop(2)
     second = backend.begin("proved.bin", size, ps, token=first.token)
     assert isinstance(second, SupportsPartProofs)
     second.accept_part_proofs({**sent, 7: "not a proof"})
@@ -124,6 +127,13 @@ def test_a_resumed_commit_is_verified_by_the_proofs_of_the_parts_others_sent(
     it in the chunk map) lets the writer that commits prove the object without a re-read;
     without the proofs it cannot (``test_a_commit_is_verified_only_when...``)."""
     assert _resume_with_proofs(backend, tamper=False) is True
+
+
+@pytest.mark.parametrize("backend_kind", emulator_kinds(PART_PROOF_KINDS))
+def test_a_part_without_a_proof_leaves_the_commit_unverified(backend: Backend) -> None:
+    """Every part needs a proof: one durable but unproved (and a proof for an index the
+    upload does not have) leaves the commit unverified, so the executor re-reads."""
+    assert _resume_with_proofs(backend, drop=True) is False
 
 
 @pytest.mark.parametrize("backend_kind", emulator_kinds(BYTES_PROOF_KINDS))

@@ -111,19 +111,30 @@ def test_parts_are_recorded_per_upload_and_forgotten(engine: Engine) -> None:
     bus = EventBus()
     bus.subscribe(recorder)
     chunks = make_state(engine, bus).uploads
-    assert chunks.mark_part("aws", D1, 0) is False  # no upload: nothing to record
+    assert chunks.mark_part("aws", D1, 0, "tok") is False  # no upload: nothing to record
     chunks.upload_for("aws", D1, 4096, 3, lambda: "tok")
-    assert chunks.mark_part("aws", D1, 2) is True
-    assert chunks.mark_part("aws", D1, 0) is True
-    assert chunks.mark_part("aws", D1, 0) is True  # idempotent
+    assert chunks.mark_part("aws", D1, 2, "tok", "md5-2") is True
+    assert chunks.mark_part("aws", D1, 0, "tok", "md5-0") is True
+    assert chunks.mark_part("aws", D1, 0, "tok", "md5-0") is True  # idempotent
     assert chunks.parts_done("aws", D1) == {0, 2}
+    assert chunks.part_proofs("aws", D1) == {0: "md5-0", 2: "md5-2"}
     assert [e.part for e in recorder.of(ChunkVerified)] == [2, 0, 0]
     assert chunks.parts_done("aws", D2) == set()
+    # A part sent again keeps its proof only if both sends showed the same: the store
+    # holds whichever send came last, which need not be the last one recorded.
+    assert chunks.mark_part("aws", D1, 2, "tok", "other") is True
+    assert chunks.mark_part("aws", D1, 2, "tok", "md5-2") is True
+    assert chunks.part_proofs("aws", D1) == {0: "md5-0"}
+    assert chunks.parts_done("aws", D1) == {0, 2}  # done still, proved no more
     # Same layout: the same upload is joined. Another layout replaces it and its parts.
     assert chunks.upload_for("aws", D1, 4096, 3, lambda: "never") == "tok"
     assert chunks.upload_for("aws", D1, 8192, 2, lambda: "tok2") == "tok2"
     assert chunks.parts_done("aws", D1) == set()
-    chunks.mark_part("aws", D1, 1)
+    # A stalled task of the replaced upload marks its part late: nothing is recorded.
+    assert chunks.mark_part("aws", D1, 1, "tok", "md5-1") is False
+    assert chunks.parts_done("aws", D1) == set()
+    assert chunks.mark_part("aws", D1, 1, "tok2") is True
+    assert chunks.part_proofs("aws", D1) == {}
     chunks.forget("aws", D1)
     assert chunks.current("aws", D1) is None
     assert chunks.parts_done("aws", D1) == set()

@@ -147,7 +147,7 @@ def _send_parts(
         failpoint("after_put_part")
         if record:
             proof = writer.part_proof(j) if isinstance(writer, SupportsPartProofs) else None
-            ctx.state.uploads.mark_part(dst, digest, j, proof)
+            ctx.state.uploads.mark_part(dst, digest, j, writer.token, proof)
             failpoint("after_mark_part")
         return n
 

@@ -116,24 +116,33 @@ class ChunkMap(StateBase):
             )
             return {int(i): str(p) for i, p in found}
 
-    def mark_part(self, site: str, digest: str, idx: int, proof: str | None = None) -> bool:
-        """Record part ``idx`` as written and verified (idempotent), with what the store
-        showed for it (a part sent again keeps the proof of its last send).
+    def mark_part(
+        self, site: str, digest: str, idx: int, token: str, proof: str | None = None
+    ) -> bool:
+        """Record part ``idx`` of the upload ``token`` as written and verified (idempotent),
+        with what the store showed for it. A part sent again keeps its proof only if every
+        send showed the same: the store holds whichever send came last, which need not be
+        the last one recorded, so a disagreement leaves no proof (the commit re-reads).
 
-        False if the upload is gone (committed or replaced meanwhile): nothing recorded.
+        False if that upload is gone (committed, or replaced by another token meanwhile, as
+        when a stalled task marks a part after the upload restarted): nothing recorded.
         """
+        current = sa.and_(_upload(site, digest), col(Upload.token) == token)
         row = sa.select(
             sa.literal(site, sa.String),
             sa.literal(digest, sa.String),
             sa.literal(idx, sa.Integer),
             sa.literal(proof, sa.Text),
-        ).where(sa.exists().where(_upload(site, digest)))
+        ).where(sa.exists().where(current))
         with self._write() as txn:
             insert = postgresql.insert(UploadPart) if txn.pg else sqlite.insert(UploadPart)
             stmt = insert.from_select(["site", "digest", "idx", "proof"], row)
+            agreed = sa.case(
+                (col(UploadPart.proof) == stmt.excluded.proof, stmt.excluded.proof), else_=None
+            )
             txn.conn.execute(
                 stmt.on_conflict_do_update(
-                    index_elements=["site", "digest", "idx"], set_={"proof": stmt.excluded.proof}
+                    index_elements=["site", "digest", "idx"], set_={"proof": agreed}
                 )
             )
             present = txn.conn.execute(
