@@ -298,6 +298,13 @@ def test_replicate_exits_1_when_the_placement_failed_at_plan_time(world: World) 
     world.cli("replicate", "drive/a@v1", "--to", "lustre", "--json", code=1)
 
 
+def _interactive_ctrl_c() -> None:
+    """In the child before exec: Ctrl-C as at a terminal. A test run started in the
+    background of a non-interactive shell inherits SIGINT ignored, and Python then leaves
+    it ignored: no KeyboardInterrupt would ever reach the command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_waiting_says_the_placement_stays_queued(world: World) -> None:
     proc = subprocess.Popen(
         [str(DATASYNC), "replicate", "drive/b@v1", "--to", "lustre", "--wait"],
@@ -305,6 +312,7 @@ def test_ctrl_c_while_waiting_says_the_placement_stays_queued(world: World) -> N
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_interactive_ctrl_c,
     )
     assert proc.stderr is not None
     first = proc.stderr.readline()  # a progress line: it is waiting for workers
