@@ -49,13 +49,14 @@ Contract (pinned by ``tests/conformance``):
 
 Verified writes (``capabilities.verified_writes``): ``commit()`` returns
 ``ObjectInfo(verified=True)`` only when the store itself, from checksums it computed over
-the bytes it received, showed that the committed object is exactly the bytes this writer
-object was given by ``put_part`` (every part, in order): S3 a part ETag equal to the part's
-MD5 or its CRC32C echoed (and the object's ETag or composite CRC32C over those parts);
-Azure every block and Put Blob sent with Content-MD5, which the service checks; GCS the
-server's CRC32C of each part and of the composed object equal to ours. Anything less
-(a resumed upload whose earlier parts another writer sent, an ETag that is not an MD5,
-an endpoint that echoes nothing) is ``verified=False`` and never an error, so the caller
+the bytes it received, showed that the committed object is exactly the bytes given to
+``put_part`` (every part, in order), by this writer or, with their proofs
+(``SupportsPartProofs``), by earlier writers of the same upload: S3 a part ETag equal to
+the part's MD5 or its CRC32C echoed (and the object's ETag or composite CRC32C over those
+parts); Azure every block and Put Blob sent with Content-MD5, which the service checks;
+GCS the server's CRC32C of each part and of the composed object equal to ours. Anything
+less (a part another writer sent with no proof handed on, an ETag that is not an MD5, an
+endpoint that echoes nothing) is ``verified=False`` and never an error, so the caller
 re-reads the object. ``docs/design.md`` (invariant 2) says why this proves what a re-read
 proves.
 

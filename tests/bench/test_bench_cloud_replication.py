@@ -328,15 +328,13 @@ def _record_cpu(name: str, ds: list[Sample], rc: list[Sample]) -> None:
     """Median CPU seconds of each side over the rounds: whether a row waits on the
     emulator (both tools alike) or on its own client CPU, which shares the cores with it."""
 
-    def mid(values: list[float]) -> float:
-        return statistics.median(values)
-
+    mid = statistics.median
     CPU[name] = (
-        mid([s.own for s in ds]),
-        mid([s.workers for s in ds]),
-        mid([s.server for s in ds]),
-        mid([s.waited for s in rc]) if rc else float("nan"),
-        mid([s.server for s in rc]) if rc else float("nan"),
+        mid(s.own for s in ds),
+        mid(s.workers for s in ds),
+        mid(s.server for s in ds),
+        mid(s.waited for s in rc) if rc else math.nan,
+        mid(s.server for s in rc) if rc else math.nan,
     )
     planner, workers, emu_ds, peer, emu_rc = CPU[name]
     print(
@@ -353,7 +351,10 @@ def _earlier_rows() -> dict[str, str]:
     if f"({TOTAL / MIB:.0f} MiB)" not in text:
         return {}
     # Only the first table (the rows): the dated sections below have tables of their own.
-    table = text.split("\n| Row | datasync | rclone |", 1)[-1].split("\n\n", 1)[0]
+    _, found, table = text.partition("\n| Row | datasync | rclone |")
+    if not found:
+        return {}
+    table = table.split("\n\n", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "emulator" in line]
     return {line.split(" | ")[0].removeprefix("| "): line for line in rows}
 
@@ -394,7 +395,8 @@ def _write_results() -> Iterator[None]:
     if CPU:
         lines += [
             "",
-            "CPU seconds spent during each tool's timed window (median over the rounds; "
+            "CPU seconds spent during each tool's timed window (median over the rounds, one "
+            "round for posix -> emulator rows; "
             "user + system, from psutil; rclone's includes the `sync -f` after it). "
             f"{os.cpu_count()} cores are shared by the client and the emulator:",
             "",
@@ -409,37 +411,33 @@ def _write_results() -> Iterator[None]:
         ]
     lines += [
         "",
-        "The emulators and both clients share 2 cores; moto and the GCS emulator are single",
-        "Python processes holding objects in memory, so they bound both tools. GCS: rclone",
-        "reads through its `http` backend (public object URLs), since its GCS backend cannot",
-        "parse the emulator's JSON; it cannot write there at all.",
+        "The emulators and both clients share 2 cores. moto is one Python process holding",
+        "objects in memory, so on S3 it bounds both tools. GCS: rclone reads through its",
+        "`http` backend (public object URLs), since its GCS backend cannot parse the",
+        "emulator's JSON; it cannot write there at all.",
         "",
-        "Where the time goes (the CPU table above; py-spy `--subprocesses` of the workers and",
-        "the requests the emulator logged are in the dated sections below):",
+        "Where the time goes: the CPU table says which side bounds each row (the dated",
+        "sections below have the figures, profiles and request logs):",
         "",
         "* emulator -> posix: both tools make the same requests (1 GET per small object,",
-        "  ranged GETs per shard). S3: moto, one Python process, spends 6-7 CPU s serving",
-        "  either tool, so both wait on it; it spends ~1 s more serving datasync (8 I/O",
-        "  threads in each of 2 processes keep more requests in flight than rclone's 4",
-        "  transfers), and datasync's workers take more of the second core than rclone.",
-        "  Azure: Azurite (Node) is cheap to serve, so the client's CPU decides, and",
-        "  datasync's workers spend 2-3x rclone's: the Azure SDK's per-request",
-        "  pipeline in Python (~10 policies, a request id, `requests`' environment lookups),",
-        "  the retry and limits wrappers and SQLAlchemy, on the cores the emulator also",
-        "  needs. GCS: the emulator costs little to serve, and rclone's `http` backend",
-        "  spends more CPU than datasync's workers. The bytes themselves are cheap: ranged",
-        "  reads land in pooled buffers (`backends/httpbody.py`).",
+        "  ranged GETs per shard). Where the emulator's CPU is close to the row's time",
+        "  (moto), both tools wait on it, and datasync's larger number of requests in",
+        "  flight (8 I/O threads in each of 2 worker processes, against rclone's 4",
+        "  transfers) costs it a little more there. Where the emulator is cheap to serve",
+        "  (Azurite, the GCS emulator), the clients' own CPU decides: on Azure, the SDK's",
+        "  per-request pipeline in Python (~10 policies, a request id, `requests`'",
+        "  environment lookups), the retry and limits wrappers and SQLAlchemy, on the cores",
+        "  the emulator also needs. The bytes themselves are cheap: ranged reads land in",
+        "  pooled buffers (`backends/httpbody.py`).",
         "* posix -> emulator: rclone sends HEAD + PUT per object; datasync the PUT of the",
-        "  blob, then the view: CopyObject (pinned to the blob's recorded ETag) and a",
-        "  ranged GET re-reading the copy, 3 per object (a moto log of 2 x 128 MiB + 500",
-        "  objects: 504 blob PUTs, 503 copies, 532 GETs of the view, 10 ListParts). Since",
-        "  2026-11-30 `finalize` proves a shard whose parts `chunks` tasks sent from the",
-        "  proofs they recorded: no whole-object re-read of the blob. The emulator's work",
-        "  decides: moto spent 44 CPU s serving datasync against 16 serving rclone (py-spy",
-        "  of moto: `FakeKey.etag` 15% of its samples, the MD5 of each whole copied object",
-        "  for the new key's ETag, and `copy_object` 10%). A view is a copy of every blob",
-        "  under the version prefix, which the jobs read; views that are not plain copies",
-        "  (a manifest object the jobs resolve) would remove the copy and its re-read.",
+        "  blob, then the view: a server-side copy (pinned to the blob's recorded version)",
+        "  and a read re-hashing the copy, 3 requests per object on S3 (Azure also stats",
+        "  each copy: 4). `finalize` proves a shard whose parts `chunks` tasks sent from the",
+        "  proofs they recorded, with no whole-object re-read. The emulator's work on the",
+        "  copies decides (moto computes the MD5 of each whole copied object for its new",
+        "  ETag). A view is a copy of every blob under the version prefix, which the jobs",
+        "  read; views that are not plain copies (a manifest object the jobs resolve)",
+        "  would remove the copy and its re-read.",
         "",
     ]
     old = OUT.read_text(encoding="utf-8") if OUT.exists() else ""

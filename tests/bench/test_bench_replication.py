@@ -49,6 +49,7 @@ from tests.fixtures.replication import (
     Site,
     bytes_moved,
     posix_site,
+    remove_tree,
     seed_cloud_source,
     settings_for,
     upload_tree,
@@ -242,9 +243,8 @@ def test_a_large_shards_posix(tmp_path_factory: pytest.TempPathFactory) -> None:
         cp_times.append(_timed(["cp", "-r", str(tree), str(here / "cp")]))
         want = (N_SHARDS, N_SHARDS * SHARD)
         assert _tree_size(here / "rclone") == _tree_size(here / "cp") == want
-        for done in (dst.root, here / "rclone", here / "cp"):  # 6 GiB a round otherwise
-            assert done is not None
-            shutil.rmtree(done)
+        for done in (here / "dst", here / "rclone", here / "cp"):  # 6 GiB a round otherwise
+            remove_tree(done)
     ds, rc, cp = min(ds_times), min(rc_times), min(cp_times)
     size = f"{N_SHARDS} x {SHARD // MIB} MiB"
     rounds = f"best of {ROUNDS} rounds; best / median: datasync {_spread(ds_times)}"
@@ -341,7 +341,7 @@ def _small_round(
     finally:
         app.close()
     for done in (here / "dst", here / "rclone-8"):
-        shutil.rmtree(done)
+        remove_tree(done)
     return _SmallRound(ds, best[0], best[1], ds2, sync, sync_ck, moved, register)
 
 

@@ -261,7 +261,8 @@ def test_a_commit_is_verified_only_when_this_writer_sent_every_part(
 ) -> None:
     """Invariant 2 ("Verified writes" in ``base.py``): ``commit()`` says ``verified`` where
     the backend declares ``verified_writes`` and this writer sent every part, never after
-    a resume whose earlier parts another writer sent (the executor then re-reads)."""
+    a resume whose earlier parts another writer sent without handing on their proofs
+    (``SupportsPartProofs``, ``test_optional_protocols.py``; the executor then re-reads)."""
     ps = part_size_for(backend, 64 * KiB)
     size = parts * ps - 7 if parts > 1 else 1000
     layout = PartLayout(size, ps)

@@ -83,9 +83,10 @@ def test_writer_close_keeps_the_upload_resumable(backend: Backend) -> None:
 def _resume_with_proofs(backend: Backend, *, tamper: bool = False, drop: bool = False) -> bool:
     """One writer sends parts 0 and 2, another (same upload) accepts their proofs, sends
     part 1 and commits; ``tamper`` hands on, for part 2, the proof of other bytes of the
-    same length; ``drop`` hands on none for part 2 (its task was killed before recording
-    it) but one for an index past the last part. Returns whether the commit was
-    ``verified``; the object must hold the data either way."""
+    same length; ``drop`` hands on, for part 2, a malformed proof (ignored) and moves its
+    real proof to an index past the last part (its task was killed before recording
+    it). Returns whether the commit was ``verified``; the object must hold the data
+    either way."""
     ps = part_size_for(backend, 64 * 1024)
     size = 3 * ps - 7
     layout = PartLayout(size, ps)
@@ -109,10 +110,11 @@ def _resume_with_proofs(backend: Backend, *, tamper: bool = False, drop: bool = 
     sent = {i: p for i, p in proofs.items() if p is not None}
     assert sent.keys() == {0, 2}, proofs  # the store showed it got each part
     if drop:
-        sent[layout.count] = sent.pop(2)
+        sent[layout.count] = sent[2]
+        sent[2] = "not a proof"
     second = backend.begin("proved.bin", size, ps, token=first.token)
     assert isinstance(second, SupportsPartProofs)
-    second.accept_part_proofs({**sent, 7: "not a proof"})
+    second.accept_part_proofs(sent)
     second.put_part(1, chunk(1))
     verified = second.commit().verified
     assert read_all(backend, "proved.bin") == data

@@ -34,6 +34,7 @@ from tests.fixtures.replication import (
     cloud_site,
     make_tree,
     posix_site,
+    remove_tree,
     settings_for,
     write_tree,
     xxh,
@@ -456,10 +457,6 @@ def test_replicate_rebuilds_a_view_deleted_by_hand(lab: tuple[App, Site, Site]) 
     files = make_tree(pipeline.root / "run")
     v = app.service.register("drive/gone", str(pipeline.root / "run"))
     assert replicate(app, f"drive/gone@{v.version_id}", "lustre") == "READY: "
-    view = lustre.root / "drive/gone" / v.version_id
-    for d in [view, *view.rglob("*")]:
-        if d.is_dir():
-            os.chmod(d, 0o755)
-    shutil.rmtree(view)
+    remove_tree(lustre.root / "drive/gone" / v.version_id)
     assert replicate(app, f"drive/gone@{v.version_id}", "lustre") == "READY: "
     assert_posix_view(lustre.root, "drive/gone", v.version_id, files)

@@ -135,6 +135,9 @@ def test_parts_are_recorded_per_upload_and_forgotten(engine: Engine) -> None:
     assert chunks.parts_done("aws", D1) == set()
     assert chunks.mark_part("aws", D1, 1, "tok2") is True
     assert chunks.part_proofs("aws", D1) == {}
+    marked = len(recorder.of(ChunkVerified))
+    assert chunks.mark_part("aws", D1, 1, "tok", "md5-1") is False  # even where it is done
+    assert len(recorder.of(ChunkVerified)) == marked
     chunks.forget("aws", D1)
     assert chunks.current("aws", D1) is None
     assert chunks.parts_done("aws", D1) == set()

@@ -146,7 +146,9 @@ class ChunkMap(StateBase):
                 )
             )
             present = txn.conn.execute(
-                sa.select(sa.literal(1)).where(_parts(site, digest), col(UploadPart.idx) == idx)
+                sa.select(sa.literal(1)).where(
+                    _parts(site, digest), col(UploadPart.idx) == idx, sa.exists().where(current)
+                )
             ).first()
             if present is not None:
                 txn.emit(ChunkVerified(site=site, digest=digest, part=idx))
