@@ -228,6 +228,8 @@ def _profile(ds: tuple[float, int, int, float, float]) -> list[str]:
     cpu, pg_cpu = ds[3] / N_TASKS * 1e6, ds[4] / N_TASKS * 1e6
     cores = os.cpu_count() or 1
     ceiling = cores * 1e6 / (cpu + pg_cpu)
+    # The raw-psycopg experiment's worker CPU, as a share of this path's (0.35-0.53x).
+    raw_low, raw_high = (cores * 1e6 / (cpu * share + pg_cpu) for share in (0.53, 0.35))
     per_turn = BATCH
     return [
         "## Where a task's time goes",
@@ -254,8 +256,9 @@ def _profile(ds: tuple[float, int, int, float, float]) -> list[str]:
         "functions) | "
         "the two hot statements through the raw psycopg connection: measured on "
         "2026-11-30 with the same SQL in a bare psycopg loop (one worker, no SQLAlchemy, no "
-        "events), 137-197 µs of worker CPU per task against 375-388 µs, and PostgreSQL's "
-        "CPU unchanged (310-410 µs): a ceiling near 3,200 tasks/s instead of 2,150, not 5,000 |",
+        "events), 137-197 µs of worker CPU per task against 375-388 µs for this path in the "
+        "same minutes (0.35-0.53x), PostgreSQL's CPU unchanged: with this run's figures a "
+        f"ceiling of about {raw_low:,.0f}-{raw_high:,.0f} tasks/s instead of {ceiling:,.0f} |",
         f"| PostgreSQL backends | {pg_cpu:,.0f} µs | parse/plan/execute of 4 statements "
         "per turn (the claim's custom plan costs more to plan than to run: 0.41 ms vs "
         "0.26 ms in `EXPLAIN ANALYZE`), the claim's index scan over entries of rows just "
