@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import time
@@ -45,6 +44,7 @@ from tests.bench.test_bench_replication import (
     PROCESSES,
     _ds_replicate,
     _fill,
+    _rclone,
     _workers,
     sync_destination,
 )
@@ -91,13 +91,6 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Site:
     assert site.root is not None
     _fill(site.root / "run", _files(), seed=5)
     return site
-
-
-def _rclone() -> str:
-    path = shutil.which("rclone")
-    if path is None:
-        pytest.skip("rclone not installed (make bench installs it)")
-    return path
 
 
 def _remote(kind: str, site: Site, request: pytest.FixtureRequest) -> tuple[dict[str, str], str]:

@@ -208,6 +208,14 @@ def _write_results() -> Iterator[None]:
 # -- (a) large shards --------------------------------------------------------------------------
 
 
+def _pipeline(base: Path, files: dict[str, int], seed: int) -> tuple[Site, Path]:
+    """The source site under ``base`` and its ``run/`` tree, filled with ``files``."""
+    src = posix_site("pipeline", base / "src")
+    assert src.root is not None
+    _fill(src.root / "run", files, seed=seed)
+    return src, src.root / "run"
+
+
 def _spread(times: list[float]) -> str:
     """``best / median`` of a tool's rounds, for the notes."""
     return f"{min(times):.2f} / {statistics.median(times):.2f} s"
@@ -216,10 +224,7 @@ def _spread(times: list[float]) -> str:
 def test_a_large_shards_posix(tmp_path_factory: pytest.TempPathFactory) -> None:
     rclone = _rclone()
     base = tmp_path_factory.mktemp("bench-a")
-    src = posix_site("pipeline", base / "src")
-    assert src.root is not None
-    tree = src.root / "run"
-    _fill(tree, {f"shards/shard-{i:02d}.bin": SHARD for i in range(N_SHARDS)}, seed=1)
+    src, tree = _pipeline(base, {f"shards/shard-{i:02d}.bin": SHARD for i in range(N_SHARDS)}, 1)
     ds_times: list[float] = []
     rc_times: list[float] = []
     cp_times: list[float] = []
@@ -233,7 +238,7 @@ def test_a_large_shards_posix(tmp_path_factory: pytest.TempPathFactory) -> None:
             t0 = time.perf_counter()
             v = app.service.register_directory("bench/shards", tree, chunk_size=64 * MIB)
             register = time.perf_counter() - t0
-            with _workers(app, settings, src.root / "warm"):
+            with _workers(app, settings, tree.parent / "warm"):
                 ds, moved = _ds_replicate(app, settings, v.version_id, "bench/shards", "lustre")
         finally:
             app.close()
@@ -348,11 +353,8 @@ def _small_round(
 def test_b_c_small_files_and_incremental(tmp_path_factory: pytest.TempPathFactory) -> None:
     rclone = _rclone()
     base = tmp_path_factory.mktemp("bench-b")
-    src = posix_site("pipeline", base / "src")
-    assert src.root is not None
-    tree = src.root / "run"
     names = {f"cam{i % 8}/{i // 8:06d}.jpg": SMALL for i in range(N_SMALL)}
-    _fill(tree, names, seed=2)
+    src, tree = _pipeline(base, names, 2)
     rounds = [_small_round(rclone, base / f"round{r}", src, tree, names, r) for r in range(ROUNDS)]
     changed_bytes = N_SMALL // 100 * SMALL
     moved = max(r.moved for r in rounds)

@@ -100,9 +100,10 @@ def _open_upload(
         raise TransientError(
             f"upload of {digest} at {dst} was lost ({exc}); restarting it"
         ) from exc
-    done = ctx.state.uploads.parts_done(dst, digest)
+    recorded = ctx.state.uploads.parts(dst, digest)
+    done = set(recorded)
     if isinstance(writer, SupportsPartProofs):  # parts other tasks sent: their commit proof
-        writer.accept_part_proofs(ctx.state.uploads.part_proofs(dst, digest))
+        writer.accept_part_proofs({i: p for i, p in recorded.items() if p is not None})
     if backend.capabilities.lists_parts:
         done |= writer.durable_parts()
     return backend, writer, done

@@ -100,21 +100,21 @@ class ChunkMap(StateBase):
             ).one_or_none()
         return None if row is None else UploadState(str(row[0]), int(row[1]), int(row[2]))
 
-    def parts_done(self, site: str, digest: str) -> set[int]:
-        with self.engine.connect() as conn:
-            found = conn.execute(sa.select(col(UploadPart.idx)).where(_parts(site, digest)))
-            return {int(i) for i in found.scalars()}
-
-    def part_proofs(self, site: str, digest: str) -> dict[int, str]:
-        """Part index -> what the store showed for it (``SupportsPartProofs``), for the
-        recorded parts that have a proof."""
+    def parts(self, site: str, digest: str) -> dict[int, str | None]:
+        """Recorded part index -> what the store showed for it (``SupportsPartProofs``;
+        None: no proof), in one read: the parts done and their proofs agree."""
         with self.engine.connect() as conn:
             found = conn.execute(
-                sa.select(col(UploadPart.idx), col(UploadPart.proof)).where(
-                    _parts(site, digest), col(UploadPart.proof).is_not(None)
-                )
+                sa.select(col(UploadPart.idx), col(UploadPart.proof)).where(_parts(site, digest))
             )
-            return {int(i): str(p) for i, p in found}
+            return {int(i): p for i, p in found}
+
+    def parts_done(self, site: str, digest: str) -> set[int]:
+        return set(self.parts(site, digest))
+
+    def part_proofs(self, site: str, digest: str) -> dict[int, str]:
+        """The recorded parts that have a proof, and their proofs."""
+        return {i: p for i, p in self.parts(site, digest).items() if p is not None}
 
     def mark_part(
         self, site: str, digest: str, idx: int, token: str, proof: str | None = None
